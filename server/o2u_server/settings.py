@@ -1,0 +1,136 @@
+"""Service settings: one pydantic-settings class, read from `O2U_*` environment variables and an
+optional config file (`O2U_CONFIG_FILE`, YAML, JSON or TOML). Algorithm hyperparameters are not
+here: they travel with each job (o2u_engine.O2UConfig)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Every field is documented in docs/operations.md."""
+
+    model_config = SettingsConfigDict(env_prefix="O2U_", extra="forbid", frozen=True)
+
+    listen_address: str = "0.0.0.0:50051"
+    """gRPC listen address, host:port (port 0 picks a free port)."""
+    metrics_address: str = "0.0.0.0"
+    """Address the Prometheus /metrics HTTP server binds to."""
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
+    """Port of the Prometheus /metrics HTTP server (0 picks a free port)."""
+    data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """Folders that `file://` dataset and export URIs may point into; nothing outside is read."""
+    s3_endpoint: str | None = None
+    """host:port of the S3-compatible object store (MinIO); requests cannot override it."""
+    s3_access_key: SecretStr | None = None
+    """Object store access key."""
+    s3_secret_key: SecretStr | None = None
+    """Object store secret key."""
+    s3_secure: bool = True
+    """Use HTTPS to reach the object store."""
+    s3_region: str | None = None
+    """Object store region, if it needs one."""
+    s3_allowed_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Buckets jobs may read from and export to; empty allows every bucket the credentials reach."""
+    state_dir: Path = Path(".o2u")
+    """Folder of the job store (jobs.sqlite3) and training checkpoints; must be durable storage."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Torch device for training: `auto` uses CUDA when available."""
+    max_concurrent_jobs: int | None = Field(default=None, ge=1)
+    """Jobs trained at once; default one per visible GPU, or 1 on a CPU."""
+    max_queued_jobs: int = Field(default=100, ge=1)
+    """Queued jobs beyond which CreateScoringJob answers RESOURCE_EXHAUSTED."""
+    max_watch_streams: int = Field(default=256, ge=1)
+    """Concurrent WatchScoringJob streams beyond which new ones get RESOURCE_EXHAUSTED."""
+    max_dataset_bytes: int = Field(default=8 * GIB, ge=1)
+    """Largest dataset (sum of object sizes) a job may read, in bytes."""
+    max_samples: int = Field(default=5_000_000, ge=1)
+    """Largest number of samples in one dataset."""
+    max_image_pixels: int = Field(default=16_777_216, ge=1)
+    """Largest width x height of one image, checked before decoding (decompression bombs)."""
+    default_page_size: int = Field(default=100, ge=1)
+    """Page size used when a list request leaves page_size at 0."""
+    max_page_size: int = Field(default=1000, ge=1)
+    """Larger page_size values are capped to this (AIP-158)."""
+    max_message_bytes: int = Field(default=16 * MIB, ge=1024)
+    """Largest gRPC message received or sent, in bytes."""
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0)
+    """On SIGTERM: time allowed for in-flight RPCs and the running job's checkpoint, in seconds."""
+    max_job_attempts: int = Field(default=3, ge=1)
+    """A job whose worker crashed this many times is marked FAILED instead of resumed."""
+    tls_cert_file: Path | None = None
+    """PEM server certificate; with tls_key_file enables TLS."""
+    tls_key_file: Path | None = None
+    """PEM private key of the server certificate."""
+    tls_client_ca_file: Path | None = None
+    """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
+    auth_token_file: Path | None = None
+    """File holding the bearer token callers must send (`authorization: Bearer <token>`)."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level of the server's JSON logs."""
+
+    @field_validator("data_roots", "s3_allowed_buckets", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        # Environment variables carry lists as comma-separated strings (JSON lists work too).
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @property
+    def store_path(self) -> Path:
+        return self.state_dir / "jobs.sqlite3"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.state_dir / "checkpoints"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments, then environment, then the config file.
+        return (init_settings, env_settings, _ConfigFileSource(settings_cls))
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """Reads the file named by O2U_CONFIG_FILE (YAML, JSON or TOML by extension)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("O2U_CONFIG_FILE")
+        if not path:
+            return {}
+        text = Path(path).read_text()
+        if path.endswith((".yaml", ".yml")):
+            data = yaml.safe_load(text) or {}
+        elif path.endswith(".json"):
+            data = json.loads(text)
+        elif path.endswith(".toml"):
+            data = tomllib.loads(text)
+        else:
+            raise ValueError(f"O2U_CONFIG_FILE must end in .yaml, .yml, .json or .toml, got {path!r}")
+        if not isinstance(data, dict):
+            raise ValueError(f"O2U_CONFIG_FILE {path!r} must hold a mapping of setting names to values")
+        return data
