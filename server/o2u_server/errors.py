@@ -9,7 +9,8 @@ in the server chooses a status code, so a caller sees the same code for the same
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import ClassVar
 
 import grpc
@@ -21,7 +22,7 @@ from o2u_engine import ConfigError, DataValidationError
 DOMAIN = "o2u.dev"
 
 
-@dataclass
+@dataclass(eq=False)  # exceptions compare and hash by identity
 class ServiceError(Exception):
     """Base class: a message a caller can act on, a reason code and optional details."""
 
@@ -31,7 +32,8 @@ class ServiceError(Exception):
     resource_type: str | None = None  # e.g. "scoring_job", "object"
     resource_name: str | None = None
     retry_after_seconds: float | None = None
-    metadata: Mapping[str, str] = field(default_factory=dict)
+    # dataclasses.field: the `field` attribute above shadows the bare name inside the class body.
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
 
     def __post_init__(self) -> None:
@@ -122,7 +124,9 @@ def to_status(error: ServiceError) -> status_pb2.Status:
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
     if error.resource_type is not None:
         info = error_details_pb2.ResourceInfo(
-            resource_type=error.resource_type, resource_name=error.resource_name or "", description=error.message
+            resource_type=error.resource_type,
+            resource_name=error.resource_name or "",
+            description=error.message,
         )
         details.append(_pack(info))
     if error.retry_after_seconds is not None:
