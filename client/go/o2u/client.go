@@ -1,0 +1,305 @@
+// Package o2u is a thin client for the o2u noise-scoring service (o2u.v1.ScoringService),
+// which finds mislabeled training samples with O2U-Net. It wraps the generated stubs in
+// o2u.dev/o2u/gen/o2u/v1 with what every caller needs: TLS, mutual TLS and bearer tokens,
+// idempotent submission with a request id, a watch that reconnects from the last event it
+// saw, iteration over every page of scores, and errors with the server's google.rpc details
+// unpacked into *Error.
+package o2u
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
+
+	o2uv1 "o2u.dev/o2u/gen/o2u/v1"
+)
+
+// Client calls one o2u server. It is safe for concurrent use.
+type Client struct {
+	conn     *grpc.ClientConn
+	owned    bool
+	rpc      o2uv1.ScoringServiceClient
+	opts     options
+	callOpts []grpc.CallOption
+}
+
+func defaultOptions() options {
+	return options{callTimeout: DefaultCallTimeout, retry: DefaultRetryPolicy}
+}
+
+// Dial connects to target ("host:port", or any grpc-go target) and returns a Client. The
+// connection is made lazily: an unreachable server shows up as an UNAVAILABLE *Error on the
+// first call. Without WithTLS (or another TLS option) the connection is plaintext.
+func Dial(target string, opts ...Option) (*Client, error) {
+	o := defaultOptions()
+	for _, opt := range opts {
+		if err := opt(&o); err != nil {
+			return nil, err
+		}
+	}
+	creds, err := o.transportCredentials()
+	if err != nil {
+		return nil, err
+	}
+	dialOpts := []grpc.DialOption{}
+	if creds != nil {
+		dialOpts = append(dialOpts, grpc.WithTransportCredentials(creds))
+	} else {
+		dialOpts = append(dialOpts, grpc.WithInsecure())
+	}
+	if o.token != nil {
+		if creds == nil && !o.plaintextToken {
+			return nil, errors.New("o2u: a bearer token needs TLS (WithTLS), or WithPlaintextToken on a trusted network")
+		}
+		dialOpts = append(dialOpts, grpc.WithPerRPCCredentials(bearerToken{token: o.token, requireTLS: creds != nil}))
+	}
+	if o.userAgent != "" {
+		dialOpts = append(dialOpts, grpc.WithUserAgent(o.userAgent))
+	}
+	dialOpts = append(dialOpts, o.dialOptions...)
+	conn, err := grpc.Dial(target, dialOpts...)
+	if err != nil {
+		return nil, fmt.Errorf("o2u: dialing %s: %w", target, err)
+	}
+	c := newClient(conn, o)
+	c.owned = true
+	return c, nil
+}
+
+// New wraps an existing connection; Close then leaves it open. Credentials and transport
+// security are the connection's own; opts may set timeouts and retries.
+func New(conn *grpc.ClientConn, opts ...Option) (*Client, error) {
+	o := defaultOptions()
+	for _, opt := range opts {
+		if err := opt(&o); err != nil {
+			return nil, err
+		}
+	}
+	return newClient(conn, o), nil
+}
+
+func newClient(conn *grpc.ClientConn, o options) *Client {
+	return &Client{
+		conn:     conn,
+		rpc:      o2uv1.NewScoringServiceClient(conn),
+		opts:     o,
+		callOpts: []grpc.CallOption{grpc.ForceCodec(protoCodec{})},
+	}
+}
+
+// Close closes the connection if Dial opened it.
+func (c *Client) Close() error {
+	if !c.owned {
+		return nil
+	}
+	return c.conn.Close()
+}
+
+// Conn returns the underlying connection (e.g. for the standard health service).
+func (c *Client) Conn() *grpc.ClientConn { return c.conn }
+
+// unary bounds ctx by the call timeout when it has no deadline of its own.
+func (c *Client) unary(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok || c.opts.callTimeout == 0 {
+		return context.WithCancel(ctx)
+	}
+	return context.WithTimeout(ctx, c.opts.callTimeout)
+}
+
+// Submit creates a scoring job and returns it once the server has durably queued it. When
+// req.RequestId is empty a fresh UUID is used (req itself is not modified). The server
+// treats calls with the same request id as one, so within the retry policy Submit retries
+// what IsRetryable accepts (UNAVAILABLE, and a full queue that sent a retry delay) without
+// ever creating a second job.
+func (c *Client) Submit(ctx context.Context, req *o2uv1.CreateScoringJobRequest) (*o2uv1.ScoringJob, error) {
+	req, ok := proto.Clone(req).(*o2uv1.CreateScoringJobRequest)
+	if !ok || req == nil {
+		return nil, errors.New("o2u: Submit needs a request")
+	}
+	if req.RequestId == "" {
+		id, err := NewRequestID()
+		if err != nil {
+			return nil, err
+		}
+		req.RequestId = id
+	}
+	var job *o2uv1.ScoringJob
+	err := c.retry(ctx, func() error {
+		callCtx, cancel := c.unary(ctx)
+		defer cancel()
+		resp, err := c.rpc.CreateScoringJob(callCtx, req, c.callOpts...)
+		if err != nil {
+			return wrapError(ctx, err)
+		}
+		job = resp.GetJob()
+		return nil
+	})
+	return job, err
+}
+
+// retry runs call until it succeeds, fails with an error that is not retryable, or the
+// retry policy is spent.
+func (c *Client) retry(ctx context.Context, call func() error) error {
+	b := newBackoff(c.opts.retry)
+	for {
+		err := call()
+		if err == nil || !IsRetryable(err) {
+			return err
+		}
+		if !b.wait(ctx, err) {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return err
+		}
+	}
+}
+
+// Get returns one job.
+func (c *Client) Get(ctx context.Context, jobID string) (*o2uv1.ScoringJob, error) {
+	callCtx, cancel := c.unary(ctx)
+	defer cancel()
+	resp, err := c.rpc.GetScoringJob(callCtx, &o2uv1.GetScoringJobRequest{JobId: jobID}, c.callOpts...)
+	if err != nil {
+		return nil, wrapError(ctx, err)
+	}
+	return resp.GetJob(), nil
+}
+
+// Cancel stops a queued or running job; cancelling a finished job changes nothing.
+func (c *Client) Cancel(ctx context.Context, jobID string) (*o2uv1.ScoringJob, error) {
+	callCtx, cancel := c.unary(ctx)
+	defer cancel()
+	resp, err := c.rpc.CancelScoringJob(callCtx, &o2uv1.CancelScoringJobRequest{JobId: jobID}, c.callOpts...)
+	if err != nil {
+		return nil, wrapError(ctx, err)
+	}
+	return resp.GetJob(), nil
+}
+
+// Delete removes a finished job with its events and scores.
+func (c *Client) Delete(ctx context.Context, jobID string) error {
+	callCtx, cancel := c.unary(ctx)
+	defer cancel()
+	_, err := c.rpc.DeleteScoringJob(callCtx, &o2uv1.DeleteScoringJobRequest{JobId: jobID}, c.callOpts...)
+	return wrapError(ctx, err)
+}
+
+// Summary returns the dataset-level health report of a finished job.
+func (c *Client) Summary(ctx context.Context, jobID string) (*o2uv1.DatasetSummary, error) {
+	callCtx, cancel := c.unary(ctx)
+	defer cancel()
+	resp, err := c.rpc.GetDatasetSummary(callCtx, &o2uv1.GetDatasetSummaryRequest{JobId: jobID}, c.callOpts...)
+	if err != nil {
+		return nil, wrapError(ctx, err)
+	}
+	return resp.GetSummary(), nil
+}
+
+// Export writes a finished job's scores to destinationURI (s3:// or file:// under a server
+// data root) as JSONL or CSV.
+func (c *Client) Export(ctx context.Context, req *o2uv1.ExportNoiseScoresRequest) (*o2uv1.ExportNoiseScoresResponse, error) {
+	callCtx, cancel := c.unary(ctx)
+	defer cancel()
+	resp, err := c.rpc.ExportNoiseScores(callCtx, req, c.callOpts...)
+	if err != nil {
+		return nil, wrapError(ctx, err)
+	}
+	return resp, nil
+}
+
+// ErrStop, returned by a callback of ScoresAll, ListJobs or Watch, ends the iteration
+// early without an error.
+var ErrStop = errors.New("o2u: stop iteration")
+
+// ListJobs calls fn for every job (newest first), page after page; state UNSPECIFIED lists all.
+func (c *Client) ListJobs(ctx context.Context, state o2uv1.JobState, fn func(*o2uv1.ScoringJob) error) error {
+	req := &o2uv1.ListScoringJobsRequest{State: state}
+	for {
+		callCtx, cancel := c.unary(ctx)
+		resp, err := c.rpc.ListScoringJobs(callCtx, req, c.callOpts...)
+		cancel()
+		if err != nil {
+			return wrapError(ctx, err)
+		}
+		for _, job := range resp.GetJobs() {
+			if err := fn(job); err != nil {
+				return stopIsNil(err)
+			}
+		}
+		if resp.GetNextPageToken() == "" {
+			return nil
+		}
+		req.PageToken = resp.GetNextPageToken()
+	}
+}
+
+// ScoresAll calls fn for every score matching req's filter (top_k, min_score,
+// only_suspected), most suspicious first, fetching page after page. req.JobId is required;
+// req.PageToken is where iteration starts and req is not modified.
+func (c *Client) ScoresAll(ctx context.Context, req *o2uv1.ListNoiseScoresRequest, fn func(*o2uv1.NoiseScore) error) error {
+	req, ok := proto.Clone(req).(*o2uv1.ListNoiseScoresRequest)
+	if !ok || req == nil {
+		return errors.New("o2u: ScoresAll needs a request")
+	}
+	for {
+		callCtx, cancel := c.unary(ctx)
+		resp, err := c.rpc.ListNoiseScores(callCtx, req, c.callOpts...)
+		cancel()
+		if err != nil {
+			return wrapError(ctx, err)
+		}
+		for _, score := range resp.GetNoiseScores() {
+			if err := fn(score); err != nil {
+				return stopIsNil(err)
+			}
+		}
+		if resp.GetNextPageToken() == "" {
+			return nil
+		}
+		req.PageToken = resp.GetNextPageToken()
+	}
+}
+
+// Scores collects every score matching req's filter; see ScoresAll.
+func (c *Client) Scores(ctx context.Context, req *o2uv1.ListNoiseScoresRequest) ([]*o2uv1.NoiseScore, error) {
+	var out []*o2uv1.NoiseScore
+	err := c.ScoresAll(ctx, req, func(s *o2uv1.NoiseScore) error {
+		out = append(out, s)
+		return nil
+	})
+	return out, err
+}
+
+func stopIsNil(err error) error {
+	if errors.Is(err, ErrStop) {
+		return nil
+	}
+	return err
+}
+
+// Finished reports whether a job state is final (succeeded, failed or cancelled).
+func Finished(state o2uv1.JobState) bool {
+	switch state {
+	case o2uv1.JobState_JOB_STATE_SUCCEEDED, o2uv1.JobState_JOB_STATE_FAILED, o2uv1.JobState_JOB_STATE_CANCELLED:
+		return true
+	default:
+		return false
+	}
+}
+
+// sleep waits d or until ctx is done; it reports whether the full delay passed.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
