@@ -29,7 +29,7 @@ check: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(PY) protos/generate.py --check
+	$(PY) protos/generate.py --check $$(command -v protoc-gen-go >/dev/null && command -v protoc-gen-go-grpc >/dev/null && echo --go)
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix build/npm @bufbuild/buf@$(BUF_VERSION)

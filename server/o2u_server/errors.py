@@ -8,8 +8,8 @@ in the server chooses a status code, so a caller sees the same code for the same
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 

@@ -90,6 +90,8 @@ class ScoringServiceServicer:
         """CreateScoringJob accepts a job and returns once it is durably queued.
         Calling it again with the same request_id returns the job created the first time;
         the same request_id with a different payload fails with ALREADY_EXISTS.
+        Fails with NOT_FOUND if the dataset does not exist at submission; problems found when the
+        job loads its data fail the job, with the same code in ScoringJob.error.code.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -43,6 +43,8 @@ class ScoringServiceStub:
     """CreateScoringJob accepts a job and returns once it is durably queued.
     Calling it again with the same request_id returns the job created the first time;
     the same request_id with a different payload fails with ALREADY_EXISTS.
+    Fails with NOT_FOUND if the dataset does not exist at submission; problems found when the
+    job loads its data fail the job, with the same code in ScoringJob.error.code.
     """
     GetScoringJob: _grpc.UnaryUnaryMultiCallable[_scoring_pb2.GetScoringJobRequest, _scoring_pb2.GetScoringJobResponse]
     """GetScoringJob returns one job."""
@@ -75,6 +77,8 @@ class ScoringServiceAsyncStub(ScoringServiceStub):
     """CreateScoringJob accepts a job and returns once it is durably queued.
     Calling it again with the same request_id returns the job created the first time;
     the same request_id with a different payload fails with ALREADY_EXISTS.
+    Fails with NOT_FOUND if the dataset does not exist at submission; problems found when the
+    job loads its data fail the job, with the same code in ScoringJob.error.code.
     """
     GetScoringJob: _aio.UnaryUnaryMultiCallable[_scoring_pb2.GetScoringJobRequest, _scoring_pb2.GetScoringJobResponse]  # type: ignore[assignment]
     """GetScoringJob returns one job."""
@@ -110,6 +114,8 @@ class ScoringServiceServicer(metaclass=_abc_1.ABCMeta):
         """CreateScoringJob accepts a job and returns once it is durably queued.
         Calling it again with the same request_id returns the job created the first time;
         the same request_id with a different payload fails with ALREADY_EXISTS.
+        Fails with NOT_FOUND if the dataset does not exist at submission; problems found when the
+        job loads its data fail the job, with the same code in ScoringJob.error.code.
         """
 
     @_abc_1.abstractmethod

@@ -20,6 +20,8 @@ type ScoringServiceClient interface {
 	// CreateScoringJob accepts a job and returns once it is durably queued.
 	// Calling it again with the same request_id returns the job created the first time;
 	// the same request_id with a different payload fails with ALREADY_EXISTS.
+	// Fails with NOT_FOUND if the dataset does not exist at submission; problems found when the
+	// job loads its data fail the job, with the same code in ScoringJob.error.code.
 	CreateScoringJob(ctx context.Context, in *CreateScoringJobRequest, opts ...grpc.CallOption) (*CreateScoringJobResponse, error)
 	// GetScoringJob returns one job.
 	GetScoringJob(ctx context.Context, in *GetScoringJobRequest, opts ...grpc.CallOption) (*GetScoringJobResponse, error)
@@ -161,6 +163,8 @@ type ScoringServiceServer interface {
 	// CreateScoringJob accepts a job and returns once it is durably queued.
 	// Calling it again with the same request_id returns the job created the first time;
 	// the same request_id with a different payload fails with ALREADY_EXISTS.
+	// Fails with NOT_FOUND if the dataset does not exist at submission; problems found when the
+	// job loads its data fail the job, with the same code in ScoringJob.error.code.
 	CreateScoringJob(context.Context, *CreateScoringJobRequest) (*CreateScoringJobResponse, error)
 	// GetScoringJob returns one job.
 	GetScoringJob(context.Context, *GetScoringJobRequest) (*GetScoringJobResponse, error)

@@ -1,0 +1,192 @@
+"""Composition of the server: settings -> store, storage, runner, manager, servicer, health,
+reflection, interceptors and metrics, wired in one place.
+
+Lifecycle: `start()` serves health (NOT_SERVING) at once, then opens the store, requeues unfinished
+jobs, starts the workers and only then reports SERVING. `stop(grace)` drains: health goes
+NOT_SERVING, new jobs are refused with UNAVAILABLE, watch streams end with UNAVAILABLE, running jobs
+are asked to checkpoint and stop (they stay in the store and resume on the next start), and in-flight
+calls get up to `grace` seconds before the server closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from o2u.v1 import scoring_pb2, scoring_pb2_grpc
+from o2u_server import __version__
+from o2u_server.events import EventHub
+from o2u_server.interceptors import ServiceInterceptor
+from o2u_server.jobs import Engine, JobRunner, refresh_job_gauges
+from o2u_server.manager import JobManager
+from o2u_server.metrics import MetricsServer, ServerMetrics
+from o2u_server.paging import PageTokens
+from o2u_server.security import auth_interceptors, server_credentials
+from o2u_server.servicer import ScoringServicer
+from o2u_server.settings import Settings
+from o2u_server.storage import Storage
+from o2u_server.store import JobStore, Recovery
+
+__all__ = ["SERVICE_NAME", "O2UServer", "create_server", "resolve_devices"]
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME: str = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
+_HEALTH_NAMES = ("", SERVICE_NAME)
+
+
+def resolve_devices(settings: Settings) -> list[str]:
+    """The torch device of each worker slot: one per visible GPU by default, else one CPU slot."""
+    cuda = torch.cuda.is_available()
+    if settings.device == "cuda" and not cuda:
+        raise RuntimeError("O2U_DEVICE=cuda but torch sees no CUDA device; use auto or cpu")
+    if settings.device == "cpu" or not cuda:
+        return ["cpu"] * (settings.max_concurrent_jobs or 1)
+    count = torch.cuda.device_count()
+    return [f"cuda:{index % count}" for index in range(settings.max_concurrent_jobs or count)]
+
+
+class O2UServer:
+    """One server instance; see the module docstring for its lifecycle."""
+
+    def __init__(self, settings: Settings, *, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.devices = resolve_devices(settings)
+        self.metrics = ServerMetrics(version=__version__, device=self.devices[0].split(":")[0])
+        self.store = JobStore(settings.store_path)
+        self.storage = Storage(settings)
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lack aio
+        self.port: int | None = None
+        self._engine = engine
+        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="o2u-rpc")
+        self._metrics_server = MetricsServer(
+            self.metrics.registry, settings.metrics_address, settings.metrics_port
+        )
+        self._server: grpc.aio.Server | None = None
+        self._runner: JobRunner | None = None
+        self._manager: JobManager | None = None
+        self._store_open = False
+
+    @property
+    def metrics_port(self) -> int:
+        return self._metrics_server.port
+
+    async def start(self) -> int:
+        """Start serving; returns the bound gRPC port (a free one when the address ends in :0)."""
+        hub = EventHub()
+        self._runner = JobRunner(
+            settings=self.settings,
+            store=self.store,
+            storage=self.storage,
+            metrics=self.metrics,
+            hub=hub,
+            devices=self.devices,
+            server_version=__version__,
+            engine=self._engine,
+        )
+        self._manager = JobManager(
+            settings=self.settings,
+            store=self.store,
+            storage=self.storage,
+            runner=self._runner,
+            hub=hub,
+            metrics=self.metrics,
+            executor=self._executor,
+        )
+        limit = self.settings.max_message_bytes
+        self._server = server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(self.metrics), *auth_interceptors(self.settings)],
+            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
+        )
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(self._manager), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for name in _HEALTH_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        credentials = server_credentials(self.settings)
+        address = self.settings.listen_address
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
+        try:
+            self._metrics_server.start()
+            await server.start()
+            recovery, secret = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._open_store
+            )
+        except BaseException:
+            await self._close(grace=0)
+            raise
+        for state in recovery.finished:
+            self.metrics.jobs_finished.labels(state=state.value).inc()
+        self._runner.start(recovery.queued)
+        self._manager.serve(PageTokens(secret))
+        for name in _HEALTH_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info(
+            "serving",
+            extra={"port": self.port, "metrics_port": self.metrics_port, "devices": ",".join(self.devices)},
+        )
+        return self.port
+
+    def _open_store(self) -> tuple[Recovery, bytes]:
+        """Open the store, requeue unfinished jobs; returns them and the page token secret."""
+        self.store.open()
+        self._store_open = True
+        self.settings.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        recovery = self.store.recover(time.time(), max_attempts=self.settings.max_job_attempts)
+        refresh_job_gauges(self.store, self.metrics)
+        if recovery.queued:
+            logger.info("resuming %d unfinished jobs", len(recovery.queued))
+        return recovery, self.store.page_token_secret
+
+    async def drain(self) -> None:
+        """Stop accepting work: health NOT_SERVING, new jobs UNAVAILABLE, watch streams closed."""
+        await self.health.enter_graceful_shutdown()
+        if self._manager is not None:
+            self._manager.drain()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain, let running jobs checkpoint and in-flight calls finish for up to `grace` seconds, close."""
+        if self._server is None:
+            return
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        await self.drain()
+        await self._close(grace)
+
+    async def _close(self, grace: float) -> None:
+        server, self._server = self._server, None
+        runner_stopped = True
+        stops: list[Awaitable[object]] = []
+        if server is not None:
+            stops.append(server.stop(grace))
+        if self._runner is not None:
+            stops.append(asyncio.to_thread(self._runner.stop, grace))
+        for result in await asyncio.gather(*stops):
+            if result is False:
+                runner_stopped = False
+        await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
+        await asyncio.to_thread(self._metrics_server.stop)
+        if not runner_stopped:
+            # A worker still inside a batch holds its connection; leave the store to process exit.
+            logger.warning("a job did not stop within %.1f s; it resumes from its last checkpoint", grace)
+        elif self._store_open:
+            self.store.close()
+            self._store_open = False
+        logger.info("stopped")
+
+
+def create_server(settings: Settings, *, engine: Engine | None = None) -> O2UServer:
+    """A server for `settings`; `await server.start()` binds and serves, `await server.stop()` drains."""
+    return O2UServer(settings, engine=engine)

@@ -1,0 +1,227 @@
+"""The server's domain types: jobs, their events, scores and dataset summaries as plain dataclasses.
+
+The store persists these, the job runner produces them and `converters` maps them to and from the
+protobuf messages, so nothing below the servicer ever sees a protobuf. Times are Unix seconds.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "TERMINAL_STATES",
+    "ClassNoise",
+    "CleanRetrainingInfo",
+    "ConfusedPair",
+    "DatasetSummary",
+    "EventType",
+    "Job",
+    "JobError",
+    "JobEvent",
+    "JobSpec",
+    "JobState",
+    "NoiseScoreRow",
+    "Progress",
+    "RunInfo",
+    "ScoreFilter",
+    "ScorePage",
+    "ScoreTuple",
+    "Stage",
+]
+
+# One stored score in the store's column order: (rank, sample_id, key, given_label, score,
+# score_variance, noise_probability, suspected, suggested_label, suggested_label_confidence).
+ScoreTuple = tuple[int, int, str, int, float, float, float, bool, int, float]
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+class Stage(enum.StrEnum):
+    LOADING = "loading"
+    PRETRAINING = "pretraining"
+    CYCLIC = "cyclic"
+    CLEAN_RETRAINING = "clean_retraining"
+    RANKING = "ranking"
+
+
+class EventType(enum.StrEnum):
+    STATE_CHANGED = "state_changed"
+    PROGRESS = "progress"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What the caller asked for; immutable once the job exists."""
+
+    dataset_uri: str
+    dataset_format: str | None  # None: inferred from the URI
+    config: dict[str, Any]  # requested ScoringConfig fields that were set, by engine field name
+    initial_weights_uri: str | None = None
+    display_name: str = ""
+    request_id: str | None = None
+
+    def fingerprint(self) -> str:
+        """Digest of the payload, used to tell a retry (same request) from a reused request_id."""
+        payload = {
+            "dataset_uri": self.dataset_uri,
+            "dataset_format": self.dataset_format,
+            "config": self.config,
+            "initial_weights_uri": self.initial_weights_uri,
+            "display_name": self.display_name,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class JobError:
+    code: int  # google.rpc.Code value
+    message: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    stage: Stage
+    epoch: int = 0
+    epochs_total: int = 0
+    fraction_done: float = 0.0
+    mean_loss: float = 0.0
+    learning_rate: float = 0.0
+    samples_per_second: float = 0.0
+    eta_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    seed: int
+    engine_version: str
+    torch_version: str
+    device: str
+    num_samples: int
+    num_classes: int
+    resolved_config_json: str
+    server_version: str
+    model: str
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    spec: JobSpec
+    state: JobState
+    create_time: float
+    update_time: float
+    start_time: float | None = None
+    end_time: float | None = None
+    progress: Progress | None = None
+    error: JobError | None = None
+    run_info: RunInfo | None = None
+    attempts: int = 0
+    last_sequence: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    job_id: str
+    sequence: int  # strictly increasing per job, from 1
+    event_time: float
+    type: EventType
+    state: JobState  # the job's state after this event
+    progress: Progress | None = None
+    error: JobError | None = None
+    message: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.type is EventType.STATE_CHANGED and self.state in TERMINAL_STATES
+
+
+@dataclass(frozen=True)
+class NoiseScoreRow:
+    sample_id: int
+    key: str
+    given_label: int
+    score: float
+    score_variance: float
+    rank: int
+    noise_probability: float
+    suspected: bool
+    suggested_label: int
+    suggested_label_confidence: float
+    given_label_name: str = ""
+    suggested_label_name: str = ""
+
+
+@dataclass(frozen=True)
+class ScoreFilter:
+    top_k: int = 0  # 0: all
+    min_score: float | None = None
+    only_suspected: bool = False
+
+
+@dataclass(frozen=True)
+class ScorePage:
+    scores: list[NoiseScoreRow]
+    next_page_token: str
+    total_size: int
+
+
+@dataclass(frozen=True)
+class ClassNoise:
+    label: int
+    name: str
+    count: int
+    suspected: int
+    noise_rate: float
+
+
+@dataclass(frozen=True)
+class ConfusedPair:
+    given_label: int
+    suggested_label: int
+    count: int
+
+
+@dataclass(frozen=True)
+class CleanRetrainingInfo:
+    ran: bool = False
+    accuracy_without_removal: float = 0.0
+    accuracy_with_removal: float = 0.0
+    removed: int = 0
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    job_id: str
+    num_samples: int
+    num_classes: int
+    class_names: list[str]
+    estimated_noise_rate: float
+    noise_rate_used: float
+    num_suspected: int
+    classes: list[ClassNoise]
+    transition_matrix: list[float]  # row-major K x K, row = given label, column = suggested label
+    confused_pairs: list[ConfusedPair]
+    clean_retraining: CleanRetrainingInfo = field(default_factory=CleanRetrainingInfo)
+    run_info: RunInfo | None = None
+
+    @property
+    def estimated_label_accuracy(self) -> float:
+        return 1.0 - self.estimated_noise_rate

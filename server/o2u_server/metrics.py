@@ -1,0 +1,139 @@
+"""Prometheus metrics of one server instance, in its own registry, and the /metrics HTTP endpoint.
+
+Each server owns a `CollectorRegistry` (with the process and platform collectors added) rather than
+the global default, so several servers can run in one process, as they do in tests. Names and labels
+are the operations contract (dashboards and alerts depend on them): base units, and no per-job or
+per-sample labels, which would grow without bound.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+__all__ = ["MetricsServer", "ServerMetrics"]
+
+_REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+_JOB_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
+_EPOCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class _DeviceMemoryCollector(Collector):
+    """o2u_device_memory_bytes, read from torch at scrape time (only registered with CUDA)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "o2u_device_memory_bytes", "GPU memory allocated by torch tensors, in bytes", labels=["device"]
+        )
+        for index in range(torch.cuda.device_count()):
+            family.add_metric([f"cuda:{index}"], float(torch.cuda.memory_allocated(index)))
+        yield family
+
+
+class ServerMetrics:
+    """Every metric the server exports."""
+
+    def __init__(self, *, version: str, device: str) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        if torch.cuda.is_available():
+            self.registry.register(_DeviceMemoryCollector())
+        r = self.registry
+        self.jobs_finished = Counter(
+            "o2u_jobs_finished", "Jobs that reached a final state", ["state"], registry=r
+        )
+        self.jobs_queued = Gauge("o2u_jobs_queued", "Jobs waiting for a worker", registry=r)
+        self.jobs_running = Gauge("o2u_jobs_running", "Jobs loading data or training", registry=r)
+        self.job_duration = Histogram(
+            "o2u_job_duration_seconds",
+            "Time from a job's first start to its final state, in seconds",
+            ["state"],
+            buckets=_JOB_BUCKETS,
+            registry=r,
+        )
+        self.epoch_duration = Histogram(
+            "o2u_epoch_duration_seconds",
+            "Wall time of one training epoch",
+            ["stage"],
+            buckets=_EPOCH_BUCKETS,
+            registry=r,
+        )
+        self.training_samples = Counter(
+            "o2u_training_samples", "Samples trained on, summed over epochs", ["stage"], registry=r
+        )
+        self.samples_scored = Counter(
+            "o2u_samples_scored", "Samples that received a final noise score", registry=r
+        )
+        self.samples_per_second = Gauge(
+            "o2u_training_samples_per_second", "Training throughput of the last finished epoch", registry=r
+        )
+        self.dataset_bytes_read = Counter(
+            "o2u_dataset_bytes_read", "Dataset bytes read from storage", ["source"], registry=r
+        )
+        self.grpc_requests = Counter(
+            "o2u_grpc_requests",
+            "Finished gRPC calls by method and status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.grpc_duration = Histogram(
+            "o2u_grpc_request_duration_seconds",
+            "gRPC call duration (whole stream for streaming calls)",
+            ["method"],
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.watch_streams = Gauge("o2u_watch_streams", "Open WatchScoringJob streams", registry=r)
+        self.build_info = Gauge(
+            "o2u_build_info",
+            "Build of the running server (always 1)",
+            ["version", "torch_version", "device"],
+            registry=r,
+        )
+        self.build_info.labels(version=version, torch_version=torch.__version__, device=device).set(1)
+        for state in ("succeeded", "failed", "cancelled"):
+            self.jobs_finished.labels(state=state)  # export zeros so rate() works from the first scrape
+        for stage in ("pretraining", "cyclic", "clean_retraining"):
+            self.training_samples.labels(stage=stage)
+        for source in ("s3", "file"):
+            self.dataset_bytes_read.labels(source=source)
+
+
+class MetricsServer:
+    """The /metrics HTTP server (a daemon thread from prometheus-client)."""
+
+    def __init__(self, registry: CollectorRegistry, address: str, port: int) -> None:
+        self._registry = registry
+        self._address = address
+        self._requested_port = port
+        self._httpd: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> int:
+        """Start serving; returns the bound port (a free one when the configured port is 0)."""
+        self._httpd, self._thread = start_http_server(self._requested_port, self._address, self._registry)
+        return int(self._httpd.server_port)
+
+    @property
+    def port(self) -> int:
+        if self._httpd is None:
+            raise RuntimeError("the metrics server is not running")
+        return int(self._httpd.server_port)
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
