@@ -1,0 +1,145 @@
+"""The chart's alerts fire when they should and stay quiet when they should not: each case feeds
+synthetic series to `promtool test rules` with the rules as the chart renders them (default
+thresholds). Annotations are left out of these rule files on purpose: they are checked by
+`promtool check rules` and in the chart tests, and here only the firing logic matters."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_testing import JOB, NAMESPACE, chart_alert_groups, require_tool
+
+TARGET = f'namespace="{NAMESPACE}", job="{JOB}", instance="10.0.0.7:9464"'
+SCOPE = {"namespace": NAMESPACE, "job": JOB}
+
+
+def series(metric: str, values: str, **labels: str) -> dict[str, str]:
+    extra = "".join(f', {key}="{value}"' for key, value in labels.items())
+    return {"series": f"{metric}{{{TARGET}{extra}}}", "values": values}
+
+
+def firing(severity: str = "warning", **labels: str) -> list[dict[str, Any]]:
+    return [{"exp_labels": {"severity": severity, **SCOPE, **labels}}]
+
+
+# name -> (input series, [(eval time, alert, expected alerts)])
+CASES: dict[str, tuple[list[dict[str, str]], list[tuple[str, str, list[dict[str, Any]]]]]] = {
+    "server goes down": (
+        [series("up", "1x5 0x15")],
+        [("4m", "O2UServerDown", []), ("15m", "O2UServerDown", firing("critical"))],
+    ),
+    "server never scraped": (
+        [{"series": 'up{namespace="elsewhere", job="other"}', "values": "1x20"}],
+        [
+            ("2m", "O2UServerDown", []),
+            ("10m", "O2UServerDown", [{"exp_labels": {"severity": "critical", **SCOPE}}]),
+        ],
+    ),
+    "half the jobs fail": (
+        [
+            series("o2u_jobs_finished_total", "0+1x30", state="failed"),
+            series("o2u_jobs_finished_total", "0+1x30", state="succeeded"),
+        ],
+        [("20m", "O2UJobsFailing", firing())],
+    ),
+    "jobs succeed": (
+        [
+            series("o2u_jobs_finished_total", "0x30", state="failed"),
+            series("o2u_jobs_finished_total", "0+1x30", state="succeeded"),
+        ],
+        [("20m", "O2UJobsFailing", [])],
+    ),
+    "queue keeps growing": (
+        [series("o2u_jobs_queued", "1+1x60")],
+        [
+            ("10m", "O2UQueueBacklogGrowing", []),
+            ("40m", "O2UQueueBacklogGrowing", firing(instance="10.0.0.7:9464")),
+        ],
+    ),
+    "queue drains": (
+        [series("o2u_jobs_queued", "10-1x10 0x50")],
+        [("40m", "O2UQueueBacklogGrowing", [])],
+    ),
+    "queue nearly full": (
+        [series("o2u_jobs_queued", "85x20")],
+        [("10m", "O2UQueueNearlyFull", firing())],
+    ),
+    "training stalls": (
+        [
+            series("o2u_jobs_running", "1x60"),
+            series("o2u_training_samples_total", "0+100x5 500x55", stage="cyclic"),
+        ],
+        [
+            ("20m", "O2UNoTrainingProgress", []),
+            ("45m", "O2UNoTrainingProgress", firing(instance="10.0.0.7:9464")),
+        ],
+    ),
+    "training progresses": (
+        [
+            series("o2u_jobs_running", "1x60"),
+            series("o2u_training_samples_total", "0+100x60", stage="cyclic"),
+        ],
+        [("45m", "O2UNoTrainingProgress", [])],
+    ),
+    "job just started after an idle hour": (
+        [
+            series("o2u_jobs_running", "0x40 1x20"),
+            series("o2u_training_samples_total", "0x60", stage="cyclic"),
+        ],
+        [("50m", "O2UNoTrainingProgress", [])],
+    ),
+    "server errors": (
+        [
+            series("o2u_grpc_requests_total", "0+100x30", method="GetScoringJob", code="OK"),
+            series("o2u_grpc_requests_total", "0+10x30", method="GetScoringJob", code="INTERNAL"),
+        ],
+        [("20m", "O2URPCServerErrors", firing())],
+    ),
+    "client errors only": (
+        [
+            series("o2u_grpc_requests_total", "0+100x30", method="GetScoringJob", code="OK"),
+            series("o2u_grpc_requests_total", "0+50x30", method="GetScoringJob", code="NOT_FOUND"),
+        ],
+        [("20m", "O2URPCServerErrors", [])],
+    ),
+}
+
+
+def test_every_alert_has_a_firing_case() -> None:
+    alerts = {rule["alert"] for group in chart_alert_groups() for rule in group["rules"]}
+    fired = {alert for _, checks in CASES.values() for _, alert, expected in checks if expected}
+    assert fired == alerts
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_alert_logic(case: str, tmp_path: Path) -> None:
+    promtool = require_tool("promtool")
+    groups = chart_alert_groups()
+    for group in groups:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    inputs, checks = CASES[case]
+    unit_test = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": inputs,
+                "alert_rule_test": [
+                    {"eval_time": at, "alertname": alert, "exp_alerts": expected}
+                    for at, alert, expected in checks
+                ],
+            }
+        ],
+    }
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(unit_test, sort_keys=False))
+    result = subprocess.run(
+        [promtool, "test", "rules", "test.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
