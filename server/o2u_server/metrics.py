@@ -19,6 +19,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from o2u.v1 import scoring_pb2
+
 __all__ = ["MetricsServer", "ServerMetrics"]
 
 _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
@@ -100,10 +102,17 @@ class ServerMetrics:
             registry=r,
         )
         self.build_info.labels(version=version, torch_version=torch.__version__, device=device).set(1)
+        # Export every known series at zero from the first scrape: a series that appears with its
+        # first value makes rate() miss that first job, epoch or call after a restart.
         for state in ("succeeded", "failed", "cancelled"):
-            self.jobs_finished.labels(state=state)  # export zeros so rate() works from the first scrape
+            self.jobs_finished.labels(state=state)
+            self.job_duration.labels(state=state)
         for stage in ("pretraining", "cyclic", "clean_retraining"):
             self.training_samples.labels(stage=stage)
+            self.epoch_duration.labels(stage=stage)
+        for method in scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].methods_by_name:
+            self.grpc_requests.labels(method=method, code="OK")
+            self.grpc_duration.labels(method=method)
         for source in ("s3", "file"):
             self.dataset_bytes_read.labels(source=source)
 
