@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: venv
-	$(PY) -m o2u_server.demo
+	$(PY) -m o2u_client.demo
 
 test: venv
 	$(PY) -m pytest -q

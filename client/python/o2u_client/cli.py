@@ -1,0 +1,309 @@
+"""The `o2u` command line: submit datasets for scoring with a live progress bar, inspect jobs,
+read scores and summaries, and export results, against any o2u server.
+
+Each subcommand is a small function taking the parsed arguments, a connected `Client` and an
+`Output`, and returning the process exit status. `--json` switches every command to
+machine-readable output (one JSON document, or JSON lines for streams). Exit statuses are
+stable so shell scripts can branch on them; see `EPILOG`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from rich.console import RenderableType
+
+from o2u_client.cli_options import CONFIG_OPTIONS, add_config_options, add_global_options, global_defaults
+from o2u_client.client import Client
+from o2u_client.errors import EXIT_CODES, EXIT_GENERIC_ERROR, O2UError
+from o2u_client.models import Job, JobState, to_json_dict
+from o2u_client.progress import progress_display
+from o2u_client.render import job_details, jobs_table, make_console, summary_report, suspects_table
+from o2u_client.scoring import score_dataset
+
+__all__ = ["EPILOG", "EXIT_FAILED_JOB", "EXIT_USAGE", "build_parser", "main"]
+
+EXIT_FAILED_JOB = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+EPILOG = (
+    "exit status:\n"
+    "  0   success\n"
+    f"  {EXIT_FAILED_JOB}   the job ended FAILED or CANCELLED (score, watch)\n"
+    f"  {EXIT_USAGE}   usage error (bad option, unreadable certificate or token file)\n"
+    f"  {EXIT_GENERIC_ERROR}   any other gRPC error\n"
+    + "".join(
+        f"  {status:<3} {code.name}\n" for code, status in sorted(EXIT_CODES.items(), key=lambda kv: kv[1])
+    )
+    + f"  {EXIT_INTERRUPTED} interrupted (Ctrl-C); a running job keeps running\n"
+    "errors are printed to stderr as `error: <CODE>: <message>`.\n"
+    "environment: O2U_TARGET (default localhost:50051), O2U_TOKEN_FILE."
+)
+
+
+class Output:
+    """Where results go: rich text for people, JSON for programs."""
+
+    def __init__(self, json_mode: bool) -> None:
+        self.json_mode = json_mode
+        self.console = make_console()
+
+    def document(self, value: Any) -> None:
+        print(json.dumps(to_json_dict(value), sort_keys=True))
+
+    def show(self, value: RenderableType) -> None:
+        self.console.print(value)
+
+    def line(self, text: str) -> None:
+        self.console.print(text, markup=False)
+
+
+Command = Callable[[argparse.Namespace, Client, Output], int]
+
+
+def _exit_for(job: Job) -> int:
+    return 0 if job.state in (JobState.SUCCEEDED, JobState.QUEUED, JobState.RUNNING) else EXIT_FAILED_JOB
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    if args.config_file is not None:
+        try:
+            loaded = json.loads(Path(args.config_file).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read --config {args.config_file}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {args.config_file} must hold a JSON object of ScoringConfig fields")
+        config.update(loaded)
+    for option in CONFIG_OPTIONS:
+        value = getattr(args, option.field)
+        if value is not None:
+            config[option.field] = value
+    return config
+
+
+def cmd_score(args: argparse.Namespace, client: Client, out: Output) -> int:
+    options = {"format": args.format, "display_name": args.display_name, "request_id": args.request_id}
+    if args.no_wait:
+        job = client.submit(args.uri, config=_config(args), **options)
+        if out.json_mode:
+            out.document(job)
+        else:
+            out.line(f"submitted {job.job_id} ({job.state.value}); follow it with: o2u watch {job.job_id}")
+        return 0
+    outcome = score_dataset(
+        client,
+        args.uri,
+        console=None if out.json_mode else out.console,
+        config=_config(args),
+        top=args.top,
+        **options,
+    )
+    if out.json_mode:
+        out.document({"job": outcome.job, "summary": outcome.summary, "top_suspects": outcome.top_suspects})
+    return 0 if outcome.succeeded else EXIT_FAILED_JOB
+
+
+def cmd_jobs(args: argparse.Namespace, client: Client, out: Output) -> int:
+    jobs = client.list(state=args.state, page_size=args.page_size)
+    if out.json_mode:
+        for job in jobs:
+            out.document(job)
+    else:
+        out.show(jobs_table(list(jobs)))
+    return 0
+
+
+def cmd_get(args: argparse.Namespace, client: Client, out: Output) -> int:
+    job = client.get(args.job_id)
+    if out.json_mode:
+        out.document(job)
+    else:
+        out.show(job_details(job))
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace, client: Client, out: Output) -> int:
+    events = client.watch(args.job_id, after_sequence=args.after)
+    if out.json_mode:
+        for event in events:
+            out.document(event)
+            sys.stdout.flush()
+    else:
+        with progress_display(out.console) as show:
+            for event in events:
+                show(event)
+    return _exit_for(client.get(args.job_id))
+
+
+def cmd_scores(args: argparse.Namespace, client: Client, out: Output) -> int:
+    scores = client.scores(
+        args.job_id,
+        top_k=args.top_k,
+        min_score=args.min_score,
+        only_suspected=args.only_suspected,
+        page_size=args.page_size,
+    )
+    if out.json_mode:
+        for score in scores:
+            out.document(score)
+    else:
+        out.show(suspects_table(scores, title="Noise scores"))
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace, client: Client, out: Output) -> int:
+    summary = client.summary(args.job_id)
+    if out.json_mode:
+        out.document(summary)
+    else:
+        out.show(summary_report(summary))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace, client: Client, out: Output) -> int:
+    job = client.cancel(args.job_id)
+    if out.json_mode:
+        out.document(job)
+    else:
+        out.line(f"{job.job_id}: {job.state.value}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace, client: Client, out: Output) -> int:
+    client.delete(args.job_id)
+    if out.json_mode:
+        out.document({"job_id": args.job_id, "deleted": True})
+    else:
+        out.line(f"deleted {args.job_id}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, client: Client, out: Output) -> int:
+    result = client.export(args.job_id, args.destination, args.format, only_suspected=args.only_suspected)
+    if out.json_mode:
+        out.document(result)
+    else:
+        out.line(
+            f"wrote {result.rows_written:,} rows ({result.bytes_written:,} bytes) to {result.destination_uri}"
+        )
+    return 0
+
+
+def cmd_health(args: argparse.Namespace, client: Client, out: Output) -> int:
+    serving = client.healthy(args.service)
+    if out.json_mode:
+        out.document({"target": client.target, "serving": serving})
+    else:
+        out.line(f"{client.target}: {'SERVING' if serving else 'NOT SERVING'}")
+    return 0 if serving else EXIT_CODES[grpc.StatusCode.UNAVAILABLE]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="o2u",
+        description="Find mislabeled training samples with an o2u (O2U-Net) scoring server.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_global_options(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Command, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        add_global_options(sub)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    score = command("score", cmd_score, "submit a dataset, show live progress, print the top suspects")
+    score.add_argument("uri", help="dataset URI: s3://bucket/key or file:///path under a server data root")
+    score.add_argument("--format", choices=["npz", "image_folder", "csv_manifest", "jsonl_manifest"])
+    score.add_argument("--display-name", default="")
+    score.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    score.add_argument("--top", type=int, default=10, metavar="N", help="suspects to print (default 10)")
+    score.add_argument("--no-wait", action="store_true", help="submit and print the job id without waiting")
+    score.add_argument(
+        "--config", dest="config_file", metavar="FILE", help="JSON object of ScoringConfig fields"
+    )
+    add_config_options(score)
+
+    jobs = command("jobs", cmd_jobs, "list jobs, newest first")
+    jobs.add_argument(
+        "--state", type=str.upper, choices=[s.value for s in JobState if s != JobState.UNSPECIFIED]
+    )
+    jobs.add_argument("--page-size", type=int, default=0)
+    command("get", cmd_get, "show one job").add_argument("job_id")
+    watch = command("watch", cmd_watch, "follow a job's events until it finishes")
+    watch.add_argument("job_id")
+    watch.add_argument(
+        "--after", type=int, default=0, metavar="SEQUENCE", help="replay events after SEQUENCE"
+    )
+    scores = command("scores", cmd_scores, "list a finished job's noise scores, most suspicious first")
+    scores.add_argument("job_id")
+    scores.add_argument("--top-k", type=int, default=0, help="only the K most suspicious (0 = all)")
+    scores.add_argument("--min-score", type=float, help="only scores >= this")
+    scores.add_argument("--only-suspected", action="store_true")
+    scores.add_argument("--page-size", type=int, default=0)
+    command("summary", cmd_summary, "dataset health of a finished job").add_argument("job_id")
+    command("cancel", cmd_cancel, "stop a queued or running job").add_argument("job_id")
+    command("delete", cmd_delete, "delete a finished job and its results").add_argument("job_id")
+    export = command("export", cmd_export, "write a finished job's scores as JSONL or CSV")
+    export.add_argument("job_id")
+    export.add_argument("destination", help="s3://bucket/key.jsonl or file:///path.csv under a data root")
+    export.add_argument("--format", choices=["jsonl", "csv"], help="default: from the extension")
+    export.add_argument("--only-suspected", action="store_true")
+    health = command("health", cmd_health, "check the server's health (exit 0 iff SERVING)")
+    health.add_argument("--service", default="", help="health service name (default: the whole server)")
+    return parser
+
+
+def _print_error(error: O2UError) -> None:
+    print(f"error: {error.code.name}: {error.message}", file=sys.stderr)
+    for violation in error.field_violations:
+        detail = "" if violation.description == error.message else f": {violation.description}"
+        print(f"  field {violation.field}{detail}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on a usage error and 0 after --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    global_defaults(args)
+    out = Output(args.json)
+    try:
+        with Client(
+            args.target,
+            timeout=args.timeout,
+            tls=args.tls,
+            root_certificates=args.ca_cert,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+            server_name=args.server_name,
+            token_file=args.token_file or None,
+            # A CLI should fail fast (UNAVAILABLE) when nothing listens, not wait for the timeout.
+            wait_for_ready=False,
+        ) as client:
+            handler: Command = args.handler
+            return handler(args, client, out)
+    except O2UError as error:
+        _print_error(error)
+        return error.exit_code
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted (a submitted job keeps running on the server)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

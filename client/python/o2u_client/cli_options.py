@@ -1,0 +1,119 @@
+"""Option tables of the `o2u` CLI: the connection options every subcommand accepts, and one flag
+per ScoringConfig field for `o2u score`.
+
+Connection options are added to the top-level parser and to every subcommand with
+`argparse.SUPPRESS` defaults, so `o2u --json jobs` and `o2u jobs --json` both work; the real
+defaults (including the O2U_TARGET and O2U_TOKEN_FILE environment variables) are filled in by
+`global_defaults` after parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["CONFIG_OPTIONS", "ConfigOption", "add_config_options", "add_global_options", "global_defaults"]
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+def add_global_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection and output")
+    hidden = argparse.SUPPRESS
+    group.add_argument(
+        "--target", default=hidden, help=f"server host:port (env O2U_TARGET, default {DEFAULT_TARGET})"
+    )
+    group.add_argument("--tls", action="store_true", default=hidden, help="connect with TLS")
+    group.add_argument(
+        "--ca-cert", default=hidden, metavar="PEM", help="CA bundle to verify the server (implies --tls)"
+    )
+    group.add_argument(
+        "--client-cert", default=hidden, metavar="PEM", help="client certificate for mutual TLS"
+    )
+    group.add_argument("--client-key", default=hidden, metavar="PEM", help="private key of --client-cert")
+    group.add_argument(
+        "--server-name", default=hidden, help="expected TLS server name, if not the target's host"
+    )
+    group.add_argument(
+        "--token-file",
+        default=hidden,
+        metavar="FILE",
+        help="file holding the bearer token (env O2U_TOKEN_FILE)",
+    )
+    group.add_argument(
+        "--timeout", type=float, default=hidden, metavar="SECONDS", help="per-call timeout (default 30)"
+    )
+    group.add_argument("--json", action="store_true", default=hidden, help="machine-readable JSON output")
+
+
+def global_defaults(args: argparse.Namespace) -> None:
+    defaults: dict[str, Any] = {
+        "target": os.environ.get("O2U_TARGET") or DEFAULT_TARGET,
+        "tls": False,
+        "ca_cert": None,
+        "client_cert": None,
+        "client_key": None,
+        "server_name": None,
+        "token_file": os.environ.get("O2U_TOKEN_FILE") or None,
+        "timeout": 30.0,
+        "json": False,
+    }
+    for name, value in defaults.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+
+
+@dataclass(frozen=True)
+class ConfigOption:
+    field: str  # ScoringConfig field name
+    kind: type
+    help: str
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+CONFIG_OPTIONS = (
+    ConfigOption("model", str, "auto (default), mlp, small_cnn, cnn9, resnet18, resnet34 or resnet50"),
+    ConfigOption("seed", int, "random seed; same seed and device give the same scores"),
+    ConfigOption("pretrain_epochs", int, "stage 1 length, in epochs", "EPOCHS"),
+    ConfigOption("pretrain_learning_rate", float, "stage 1 learning rate", "LR"),
+    ConfigOption("cycle_length_epochs", int, "stage 2 cycle length c, in epochs", "EPOCHS"),
+    ConfigOption("num_cycles", int, "learning-rate cycles in stage 2", "N"),
+    ConfigOption(
+        "cycle_max_learning_rate", float, "stage 2 learning rate at the start of a cycle (r1)", "LR"
+    ),
+    ConfigOption("cycle_min_learning_rate", float, "stage 2 learning rate at the end of a cycle (r2)", "LR"),
+    ConfigOption("pretrain_batch_size", int, "stage 1 batch size, in samples", "N"),
+    ConfigOption("cyclic_batch_size", int, "stage 2 batch size, in samples", "N"),
+    ConfigOption("momentum", float, "SGD momentum"),
+    ConfigOption("weight_decay", float, "SGD weight decay"),
+    ConfigOption("augment", bool, "random crop and flip for images"),
+    ConfigOption("noise_rate", float, "known fraction of wrong labels in [0, 1); default: estimated", "RATE"),
+    ConfigOption("class_aware_normalization", bool, "normalize losses within each class"),
+    ConfigOption("clean_retraining", bool, "run stage 3 and report accuracy with and without cleaning"),
+    ConfigOption("image_size", int, "side length images are resized to, in pixels", "PIXELS"),
+    ConfigOption(
+        "validation_fraction", float, "held-out fraction for stage 3 accuracy, in [0, 0.5)", "FRACTION"
+    ),
+    ConfigOption(
+        "initial_weights_uri", str, "initial model weights (PyTorch state dict), s3:// or file://", "URI"
+    ),
+)
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("scoring configuration (unset options take the server's default)")
+    for option in CONFIG_OPTIONS:
+        if option.kind is bool:
+            group.add_argument(
+                option.flag, action=argparse.BooleanOptionalAction, default=None, help=option.help
+            )
+        else:
+            group.add_argument(
+                option.flag, type=option.kind, default=None, metavar=option.metavar, help=option.help
+            )

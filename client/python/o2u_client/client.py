@@ -1,0 +1,315 @@
+"""The synchronous Python client of the o2u ScoringService.
+
+`Client` wraps one gRPC channel and speaks only the protocol in `o2u.v1`: every method converts
+its arguments to a request, applies the unary timeout, retries UNAVAILABLE with backoff where the
+call is safe to repeat (reads, cancel, export, and create thanks to its request_id), and returns
+the frozen dataclasses of `o2u_client.models` and `o2u_client.results`. List methods follow
+next_page_token until the last page; `watch` resumes a dropped stream after the last sequence it
+delivered.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import uuid
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from o2u.v1 import scoring_pb2, scoring_pb2_grpc
+from o2u_client.channel import Credential, TokenSource, create_channel
+from o2u_client.converters import build_config, dataset_format, export_format, job_state
+from o2u_client.errors import O2UError, UnavailableError, error_from_rpc
+from o2u_client.models import Event, Job, JobState
+from o2u_client.results import DatasetSummary, ExportResult, JobPage, NoiseScore, ScorePage
+from o2u_client.watching import WatchPolicy, watch_events
+
+__all__ = ["Client"]
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+class Client:
+    """A connection to an o2u server. Use as a context manager to close the channel."""
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float = 30.0,
+        tls: bool = False,
+        root_certificates: Credential | None = None,
+        client_cert: Credential | None = None,
+        client_key: Credential | None = None,
+        server_name: str | None = None,
+        token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        wait_for_ready: bool = True,
+        retries: int = 3,
+        watch_reconnects: int = 5,
+        interceptors: Sequence[
+            grpc.UnaryUnaryClientInterceptor[Any, Any] | grpc.UnaryStreamClientInterceptor[Any, Any]
+        ] = (),
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout  # seconds per unary call attempt
+        self.wait_for_ready = wait_for_ready
+        self.retries = retries  # extra attempts after UNAVAILABLE on calls safe to repeat
+        self._tokens = TokenSource(token, token_file)
+        self._tls = tls or root_certificates is not None or client_cert is not None
+        self._channel = create_channel(
+            target,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_cert=client_cert,
+            client_key=client_key,
+            server_name=server_name,
+            token_source=self._tokens,
+            options=options,
+        )
+        channel = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
+        self._stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
+        self._watch_policy = WatchPolicy(max_reconnects=watch_reconnects)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        # Over TLS the call credentials attach the token; plain metadata is for insecure channels.
+        if self._tls or not self._tokens.configured:
+            return None
+        return self._tokens.metadata()
+
+    def _unary(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[Request, Response],
+        request: Request,
+        *,
+        idempotent: bool,
+    ) -> Response:
+        attempt = 0
+        while True:
+            try:
+                response: Response = method(
+                    request,
+                    timeout=self.timeout,
+                    metadata=self._metadata(),
+                    wait_for_ready=self.wait_for_ready,
+                )
+                return response
+            except grpc.RpcError as rpc_error:
+                error = error_from_rpc(rpc_error)
+                if not (idempotent and isinstance(error, UnavailableError) and attempt < self.retries):
+                    raise error from None
+            time.sleep(_backoff(attempt, error))
+            attempt += 1
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        uri: str,
+        *,
+        config: Mapping[str, Any] | scoring_pb2.ScoringConfig | None = None,
+        format: str | None = None,
+        request_id: str | None = None,
+        display_name: str = "",
+        **config_fields: Any,
+    ) -> Job:
+        """Create a scoring job for the dataset at `uri` (`s3://...` or `file:///...`).
+
+        `config` and keyword arguments set ScoringConfig fields (e.g. `model="mlp", seed=1`).
+        A fresh request_id (uuid4) is used unless given, so retries never create a second job.
+        """
+        request = scoring_pb2.CreateScoringJobRequest(
+            dataset=scoring_pb2.DatasetRef(
+                uri=uri,
+                format=dataset_format(format),
+            ),
+            config=build_config(config, **config_fields),
+            request_id=request_id or str(uuid.uuid4()),
+            display_name=display_name,
+        )
+        return Job.from_proto(self._unary(self._stub.CreateScoringJob, request, idempotent=True).job)
+
+    def get(self, job_id: str) -> Job:
+        request = scoring_pb2.GetScoringJobRequest(job_id=job_id)
+        return Job.from_proto(self._unary(self._stub.GetScoringJob, request, idempotent=True).job)
+
+    def job_page(
+        self, *, state: JobState | str | None = None, page_size: int = 0, page_token: str = ""
+    ) -> JobPage:
+        """One page of jobs, newest first."""
+        request = scoring_pb2.ListScoringJobsRequest(
+            page_size=page_size, page_token=page_token, state=job_state(state)
+        )
+        response = self._unary(self._stub.ListScoringJobs, request, idempotent=True)
+        return JobPage([Job.from_proto(job) for job in response.jobs], response.next_page_token)
+
+    def list(self, state: JobState | str | None = None, *, page_size: int = 0) -> Iterator[Job]:
+        """Every job (optionally only those in `state`), newest first, fetching pages lazily."""
+        token = ""
+        while True:
+            page = self.job_page(state=state, page_size=page_size, page_token=token)
+            yield from page.jobs
+            token = page.next_page_token
+            if not token:
+                return
+
+    def cancel(self, job_id: str) -> Job:
+        """Stop a queued or running job; a no-op on a finished one."""
+        request = scoring_pb2.CancelScoringJobRequest(job_id=job_id)
+        return Job.from_proto(self._unary(self._stub.CancelScoringJob, request, idempotent=True).job)
+
+    def delete(self, job_id: str) -> None:
+        """Remove a finished job with its events and scores."""
+        # Not retried: a repeat after a lost response would report NOT_FOUND for a job just deleted.
+        request = scoring_pb2.DeleteScoringJobRequest(job_id=job_id)
+        self._unary(self._stub.DeleteScoringJob, request, idempotent=False)
+
+    # -- progress ----------------------------------------------------------------------------
+
+    def watch(
+        self, job_id: str, after_sequence: int = 0, *, timeout: float | None = None
+    ) -> Generator[Event, None, None]:
+        """The job's events in order after `after_sequence`, until the one making it final.
+
+        A dropped stream is reopened after the last sequence delivered (a bounded number of
+        times, with backoff), so no event is lost or repeated. `timeout` bounds the whole watch.
+        Closing the iterator early never cancels the job.
+        """
+
+        def open_stream(after: int, remaining: float | None) -> Iterable[scoring_pb2.WatchScoringJobResponse]:
+            request = scoring_pb2.WatchScoringJobRequest(job_id=job_id, after_sequence=after)
+            return self._stub.WatchScoringJob(
+                request, timeout=remaining, metadata=self._metadata(), wait_for_ready=self.wait_for_ready
+            )
+
+        return watch_events(
+            open_stream,
+            get_job=lambda: self.get(job_id),
+            after_sequence=after_sequence,
+            timeout=timeout,
+            policy=self._watch_policy,
+        )
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Block until the job is final and return it; DeadlineExceededError after `timeout` s."""
+        job = self.get(job_id)
+        if job.done:
+            return job
+        for _ in self.watch(job_id, timeout=timeout):
+            pass
+        return self.get(job_id)
+
+    # -- results -----------------------------------------------------------------------------
+
+    def score_page(
+        self,
+        job_id: str,
+        *,
+        top_k: int = 0,
+        min_score: float | None = None,
+        only_suspected: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> ScorePage:
+        """One page of a finished job's scores, most suspicious first."""
+        request = scoring_pb2.ListNoiseScoresRequest(
+            job_id=job_id,
+            page_size=page_size,
+            page_token=page_token,
+            top_k=top_k,
+            min_score=min_score,
+            only_suspected=only_suspected,
+        )
+        response = self._unary(self._stub.ListNoiseScores, request, idempotent=True)
+        scores = [NoiseScore.from_proto(score) for score in response.noise_scores]
+        return ScorePage(scores, response.next_page_token, response.total_size)
+
+    def scores(
+        self,
+        job_id: str,
+        *,
+        top_k: int = 0,
+        min_score: float | None = None,
+        only_suspected: bool = False,
+        page_size: int = 0,
+    ) -> Iterator[NoiseScore]:
+        """Every matching score of a finished job, most suspicious first, fetching pages lazily."""
+        token = ""
+        while True:
+            page = self.score_page(
+                job_id,
+                top_k=top_k,
+                min_score=min_score,
+                only_suspected=only_suspected,
+                page_size=page_size,
+                page_token=token,
+            )
+            yield from page.scores
+            token = page.next_page_token
+            if not token:
+                return
+
+    def summary(self, job_id: str) -> DatasetSummary:
+        """Dataset health of a finished job: noise rates, per class, transition matrix."""
+        request = scoring_pb2.GetDatasetSummaryRequest(job_id=job_id)
+        return DatasetSummary.from_proto(
+            self._unary(self._stub.GetDatasetSummary, request, idempotent=True).summary
+        )
+
+    def export(
+        self, job_id: str, destination_uri: str, format: str | None = None, *, only_suspected: bool = False
+    ) -> ExportResult:
+        """Write the job's scores as JSONL or CSV (format inferred from the extension if None)."""
+        request = scoring_pb2.ExportNoiseScoresRequest(
+            job_id=job_id,
+            destination_uri=destination_uri,
+            format=export_format(format),
+            only_suspected=only_suspected,
+        )
+        # Repeating an export rewrites the same object with the same rows, so it is safe to retry.
+        response = self._unary(self._stub.ExportNoiseScores, request, idempotent=True)
+        return ExportResult(response.destination_uri, response.rows_written, response.bytes_written)
+
+    # -- health ------------------------------------------------------------------------------
+
+    def healthy(self, service: str = "", *, timeout: float | None = None) -> bool:
+        """Whether the server's standard health service reports SERVING (False if unreachable)."""
+        try:
+            response = self._health.Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata(),
+            )
+        except grpc.RpcError:
+            return False
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _backoff(attempt: int, error: O2UError) -> float:
+    """Seconds to wait before retry `attempt` (0-based): the server's RetryInfo, else jittered 2^n."""
+    if error.retry_delay is not None:
+        return min(error.retry_delay, 30.0)
+    return min(5.0, 0.2 * 2.0**attempt) * random.uniform(0.5, 1.0)

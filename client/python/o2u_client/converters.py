@@ -1,0 +1,77 @@
+"""Request building: ScoringConfig messages from dicts or keyword arguments, and the protocol's
+enum values from the plain names callers use (`"npz"`, `"csv"`, `"running"`), validated before any
+call so a typo fails with the list of accepted names."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from o2u.v1 import scoring_pb2
+from o2u_client.models import JobState
+
+__all__ = [
+    "DATASET_FORMATS",
+    "EXPORT_FORMATS",
+    "build_config",
+    "dataset_format",
+    "export_format",
+    "job_state",
+]
+
+DATASET_FORMATS = {"npz", "image_folder", "csv_manifest", "jsonl_manifest"}
+EXPORT_FORMATS = {"jsonl", "csv"}
+
+
+def build_config(
+    config: Mapping[str, Any] | scoring_pb2.ScoringConfig | None = None, **fields: Any
+) -> scoring_pb2.ScoringConfig:
+    """A ScoringConfig from a mapping and/or keyword fields; None values stay unset."""
+    message = scoring_pb2.ScoringConfig()
+    if isinstance(config, scoring_pb2.ScoringConfig):
+        message.CopyFrom(config)
+        config = None
+    known = {f.name for f in scoring_pb2.ScoringConfig.DESCRIPTOR.fields}
+    for name, value in {**(config or {}), **fields}.items():
+        if name not in known:
+            raise TypeError(f"unknown ScoringConfig field {name!r}; known fields: {', '.join(sorted(known))}")
+        if value is not None:
+            setattr(message, name, value)
+    return message
+
+
+def _format_name(value: str | None, allowed: set[str]) -> str | None:
+    """The upper-case enum suffix for a format name, None when unset; ValueError if unknown."""
+    if not value:
+        return None
+    if value.lower() not in allowed:
+        raise ValueError(f"unknown format {value!r}; expected one of {', '.join(sorted(allowed))}")
+    return value.upper()
+
+
+def dataset_format(value: str | None) -> scoring_pb2.DatasetFormat.ValueType:
+    name = _format_name(value, DATASET_FORMATS)
+    return (
+        scoring_pb2.DatasetFormat.Value(f"DATASET_FORMAT_{name}")
+        if name
+        else scoring_pb2.DATASET_FORMAT_UNSPECIFIED
+    )
+
+
+def export_format(value: str | None) -> scoring_pb2.ExportFormat.ValueType:
+    name = _format_name(value, EXPORT_FORMATS)
+    return (
+        scoring_pb2.ExportFormat.Value(f"EXPORT_FORMAT_{name}")
+        if name
+        else scoring_pb2.EXPORT_FORMAT_UNSPECIFIED
+    )
+
+
+def job_state(value: JobState | str | None) -> scoring_pb2.JobState.ValueType:
+    if not value:
+        return scoring_pb2.JOB_STATE_UNSPECIFIED
+    try:
+        state = JobState(str(value).upper())
+    except ValueError:
+        raise ValueError(f"unknown job state {value!r}; expected one of {', '.join(JobState)}") from None
+    return scoring_pb2.JobState.Value(f"JOB_STATE_{state.value}")

@@ -1,0 +1,123 @@
+"""Resumable event streams: the loop behind `Client.watch`.
+
+A watch can outlive the connection it started on (a server restart, a load balancer idling the
+stream out, a network blip). Events carry a per-job sequence number and the server replays
+from any `after_sequence`, so the loop reopens the stream after the last sequence it delivered,
+drops anything at or below it, and stops at the event that makes the job final. Reconnects are
+bounded: after `max_reconnects` attempts in a row without a new event it gives up.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
+
+import grpc
+
+from o2u.v1 import scoring_pb2
+from o2u_client.errors import DeadlineExceededError, O2UError, UnavailableError, error_from_rpc
+from o2u_client.models import Event, Job
+
+__all__ = ["WatchPolicy", "watch_events"]
+
+# Codes that mean "the stream broke", not "the request is wrong": worth reopening.
+_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED})
+
+StreamOpener = Callable[[int, float | None], Iterable[scoring_pb2.WatchScoringJobResponse]]
+
+
+@dataclass(frozen=True)
+class WatchPolicy:
+    max_reconnects: int = 5  # consecutive reopen attempts without a new event
+    initial_backoff: float = 0.25  # seconds before the first reopen, doubled each time
+    max_backoff: float = 8.0
+
+    def backoff(self, attempt: int) -> float:
+        return min(self.max_backoff, self.initial_backoff * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED, "watch timed out")
+    return left
+
+
+def watch_events(
+    open_stream: StreamOpener,
+    *,
+    get_job: Callable[[], Job],
+    after_sequence: int = 0,
+    timeout: float | None = None,
+    policy: WatchPolicy = WatchPolicy(),
+) -> Generator[Event, None, None]:
+    """Yield events after `after_sequence` until the job is final, reopening broken streams.
+
+    `open_stream(after_sequence, timeout)` starts one WatchScoringJob call. `get_job` (a unary
+    call with its own timeout and retries) is the probe before each reopen: it waits, boundedly,
+    for the server to come back, and tells whether a stream that ended without a final event did
+    so because the job is already final.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last = after_sequence
+    failures = 0  # consecutive reopen attempts without a new event
+    last_error: O2UError = UnavailableError(grpc.StatusCode.UNAVAILABLE, "watch stream closed")
+    while True:
+        if failures:
+            if failures > policy.max_reconnects:
+                raise last_error
+            # A draining server says when to come back (RetryInfo); otherwise exponential backoff.
+            pause = policy.backoff(failures)
+            if last_error.retry_delay:
+                pause = min(last_error.retry_delay, policy.max_backoff)
+            remaining = _remaining(deadline)
+            time.sleep(pause if remaining is None else min(pause, remaining))
+            _remaining(deadline)
+            try:
+                # A stream opened with wait_for_ready and no deadline would wait forever for a
+                # server that never comes back; this unary call waits at most its own timeout.
+                get_job()
+            except (UnavailableError, DeadlineExceededError) as unreachable:
+                last_error = UnavailableError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"cannot reach the server to resume watching the job: {unreachable.message}",
+                    retry_delay=unreachable.retry_delay,
+                )
+                failures += 1
+                continue
+        stream = open_stream(last, _remaining(deadline))
+        received = False
+        try:
+            for response in stream:
+                event = Event.from_proto(response.event)
+                if event.sequence <= last:
+                    continue  # already delivered before the stream was reopened
+                last = event.sequence
+                received = True
+                failures = 0
+                yield event
+                if event.state.is_terminal:
+                    return
+        except grpc.RpcError as rpc_error:
+            broken = error_from_rpc(rpc_error)
+            if broken.code not in _RESUMABLE:
+                raise broken from None
+            last_error = broken
+        else:
+            # The server ended the stream without a final event: it is draining, or there was
+            # nothing after `last` because the job was already final.
+            if not received and get_job().done:
+                return
+            last_error = UnavailableError(
+                grpc.StatusCode.UNAVAILABLE, "watch stream ended before the job finished"
+            )
+        finally:
+            cancel = getattr(stream, "cancel", None)
+            if callable(cancel):
+                cancel()  # an abandoned iterator must not keep the RPC open
+        # Progress resets the count: only reopen attempts in a row without a new event are bounded.
+        failures = 1 if received else failures + 1

@@ -1,0 +1,236 @@
+"""The `o2u` CLI, run in-process through `main([...])` against a real server: JSON output that
+parses, exit statuses a shell can branch on, and `score` end to end with plain progress lines
+when stdout is not a terminal."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from o2u_client import Client, Job
+from o2u_client.cli import main
+from tests.server_testing import DIGITS_SAMPLES as NUM_SAMPLES
+from tests.server_testing import TINY_CONFIG, RunningServer
+
+# A well-formed job id that no server ever issued.
+MISSING_JOB_ID = "job-" + "0" * 32
+
+TINY_FLAGS = [
+    "--model=mlp",
+    "--seed=0",
+    "--pretrain-epochs=2",
+    "--cycle-length-epochs=2",
+    "--num-cycles=1",
+    "--pretrain-batch-size=64",
+    "--cyclic-batch-size=32",
+]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def json_lines(text: str) -> list[Any]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_score_end_to_end_prints_progress_lines_and_a_report(
+    capsys: pytest.CaptureFixture[str], server: RunningServer, dataset_uri: str
+) -> None:
+    status, out, err = run(
+        capsys, "--target", server.address, "score", dataset_uri, *TINY_FLAGS, "--top", "5"
+    )
+    assert status == 0, err
+    assert err == ""
+    assert re.search(r"^submitted job-\S+ for ", out, re.MULTILINE)
+    # Not a terminal: one plain line per epoch, no cursor control codes.
+    assert "\x1b[" not in out
+    progress_lines = re.findall(
+        r"^\[\s*\d+%\] (pre-training|cyclic)\s+epoch (\d+)/(\d+)  loss \S+  lr \S+ .*ETA", out, re.M
+    )
+    assert {stage for stage, _, _ in progress_lines} == {"pre-training", "cyclic"}
+    assert "state SUCCEEDED" in out
+    assert "Top 5 suspects" in out
+    for header in ("rank", "sample id", "key", "given label", "suggested label", "score", "noise prob."):
+        assert header in out
+    assert len(re.findall(r"digit-\d{4}", out)) == 5
+    assert re.search(r"dataset health: estimated noise rate \d+\.\d% \(label accuracy \d+\.\d%\)", out)
+
+
+def test_score_json_and_no_wait(
+    capsys: pytest.CaptureFixture[str], server: RunningServer, dataset_uri: str
+) -> None:
+    status, out, _ = run(
+        capsys, "score", dataset_uri, "--target", server.address, "--json", *TINY_FLAGS, "--top=3"
+    )
+    assert status == 0
+    document = json.loads(out)
+    assert document["job"]["state"] == "SUCCEEDED"
+    assert document["summary"]["num_samples"] == NUM_SAMPLES
+    assert [s["rank"] for s in document["top_suspects"]] == [1, 2, 3]
+
+    request_id = str(uuid.uuid4())
+    flags = [
+        "--target",
+        server.address,
+        "--json",
+        "score",
+        dataset_uri,
+        "--no-wait",
+        "--request-id",
+        request_id,
+    ]
+    status, out, _ = run(capsys, *flags, "--pretrain-epochs=500", "--model=mlp")
+    assert status == 0
+    job = json.loads(out)
+    assert job["request_id"] == request_id
+    assert job["config"] == {"model": "mlp", "pretrain_epochs": 500}
+    assert run(capsys, "--target", server.address, "cancel", job["job_id"])[0] == 0
+    status, out, _ = run(capsys, "--target", server.address, "watch", job["job_id"], "--json")
+    assert status == 1, "a cancelled job exits 1"
+    events = json_lines(out)
+    assert events[-1]["state"] == "CANCELLED"
+    assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
+
+
+def test_read_commands_with_json(
+    capsys: pytest.CaptureFixture[str], server: RunningServer, finished_job: Job, data_root: Path
+) -> None:
+    target = ["--target", server.address, "--json"]
+    status, out, _ = run(capsys, *target, "get", finished_job.job_id)
+    assert status == 0
+    assert json.loads(out)["job_id"] == finished_job.job_id
+
+    status, out, _ = run(capsys, *target, "jobs", "--state", "succeeded", "--page-size", "1")
+    assert status == 0
+    jobs = json_lines(out)
+    assert finished_job.job_id in {job["job_id"] for job in jobs}
+    assert {job["state"] for job in jobs} == {"SUCCEEDED"}
+
+    status, out, _ = run(capsys, *target, "scores", finished_job.job_id, "--page-size", "50")
+    scores = json_lines(out)
+    assert status == 0
+    assert [s["rank"] for s in scores] == list(range(1, NUM_SAMPLES + 1))
+    status, out, _ = run(capsys, *target, "scores", finished_job.job_id, "--top-k", "4")
+    assert len(json_lines(out)) == 4
+
+    status, out, _ = run(capsys, *target, "summary", finished_job.job_id)
+    summary = json.loads(out)
+    assert status == 0
+    assert len(summary["transition_matrix"]) == summary["num_classes"]
+
+    status, out, _ = run(capsys, *target, "watch", finished_job.job_id)
+    assert status == 0
+    assert json_lines(out)[-1]["state"] == "SUCCEEDED"
+
+    destination = data_root / "cli-exports" / "scores.csv"
+    status, out, _ = run(capsys, *target, "export", finished_job.job_id, destination.as_uri())
+    assert status == 0
+    assert json.loads(out)["rows_written"] == NUM_SAMPLES
+    assert destination.read_text().splitlines()[0].startswith(("sample_id", "rank"))
+
+    status, out, _ = run(capsys, *target, "health")
+    assert (status, json.loads(out)["serving"]) == (0, True)
+
+
+def test_human_output_of_read_commands(
+    capsys: pytest.CaptureFixture[str], server: RunningServer, finished_job: Job
+) -> None:
+    for argv, expected in [
+        (["get", finished_job.job_id], "SUCCEEDED"),
+        (["jobs"], finished_job.job_id),
+        (["summary", finished_job.job_id], "dataset health: estimated noise rate"),
+        (["scores", finished_job.job_id, "--top-k", "3"], "Noise scores"),
+        (["watch", finished_job.job_id], "state SUCCEEDED"),
+    ]:
+        status, out, err = run(capsys, "--target", server.address, *argv)
+        assert (status, err) == (0, ""), argv
+        assert expected in out, argv
+
+
+def test_delete_via_cli(capsys: pytest.CaptureFixture[str], server: RunningServer, dataset_uri: str) -> None:
+    with Client(server.address) as client:
+        job = client.wait(client.submit(dataset_uri, config=TINY_CONFIG).job_id, timeout=120)
+    status, out, _ = run(capsys, "--target", server.address, "delete", job.job_id)
+    assert status == 0
+    assert out.strip() == f"deleted {job.job_id}"
+    status, _, err = run(capsys, "--target", server.address, "get", job.job_id)
+    assert status == 4
+    assert err.startswith("error: NOT_FOUND: ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "message"),
+    [
+        (["get", MISSING_JOB_ID], 4, "error: NOT_FOUND: "),
+        (["get", "job-nope"], 5, "error: INVALID_ARGUMENT: "),
+        (["summary", MISSING_JOB_ID], 4, "error: NOT_FOUND: "),
+        (["score", "file:///etc/passwd.npz"], 10, "error: PERMISSION_DENIED: "),
+        (["score", "{uri}", "--noise-rate", "2"], 5, "config.noise_rate"),
+    ],
+)
+def test_errors_map_to_exit_statuses(
+    capsys: pytest.CaptureFixture[str],
+    server: RunningServer,
+    dataset_uri: str,
+    argv: list[str],
+    status: int,
+    message: str,
+) -> None:
+    argv = [arg.replace("{uri}", dataset_uri) for arg in argv]
+    got, out, err = run(capsys, "--target", server.address, *argv)
+    assert got == status
+    assert message in err
+    assert out == ""
+
+
+def test_usage_and_connection_errors(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, free_port: int
+) -> None:
+    assert run(capsys, "frobnicate")[0] == 2
+    assert run(capsys, "score")[0] == 2  # missing URI
+    status, out, _ = run(capsys, "--help")
+    assert status == 0
+    assert "exit status:" in out
+    assert "6   UNAVAILABLE" in out
+    status, _, err = run(capsys, "--token-file", str(tmp_path / "missing"), "jobs")
+    assert status == 2
+    assert "cannot read token file" in err
+    status, _, err = run(capsys, "--target", f"127.0.0.1:{free_port}", "--timeout", "2", "jobs")
+    assert status == 6
+    assert err.startswith("error: UNAVAILABLE: ")
+    assert run(capsys, "--target", f"127.0.0.1:{free_port}", "health")[0] == 6
+
+
+def test_target_from_the_environment(
+    capsys: pytest.CaptureFixture[str], server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("O2U_TARGET", server.address)
+    status, out, _ = run(capsys, "health", "--json")
+    assert status == 0
+    assert json.loads(out) == {"serving": True, "target": server.address}
+
+
+def test_score_of_a_job_that_fails_exits_1(
+    capsys: pytest.CaptureFixture[str], server: RunningServer, data_root: Path
+) -> None:
+    bad = data_root / "bad-labels.npz"
+    np.savez(bad, x=np.zeros((20, 4), dtype=np.float32), y=np.full(20, -1))
+    status, out, err = run(capsys, "--target", server.address, "score", bad.as_uri(), *TINY_FLAGS)
+    assert status == 1, (out, err)
+    assert re.search(r"^job job-\S+ FAILED: INVALID_ARGUMENT \S+: ", out, re.MULTILINE)
+    assert "Top" not in out
+    status, out, _ = run(capsys, "--target", server.address, "--json", "score", bad.as_uri(), *TINY_FLAGS)
+    document = json.loads(out)
+    assert status == 1
+    assert document["job"]["state"] == "FAILED"
+    assert document["job"]["error"]["code"] == "INVALID_ARGUMENT"
+    assert document["summary"] is None

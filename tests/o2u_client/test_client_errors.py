@@ -1,0 +1,138 @@
+"""Failed calls raise the O2UError subclass of their status code, with the server's google.rpc
+details parsed; UNAVAILABLE is retried only where repeating the call is safe."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from o2u_client import (
+    AlreadyExistsError,
+    Client,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    Job,
+    NotFoundError,
+    O2UError,
+    PermissionDeniedError,
+    UnavailableError,
+)
+from tests.server_testing import SLOW_CONFIG, TINY_CONFIG
+
+# A well-formed job id that no server ever issued.
+MISSING_JOB_ID = "job-" + "0" * 32
+
+
+def test_not_found_carries_reason_and_resource(client: Client) -> None:
+    with pytest.raises(NotFoundError) as caught:
+        client.get(MISSING_JOB_ID)
+    error = caught.value
+    assert error.code == grpc.StatusCode.NOT_FOUND
+    assert error.code_name == "NOT_FOUND"
+    assert error.reason == "JOB_NOT_FOUND"
+    assert error.domain == "o2u.dev"
+    assert error.resource_type == "scoring_job"
+    assert error.resource_name == MISSING_JOB_ID
+    assert MISSING_JOB_ID in error.message
+    assert error.exit_code == 4
+    assert str(error).startswith("NOT_FOUND: ")
+    assert error.to_dict()["reason"] == "JOB_NOT_FOUND"
+
+    with pytest.raises(InvalidArgumentError) as malformed:
+        client.get("job-x")
+    assert malformed.value.reason == "INVALID_JOB_ID"
+    assert malformed.value.field_violations[0].field == "job_id"
+
+
+def test_invalid_config_names_the_field(client: Client, dataset_uri: str) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        client.submit(dataset_uri, config=TINY_CONFIG, noise_rate=1.5)
+    error = caught.value
+    assert error.reason == "INVALID_CONFIG"
+    assert [violation.field for violation in error.field_violations] == ["config.noise_rate"]
+    assert error.field_violations[0].description
+    assert error.exit_code == 5
+
+
+def test_dataset_outside_the_data_roots_is_denied(client: Client, tmp_path: Path) -> None:
+    with pytest.raises(PermissionDeniedError) as caught:
+        client.submit((tmp_path / "elsewhere.npz").as_uri())
+    assert caught.value.reason == "PATH_OUTSIDE_DATA_ROOTS"
+    assert caught.value.exit_code == 10
+
+
+def test_reused_request_id_with_another_payload(client: Client, dataset_uri: str) -> None:
+    request_id = str(uuid.uuid4())
+    job = client.submit(dataset_uri, config=SLOW_CONFIG, request_id=request_id)
+    try:
+        with pytest.raises(AlreadyExistsError) as caught:
+            client.submit(dataset_uri, config={**TINY_CONFIG, "seed": 99}, request_id=request_id)
+        assert caught.value.reason == "REQUEST_ID_REUSED"
+        assert caught.value.resource_name == job.job_id
+
+        with pytest.raises(FailedPreconditionError) as unfinished:
+            client.summary(job.job_id)
+        assert unfinished.value.reason == "JOB_NOT_FINISHED"
+        with pytest.raises(FailedPreconditionError):
+            client.delete(job.job_id)
+    finally:
+        client.cancel(job.job_id)
+
+
+def test_foreign_page_token_is_rejected(client: Client, finished_job: Job) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        client.score_page(finished_job.job_id, page_token="not-a-token")
+    assert caught.value.reason == "INVALID_PAGE_TOKEN"
+    assert caught.value.field_violations[0].field == "page_token"
+    with pytest.raises(InvalidArgumentError):
+        client.score_page(finished_job.job_id, page_size=-1)
+
+
+def test_client_side_validation(client: Client, dataset_uri: str) -> None:
+    with pytest.raises(TypeError, match="unknown ScoringConfig field 'learning_rate'"):
+        client.submit(dataset_uri, learning_rate=0.1)
+    with pytest.raises(ValueError, match="unknown format 'parquet'"):
+        client.submit(dataset_uri, format="parquet")
+    with pytest.raises(ValueError, match="unknown job state"):
+        list(client.list(state="sleeping"))
+
+
+class _CountingInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Counts attempts per method, to see the client's retries from the outside."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def intercept_unary_unary(
+        self, continuation: Callable[[Any, Any], Any], client_call_details: Any, request: Any
+    ) -> Any:
+        method = str(client_call_details.method).rsplit("/", 1)[-1]
+        self.calls[method] = self.calls.get(method, 0) + 1
+        return continuation(client_call_details, request)
+
+
+def test_unavailable_is_retried_only_for_safe_calls(free_port: int) -> None:
+    counter = _CountingInterceptor()
+    target = f"127.0.0.1:{free_port}"  # nothing listens here
+    with Client(target, timeout=2.0, wait_for_ready=False, retries=2, interceptors=[counter]) as client:
+        started = time.monotonic()
+        with pytest.raises(UnavailableError) as caught:
+            client.get("job-x")
+        assert time.monotonic() - started < 10
+        assert caught.value.exit_code == 6
+        with pytest.raises(UnavailableError):
+            client.delete("job-x")
+    assert counter.calls == {"GetScoringJob": 3, "DeleteScoringJob": 1}
+
+
+def test_error_without_a_known_class_is_an_o2u_error() -> None:
+    from o2u_client.errors import error_class
+
+    assert error_class(grpc.StatusCode.DATA_LOSS) is O2UError
+    assert O2UError(grpc.StatusCode.DATA_LOSS, "lost").exit_code == 3
