@@ -1,0 +1,266 @@
+"""Turning sample arrays into model-ready tensors on the device, resident or streamed.
+
+Images are stored as uint8 `(N, C, S, S)` (a quarter of float32's memory; 8 bits is the native
+precision of almost every image) and normalized per channel on the fly; feature vectors as
+float32 `(N, D)`, standardized per dimension on the fly. The normalization constants come from
+one chunked scan of the input (`scan_samples`), which is also where validation finds the first
+non-finite value, so a memory-mapped array is read sequentially and never copied whole.
+
+Two placements give identical batches: *resident* (the prepared dataset is one device tensor and
+a batch is a gather) and *streamed* (for data larger than device memory: each group of batches is
+gathered from host memory, converted, and copied to the device through pinned memory on CUDA).
+Conversion is per sample (layout, min-max scaling of non-uint8 images to 0..255, bilinear
+antialiased resize to `image_size`), so it does not matter which samples share a chunk.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from o2u_engine.errors import DataValidationError
+from o2u_engine.layout import SampleLayout, infer_layout
+
+SCAN_CHUNK_BYTES = 4 * 2**20  # raw input bytes per scan chunk; fixed, so statistics never vary
+BUILD_CHUNK_BYTES = 64 * 2**20  # raw input bytes converted at a time when building the resident tensor
+
+
+@dataclass(frozen=True)
+class SampleStats:
+    """What one pass over the raw samples found (values in the input's own units)."""
+
+    first_nonfinite: int | None  # index of the first sample holding NaN or infinity
+    minimum: float
+    maximum: float
+    mean: np.ndarray  # (D,) per feature or (C,) per channel, float64
+    std: np.ndarray  # same shape; 1 where a feature or channel is constant
+
+
+def _chunks(num_samples: int, sample_bytes: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    step = max(1, chunk_bytes // max(1, sample_bytes))
+    for start in range(0, num_samples, step):
+        yield start, min(num_samples, start + step)
+
+
+def _reduce_axes(layout: SampleLayout, ndim: int) -> tuple[int, ...]:
+    """Axes averaged over for the normalization constants: all but features/channels."""
+    if not layout.is_images:
+        return (0,)
+    if ndim == 3:
+        return (0, 1, 2)
+    return (0, 1, 2) if layout.channels_last else (0, 2, 3)
+
+
+def scan_samples(samples: np.ndarray, layout: SampleLayout) -> SampleStats:
+    """One sequential, chunked pass: first non-finite sample, min, max and per-group mean/std.
+
+    Means and variances of chunks are merged with Chan's parallel update in float64.
+    """
+    axes = _reduce_axes(layout, samples.ndim)
+    groups = layout.feature_dim if not layout.is_images else layout.channels
+    count = 0.0
+    mean = np.zeros(groups)
+    m2 = np.zeros(groups)
+    minimum, maximum = np.inf, -np.inf
+    is_float = np.issubdtype(samples.dtype, np.floating)
+    sample_bytes = int(np.prod(samples.shape[1:])) * samples.dtype.itemsize
+    for start, stop in _chunks(samples.shape[0], sample_bytes, SCAN_CHUNK_BYTES):
+        chunk = np.asarray(samples[start:stop])
+        if is_float:
+            finite = np.isfinite(chunk).reshape(stop - start, -1).all(axis=1)
+            if not finite.all():
+                first = start + int(np.argmin(finite))
+                return SampleStats(first, np.nan, np.nan, mean, np.ones(groups))
+        minimum = min(minimum, float(chunk.min()))
+        maximum = max(maximum, float(chunk.max()))
+        chunk_count = chunk.size / groups
+        chunk_sum = chunk.sum(axis=axes, dtype=np.float64).reshape(groups)
+        chunk_sumsq = np.square(chunk, dtype=np.float64).sum(axis=axes).reshape(groups)
+        chunk_mean = chunk_sum / chunk_count
+        chunk_m2 = np.maximum(chunk_sumsq - chunk_sum * chunk_mean, 0.0)
+        total = count + chunk_count
+        delta = chunk_mean - mean
+        mean = mean + delta * (chunk_count / total)
+        m2 = m2 + chunk_m2 + delta**2 * (count * chunk_count / total)
+        count = total
+    std = np.sqrt(m2 / max(count, 1.0))
+    std[std <= 1e-12 * max(1.0, abs(maximum), abs(minimum))] = 1.0
+    return SampleStats(None, minimum, maximum, mean, std)
+
+
+def check_finite(stats: SampleStats) -> None:
+    """Raise DataValidationError naming the first sample with a NaN or infinite value."""
+    if stats.first_nonfinite is not None:
+        raise DataValidationError(
+            f"features: sample at index {stats.first_nonfinite} contains NaN or infinity; "
+            "expected finite values",
+            field="features",
+            index=stats.first_nonfinite,
+        )
+
+
+class PreparedData:
+    """The samples as the trainer sees them: `load(indices)` gives stored rows on the device
+    (uint8 images or float32 features), `normalize` turns a (possibly augmented) batch into the
+    model's float32 input."""
+
+    def __init__(
+        self,
+        samples: np.ndarray,
+        layout: SampleLayout,
+        stats: SampleStats,
+        *,
+        image_size: int | None,
+        device: torch.device,
+        placement: str,
+        chunk_samples: int,
+        channels_last: bool = False,
+    ) -> None:
+        self.samples = samples
+        self.layout = layout
+        self.device = device
+        self.image_size = image_size
+        self.num_samples = samples.shape[0]
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._scale_to_bytes = layout.is_images and samples.dtype != np.uint8
+        spread = stats.maximum - stats.minimum
+        self._low = stats.minimum
+        self._scale = 255.0 / spread if spread > 0 else 0.0
+        mean, std = stats.mean, stats.std
+        if self._scale_to_bytes:  # constants in the 0..255 units the images are stored in
+            mean, std = (mean - self._low) * self._scale, std * self._scale
+        shape = (1, -1, 1, 1) if layout.is_images else (1, -1)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).reshape(shape)
+        self.std = torch.tensor(np.where(std > 0, std, 1.0), dtype=torch.float32, device=device).reshape(
+            shape
+        )
+        self.streamed = placement == "streamed"
+        self.chunk_samples = chunk_samples if self.streamed else 0  # 0: load batch by batch
+        self.storage = None if self.streamed else self._build_resident()
+
+    @property
+    def _resizes(self) -> bool:
+        return self.layout.is_images and (self.layout.height, self.layout.width) != (self.image_size,) * 2
+
+    def _storage_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.layout.is_images else torch.float32
+
+    def convert(self, raw: np.ndarray) -> torch.Tensor:
+        """Raw rows (n, ...) on the host -> stored rows on the device, (n, C, S, S) uint8 or (n, D)."""
+        host_dtype = torch.uint8 if raw.dtype == np.uint8 and self.layout.is_images else torch.float32
+        pin = self.device.type == "cuda"
+        host = torch.empty(raw.shape, dtype=host_dtype, pin_memory=pin)
+        np.copyto(host.numpy(), raw, casting="unsafe")  # the one host copy; float64 -> float32 here
+        x = host.to(self.device, non_blocking=pin)
+        if not self.layout.is_images:
+            return x  # (n, D)
+        if x.ndim == 3:
+            x = x.unsqueeze(1)  # (n, 1, H, W)
+        elif self.layout.channels_last:
+            x = x.permute(0, 3, 1, 2)  # (n, H, W, C) -> (n, C, H, W)
+        if not (self._scale_to_bytes or self._resizes):
+            return x.contiguous()
+        x = x.float()
+        if self._scale_to_bytes:
+            x = (x - self._low) * self._scale
+        if self._resizes:
+            assert self.image_size is not None
+            size = (self.image_size, self.image_size)
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        return x.round_().clamp_(0, 255).to(torch.uint8).contiguous()  # (n, C, S, S)
+
+    def _alias(self) -> torch.Tensor | None:
+        """The input itself, when it already is the stored form on the CPU: no copy at all."""
+        raw = self.samples
+        if self.device.type != "cpu" or not raw.flags.c_contiguous or self._resizes or self._scale_to_bytes:
+            return None
+        if self.layout.is_images and (raw.dtype != np.uint8 or self.layout.channels_last):
+            return None
+        if not self.layout.is_images and raw.dtype != np.float32:
+            return None
+        with warnings.catch_warnings():  # read-only memmaps: the engine never writes to its input
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(raw)
+        return tensor.unsqueeze(1) if tensor.ndim == 3 else tensor
+
+    def _build_resident(self) -> torch.Tensor:
+        aliased = self._alias()
+        if aliased is not None:
+            return aliased
+        layout = self.layout
+        if layout.is_images:
+            assert self.image_size is not None
+            shape: tuple[int, ...] = (self.num_samples, layout.channels, self.image_size, self.image_size)
+        else:
+            shape = (self.num_samples, layout.feature_dim)
+        storage = torch.empty(shape, dtype=self._storage_dtype(), device=self.device)
+        sample_bytes = int(np.prod(self.samples.shape[1:])) * self.samples.dtype.itemsize
+        for start, stop in _chunks(self.num_samples, sample_bytes, BUILD_CHUNK_BYTES):
+            storage[start:stop] = self.convert(np.asarray(self.samples[start:stop]))
+        return storage
+
+    def load(self, indices: torch.Tensor) -> torch.Tensor:
+        """Stored rows for `indices` (a device tensor), in that order."""
+        if self.storage is not None:
+            return self.storage[indices]
+        wanted = indices.cpu().numpy()
+        order = np.argsort(wanted, kind="stable")  # read a memmap front to back
+        raw = np.empty((len(wanted), *self.samples.shape[1:]), dtype=self.samples.dtype)
+        raw[order] = self.samples[wanted[order]]
+        return self.convert(raw)
+
+    def normalize(self, stored: torch.Tensor) -> torch.Tensor:
+        """Stored rows -> float32 model input: (x - mean) / std per channel or feature."""
+        x = (stored.float() - self.mean) / self.std
+        return x.contiguous(memory_format=self.memory_format) if x.ndim == 4 else x
+
+
+def prepare_images(
+    images: np.ndarray, *, image_size: int | None = None, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """Images in any accepted layout and dtype -> the engine's uint8 `(N, C, S, S)` device tensor.
+
+    `image_size` defaults to the longer input side. Raises DataValidationError (via the layout
+    and the scan) for shapes it cannot read or non-finite pixels.
+    """
+    layout = infer_layout(tuple(images.shape[1:]))
+    if not layout.is_images:
+        raise ValueError(f"prepare_images: expected images, got per-sample shape {images.shape[1:]}")
+    stats = scan_samples(images, layout)
+    check_finite(stats)
+    prepared = PreparedData(
+        images,
+        layout,
+        stats,
+        image_size=image_size or layout.side,
+        device=torch.device(device),
+        placement="resident",
+        chunk_samples=0,
+    )
+    assert prepared.storage is not None
+    return prepared.storage
+
+
+def prepare_features(features: np.ndarray, *, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Feature vectors `(N, D)` -> a float32 `(N, D)` device tensor (not yet standardized)."""
+    layout = infer_layout(tuple(features.shape[1:]))
+    if layout.is_images:
+        raise ValueError(f"prepare_features: expected (N, D) features, got shape {features.shape}")
+    stats = scan_samples(features, layout)
+    check_finite(stats)
+    prepared = PreparedData(
+        features,
+        layout,
+        stats,
+        image_size=None,
+        device=torch.device(device),
+        placement="resident",
+        chunk_samples=0,
+    )
+    assert prepared.storage is not None
+    return prepared.storage

@@ -1,0 +1,173 @@
+"""The public entry point: validate once, resolve the configuration, train, rank.
+
+`score_noise` checks its inputs and turns every problem into a DataValidationError or
+ConfigError before any training starts; `_score_noise` then trusts them. The report it returns
+carries the resolved configuration, seed, versions, device and timings.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from o2u_engine import checkpoint
+from o2u_engine.config import O2UConfig, resolve_config
+from o2u_engine.data import PreparedData
+from o2u_engine.errors import ConfigError
+from o2u_engine.models import initialized_model, is_convolutional, load_initial_weights
+from o2u_engine.phases import validation_split
+from o2u_engine.rank import rank_samples
+from o2u_engine.report import NoiseReport, ProgressEvent
+from o2u_engine.runtime import resolve_device
+from o2u_engine.train import FaultHook, Trainer
+from o2u_engine.validate import ValidatedInputs, validate_inputs
+from o2u_engine.version import __version__
+
+
+def score_noise(
+    features: np.ndarray | torch.Tensor,
+    labels: np.ndarray | Sequence[int] | torch.Tensor,
+    *,
+    config: O2UConfig = O2UConfig(),  # noqa: B008 - frozen, so a shared default is safe
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: Callable[[ProgressEvent], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    initial_weights: str | os.PathLike[str] | None = None,
+    _fault_hook: FaultHook | None = None,
+) -> NoiseReport:
+    """Score every sample's label with O2U-Net; higher scores mean more likely mislabeled.
+
+    `features` are `(N, D)` feature vectors or images `(N, H, W)`, `(N, H, W, C)` or `(N, C, H, W)`
+    (C in 1, 3, 4), uint8 or float; a numpy memmap is read in chunks. `labels` are N integers in
+    `[0, num_classes)` (K = max label + 1 when not given). `progress` receives a ProgressEvent after
+    every epoch; `should_cancel` is polled before every batch and makes training raise Cancelled.
+    With `checkpoint_path`, the state is saved atomically at every epoch boundary and an existing
+    file is resumed from (the caller deletes it when done). `initial_weights` is a state dict file
+    for the resolved model, read with `torch.load(weights_only=True)`.
+    """
+    inputs = validate_inputs(features, labels, num_classes=num_classes)
+    torch_device = resolve_device(device)
+    resolved = resolve_config(
+        config,
+        num_samples=inputs.samples.shape[0],
+        sample_shape=tuple(inputs.samples.shape[1:]),
+        num_classes=inputs.num_classes,
+        device=torch_device,
+    )
+    if resolved.clean_retraining and resolved.noise_rate:
+        train, _ = validation_split(inputs.samples.shape[0], resolved.validation_fraction, resolved.seed)
+        if train.shape[0] - round(resolved.noise_rate * inputs.samples.shape[0]) < 2:
+            raise ConfigError(
+                f"noise_rate: {resolved.noise_rate} would leave fewer than 2 training samples for "
+                "stage 3; expected a smaller value",
+                field="noise_rate",
+            )
+    initial_state = None
+    if initial_weights is not None:
+        initial_state = load_initial_weights(initial_weights)
+        initialized_model(  # a mismatch fails here, before any data is prepared
+            str(resolved.model),
+            layout=inputs.layout,
+            num_classes=inputs.num_classes,
+            image_size=resolved.image_size,
+            seed=resolved.seed,
+            initial_state=initial_state,
+            device=torch.device("cpu"),
+        )
+    return _score_noise(
+        inputs,
+        resolved,
+        torch_device,
+        progress=progress,
+        should_cancel=should_cancel,
+        checkpoint_path=None if checkpoint_path is None else os.fspath(checkpoint_path),
+        initial_state=initial_state,
+        fault_hook=_fault_hook,
+    )
+
+
+def _score_noise(
+    inputs: ValidatedInputs,
+    config: O2UConfig,
+    device: torch.device,
+    *,
+    progress: Callable[[ProgressEvent], None] | None,
+    should_cancel: Callable[[], bool] | None,
+    checkpoint_path: str | None,
+    initial_state: dict[str, torch.Tensor] | None,
+    fault_hook: FaultHook | None,
+) -> NoiseReport:
+    started = time.perf_counter()
+    assert config.stream_chunk_samples is not None
+    data = PreparedData(
+        inputs.samples,
+        inputs.layout,
+        inputs.stats,
+        image_size=config.image_size,
+        device=device,
+        placement=str(config.data_placement),
+        chunk_samples=config.stream_chunk_samples,
+        channels_last=device.type == "cuda" and is_convolutional(str(config.model)),
+    )
+    preparation_seconds = time.perf_counter() - started
+    sample_shape = tuple(inputs.samples.shape[1:])
+    trainer = Trainer(
+        data,
+        inputs.labels,
+        inputs.num_classes,
+        config,
+        progress=progress,
+        should_cancel=should_cancel,
+        checkpoint_path=checkpoint_path,
+        fingerprint=checkpoint.run_fingerprint(
+            config, inputs.labels, sample_shape, inputs.num_classes, __version__
+        ),
+        initial_state=initial_state,
+        fault_hook=fault_hook,
+    )
+    outcome = trainer.run()
+
+    ranking_started = time.perf_counter()
+    statistics = outcome.statistics
+    ranking = rank_samples(
+        statistics.mean.cpu().numpy(),
+        statistics.variance().cpu().numpy(),
+        statistics.prediction_counts.cpu().numpy(),
+        inputs.labels,
+        num_classes=inputs.num_classes,
+        cyclic_epochs=statistics.epochs,
+        noise_rate=config.noise_rate or None,
+    )
+    timings = {"preparation": preparation_seconds, **outcome.timings}
+    timings["ranking"] = time.perf_counter() - ranking_started
+    timings["total"] = time.perf_counter() - started
+    return NoiseReport(
+        noise_scores=ranking.noise_scores,
+        score_variance=ranking.score_variance,
+        ranks=ranking.ranks,
+        noise_probability=ranking.noise_probability,
+        suspected=ranking.suspected,
+        labels=inputs.labels,
+        suggested_labels=ranking.suggested_labels,
+        suggested_label_confidence=ranking.suggested_label_confidence,
+        num_classes=inputs.num_classes,
+        estimated_noise_rate=ranking.estimated_noise_rate,
+        noise_rate_used=ranking.noise_rate_used,
+        class_counts=ranking.class_counts,
+        class_suspected=ranking.class_suspected,
+        class_noise_rates=ranking.class_noise_rates,
+        transition_matrix=ranking.transition_matrix,
+        clean_retraining=outcome.clean_retraining,
+        config=config,
+        seed=config.seed,
+        engine_version=__version__,
+        torch_version=torch.__version__,
+        device=str(device),
+        timings=timings,
+    )

@@ -1,0 +1,125 @@
+"""Ranking: the Gaussian-mixture noise estimate, suspects, suggested labels and summaries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from o2u_engine.rank import (
+    estimate_noise,
+    fit_two_gaussians,
+    rank_samples,
+    rank_scores,
+    suggest_labels,
+    suspected_mask,
+    transition_matrix,
+)
+
+
+@pytest.mark.parametrize("weight", [0.1, 0.25, 0.4])
+def test_em_recovers_a_known_mixture(weight: float) -> None:
+    rng = np.random.default_rng(0)
+    n_high = round(weight * 4000)
+    values = np.concatenate([rng.normal(0.0, 1.0, 4000 - n_high), rng.normal(6.0, 1.5, n_high)])
+    mixture = fit_two_gaussians(values)
+    assert mixture is not None
+    assert mixture.weights[1] == pytest.approx(weight, abs=0.02)
+    assert mixture.means[0] == pytest.approx(0.0, abs=0.1)
+    assert mixture.means[1] == pytest.approx(6.0, abs=0.15)
+    assert np.sqrt(mixture.variances[1]) == pytest.approx(1.5, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [
+        np.zeros(50),
+        np.full(50, 3.25),
+        np.array([1.0, 2.0]),
+        np.array([]),
+        np.concatenate([np.zeros(49), [1e6]]),
+        np.concatenate([np.zeros(25), np.ones(25)]),
+    ],
+)
+def test_degenerate_scores_never_give_nan(scores: np.ndarray) -> None:
+    probability, rate = estimate_noise(scores)
+    assert probability.shape == scores.shape
+    assert np.all(np.isfinite(probability))
+    assert np.all((probability >= 0) & (probability <= 1))
+    assert 0.0 <= rate <= 0.5
+
+
+def test_all_equal_scores_mean_no_noise() -> None:
+    probability, rate = estimate_noise(np.full(100, -0.5))
+    assert rate == 0.0
+    assert not probability.any()
+
+
+def test_rate_is_clipped_to_one_half() -> None:
+    rng = np.random.default_rng(1)
+    scores = np.concatenate([rng.normal(0, 0.1, 200), rng.normal(3, 0.1, 800)])
+    assert estimate_noise(scores)[1] == 0.5
+
+
+def test_noise_probability_is_monotone_in_the_score() -> None:
+    rng = np.random.default_rng(2)
+    scores = np.concatenate([rng.gamma(1.0, 0.05, 900), rng.normal(2.0, 0.8, 100)])
+    probability, rate = estimate_noise(scores)
+    order = np.argsort(scores)
+    assert np.all(np.diff(probability[order]) >= 0)
+    assert probability[np.argmax(scores)] > 0.99
+    assert probability[np.argmin(scores)] < 0.01
+    assert rate == pytest.approx(0.1, abs=0.03)
+
+
+def test_ranks_and_suspects() -> None:
+    scores = np.array([0.1, 0.9, 0.5, 0.9, -1.0])
+    ranks = rank_scores(scores)
+    assert ranks.tolist() == [4, 1, 3, 2, 5]  # the tie keeps sample order
+    assert suspected_mask(ranks, 0.4).tolist() == [False, True, False, True, False]
+    assert suspected_mask(ranks, 0.0).sum() == 0
+    assert suspected_mask(ranks, 0.5).sum() == 2  # round(2.5) = 2
+
+
+def test_suggested_labels_prefer_the_given_label_on_ties() -> None:
+    counts = np.array([[3, 3, 0], [0, 1, 5], [2, 2, 2], [0, 6, 0]], dtype=np.int32)
+    labels = np.array([1, 1, 0, 2])
+    suggested, confidence = suggest_labels(counts, labels, epochs=6)
+    assert suggested.tolist() == [1, 2, 0, 1]
+    np.testing.assert_allclose(confidence, [0.5, 5 / 6, 2 / 6, 1.0])
+
+
+def test_transition_matrix_rows_sum_to_one_and_empty_rows_are_identity() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    suggested = np.array([1, 1, 2, 1, 0, 2])
+    suspected = np.array([True, True, True, False, True, False])
+    matrix = transition_matrix(labels, suggested, suspected, 4)
+    np.testing.assert_allclose(matrix[0], [0, 2 / 3, 1 / 3, 0])
+    np.testing.assert_allclose(matrix[1], [1, 0, 0, 0])
+    np.testing.assert_allclose(matrix[2], [0, 0, 1, 0])  # no suspects in class 2
+    np.testing.assert_allclose(matrix[3], [0, 0, 0, 1])  # empty class
+    np.testing.assert_allclose(matrix.sum(axis=1), 1.0)
+
+
+def test_rank_samples_summaries() -> None:
+    rng = np.random.default_rng(3)
+    labels = np.arange(100) % 4
+    scores = rng.normal(0, 0.05, 100)
+    scores[:10] += 3.0
+    counts = np.zeros((100, 4), dtype=np.int32)
+    counts[np.arange(100), labels] = 4
+    counts[:10] = 0
+    counts[np.arange(10), (labels[:10] + 1) % 4] = 4
+    ranking = rank_samples(
+        scores, np.zeros(100), counts, labels, num_classes=4, cyclic_epochs=4, noise_rate=None
+    )
+    assert ranking.estimated_noise_rate == pytest.approx(0.1, abs=0.02)
+    assert set(np.flatnonzero(ranking.suspected)) == set(range(10))
+    assert ranking.class_counts.tolist() == [25, 25, 25, 25]
+    assert ranking.class_suspected.tolist() == [3, 3, 2, 2]
+    np.testing.assert_allclose(ranking.class_noise_rates, [0.12, 0.12, 0.08, 0.08])
+    assert ranking.transition_matrix[0, 1] == 1.0
+    fixed = rank_samples(
+        scores, np.zeros(100), counts, labels, num_classes=4, cyclic_epochs=4, noise_rate=0.05
+    )
+    assert fixed.noise_rate_used == 0.05
+    assert fixed.suspected.sum() == 5
