@@ -161,10 +161,13 @@ def suggest_labels(
 def transition_matrix(
     labels: np.ndarray, suggested: np.ndarray, suspected: np.ndarray, num_classes: int
 ) -> np.ndarray:
-    """(K, K) given x suggested label frequencies over the suspected samples, rows normalized;
-    a class without suspects gets the identity row (its labels are taken as correct)."""
+    """(K, K) estimated noise transition matrix: row = given label, column = the label believed
+    true, each row normalized. A suspected sample counts toward its suggested label, every other
+    sample toward its given label, so the diagonal is 1 - that class's noise rate. A class with no
+    samples gets the identity row."""
+    believed = np.where(suspected, suggested, labels)
     counts = np.zeros((num_classes, num_classes), dtype=np.float64)
-    np.add.at(counts, (labels[suspected], suggested[suspected]), 1.0)
+    np.add.at(counts, (labels, believed), 1.0)
     totals = counts.sum(axis=1, keepdims=True)
     identity = np.eye(num_classes)
     return np.where(totals > 0, counts / np.maximum(totals, 1.0), identity)

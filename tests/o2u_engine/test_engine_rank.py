@@ -88,13 +88,13 @@ def test_suggested_labels_prefer_the_given_label_on_ties() -> None:
     np.testing.assert_allclose(confidence, [0.5, 5 / 6, 2 / 6, 1.0])
 
 
-def test_transition_matrix_rows_sum_to_one_and_empty_rows_are_identity() -> None:
+def test_transition_matrix_counts_suspects_toward_suggested_label_and_others_toward_given() -> None:
     labels = np.array([0, 0, 0, 1, 1, 2])
     suggested = np.array([1, 1, 2, 1, 0, 2])
     suspected = np.array([True, True, True, False, True, False])
     matrix = transition_matrix(labels, suggested, suspected, 4)
     np.testing.assert_allclose(matrix[0], [0, 2 / 3, 1 / 3, 0])
-    np.testing.assert_allclose(matrix[1], [1, 0, 0, 0])
+    np.testing.assert_allclose(matrix[1], [1 / 2, 1 / 2, 0, 0])  # one suspect, one kept label
     np.testing.assert_allclose(matrix[2], [0, 0, 1, 0])  # no suspects in class 2
     np.testing.assert_allclose(matrix[3], [0, 0, 0, 1])  # empty class
     np.testing.assert_allclose(matrix.sum(axis=1), 1.0)
@@ -117,7 +117,8 @@ def test_rank_samples_summaries() -> None:
     assert ranking.class_counts.tolist() == [25, 25, 25, 25]
     assert ranking.class_suspected.tolist() == [3, 3, 2, 2]
     np.testing.assert_allclose(ranking.class_noise_rates, [0.12, 0.12, 0.08, 0.08])
-    assert ranking.transition_matrix[0, 1] == 1.0
+    np.testing.assert_allclose(ranking.transition_matrix[0], [0.88, 0.12, 0, 0])
+    np.testing.assert_allclose(np.diag(ranking.transition_matrix), 1 - ranking.class_noise_rates)
     fixed = rank_samples(
         scores, np.zeros(100), counts, labels, num_classes=4, cyclic_epochs=4, noise_rate=0.05
     )

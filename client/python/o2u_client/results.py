@@ -93,7 +93,7 @@ class DatasetSummary:
     num_suspected: int
     estimated_label_accuracy: float
     classes: list[ClassNoise]
-    transition_matrix: list[list[float]]  # [given][suggested], rows sum to 1
+    transition_matrix: list[list[float]]  # [given][believed true], rows sum to 1
     confused_pairs: list[ConfusedPair]
     clean_retraining: CleanRetraining | None
     run_info: RunInfo | None

@@ -801,7 +801,10 @@ class DatasetSummary(_message.Message):
     def classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassNoise]: ...
     @_builtins.property
     def transition_matrix(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Row-major K x K matrix: row = given label, column = suggested label, each row sums to 1."""
+        """Row-major K x K estimated noise transition matrix: row = given label, column = the label
+        believed true (a suspected sample counts toward its suggested label, every other sample
+        toward its given label); each row sums to 1 and the diagonal is 1 - the class's noise rate.
+        """
 
     @_builtins.property
     def confused_pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConfusedPair]:

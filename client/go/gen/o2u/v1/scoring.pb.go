@@ -1523,7 +1523,9 @@ type DatasetSummary struct {
 	// 1 - estimated_noise_rate.
 	EstimatedLabelAccuracy float64       `protobuf:"fixed64,8,opt,name=estimated_label_accuracy,json=estimatedLabelAccuracy,proto3" json:"estimated_label_accuracy,omitempty"`
 	Classes                []*ClassNoise `protobuf:"bytes,9,rep,name=classes,proto3" json:"classes,omitempty"`
-	// Row-major K x K matrix: row = given label, column = suggested label, each row sums to 1.
+	// Row-major K x K estimated noise transition matrix: row = given label, column = the label
+	// believed true (a suspected sample counts toward its suggested label, every other sample
+	// toward its given label); each row sums to 1 and the diagonal is 1 - the class's noise rate.
 	TransitionMatrix []float64 `protobuf:"fixed64,10,rep,packed,name=transition_matrix,json=transitionMatrix,proto3" json:"transition_matrix,omitempty"`
 	// The most frequent off-diagonal pairs among suspected samples, most frequent first.
 	ConfusedPairs   []*ConfusedPair  `protobuf:"bytes,11,rep,name=confused_pairs,json=confusedPairs,proto3" json:"confused_pairs,omitempty"`
