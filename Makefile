@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := build/npm/node_modules/.bin/buf
+# Torch's OpenMP threads busy-wait between steps by default, which starves everything else on a
+# small shared machine (the tests run servers and trainings side by side).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: venv demo test check lint-protos protos go-protos clean
 
