@@ -7,6 +7,7 @@ carries the resolved configuration, seed, versions, device and timings.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +39,7 @@ def score_noise(
     progress: Callable[[ProgressEvent], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     checkpoint_path: str | os.PathLike[str] | None = None,
+    checkpoint_interval_seconds: float = 0.0,
     initial_weights: str | os.PathLike[str] | None = None,
     _fault_hook: FaultHook | None = None,
 ) -> NoiseReport:
@@ -47,10 +49,18 @@ def score_noise(
     (C in 1, 3, 4), uint8 or float; a numpy memmap is read in chunks. `labels` are N integers in
     `[0, num_classes)` (K = max label + 1 when not given). `progress` receives a ProgressEvent after
     every epoch; `should_cancel` is polled before every batch and makes training raise Cancelled.
-    With `checkpoint_path`, the state is saved atomically at every epoch boundary and an existing
-    file is resumed from (the caller deletes it when done). `initial_weights` is a state dict file
-    for the resolved model, read with `torch.load(weights_only=True)`.
+    With `checkpoint_path`, the state is saved atomically at epoch boundaries and an existing
+    file is resumed from (the caller deletes it when done): at every boundary by default, or, with
+    `checkpoint_interval_seconds`, at the first boundary that many seconds after the last save, at
+    the end of every stage, and at a boundary where `should_cancel` already answers True.
+    `initial_weights` is a state dict file for the resolved model, read with
+    `torch.load(weights_only=True)`.
     """
+    if not math.isfinite(checkpoint_interval_seconds) or checkpoint_interval_seconds < 0:
+        raise ConfigError(
+            f"checkpoint_interval_seconds: got {checkpoint_interval_seconds}, expected a finite value >= 0",
+            field="checkpoint_interval_seconds",
+        )
     inputs = validate_inputs(features, labels, num_classes=num_classes)
     torch_device = resolve_device(device)
     resolved = resolve_config(
@@ -87,6 +97,7 @@ def score_noise(
         progress=progress,
         should_cancel=should_cancel,
         checkpoint_path=None if checkpoint_path is None else os.fspath(checkpoint_path),
+        checkpoint_interval_seconds=checkpoint_interval_seconds,
         initial_state=initial_state,
         fault_hook=_fault_hook,
     )
@@ -100,6 +111,7 @@ def _score_noise(
     progress: Callable[[ProgressEvent], None] | None,
     should_cancel: Callable[[], bool] | None,
     checkpoint_path: str | None,
+    checkpoint_interval_seconds: float,
     initial_state: dict[str, torch.Tensor] | None,
     fault_hook: FaultHook | None,
 ) -> NoiseReport:
@@ -125,6 +137,7 @@ def _score_noise(
         progress=progress,
         should_cancel=should_cancel,
         checkpoint_path=checkpoint_path,
+        checkpoint_interval_seconds=checkpoint_interval_seconds,
         fingerprint=checkpoint.run_fingerprint(
             config, inputs.labels, sample_shape, inputs.num_classes, __version__
         ),

@@ -271,6 +271,7 @@ class JobRunner:
                 progress=self._progress_callback(job_id, num_samples),
                 should_cancel=control.requested,
                 checkpoint_path=checkpoint,
+                checkpoint_interval_seconds=self._settings.checkpoint_interval_seconds,
                 initial_weights=weights,
             )
         finally:

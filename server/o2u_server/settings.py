@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     """Largest gRPC message received or sent, in bytes."""
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
     """On SIGTERM: time allowed for in-flight RPCs and the running job's checkpoint, in seconds."""
+    checkpoint_interval_seconds: float = Field(default=10.0, ge=0)
+    """Least time between two training checkpoints, in seconds (0 = every epoch); a stage's end and a
+    requested stop always checkpoint. A crash repeats at most this much training."""
     max_job_attempts: int = Field(default=3, ge=1)
     """A job whose worker crashed this many times is marked FAILED instead of resumed."""
     tls_cert_file: Path | None = None

@@ -290,3 +290,30 @@ def test_initial_weights_are_used(blobs: NoisyDataset, tmp_path: Path) -> None:
     plain = score_noise(blobs.samples, blobs.labels, config=FAST)
     started = score_noise(blobs.samples, blobs.labels, config=FAST, initial_weights=path)
     assert not np.array_equal(plain.noise_scores, started.noise_scores)
+
+
+def test_checkpoint_interval_saves_at_stage_ends_and_resumes_identically(
+    blobs: NoisyDataset, tmp_path: Path
+) -> None:
+    uninterrupted = score_noise(blobs.samples, blobs.labels, config=FAST)
+    checkpoint = tmp_path / "run.ckpt"
+    with pytest.raises(Cancelled, match="cyclic epoch 2"):
+        score_noise(
+            blobs.samples,
+            blobs.labels,
+            config=FAST,
+            checkpoint_path=checkpoint,
+            checkpoint_interval_seconds=3600.0,  # only the end of stage 1 is saved
+            should_cancel=CancelAfter(40),
+        )
+    events: list[ProgressEvent] = []
+    resumed = score_noise(
+        blobs.samples, blobs.labels, config=FAST, checkpoint_path=checkpoint, progress=events.append
+    )
+    assert (events[0].stage, events[0].epoch) == ("cyclic", 1)  # cyclic epoch 1 was never saved
+    assert_same_report(uninterrupted, resumed)
+
+
+def test_checkpoint_interval_must_be_finite_and_non_negative(blobs: NoisyDataset) -> None:
+    with pytest.raises(ConfigError, match="checkpoint_interval_seconds"):
+        score_noise(blobs.samples, blobs.labels, config=FAST, checkpoint_interval_seconds=-1.0)
