@@ -41,6 +41,14 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME: str = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
 _HEALTH_NAMES = ("", SERVICE_NAME)
+# Keepalive: the server pings each connection every KEEPALIVE_TIME_MS and closes it when a ping goes
+# unanswered for KEEPALIVE_TIMEOUT_MS (gRPC's ping ack timeout is set to match; it otherwise stays at a
+# minute). A vanished client's watch stream, and its max_watch_streams slot, is so released within
+# about 80 s instead of hours, and quiet streams (a long epoch sends nothing) survive proxies that
+# drop idle connections. Clients may ping every 20 s, with or without calls in flight.
+KEEPALIVE_TIME_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+MIN_CLIENT_PING_INTERVAL_MS = 20_000
 
 
 def resolve_devices(settings: Settings) -> list[str]:
@@ -104,7 +112,15 @@ class O2UServer:
         limit = self.settings.max_message_bytes
         self._server = server = grpc.aio.server(
             interceptors=[ServiceInterceptor(self.metrics), *auth_interceptors(self.settings)],
-            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+                ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
         )
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(self._manager), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -145,6 +161,10 @@ class O2UServer:
         self.store.open()
         self._store_open = True
         self.settings.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        # A crash during an atomic checkpoint write leaves its temporary file behind; no worker runs
+        # yet, so every *.tmp here is such a leftover (and can be as large as a model with its optimizer).
+        for leftover in self.settings.checkpoint_dir.glob("*.tmp"):
+            leftover.unlink(missing_ok=True)
         recovery = self.store.recover(time.time(), max_attempts=self.settings.max_job_attempts)
         refresh_job_gauges(self.store, self.metrics)
         if recovery.queued:

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -92,8 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"o2u-server {__version__}")
     parser.parse_args(argv)
+    # Idle OpenMP workers sleep instead of spinning: with spinning, a CPU shared with other busy
+    # processes made small-model training tens of times slower. Read once, when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from o2u_server.security import check_security_files  # imports torch (via the engine's errors)
+
     try:
         settings = Settings()
+        check_security_files(settings)  # SecurityConfigError is a ValueError naming the setting
     except (ValidationError, ValueError, OSError) as exc:
         print(f"o2u-server: invalid settings: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,272 @@
+"""The durability promise, tested on a real server process: an accepted job is never lost.
+
+`o2u-server` runs as a subprocess on one state folder. A reference job runs uninterrupted first;
+then two identical jobs (same data, same seed) are trained while the process is killed five times in
+a row at random points of stage 2 - with SIGKILL (a crash: no chance to clean up) or SIGTERM (a
+drain: the job goes back to the queue) - and restarted each time, with the client retrying its
+CreateScoringJob calls as a real caller would. Afterwards every accepted job has succeeded exactly
+once, its scores equal the reference bit for bit, each job's event log is gap-free, no checkpoint is
+left behind and SQLite's `PRAGMA integrity_check` is ok, also after every single kill.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from o2u.v1 import scoring_pb2 as pb
+from o2u.v1 import scoring_pb2_grpc
+from tests.server_testing import running_server, test_settings, write_noisy_digits
+
+Stub = scoring_pb2_grpc.ScoringServiceStub
+KILLS = 5
+GRACE_SECONDS = 10.0
+# A small MLP on the 1,797 real digits: stage 2 has 32 epochs of 113 batches, a few seconds on two cores.
+CONFIG: dict[str, Any] = {
+    "model": "mlp",
+    "seed": 11,
+    "pretrain_epochs": 2,
+    "cycle_length_epochs": 4,
+    "num_cycles": 8,
+    "pretrain_batch_size": 32,
+    "cyclic_batch_size": 16,
+}
+SCORE_FIELDS = ("score", "score_variance", "rank", "noise_probability", "suspected", "suggested_label")
+
+
+class ServerProcess:
+    """`python -m o2u_server.main` on a fixed loopback port and state folder; restartable."""
+
+    def __init__(self, state_dir: Path, data_root: Path, **settings: str) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.address = f"127.0.0.1:{probe.getsockname()[1]}"
+        self.state_dir = state_dir
+        self.log = state_dir.parent / f"{state_dir.name}-server.log"
+        self.env = {
+            **os.environ,
+            "O2U_LISTEN_ADDRESS": self.address,
+            "O2U_METRICS_ADDRESS": "127.0.0.1",
+            "O2U_METRICS_PORT": "0",
+            "O2U_STATE_DIR": str(state_dir),
+            "O2U_DATA_ROOTS": str(data_root),
+            "O2U_DEVICE": "cpu",
+            "O2U_SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS),
+            **settings,
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            command = [sys.executable, "-m", "o2u_server.main"]
+            self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.process.poll() is None, f"the server exited early:\n{self.log_tail()}"
+            assert time.monotonic() < deadline, f"the server did not start:\n{self.log_tail()}"
+            # A fresh channel per try: a reused one backs off for seconds after refused connections,
+            # and the resumed job would be far into stage 2 before the test noticed the server.
+            with grpc.insecure_channel(self.address) as channel:
+                try:
+                    request = health_pb2.HealthCheckRequest(service="")
+                    answer = health_pb2_grpc.HealthStub(channel).Check(request, timeout=1)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+            time.sleep(0.05)
+
+    def signal(self, signum: int) -> float:
+        """Send `signum`, wait for the process to end; returns how long that took, in seconds."""
+        assert self.process is not None
+        started = time.monotonic()
+        self.process.send_signal(signum)
+        code = self.process.wait(timeout=GRACE_SECONDS + 30)
+        expected = -signal.SIGKILL if signum == signal.SIGKILL else 0
+        assert code == expected, f"exit code {code} after signal {signum}:\n{self.log_tail()}"
+        return time.monotonic() - started
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+@contextmanager
+def _stub(address: str) -> Iterator[Stub]:
+    with grpc.insecure_channel(address) as channel:
+        yield Stub(channel)
+
+
+def _create(stub: Stub, uri: str, request_id: str) -> str:
+    request = pb.CreateScoringJobRequest(
+        dataset=pb.DatasetRef(uri=uri), config=pb.ScoringConfig(**CONFIG), request_id=request_id
+    )
+    return str(stub.CreateScoringJob(request, timeout=30).job.job_id)
+
+
+def _get(stub: Stub, job_id: str) -> pb.ScoringJob:
+    job: pb.ScoringJob = stub.GetScoringJob(pb.GetScoringJobRequest(job_id=job_id), timeout=30).job
+    return job
+
+
+def _wait_succeeded(stub: Stub, job_ids: list[str], timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    for job_id in job_ids:
+        while (job := _get(stub, job_id)).state != pb.JOB_STATE_SUCCEEDED:
+            assert job.state not in (pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED), job
+            assert time.monotonic() < deadline, f"{job_id} still {pb.JobState.Name(job.state)}"
+            time.sleep(0.1)
+
+
+def _scores(stub: Stub, job_id: str) -> dict[int, tuple[Any, ...]]:
+    scores: dict[int, tuple[Any, ...]] = {}
+    token = ""
+    while True:
+        request = pb.ListNoiseScoresRequest(job_id=job_id, page_size=1000, page_token=token)
+        page = stub.ListNoiseScores(request, timeout=30)
+        for score in page.noise_scores:
+            scores[score.sample_id] = tuple(getattr(score, name) for name in SCORE_FIELDS)
+        if not (token := page.next_page_token):
+            return scores
+
+
+def _events(stub: Stub, job_id: str) -> list[pb.JobEvent]:
+    return [r.event for r in stub.WatchScoringJob(pb.WatchScoringJobRequest(job_id=job_id), timeout=30)]
+
+
+def _integrity(state_dir: Path) -> str:
+    connection = sqlite3.connect(state_dir / "jobs.sqlite3")
+    try:
+        return str(connection.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        connection.close()
+
+
+def _rows(state_dir: Path) -> dict[str, tuple[str, int]]:
+    """(state, crashes) of every job, read straight from the store while the server is down."""
+    connection = sqlite3.connect(state_dir / "jobs.sqlite3")
+    try:
+        rows = connection.execute("SELECT job_id, state, crashes FROM jobs").fetchall()
+    finally:
+        connection.close()
+    return {job_id: (state, crashes) for job_id, state, crashes in rows}
+
+
+def _in_stage_two(stub: Stub, timeout: float = 180) -> str:
+    """The job that finished an epoch of stage 2 in this process with at least 3 epochs to go."""
+    deadline = time.monotonic() + timeout
+    request = pb.ListScoringJobsRequest(state=pb.JOB_STATE_RUNNING)
+    while time.monotonic() < deadline:
+        for job in stub.ListScoringJobs(request, timeout=30).jobs:
+            progress = job.progress
+            if progress.stage == pb.STAGE_CYCLIC and progress.epoch <= progress.epochs_total - 3:
+                return str(job.job_id)
+        time.sleep(0.01)
+    raise AssertionError("no job reached stage 2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_jobs_survive_repeated_kills_during_stage_two(tmp_path: Path, signum: int) -> None:
+    data_root = tmp_path / "data"
+    write_noisy_digits(data_root / "digits.npz", samples=1797)
+    uri = (data_root / "digits.npz").as_uri()
+    # SIGKILL counts as a crash, so allow more attempts than kills, and checkpoint every epoch so
+    # the job resumes from inside stage 2. SIGTERM must not count at all: the default limit of 3
+    # attempts stays, and so does the default checkpoint interval (10 s, longer than stage 2 here),
+    # so each drain sends the job back to the end of stage 1 - resuming from an older checkpoint.
+    if signum == signal.SIGKILL:
+        settings = {"O2U_MAX_JOB_ATTEMPTS": str(KILLS + 2), "O2U_CHECKPOINT_INTERVAL_SECONDS": "0"}
+    else:
+        settings = {}
+    server = ServerProcess(tmp_path / "state", data_root, **settings)
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    print(f"kill schedule seed: {seed}")
+    try:
+        server.start()
+        with _stub(server.address) as stub:
+            reference = _create(stub, uri, str(uuid.uuid4()))
+            _wait_succeeded(stub, [reference])
+            expected = _scores(stub, reference)
+            gaps = [
+                e.event_time.ToNanoseconds()
+                for e in _events(stub, reference)
+                if e.progress.stage == pb.STAGE_CYCLIC
+            ]
+            epoch_seconds = max(0.05, (gaps[-1] - gaps[0]) / 1e9 / max(1, len(gaps) - 1))
+            request_ids = [str(uuid.uuid4()), str(uuid.uuid4())]
+            targets = [_create(stub, uri, request_id) for request_id in request_ids]
+
+        victims = []
+        for _ in range(KILLS):
+            with _stub(server.address) as stub:
+                victim = _in_stage_two(stub)
+                time.sleep(rng.uniform(0, 1.5 * epoch_seconds))  # somewhere inside the next epoch
+                victims.append(victim)
+            elapsed = server.signal(signum)
+            if signum == signal.SIGTERM:
+                assert elapsed < GRACE_SECONDS + 5, f"the drain took {elapsed:.1f} s"
+            assert _integrity(server.state_dir) == "ok"
+            state, _ = _rows(server.state_dir)[victim]
+            # A crash leaves the job RUNNING for the next start to recover; a drain requeues it.
+            assert state == ("running" if signum == signal.SIGKILL else "queued")
+            server.start()
+            with _stub(server.address) as stub:
+                # A caller that lost its connection retries with the same request_id: same jobs.
+                assert [_create(stub, uri, request_id) for request_id in request_ids] == targets
+
+        with _stub(server.address) as stub:
+            _wait_succeeded(stub, targets)
+            jobs = stub.ListScoringJobs(pb.ListScoringJobsRequest(page_size=100), timeout=30).jobs
+            assert sorted(job.job_id for job in jobs) == sorted([reference, *targets]), (
+                "no job lost or duplicated"
+            )
+            for job_id in targets:
+                assert _scores(stub, job_id) == expected, f"{job_id} differs from the uninterrupted run"
+                events = _events(stub, job_id)
+                assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+                states = [e.state for e in events if e.type == pb.JOB_EVENT_TYPE_STATE_CHANGED]
+                assert states.count(pb.JOB_STATE_SUCCEEDED) == 1
+                assert states[-1] == pb.JOB_STATE_SUCCEEDED
+                assert _get(stub, job_id).attempts == 1 + victims.count(job_id)
+        server.signal(signal.SIGTERM)
+        assert _integrity(server.state_dir) == "ok"
+        crashes = {job_id: row[1] for job_id, row in _rows(server.state_dir).items()}
+        kills = victims.count if signum == signal.SIGKILL else (lambda job_id: 0)
+        assert crashes == {job_id: kills(job_id) for job_id in [reference, *targets]}
+        assert list((server.state_dir / "checkpoints").iterdir()) == []
+    finally:
+        server.stop()
+
+
+def test_a_checkpoint_half_written_by_a_crash_is_removed_at_start(tmp_path: Path) -> None:
+    settings = test_settings(state_dir=tmp_path / "state", data_roots=[tmp_path])
+    settings.checkpoint_dir.mkdir(parents=True)
+    leftover = settings.checkpoint_dir / f"job-{'ab' * 16}.pt.k3x9q1.tmp"  # as the engine names them
+    leftover.write_bytes(b"\0" * 4096)
+    checkpoint = settings.checkpoint_dir / f"job-{'cd' * 16}.pt"
+    checkpoint.write_bytes(b"a complete checkpoint")
+    with running_server(settings):
+        pass
+    assert not leftover.exists()
+    assert checkpoint.exists(), "complete checkpoints are what jobs resume from"
