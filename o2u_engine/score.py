@@ -52,7 +52,8 @@ def score_noise(
     With `checkpoint_path`, the state is saved atomically at epoch boundaries and an existing
     file is resumed from (the caller deletes it when done): at every boundary by default, or, with
     `checkpoint_interval_seconds`, at the first boundary that many seconds after the last save, at
-    the end of every stage, and at a boundary where `should_cancel` already answers True.
+    the end of every stage, and when `should_cancel` stops an epoch (the last boundary, kept in
+    memory, is written before Cancelled is raised).
     `initial_weights` is a state dict file for the resolved model, read with
     `torch.load(weights_only=True)`.
     """

@@ -9,8 +9,9 @@ because every sample needs a score; only stage 3 holds data out.
 The data lives on the device (or is streamed through it in chunks, with identical batches); each
 epoch draws a permutation from the run's own `torch.Generator`, and per-sample losses are
 written into a device tensor without a host sync per batch: the host reads one number per epoch.
-The state at every epoch boundary (weights, optimizer, generator, statistics) can be
-checkpointed, and a resumed run continues bit-identically on the CPU. When the device runs out
+The state at every epoch boundary (weights, optimizer, generator, statistics) is kept in memory
+and checkpointed at most every `checkpoint_interval_seconds`, at every stage's end, and when a stop
+interrupts an epoch; a resumed run continues bit-identically on the CPU. When the device runs out
 of memory, the failing batch and the rest of the epoch are re-split at half the batch size, which
 then holds for the rest of the run (at most three halvings); no finished step is repeated, so no
 snapshot of the weights is needed.
@@ -18,6 +19,7 @@ snapshot of the weights is needed.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
 from collections.abc import Callable
@@ -76,6 +78,7 @@ class Trainer:
         self.checkpoint_path, self.fingerprint = checkpoint_path, fingerprint
         self.checkpoint_interval_seconds = checkpoint_interval_seconds
         self._last_save = time.monotonic()
+        self._unsaved: dict[str, Any] | None = None  # the last epoch boundary, when not yet written
         self.initial_state = initial_state
         self.bf16 = config.precision == "bf16"
         self.padding = crop_padding(config.image_size or 0)
@@ -252,14 +255,11 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
     # Checkpoints
 
-    def _save(self) -> None:
-        if self.checkpoint_path is None:
-            return
+    def _snapshot(self) -> dict[str, Any]:
+        """A copy of the whole training state at this epoch boundary (tensors cloned)."""
         assert self.model is not None
         assert self.optimizer is not None
-        self._last_save = time.monotonic()
-        checkpoint.save_checkpoint(
-            self.checkpoint_path,
+        return copy.deepcopy(
             {
                 "format": checkpoint.CHECKPOINT_FORMAT,
                 "fingerprint": self.fingerprint,
@@ -272,8 +272,13 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "statistics": self.statistics.state_dict(),
-            },
+            }
         )
+
+    def _save(self, state: dict[str, Any]) -> None:
+        assert self.checkpoint_path is not None
+        self._last_save = time.monotonic()
+        checkpoint.save_checkpoint(self.checkpoint_path, state)
 
     def _resume(self) -> dict[str, Any] | None:
         """Restore the last epoch boundary; returns the optimizer state to continue its phase with."""
@@ -295,6 +300,14 @@ class Trainer:
     # The run
 
     def run(self) -> TrainingOutcome:
+        try:
+            return self._run()
+        except Cancelled:
+            if self._unsaved is not None:  # stopped mid-epoch: resume from the last boundary
+                self._save(self._unsaved)
+            raise
+
+    def _run(self) -> TrainingOutcome:
         resumed_optimizer = self._resume()
         num_samples = self.labels.shape[0]
         for index, phase in enumerate(self.phases):
@@ -324,14 +337,16 @@ class Trainer:
                 self.phase_index, self.epochs_done = (
                     (index + 1, 0) if epoch == phase.epochs else (index, epoch)
                 )
-                # A save costs ~10 ms (fsync + rename): with short epochs, save at most every
-                # interval, but always at a phase's end and when a stop is already requested.
-                if (
-                    epoch == phase.epochs
-                    or time.monotonic() - self._last_save >= self.checkpoint_interval_seconds
-                    or (self.should_cancel is not None and self.should_cancel())
-                ):
-                    self._save()
+                if self.checkpoint_path is not None:
+                    # Writing costs ~10 ms (fsync + rename), too much after every short epoch: the
+                    # boundary is kept in memory and written at most every interval, at a phase's
+                    # end, and when a stop interrupts the next epoch.
+                    self._unsaved = self._snapshot()
+                    if epoch == phase.epochs or (
+                        time.monotonic() - self._last_save >= self.checkpoint_interval_seconds
+                    ):
+                        self._save(self._unsaved)
+                        self._unsaved = None
                 if self.progress is not None:
                     self.progress(
                         progress_event(
