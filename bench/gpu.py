@@ -1,0 +1,211 @@
+"""GPU throughput of full O2U runs: cnn9 and resnet18 on CIFAR-sized images, the MLP at a million.
+
+One prepared script for a CUDA machine, sized to finish in under 8 minutes on an H200. It scores
+a synthetic 50,000 x 32 x 32 x 3 uint8 set (10 classes, 20% symmetric noise) with `cnn9` and
+`resnet18`, and 1,000,000 x 512 float32 features with the MLP, each a full default O2U run
+(stage 1 + cyclic stage); prints wall time, training samples/s (all epochs, and the median of the
+cyclic epochs after the first, i.e. the small-batch stage once warm), peak device memory and
+AUROC; compares fp32 with bf16 autocast and torch.compile off/on on short cnn9 runs; then runs
+the GPU-marked tests. A run that fails is reported and the script goes on, so one bad variant
+never costs the others. It imports only torch, NumPy, scikit-learn and the engine:
+`PYTHONPATH=. python bench/gpu.py`. Without a CUDA device it says so and exits 0; `--smoke`
+runs the same steps, tiny, on the CPU to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import re
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import (
+    NoiseSetting,
+    detection_metrics,
+    format_table,
+    inject_noise,
+    machine_description,
+    synthetic_features,
+    synthetic_images,
+)
+
+import o2u_engine
+from o2u_engine import O2UConfig, ProgressEvent
+
+NOISE = NoiseSetting("symmetric", 0.2)
+NUM_CLASSES = 10
+SEED = 0
+GIB = 1024**3
+BUDGET_SECONDS = 8 * 60  # the whole script; optional parts are skipped when it runs short
+REPO = Path(__file__).resolve().parent.parent
+NAN = float("nan")
+
+
+@dataclass
+class Run:
+    name: str
+    setup: str  # epochs, batch sizes, precision
+    seconds: float
+    samples_per_second: float  # all training samples of the run / its training time
+    cyclic_samples_per_second: float  # median over cyclic epochs, the first excluded (warm-up)
+    peak_memory_gib: float
+    auroc: float
+
+
+def full_run(
+    name: str, features: np.ndarray, labels: np.ndarray, flipped: np.ndarray, config: O2UConfig, device: str
+) -> Run:
+    events: list[ProgressEvent] = []
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        report = o2u_engine.score_noise(
+            features, labels, config=config, num_classes=NUM_CLASSES, device=device, progress=events.append
+        )
+    except Exception as error:  # report it and keep measuring the rest
+        traceback.print_exc()
+        print(f"  {name}: FAILED ({type(error).__name__}: {error})", flush=True)
+        return Run(name, "failed", time.perf_counter() - start, NAN, NAN, NAN, NAN)
+    seconds = time.perf_counter() - start
+    c = report.config
+    assert c.pretrain_epochs is not None
+    assert c.cycle_length_epochs is not None
+    assert c.num_cycles is not None
+    epochs = c.pretrain_epochs + c.cycle_length_epochs * c.num_cycles
+    training_seconds = report.timings.get("pretraining", 0.0) + report.timings.get("cyclic", 0.0)
+    cyclic = [e.samples_per_second for e in events if e.stage == "cyclic"][1:] or [NAN]
+    run = Run(
+        name=name,
+        setup=f"{c.pretrain_epochs}+{c.cycle_length_epochs}x{c.num_cycles} ep, "
+        f"b{c.pretrain_batch_size}/{c.cyclic_batch_size}, {c.precision}, {c.data_placement}"
+        + (", compiled" if c.compile_model else ""),
+        seconds=seconds,
+        samples_per_second=epochs * len(labels) / max(training_seconds, 1e-9),
+        cyclic_samples_per_second=statistics.median(cyclic),
+        peak_memory_gib=torch.cuda.max_memory_allocated() / GIB if cuda else NAN,
+        auroc=detection_metrics(report.noise_scores, flipped).auroc,
+    )
+    print(f"  {run}", flush=True)
+    return run
+
+
+def run_gpu_tests(timeout: float) -> str:
+    if importlib.util.find_spec("pytest") is None:
+        print("pytest is not installed: GPU-marked tests skipped")
+        return "skipped"
+    # Config warnings (e.g. the `timeout` ini key when pytest-timeout is missing) must not abort.
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
+    command += ["-W", "ignore::pytest.PytestConfigWarning", "tests/o2u_engine"]
+    print("$ " + " ".join(command[1:]), flush=True)
+    try:
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        print(f"GPU tests did not finish within {timeout:.0f} s")
+        return "timeout"
+    print(done.stdout[-3000:] + done.stderr[-2000:])
+    counts = re.findall(
+        r"(\d+) (passed|failed|skipped|errors?)",
+        done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "",
+    )
+    outcome = ",".join(f"{number}_{word}" for number, word in counts) or "no_tests"
+    return outcome if done.returncode in (0, 5) else f"{outcome}(rc={done.returncode})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script only")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() and not args.smoke:
+        print("bench/gpu.py: no CUDA device (torch.cuda.is_available() is False); nothing to measure.")
+        return
+    began = time.perf_counter()
+    device = "cpu" if args.smoke else "cuda"
+    if args.smoke:
+        torch.set_num_threads(1)
+    print(machine_description(), flush=True)
+    num_images, num_vectors = (64, 2_048) if args.smoke else (50_000, 1_000_000)
+    short = O2UConfig(pretrain_epochs=1, cycle_length_epochs=2, num_cycles=1)  # A/B runs, and --smoke
+    default = short if args.smoke else O2UConfig()
+
+    images, clean = synthetic_images(num_images, NUM_CLASSES, seed=SEED)  # (N, 32, 32, 3) uint8
+    labels, flipped = inject_noise(clean, NOISE, NUM_CLASSES, seed=SEED)
+    print(f"data: {images.shape} uint8 images in {time.perf_counter() - began:.1f} s", flush=True)
+    # Warm-up: CUDA context, cuDNN heuristics, allocator pools - so the first timed run is fair.
+    warm = min(2_048, num_images)
+    full_run(
+        "warm-up",
+        images[:warm],
+        labels[:warm],
+        flipped[:warm],
+        dataclasses.replace(short, model="cnn9"),
+        device,
+    )
+
+    print("full runs (default config, model named):", flush=True)
+    runs = [
+        full_run(m, images, labels, flipped, dataclasses.replace(default, model=m), device)
+        for m in ("cnn9", "resnet18")
+    ]
+    vectors, clean_vectors = synthetic_features(num_vectors, 512, NUM_CLASSES, seed=SEED)  # (N, 512) float32
+    vector_labels, vector_flipped = inject_noise(clean_vectors, NOISE, NUM_CLASSES, seed=SEED)
+    runs.append(full_run(f"mlp {num_vectors:,}x512", vectors, vector_labels, vector_flipped, default, device))
+    del vectors
+
+    print("A/B on short cnn9 runs (1 pre-training + 2 cyclic epochs):", flush=True)
+    variants = {
+        "cnn9 fp32": dataclasses.replace(short, model="cnn9", precision="fp32"),
+        "cnn9 bf16": dataclasses.replace(short, model="cnn9", precision="bf16"),
+        "cnn9 bf16 compiled": dataclasses.replace(short, model="cnn9", precision="bf16", compile_model=True),
+    }
+    for name, config in variants.items():
+        if time.perf_counter() - began > BUDGET_SECONDS - 120:
+            print(f"  {name}: skipped, the 8-minute budget is nearly spent", flush=True)
+            runs.append(Run(name, "skipped", NAN, NAN, NAN, NAN, NAN))
+            continue
+        runs.append(full_run(name, images, labels, flipped, config, device))
+
+    remaining = BUDGET_SECONDS - (time.perf_counter() - began)
+    tests = run_gpu_tests(timeout=max(60.0, remaining - 15))
+
+    header = ["run", "setup", "wall s", "samples/s", "cyclic samples/s", "peak GiB", "AUROC"]
+    rows = [
+        [
+            r.name,
+            r.setup,
+            r.seconds,
+            r.samples_per_second,
+            r.cyclic_samples_per_second,
+            r.peak_memory_gib,
+            r.auroc,
+        ]
+        for r in runs
+    ]
+    print(format_table(header, rows))
+    by_name = {r.name: r for r in runs}
+    cnn9, resnet18, mlp = runs[0], runs[1], runs[2]
+    fp32, bf16, compiled = by_name["cnn9 fp32"], by_name["cnn9 bf16"], by_name["cnn9 bf16 compiled"]
+    peak = max([r.peak_memory_gib for r in runs if not np.isnan(r.peak_memory_gib)], default=NAN)
+    print(
+        f"summary: cnn9_samples_per_s={cnn9.samples_per_second:.0f} cnn9_s={cnn9.seconds:.1f} "
+        f"resnet18_samples_per_s={resnet18.samples_per_second:.0f} resnet18_s={resnet18.seconds:.1f} "
+        f"mlp_1m_s={mlp.seconds:.1f} peak_memory_gib={peak:.2f} "
+        f"bf16_speedup={bf16.cyclic_samples_per_second / fp32.cyclic_samples_per_second:.2f} "
+        f"compile_speedup={compiled.cyclic_samples_per_second / bf16.cyclic_samples_per_second:.2f} "
+        f"gpu_tests={tests} total_s={time.perf_counter() - began:.0f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
