@@ -338,12 +338,9 @@ def wait_serving(address: str, timeout_s: float, process: subprocess.Popen[bytes
 
 
 @contextmanager
-def local_server(workdir: Path) -> Iterator[tuple[str, int, str]]:
-    """Start `python -m o2u_server.main` on 127.0.0.1; yield (address, pid, dataset URI)."""
-    data_root = workdir / "data"
-    data_root.mkdir(parents=True, exist_ok=True)
-    dataset = data_root / "digits.npz"
-    write_digits_npz(dataset)
+def server_process(workdir: Path, data_root: Path) -> Iterator[tuple[str, int]]:
+    """`python -m o2u_server.main` on a free loopback port (CPU, state under `workdir`, datasets
+    under `data_root`), serving when entered; yields (address, pid) and stops it on exit."""
     address = f"127.0.0.1:{_free_port()}"
     env = {
         **os.environ,
@@ -360,7 +357,7 @@ def local_server(workdir: Path) -> Iterator[tuple[str, int, str]]:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_serving(address, 120, process)
-            yield address, process.pid, dataset.as_uri()
+            yield address, process.pid
         finally:
             process.terminate()
             try:
@@ -368,6 +365,17 @@ def local_server(workdir: Path) -> Iterator[tuple[str, int, str]]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@contextmanager
+def local_server(workdir: Path) -> Iterator[tuple[str, int, str]]:
+    """Start `python -m o2u_server.main` on 127.0.0.1; yield (address, pid, dataset URI)."""
+    data_root = workdir / "data"
+    data_root.mkdir(parents=True, exist_ok=True)
+    dataset = data_root / "digits.npz"
+    write_digits_npz(dataset)
+    with server_process(workdir, data_root) as (address, pid):
+        yield address, pid, dataset.as_uri()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import load
 import numpy as np
 import psutil
 from common import NoiseSetting, detection_metrics, format_table, inject_noise, load_digits_features
-from load import wait_serving
 
 import o2u_engine
 from o2u.v1 import scoring_pb2 as pb
@@ -178,32 +176,8 @@ def run_service(
 @contextmanager
 def server_process(workdir: Path, data_root: Path) -> Iterator[tuple[str, psutil.Process]]:
     """`python -m o2u_server.main` on a free loopback port; yields (address, process)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{probe.getsockname()[1]}"
-    env = {
-        **os.environ,
-        "O2U_LISTEN_ADDRESS": address,
-        "O2U_METRICS_ADDRESS": "127.0.0.1",
-        "O2U_METRICS_PORT": "0",
-        "O2U_STATE_DIR": str(workdir / "state"),
-        "O2U_DATA_ROOTS": str(data_root),
-        "O2U_DEVICE": "cpu",
-        "O2U_LOG_LEVEL": "WARNING",
-    }
-    with (workdir / "server.log").open("wb") as log:
-        command = [sys.executable, "-m", "o2u_server.main"]
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_serving(address, 120, process)
-            yield address, psutil.Process(process.pid)
-        finally:
-            process.terminate()
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with load.server_process(workdir, data_root) as (address, pid):
+        yield address, psutil.Process(pid)
 
 
 def report(runs: list[Run], flipped: np.ndarray, epochs: int) -> tuple[str, bool]:
