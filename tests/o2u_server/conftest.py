@@ -14,6 +14,8 @@ import pytest
 
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
+from tests.o2u_server.dataset_files import BUCKET
+from tests.s3_server import S3Server, running_s3_server
 from tests.server_testing import (
     RunningServer,
     create_job,
@@ -94,3 +96,19 @@ def finished_job(stub: scoring_pb2_grpc.ScoringServiceStub, digits_uri: str) -> 
     job = wait_for_job(stub, job.job_id)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
     return job
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    """A real S3-compatible server (moto) for one test module."""
+    with running_s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def root(tmp_path: Path, s3: S3Server) -> Path:
+    """An empty data root, with the S3 server emptied and its dataset bucket created."""
+    s3.reset()
+    s3.make_bucket(BUCKET)
+    (tmp_path / "root").mkdir()
+    return tmp_path / "root"

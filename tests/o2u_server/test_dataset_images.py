@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -14,22 +13,8 @@ from PIL import ImageFile
 from o2u_server.datasets import DatasetLimits, load_dataset
 from o2u_server.errors import InvalidArgument, ResourceExhausted
 from o2u_server.storage import Storage
-from tests.o2u_server.dataset_files import BUCKET, LIMITS, Store, bomb_png, make_folder, png, solid
-from tests.s3_server import S3Server, running_s3_server
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    with running_s3_server() as server:
-        yield server
-
-
-@pytest.fixture
-def root(tmp_path: Path, s3: S3Server) -> Path:
-    s3.reset()
-    s3.make_bucket(BUCKET)
-    (tmp_path / "root").mkdir()
-    return tmp_path / "root"
+from tests.o2u_server.dataset_files import LIMITS, Store, bomb_png, make_folder, png, solid
+from tests.s3_server import S3Server
 
 
 @pytest.fixture(params=["file", "s3"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ from o2u_server.datasets import DatasetLimits, infer_format, load_dataset, write
 from o2u_server.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from o2u_server.storage import Storage
 from tests.o2u_server.dataset_files import (
-    BUCKET,
     LIMITS,
     Store,
     make_folder,
@@ -25,21 +23,7 @@ from tests.o2u_server.dataset_files import (
     png,
     solid,
 )
-from tests.s3_server import S3Server, running_s3_server
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    with running_s3_server() as server:
-        yield server
-
-
-@pytest.fixture
-def root(tmp_path: Path, s3: S3Server) -> Path:
-    s3.reset()
-    s3.make_bucket(BUCKET)
-    (tmp_path / "root").mkdir()
-    return tmp_path / "root"
+from tests.s3_server import S3Server
 
 
 @pytest.fixture
