@@ -63,12 +63,15 @@ async def _serve(settings: Settings) -> int:
     from o2u_server.app import create_server
 
     server = create_server(settings)
+    cpu_threads = None
     if "cpu" in server.devices:
         # Size torch's thread pool to the CPUs this container may use, not the host's core count.
-        configure_cpu_threads()
+        cpu_threads = configure_cpu_threads(settings.cpu_threads)
     port = await server.start()
     logger.info(
-        "o2u-server %s listening", __version__, extra={"port": port, "metrics_port": server.metrics_port}
+        "o2u-server %s listening",
+        __version__,
+        extra={"port": port, "metrics_port": server.metrics_port, "cpu_threads": cpu_threads},
     )
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     """Torch device for training: `auto` uses CUDA when available."""
     max_concurrent_jobs: int | None = Field(default=None, ge=1)
     """Jobs trained at once; default one per visible GPU, or 1 on a CPU."""
+    cpu_threads: int | None = Field(default=None, ge=1)
+    """Torch threads for training on the CPU; default one per CPU this process may use (affinity and
+    cgroup quota). On a host whose cores are busy with other work, 1 is often several times faster."""
     max_queued_jobs: int = Field(default=100, ge=1)
     """Queued jobs beyond which CreateScoringJob answers RESOURCE_EXHAUSTED."""
     max_watch_streams: int = Field(default=256, ge=1)

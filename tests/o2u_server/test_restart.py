@@ -138,6 +138,7 @@ def test_sigterm_drains_and_leaves_the_job_resumable(
         "O2U_DATA_ROOTS": str(data_root),
         "O2U_DEVICE": "cpu",
         "O2U_SHUTDOWN_GRACE_SECONDS": "5",
+        "O2U_CPU_THREADS": "1",
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "o2u_server.main"], env=env, stderr=subprocess.PIPE, text=True
@@ -150,6 +151,8 @@ def test_sigterm_drains_and_leaves_the_job_resumable(
             assert text, f"the server exited early: {lines}"
             lines.append(json.loads(text))  # every log line is one JSON object
         port = next(line["port"] for line in lines if "port" in line)
+        listening = next(line for line in lines if str(line.get("message", "")).startswith("o2u-server"))
+        assert listening["cpu_threads"] == 1  # O2U_CPU_THREADS sized torch's thread pool
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = Stub(channel)
             job = create_job(stub, digits_uri, config=SLOW_CONFIG)
