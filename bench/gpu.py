@@ -5,7 +5,9 @@ a synthetic 50,000 x 32 x 32 x 3 uint8 set (10 classes, 20% symmetric noise) wit
 `resnet18`, and 1,000,000 x 512 float32 features with the MLP, each a full default O2U run
 (stage 1 + cyclic stage); prints wall time, training samples/s (all epochs, and the median of the
 cyclic epochs after the first, i.e. the small-batch stage once warm), peak device memory and
-AUROC; compares fp32 with bf16 autocast and torch.compile off/on on short cnn9 runs; then runs
+AUROC. On short cnn9 runs it compares fp32 with bf16 autocast, cuDNN's autotuner
+(`torch.backends.cudnn.benchmark`) off/on, larger batches and torch.compile off/on (cnn9 costs
+4.47 GFLOP per training sample at 32 px, so 40,000 samples/s is about 179 TFLOP/s). Then it runs
 the GPU-marked tests. A run that fails is reported and the script goes on, so one bad variant
 never costs the others. It imports only torch, NumPy, scikit-learn and the engine:
 `PYTHONPATH=. python bench/gpu.py`. Without a CUDA device it says so and exits 0; `--smoke`
@@ -23,11 +25,13 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from common import (
     NoiseSetting,
     detection_metrics,
@@ -62,9 +66,17 @@ class Run:
 
 
 def full_run(
-    name: str, features: np.ndarray, labels: np.ndarray, flipped: np.ndarray, config: O2UConfig, device: str
+    name: str,
+    features: np.ndarray,
+    labels: np.ndarray,
+    flipped: np.ndarray,
+    config: O2UConfig,
+    device: str,
+    *,
+    cudnn_benchmark: bool = False,
 ) -> Run:
     events: list[ProgressEvent] = []
+    torch.backends.cudnn.benchmark = cudnn_benchmark  # process-wide: set for this run only
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -78,6 +90,8 @@ def full_run(
         traceback.print_exc()
         print(f"  {name}: FAILED ({type(error).__name__}: {error})", flush=True)
         return Run(name, "failed", time.perf_counter() - start, NAN, NAN, NAN, NAN)
+    finally:
+        torch.backends.cudnn.benchmark = False
     seconds = time.perf_counter() - start
     c = report.config
     assert c.pretrain_epochs is not None
@@ -90,7 +104,8 @@ def full_run(
         name=name,
         setup=f"{c.pretrain_epochs}+{c.cycle_length_epochs}x{c.num_cycles} ep, "
         f"b{c.pretrain_batch_size}/{c.cyclic_batch_size}, {c.precision}, {c.data_placement}"
-        + (", compiled" if c.compile_model else ""),
+        + (", compiled" if c.compile_model else "")
+        + (", cudnn.benchmark" if cudnn_benchmark else ""),
         seconds=seconds,
         samples_per_second=epochs * len(labels) / max(training_seconds, 1e-9),
         cyclic_samples_per_second=statistics.median(cyclic),
@@ -99,6 +114,55 @@ def full_run(
     )
     print(f"  {run}", flush=True)
     return run
+
+
+def step_rates(batch: int, device: str, steps: int) -> tuple[float, float]:
+    """Training steps/s of bare cnn9 (bf16 autocast, channels_last, SGD) at `batch`: eager, and the
+    whole step (forward, backward, optimizer) captured once as a CUDA graph and replayed (NaN on
+    a CPU). The gap is what per-step overhead costs the engine's eager loop at this batch size."""
+    model = o2u_engine.build_model("cnn9", in_channels=3, num_classes=NUM_CLASSES, image_size=32)
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
+    inputs = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+    targets = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        # No autocast weight cache: a captured graph must not keep casts from the capture run.
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False):
+            logits = model(inputs)  # (B, K)
+        loss = F.cross_entropy(logits.float(), targets)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def rate(run: Callable[[], object]) -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            run()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return steps / (time.perf_counter() - start)
+
+    side = torch.cuda.Stream() if device.startswith("cuda") else None
+    if side is not None:  # warm up on a side stream, as whole-network capture requires
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+    else:
+        step()
+    eager = rate(step)
+    if side is None:
+        return eager, NAN
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        step()
+    return eager, rate(graph.replay)
 
 
 def run_gpu_tests(timeout: float) -> str:
@@ -164,17 +228,41 @@ def main() -> None:
     del vectors
 
     print("A/B on short cnn9 runs (1 pre-training + 2 cyclic epochs):", flush=True)
-    variants = {
-        "cnn9 fp32": dataclasses.replace(short, model="cnn9", precision="fp32"),
-        "cnn9 bf16": dataclasses.replace(short, model="cnn9", precision="bf16"),
-        "cnn9 bf16 compiled": dataclasses.replace(short, model="cnn9", precision="bf16", compile_model=True),
+    bf16 = dataclasses.replace(short, model="cnn9", precision="bf16")
+    variants = {  # name: (config, cudnn.benchmark)
+        "cnn9 fp32": (dataclasses.replace(bf16, precision="fp32"), False),
+        "cnn9 bf16": (bf16, False),
+        "cnn9 bf16 cudnn.benchmark": (bf16, True),
+        "cnn9 bf16 b256/128": (
+            dataclasses.replace(bf16, pretrain_batch_size=256, cyclic_batch_size=128),
+            False,
+        ),
+        "cnn9 bf16 b512/256": (
+            dataclasses.replace(bf16, pretrain_batch_size=512, cyclic_batch_size=256),
+            False,
+        ),
+        "cnn9 bf16 compiled": (dataclasses.replace(bf16, compile_model=True), False),
     }
-    for name, config in variants.items():
+    for name, (config, autotune) in variants.items():
         if time.perf_counter() - began > BUDGET_SECONDS - 120:
             print(f"  {name}: skipped, the 8-minute budget is nearly spent", flush=True)
             runs.append(Run(name, "skipped", NAN, NAN, NAN, NAN, NAN))
             continue
-        runs.append(full_run(name, images, labels, flipped, config, device))
+        runs.append(full_run(name, images, labels, flipped, config, device, cudnn_benchmark=autotune))
+
+    print("bare cnn9 training steps, eager vs one CUDA graph per step:", flush=True)
+    graph_rows = []
+    for batch in (64, 128, 256):
+        try:
+            eager, graphed = step_rates(batch, device, steps=5 if args.smoke else 200)
+        except Exception as error:  # capture can fail on some versions; the rest still runs
+            traceback.print_exc()
+            print(f"  batch {batch}: FAILED ({type(error).__name__}: {error})", flush=True)
+            eager, graphed = NAN, NAN
+        graph_rows.append([batch, eager * batch, graphed * batch, graphed / eager])
+        print(
+            f"  batch {batch}: eager {eager * batch:.0f} samples/s, graphed {graphed * batch:.0f}", flush=True
+        )
 
     remaining = BUDGET_SECONDS - (time.perf_counter() - began)
     tests = run_gpu_tests(timeout=max(60.0, remaining - 15))
@@ -193,16 +281,23 @@ def main() -> None:
         for r in runs
     ]
     print(format_table(header, rows))
+    print(format_table(["batch", "eager samples/s", "graphed samples/s", "graphed/eager"], graph_rows))
     by_name = {r.name: r for r in runs}
     cnn9, resnet18, mlp = runs[0], runs[1], runs[2]
-    fp32, bf16, compiled = by_name["cnn9 fp32"], by_name["cnn9 bf16"], by_name["cnn9 bf16 compiled"]
+    base = by_name["cnn9 bf16"]
+
+    def speedup(name: str) -> str:  # cyclic-stage samples/s of a variant over plain bf16
+        return f"{by_name[name].cyclic_samples_per_second / base.cyclic_samples_per_second:.2f}"
+
     peak = max([r.peak_memory_gib for r in runs if not np.isnan(r.peak_memory_gib)], default=NAN)
     print(
         f"summary: cnn9_samples_per_s={cnn9.samples_per_second:.0f} cnn9_s={cnn9.seconds:.1f} "
         f"resnet18_samples_per_s={resnet18.samples_per_second:.0f} resnet18_s={resnet18.seconds:.1f} "
         f"mlp_1m_s={mlp.seconds:.1f} peak_memory_gib={peak:.2f} "
-        f"bf16_speedup={bf16.cyclic_samples_per_second / fp32.cyclic_samples_per_second:.2f} "
-        f"compile_speedup={compiled.cyclic_samples_per_second / bf16.cyclic_samples_per_second:.2f} "
+        f"fp32_vs_bf16={speedup('cnn9 fp32')} cudnn_benchmark_speedup={speedup('cnn9 bf16 cudnn.benchmark')} "
+        f"b256_speedup={speedup('cnn9 bf16 b256/128')} b512_speedup={speedup('cnn9 bf16 b512/256')} "
+        f"compile_speedup={speedup('cnn9 bf16 compiled')} "
+        f"graph_speedup_b64={graph_rows[0][3]:.2f} graph_samples_per_s_b128={graph_rows[1][2]:.0f} "
         f"gpu_tests={tests} total_s={time.perf_counter() - began:.0f}"
     )
 
