@@ -54,7 +54,6 @@ def test_small_images_keep_their_size_and_channels_layouts_are_read() -> None:
 def test_epoch_rule_adapts_to_dataset_size() -> None:
     large = resolve(num_samples=100_000, sample_shape=(32,))
     assert large.pretrain_epochs == 5  # 196 steps per epoch: the minimum of 5 epochs applies
-    assert (large.pretrain_batch_size, large.cyclic_batch_size) == (512, 128)  # stage 2 capped at 128
     assert (large.cycle_length_epochs, large.num_cycles) == (10, 2)
     huge = resolve(num_samples=2_000_000, sample_shape=(32,))
     assert huge.pretrain_epochs == 2
