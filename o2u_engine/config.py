@@ -23,6 +23,8 @@ from o2u_engine.runtime import cpu_has_fast_bf16, free_memory_bytes, resolve_dev
 MODELS = ("auto", "mlp", "small_cnn", "cnn9", "resnet18", "resnet34", "resnet50")
 PRECISIONS = ("auto", "fp32", "bf16")
 PLACEMENTS = ("auto", "resident", "streamed")
+# torch.compile modes; "reduce-overhead" replays each training step as a CUDA graph
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 # Resolution rules (see resolve_config). Steps are optimizer steps (batches).
 PRETRAIN_TARGET_STEPS = 300  # enough to fit the clean majority, few enough not to memorize noise
@@ -67,6 +69,7 @@ class O2UConfig:
     # Engine-only knobs (not in the proto).
     precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 where it is faster
     compile_model: bool = False  # torch.compile the model (start-up cost; pays off on long GPU runs)
+    compile_mode: str = "default"  # with compile_model: default | reduce-overhead (CUDA graphs) | ...
     data_placement: str = "auto"  # auto | resident | streamed; auto: resident when it fits
     stream_chunk_samples: int | None = None  # samples per host-to-device copy when streamed
 
@@ -157,6 +160,12 @@ def validate_config(config: O2UConfig) -> None:
     _check_float(config, "validation_fraction", 0.0, 0.5, high_open=True)
     _check_choice(config, "precision", PRECISIONS)
     _check_bool(config, "compile_model")
+    _check_choice(config, "compile_mode", COMPILE_MODES)
+    if config.compile_mode != "default" and not config.compile_model:
+        raise ConfigError(
+            f"compile_mode: {config.compile_mode!r} applies only with compile_model=True",
+            field="compile_mode",
+        )
     _check_choice(config, "data_placement", PLACEMENTS)
     _check_int(config, "stream_chunk_samples", 1, 2**31 - 1, optional=True)
 

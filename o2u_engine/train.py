@@ -81,6 +81,7 @@ class Trainer:
         self._unsaved: dict[str, Any] | None = None  # the last epoch boundary, when not yet written
         self.initial_state = initial_state
         self.bf16 = config.precision == "bf16"
+        self.cuda_graphs = config.compile_model and config.compile_mode == "reduce-overhead"
         self.padding = crop_padding(config.image_size or 0)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
@@ -145,7 +146,11 @@ class Trainer:
     def _start_phase(self, phase: Phase, resumed_optimizer: dict[str, Any] | None) -> None:
         if self.model is None or (phase.fresh_model and resumed_optimizer is None):
             self.model = self._new_model()
-        self.forward = torch.compile(self.model) if self.config.compile_model else self.model
+        self.forward = (
+            torch.compile(self.model, mode=self.config.compile_mode)
+            if self.config.compile_model
+            else self.model
+        )
         fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {"foreach": True}
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
@@ -181,6 +186,9 @@ class Trainer:
         assert self.optimizer is not None
         if self.fault_hook is not None:
             self.fault_hook(phase.stage, indices.shape[0])
+        if self.cuda_graphs:
+            # Each step is a new iteration for CUDA-graph trees: the last step's outputs are done.
+            torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
         labels = self.labels[indices]  # (B,)
         if self.config.augment:
             stored = random_crop_flip(stored, self.padding, self.generator)  # (B, C, S, S) uint8

@@ -117,6 +117,8 @@ def test_config_round_trips_through_json() -> None:
         ({"validation_fraction": 0.5}, "validation_fraction", "[0.0, 0.5)"),
         ({"precision": "fp16"}, "precision", "auto, fp32, bf16"),
         ({"compile_model": "no"}, "compile_model", "true or false"),
+        ({"compile_model": True, "compile_mode": "fast"}, "compile_mode", "default, reduce-overhead"),
+        ({"compile_mode": "reduce-overhead"}, "compile_mode", "only with compile_model=True"),
         ({"data_placement": "disk"}, "data_placement", "auto, resident, streamed"),
         ({"stream_chunk_samples": 0}, "stream_chunk_samples", "[1, 2147483647]"),
     ],

@@ -95,3 +95,21 @@ def test_cuda_compiled_model_scores_like_the_eager_one(color_images: NoisyDatase
         np.argsort(np.argsort(eager.noise_scores)), np.argsort(np.argsort(compiled.noise_scores))
     )
     assert correlation[0, 1] > 0.9
+
+
+@pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning")
+def test_cuda_graph_compiled_model_scores_like_the_eager_one(color_images: NoisyDataset) -> None:
+    """`compile_mode="reduce-overhead"` replays every training step as a CUDA graph."""
+    config = dataclasses.replace(FAST, model="small_cnn", precision="bf16")
+    eager = score_noise(color_images.samples, color_images.labels, config=config, device="cuda")
+    graphed = score_noise(
+        color_images.samples,
+        color_images.labels,
+        config=dataclasses.replace(config, compile_model=True, compile_mode="reduce-overhead"),
+        device="cuda",
+    )
+    assert graphed.config.compile_mode == "reduce-overhead"
+    correlation = np.corrcoef(
+        np.argsort(np.argsort(eager.noise_scores)), np.argsort(np.argsort(graphed.noise_scores))
+    )
+    assert correlation[0, 1] > 0.9

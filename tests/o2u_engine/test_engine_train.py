@@ -228,6 +228,36 @@ def test_bf16_ranking_is_close_to_fp32(tiny_images: NoisyDataset) -> None:
     assert overlap >= 0.7
 
 
+def test_a_compiled_model_scores_like_the_eager_one(
+    blobs: NoisyDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.compile (here with the CUDA-graph mode, which a CPU runs without graphs) changes speed,
+    not the ranking."""
+    modes: list[str] = []
+    real_compile = torch.compile
+
+    def recording_compile(model: torch.nn.Module, *, mode: str) -> object:
+        modes.append(mode)
+        return real_compile(model, mode=mode)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    config = dataclasses.replace(FAST, precision="fp32")
+    eager = score_noise(blobs.samples, blobs.labels, config=config)
+    assert modes == []
+    compiled = score_noise(
+        blobs.samples,
+        blobs.labels,
+        config=dataclasses.replace(config, compile_model=True, compile_mode="reduce-overhead"),
+    )
+    assert (compiled.config.compile_model, compiled.config.compile_mode) == (True, "reduce-overhead")
+    assert modes == ["reduce-overhead", "reduce-overhead"]  # stage 1 and stage 2
+    correlation = np.corrcoef(
+        np.argsort(np.argsort(eager.noise_scores)), np.argsort(np.argsort(compiled.noise_scores))
+    )
+    assert correlation[0, 1] > 0.99
+    np.testing.assert_array_equal(compiled.suggested_labels, eager.suggested_labels)
+
+
 def test_clean_retraining_reports_both_accuracies(blobs: NoisyDataset) -> None:
     config = dataclasses.replace(FAST, clean_retraining=True)
     events: list[ProgressEvent] = []
