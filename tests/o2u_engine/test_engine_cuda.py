@@ -81,35 +81,23 @@ def test_cuda_resume_continues_the_run(blobs: NoisyDataset, tmp_path: Path) -> N
 
 
 @pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning")  # inductor's advice for fp32
-def test_cuda_compiled_model_scores_like_the_eager_one(color_images: NoisyDataset) -> None:
-    config = dataclasses.replace(FAST, model="small_cnn", precision="fp32")
+@pytest.mark.parametrize(
+    ("precision", "mode"),
+    [("fp32", "default"), ("bf16", "reduce-overhead")],  # the second replays each step as a CUDA graph
+)
+def test_cuda_compiled_model_scores_like_the_eager_one(
+    color_images: NoisyDataset, precision: str, mode: str
+) -> None:
+    config = dataclasses.replace(FAST, model="small_cnn", precision=precision)
     eager = score_noise(color_images.samples, color_images.labels, config=config, device="cuda")
     compiled = score_noise(
         color_images.samples,
         color_images.labels,
-        config=dataclasses.replace(config, compile_model=True),
+        config=dataclasses.replace(config, compile_model=True, compile_mode=mode),
         device="cuda",
     )
-    assert compiled.config.compile_model
+    assert (compiled.config.compile_model, compiled.config.compile_mode) == (True, mode)
     correlation = np.corrcoef(
         np.argsort(np.argsort(eager.noise_scores)), np.argsort(np.argsort(compiled.noise_scores))
-    )
-    assert correlation[0, 1] > 0.9
-
-
-@pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning")
-def test_cuda_graph_compiled_model_scores_like_the_eager_one(color_images: NoisyDataset) -> None:
-    """`compile_mode="reduce-overhead"` replays every training step as a CUDA graph."""
-    config = dataclasses.replace(FAST, model="small_cnn", precision="bf16")
-    eager = score_noise(color_images.samples, color_images.labels, config=config, device="cuda")
-    graphed = score_noise(
-        color_images.samples,
-        color_images.labels,
-        config=dataclasses.replace(config, compile_model=True, compile_mode="reduce-overhead"),
-        device="cuda",
-    )
-    assert graphed.config.compile_mode == "reduce-overhead"
-    correlation = np.corrcoef(
-        np.argsort(np.argsort(eager.noise_scores)), np.argsort(np.argsort(graphed.noise_scores))
     )
     assert correlation[0, 1] > 0.9
