@@ -231,19 +231,7 @@ def prepare_images(
     layout = infer_layout(tuple(images.shape[1:]))
     if not layout.is_images:
         raise ValueError(f"prepare_images: expected images, got per-sample shape {images.shape[1:]}")
-    stats = scan_samples(images, layout)
-    check_finite(stats)
-    prepared = PreparedData(
-        images,
-        layout,
-        stats,
-        image_size=image_size or layout.side,
-        device=torch.device(device),
-        placement="resident",
-        chunk_samples=0,
-    )
-    assert prepared.storage is not None
-    return prepared.storage
+    return _resident(images, layout, image_size or layout.side, device)
 
 
 def prepare_features(features: np.ndarray, *, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -251,13 +239,20 @@ def prepare_features(features: np.ndarray, *, device: str | torch.device = "cpu"
     layout = infer_layout(tuple(features.shape[1:]))
     if layout.is_images:
         raise ValueError(f"prepare_features: expected (N, D) features, got shape {features.shape}")
-    stats = scan_samples(features, layout)
+    return _resident(features, layout, None, device)
+
+
+def _resident(
+    samples: np.ndarray, layout: SampleLayout, image_size: int | None, device: str | torch.device
+) -> torch.Tensor:
+    """Checked, prepared samples as one resident device tensor."""
+    stats = scan_samples(samples, layout)
     check_finite(stats)
     prepared = PreparedData(
-        features,
+        samples,
         layout,
         stats,
-        image_size=None,
+        image_size=image_size,
         device=torch.device(device),
         placement="resident",
         chunk_samples=0,

@@ -26,6 +26,8 @@ __all__ = ["NpzArchive", "NpzMember"]
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header, 30 bytes
 _LOCAL_SIGNATURE = b"PK\x03\x04"
+# What NumPy's .npy reader and zipfile raise on a truncated, corrupt or unsupported member.
+_READ_ERRORS = (ValueError, OSError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile)
 
 
 @dataclass(frozen=True)
@@ -93,14 +95,7 @@ class NpzArchive:
                 else:
                     raise ValueError(f"unsupported .npy format version {version}")
                 header_length = member.tell()
-        except (
-            ValueError,
-            OSError,
-            EOFError,
-            RuntimeError,
-            NotImplementedError,
-            zipfile.BadZipFile,
-        ) as error:
+        except _READ_ERRORS as error:
             raise self._invalid(f"member {info.filename!r} is not a valid .npy array: {error}") from error
         if dtype.hasobject:
             raise self._invalid(
@@ -144,13 +139,6 @@ class NpzArchive:
         try:
             with self._zip.open(name + ".npy") as handle:
                 array: np.ndarray[Any, Any] = npy_format.read_array(handle, allow_pickle=False)
-        except (
-            ValueError,
-            OSError,
-            EOFError,
-            RuntimeError,
-            NotImplementedError,
-            zipfile.BadZipFile,
-        ) as error:
+        except _READ_ERRORS as error:
             raise self._invalid(f"array {name!r} could not be read: {error}") from error
         return array

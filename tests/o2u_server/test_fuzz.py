@@ -63,12 +63,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Iterato
 
 
 @pytest.fixture(scope="module")
-def stub(server: RunningServer) -> Iterator[Stub]:
-    with server.channel() as channel:
-        yield Stub(channel)
-
-
-@pytest.fixture(scope="module")
 def known(stub: Stub, digits_uri: str, data_root: Path) -> dict[str, list[str]]:
     """Values that pass the first checks, so the fuzz also reaches the code behind them."""
     job = wait_for_job(stub, create_job(stub, digits_uri).job_id)

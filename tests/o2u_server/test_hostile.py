@@ -82,17 +82,6 @@ def server(root: Path, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -
         yield running
 
 
-@pytest.fixture(scope="module")
-def channel(server: RunningServer) -> Iterator[grpc.Channel]:
-    with server.channel() as opened:
-        yield opened
-
-
-@pytest.fixture(scope="module")
-def stub(channel: grpc.Channel) -> Stub:
-    return Stub(channel)
-
-
 @pytest.fixture(autouse=True)
 def still_healthy(server: RunningServer) -> Iterator[None]:
     yield
