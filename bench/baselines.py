@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
-from o2u_engine import O2UConfig, build_model
+from o2u_engine import ResolvedConfig, build_model
 from o2u_engine.augment import crop_padding, random_crop_flip
 from o2u_engine.data import PreparedData, scan_samples
 from o2u_engine.layout import infer_layout
@@ -58,7 +58,7 @@ class BaselineTrainer:
         samples: np.ndarray,
         labels: np.ndarray,
         num_classes: int,
-        config: O2UConfig,
+        config: ResolvedConfig,
         device: str = "cpu",
     ) -> None:
         started = time.perf_counter()
@@ -77,7 +77,7 @@ class BaselineTrainer:
         )
         self.labels = torch.as_tensor(labels, dtype=torch.int64, device=self.device)  # (N,)
         self.phases: list[Phase] = [p for p in plan_phases(config) if p.stage in ("pretraining", "cyclic")]
-        self.padding = crop_padding(config.image_size or 0)
+        self.padding = crop_padding(config.image_size)
         self.bf16 = config.precision == "bf16"
         # Every method would prepare the data if run alone, so each one's time includes this.
         self.preparation_seconds = time.perf_counter() - started
@@ -86,7 +86,7 @@ class BaselineTrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
             model = build_model(
-                str(self.config.model),
+                self.config.model,
                 in_channels=self.layout.channels,
                 num_classes=self.num_classes,
                 image_size=self.config.image_size,

@@ -38,7 +38,7 @@ from common import (
 
 import o2u_engine
 from o2u_engine import O2UConfig
-from o2u_engine.config import PRETRAIN_TARGET_STEPS
+from o2u_engine.resolve import PRETRAIN_TARGET_STEPS
 
 NOISE = NoiseSetting("symmetric", 0.2)
 NUM_CLASSES = 10

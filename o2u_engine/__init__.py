@@ -12,7 +12,8 @@ Public API:
   checkpoint_path, initial_weights) -> NoiseReport`: validates the inputs (DataValidationError,
   ConfigError), resolves the configuration, trains, ranks.
 - `O2UConfig`: frozen hyperparameters; `resolve_config(config, num_samples=, sample_shape=,
-  num_classes=, device=)` fills its `auto` fields (rules in its docstring).
+  num_classes=, device=)` fills its `auto` fields (rules in its docstring) and returns a
+  `ResolvedConfig`, an O2UConfig with no optional field left.
 - `NoiseReport`: per-sample `noise_scores`, `ranks`, `noise_probability`, `suspected`,
   `suggested_labels` (+ confidence); per-class noise rates, the noise transition matrix,
   `estimated_noise_rate`, stage 3's `clean_retraining`, and what produced it (`config`, `seed`,
@@ -40,11 +41,12 @@ Example (feature vectors of three classes, 10% of the labels flipped):
 True
 """
 
-from o2u_engine.config import O2UConfig, resolve_config
+from o2u_engine.config import O2UConfig, ResolvedConfig
 from o2u_engine.data import prepare_features, prepare_images
 from o2u_engine.errors import Cancelled, ConfigError, DataValidationError, DeviceOutOfMemory, TrainingDiverged
 from o2u_engine.models import build_model
 from o2u_engine.report import CleanRetrainingResult, NoiseReport, ProgressEvent
+from o2u_engine.resolve import resolve_config
 from o2u_engine.runtime import available_cpu_count, configure_cpu_threads
 from o2u_engine.schedule import cyclic_lr
 from o2u_engine.score import score_noise
@@ -59,6 +61,7 @@ __all__ = [
     "NoiseReport",
     "O2UConfig",
     "ProgressEvent",
+    "ResolvedConfig",
     "TrainingDiverged",
     "__version__",
     "available_cpu_count",

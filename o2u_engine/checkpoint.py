@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from o2u_engine.config import O2UConfig
+from o2u_engine.config import ResolvedConfig
 from o2u_engine.errors import ConfigError
 
 CHECKPOINT_FORMAT = 1
@@ -27,7 +27,7 @@ _PLACEMENT_FIELDS = ("data_placement", "stream_chunk_samples")
 
 
 def run_fingerprint(
-    config: O2UConfig,
+    config: ResolvedConfig,
     labels: np.ndarray,
     sample_shape: tuple[int, ...],
     num_classes: int,

@@ -1,9 +1,10 @@
-"""O2U-Net hyperparameters (one frozen dataclass) and the rules that fill its `auto` fields.
+"""O2U-Net hyperparameters as requested (`O2UConfig`) and as run (`ResolvedConfig`), and their ranges.
 
 `O2UConfig` mirrors the proto's ScoringConfig plus a few engine-only knobs (numeric precision,
 compilation, data placement). `None` or `"auto"` means "choose from the data and the device";
-`resolve_config` makes every such choice explicit, so the resolved config stored with a result is
-enough to reproduce it. The rules are in `resolve_config`'s docstring.
+`resolve_config` (in `resolve`) makes every such choice explicit in a `ResolvedConfig`, which has
+no optional fields, so the trainer never guards against an unmade choice and the resolved config
+stored with a result is enough to reproduce it.
 """
 
 from __future__ import annotations
@@ -14,11 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from o2u_engine.errors import ConfigError
-from o2u_engine.layout import SampleLayout, infer_layout
-from o2u_engine.runtime import cpu_has_fast_bf16, free_memory_bytes, resolve_device
 
 MODELS = ("auto", "mlp", "small_cnn", "cnn9", "resnet18", "resnet34", "resnet50")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -26,22 +23,7 @@ PLACEMENTS = ("auto", "resident", "streamed")
 # torch.compile modes; "reduce-overhead" replays each training step as a CUDA graph
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
-# Resolution rules (see resolve_config). Steps are optimizer steps (batches).
-PRETRAIN_TARGET_STEPS = 300  # enough to fit the clean majority, few enough not to memorize noise
-PRETRAIN_MIN_EPOCHS = 5  # every sample is seen a few times even when one epoch is many steps
-PRETRAIN_MAX_EPOCHS = 40  # tiny datasets: more epochs would only memorize the wrong labels
-HUGE_DATASET = 1_000_000  # samples; from here epochs are capped harder, one epoch is many steps
-LARGE_DATASET = 20_000  # samples; from here the reference cycle length c = 10 is used
-MAX_BATCH_FEATURES = 512  # samples; an MLP head on vectors is cheap per sample
-MAX_BATCH_IMAGES = 128  # samples; the reference stage-1 batch size
-MIN_AUTO_BATCH = 16  # samples
-CPU_MAX_IMAGE_SIZE = 32  # pixels; keeps a 3,000-image CPU job under two minutes on two cores
-CUDA_MAX_IMAGE_SIZE = 64  # pixels; the convolutional models keep full resolution up to here
-CNN9_MIN_IMAGE_SIZE = 28  # pixels; its three unpadded 3x3 convolutions after two poolings
-CNN9_AUTO_MIN_IMAGE_SIZE = 32  # pixels; smaller images are upscaled to the CIFAR size
 MIN_IMAGE_SIZE = 8  # pixels
-STREAM_CHUNK_BYTES = 256 * 2**20  # host-to-device copy size on the streamed path
-RESIDENT_MEMORY_FRACTION = 0.5  # of free device (or host) memory the resident tensor may take
 
 
 @dataclass(frozen=True)
@@ -170,147 +152,45 @@ def validate_config(config: O2UConfig) -> None:
     _check_int(config, "stream_chunk_samples", 1, 2**31 - 1, optional=True)
 
 
-def resolved_int(config: O2UConfig, name: str) -> int:
-    """An integer field of a resolved config; a ValueError if `resolve_config` has not filled it."""
-    value = getattr(config, name)
-    if not isinstance(value, int):
-        raise ValueError(f"config.{name} is {value!r}; pass the config through resolve_config first")
-    return value
+@dataclass(frozen=True, kw_only=True)
+class ResolvedConfig(O2UConfig):
+    """An O2UConfig with every choice made: what `resolve_config` returns and a report records.
 
-
-def _auto_model(layout: SampleLayout, device: torch.device) -> str:
-    if not layout.is_images:
-        return "mlp"
-    if device.type != "cuda":
-        return "small_cnn"
-    if layout.side < CNN9_MIN_IMAGE_SIZE:
-        return "small_cnn"
-    return "cnn9" if layout.side <= CUDA_MAX_IMAGE_SIZE else "resnet18"
-
-
-def _auto_image_size(layout: SampleLayout, model: str, device: torch.device) -> int:
-    cap = CUDA_MAX_IMAGE_SIZE if device.type == "cuda" else CPU_MAX_IMAGE_SIZE
-    floor = CNN9_AUTO_MIN_IMAGE_SIZE if model == "cnn9" else MIN_IMAGE_SIZE
-    return max(floor, min(layout.side, cap))
-
-
-def resolve_config(
-    config: O2UConfig,
-    *,
-    num_samples: int,
-    sample_shape: tuple[int, ...],
-    num_classes: int,
-    device: str | torch.device,
-) -> O2UConfig:
-    """Fill every `auto`/`None` field from the data and the device; idempotent.
-
-    Rules (N samples, B1/B2 the stage 1/2 batch sizes, one step = one batch):
-    - model: `mlp` for `(N, D)` features. Images: `small_cnn` on CPU; on CUDA `cnn9` up to 64 px
-      (`small_cnn` below 28 px, which cnn9 cannot take), else `resnet18`.
-    - image_size: the longer image side, capped at 32 px on CPU (so a 3,000-image CPU job trains
-      in under two minutes on two cores) and 64 px on CUDA; at least 8 px, and 32 px for cnn9.
-    - augment: on for images (random crop + flip, as in the reference), off for features.
-    - batch sizes: B1 = clamp(N // 16, 16, 128 for images or 512 for features), so even small
-      datasets get at least 16 steps per epoch; B2 = B1 // 2 (O2U uses a smaller stage-2 batch).
-    - pretrain_epochs: enough epochs for 300 steps, clamped to [5, 40] ([2, 40] from 1M samples).
-      300 steps fit the clean majority; longer pre-training starts memorizing the wrong labels,
-      which is exactly what the scores must not reflect.
-    - cycles: c = 5 epochs and 3 cycles below 20k samples, the reference c = 10 with 2 cycles
-      below 1M, and c = 5 with 2 cycles above (each epoch is then many thousands of steps).
-    - validation_fraction: 0.1 when clean_retraining is on and none was given.
-    - precision: bf16 autocast on CUDA (when supported) and on CPUs with native bf16 for the
-      convolutional models (measured about 2x faster); fp32 otherwise.
-    - data_placement: the whole prepared dataset stays on the device when it takes at most half
-      of the free device memory (host memory for CPU), else it is streamed in chunks of
-      `stream_chunk_samples` (about 256 MiB of samples by default).
+    Every value is also a valid O2UConfig value with the same meaning, so a resolved config is
+    accepted wherever a config is and resolves to itself. Where O2UConfig writes "nothing" as
+    None, this holds 0: `noise_rate` 0.0 (estimate it from the scores) and `image_size` 0 (feature
+    vectors, which have no image side).
     """
-    validate_config(config)
-    if num_samples < 1:
-        raise ConfigError(f"num_samples: expected >= 1, got {num_samples}", field="num_samples")
-    if num_classes < 2:
-        raise ConfigError(f"num_classes: expected >= 2, got {num_classes}", field="num_classes")
-    layout = infer_layout(tuple(sample_shape))
-    torch_device = resolve_device(device)
 
-    model = _auto_model(layout, torch_device) if config.model == "auto" else config.model
-    if not layout.is_images and model != "mlp":
-        raise ConfigError(f"model: feature vectors need 'mlp', got {model!r}", field="model")
-    image_size: int | None = None
-    if layout.is_images:
-        image_size = config.image_size or _auto_image_size(layout, model, torch_device)
-        if model == "cnn9" and image_size < CNN9_MIN_IMAGE_SIZE:
-            raise ConfigError(
-                f"image_size: cnn9 needs at least {CNN9_MIN_IMAGE_SIZE} px, got {image_size}",
-                field="image_size",
-            )
-    elif config.image_size:
-        raise ConfigError(
-            "image_size: applies to images only; the samples are feature vectors", field="image_size"
-        )
-    augment = layout.is_images if config.augment is None else config.augment
-    if augment and not layout.is_images:
-        raise ConfigError("augment: random crop and flip apply to images only", field="augment")
+    model: str  # mlp | small_cnn | cnn9 | resnet18 | resnet34 | resnet50
+    seed: int
+    pretrain_epochs: int
+    pretrain_learning_rate: float
+    cycle_length_epochs: int
+    num_cycles: int
+    cycle_max_learning_rate: float
+    cycle_min_learning_rate: float
+    pretrain_batch_size: int
+    cyclic_batch_size: int
+    momentum: float
+    weight_decay: float
+    augment: bool
+    noise_rate: float  # 0.0: estimated from the scores
+    class_aware_normalization: bool
+    clean_retraining: bool
+    image_size: int  # 0 for feature vectors
+    validation_fraction: float
+    precision: str  # fp32 | bf16
+    compile_model: bool
+    compile_mode: str
+    data_placement: str  # resident | streamed
+    stream_chunk_samples: int
 
-    batch_cap = MAX_BATCH_IMAGES if layout.is_images else MAX_BATCH_FEATURES
-    pretrain_batch = config.pretrain_batch_size or min(batch_cap, max(MIN_AUTO_BATCH, num_samples // 16))
-    cyclic_batch = config.cyclic_batch_size or max(2, pretrain_batch // 2)
-    pretrain_epochs = config.pretrain_epochs
-    if pretrain_epochs is None:
-        steps_per_epoch = math.ceil(num_samples / pretrain_batch)
-        min_epochs = 2 if num_samples >= HUGE_DATASET else PRETRAIN_MIN_EPOCHS
-        wanted = math.ceil(PRETRAIN_TARGET_STEPS / steps_per_epoch)
-        pretrain_epochs = min(PRETRAIN_MAX_EPOCHS, max(min_epochs, wanted))
-    if num_samples < LARGE_DATASET:
-        default_cycle, default_cycles = 5, 3
-    elif num_samples < HUGE_DATASET:
-        default_cycle, default_cycles = 10, 2
-    else:
-        default_cycle, default_cycles = 5, 2
-    validation_fraction = config.validation_fraction
-    if config.clean_retraining and validation_fraction == 0.0:
-        validation_fraction = 0.1
-
-    if config.precision != "auto":
-        precision = config.precision
-    elif torch_device.type == "cuda":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    else:
-        precision = "bf16" if model not in ("mlp",) and cpu_has_fast_bf16() else "fp32"
-
-    if layout.is_images:
-        assert image_size is not None
-        sample_bytes = layout.channels * image_size * image_size  # uint8 pixels
-    else:
-        sample_bytes = 4 * layout.feature_dim  # float32
-    # A chunk is read in the caller's dtype before it is converted; 4 bytes per value bounds it for
-    # float32 inputs and leaves headroom for uint8 ones.
-    chunk_sample_bytes = max(sample_bytes, 4 * math.prod(sample_shape))
-    stream_chunk = config.stream_chunk_samples or max(
-        pretrain_batch, STREAM_CHUNK_BYTES // chunk_sample_bytes
-    )
-    placement = config.data_placement
-    if placement == "auto":
-        budget = RESIDENT_MEMORY_FRACTION * free_memory_bytes(torch_device)
-        placement = "resident" if num_samples * sample_bytes <= budget else "streamed"
-
-    return dataclasses.replace(
-        config,
-        model=model,
-        pretrain_epochs=pretrain_epochs,
-        pretrain_learning_rate=float(config.pretrain_learning_rate),
-        cycle_length_epochs=config.cycle_length_epochs or default_cycle,
-        num_cycles=config.num_cycles or default_cycles,
-        cycle_max_learning_rate=float(config.cycle_max_learning_rate),
-        cycle_min_learning_rate=float(config.cycle_min_learning_rate),
-        pretrain_batch_size=pretrain_batch,
-        cyclic_batch_size=cyclic_batch,
-        momentum=float(config.momentum),
-        weight_decay=float(config.weight_decay),
-        augment=augment,
-        noise_rate=None if not config.noise_rate else float(config.noise_rate),
-        image_size=image_size,
-        validation_fraction=float(validation_fraction),
-        precision=precision,
-        data_placement=placement,
-        stream_chunk_samples=stream_chunk,
-    )
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as results and checkpoint fingerprints store them: in O2UConfig's form, with
+        None for an estimated noise rate and for the image size of feature vectors, so that
+        `O2UConfig.from_dict` of it resolves to this config again."""
+        values = dataclasses.asdict(self)
+        values["noise_rate"] = self.noise_rate or None
+        values["image_size"] = self.image_size or None
+        return values

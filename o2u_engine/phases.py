@@ -15,7 +15,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from o2u_engine.config import O2UConfig, resolved_int
+from o2u_engine.config import ResolvedConfig
 from o2u_engine.report import ProgressEvent
 from o2u_engine.schedule import constant_lr, cyclic_lr, linear_decay_lr
 
@@ -33,12 +33,12 @@ class Phase:
     removes_suspects: bool = False  # stage 3's second model
 
 
-def plan_phases(config: O2UConfig) -> list[Phase]:
-    """The phases of a run of a resolved config, in order; phases of 0 epochs are left out."""
-    pretrain_epochs = resolved_int(config, "pretrain_epochs")
-    pretrain_batch = resolved_int(config, "pretrain_batch_size")
-    cycle = resolved_int(config, "cycle_length_epochs")
-    cyclic_epochs = cycle * resolved_int(config, "num_cycles")
+def plan_phases(config: ResolvedConfig) -> list[Phase]:
+    """The phases of a run, in order; phases of 0 epochs are left out."""
+    pretrain_epochs = config.pretrain_epochs
+    pretrain_batch = config.pretrain_batch_size
+    cycle = config.cycle_length_epochs
+    cyclic_epochs = cycle * config.num_cycles
     r1, r2 = config.cycle_max_learning_rate, config.cycle_min_learning_rate
     phases = [
         Phase(
@@ -51,7 +51,7 @@ def plan_phases(config: O2UConfig) -> list[Phase]:
         Phase(
             "cyclic",
             cyclic_epochs,
-            resolved_int(config, "cyclic_batch_size"),
+            config.cyclic_batch_size,
             partial(cyclic_lr, cycle_length=cycle, r1=r1, r2=r2),
             records_losses=True,
         ),

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from o2u_engine.config import O2UConfig
+from o2u_engine.config import ResolvedConfig
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class NoiseReport:
     class_noise_rates: np.ndarray  # (K,) float64, class_suspected / class_counts (0 for empty classes)
     transition_matrix: np.ndarray  # (K, K) float64, given x suggested over suspects; rows sum to 1
     clean_retraining: CleanRetrainingResult | None
-    config: O2UConfig  # resolved
+    config: ResolvedConfig
     seed: int
     engine_version: str
     torch_version: str

@@ -16,13 +16,14 @@ import numpy as np
 import torch
 
 from o2u_engine import checkpoint
-from o2u_engine.config import O2UConfig, resolve_config
+from o2u_engine.config import O2UConfig, ResolvedConfig
 from o2u_engine.data import PreparedData
 from o2u_engine.errors import ConfigError
 from o2u_engine.models import initialized_model, is_convolutional, load_initial_weights
 from o2u_engine.phases import validation_split
 from o2u_engine.rank import rank_samples
 from o2u_engine.report import NoiseReport, ProgressEvent
+from o2u_engine.resolve import resolve_config
 from o2u_engine.runtime import resolve_device
 from o2u_engine.train import FaultHook, Trainer
 from o2u_engine.validate import ValidatedInputs, validate_inputs
@@ -44,6 +45,8 @@ def score_noise(
     _fault_hook: FaultHook | None = None,
 ) -> NoiseReport:
     """Score every sample's label with O2U-Net; higher scores mean more likely mislabeled.
+
+    `config` may be a ResolvedConfig (it resolves to itself) or leave choices to `resolve_config`.
 
     `features` are `(N, D)` feature vectors or images `(N, H, W)`, `(N, H, W, C)` or `(N, C, H, W)`
     (C in 1, 3, 4), uint8 or float; a numpy memmap is read in chunks. `labels` are N integers in
@@ -83,7 +86,7 @@ def score_noise(
     if initial_weights is not None:
         initial_state = load_initial_weights(initial_weights)
         initialized_model(  # a mismatch fails here, before any data is prepared
-            str(resolved.model),
+            resolved.model,
             layout=inputs.layout,
             num_classes=inputs.num_classes,
             image_size=resolved.image_size,
@@ -106,7 +109,7 @@ def score_noise(
 
 def _score_noise(
     inputs: ValidatedInputs,
-    config: O2UConfig,
+    config: ResolvedConfig,
     device: torch.device,
     *,
     progress: Callable[[ProgressEvent], None] | None,
@@ -117,16 +120,15 @@ def _score_noise(
     fault_hook: FaultHook | None,
 ) -> NoiseReport:
     started = time.perf_counter()
-    assert config.stream_chunk_samples is not None
     data = PreparedData(
         inputs.samples,
         inputs.layout,
         inputs.stats,
         image_size=config.image_size,
         device=device,
-        placement=str(config.data_placement),
+        placement=config.data_placement,
         chunk_samples=config.stream_chunk_samples,
-        channels_last=device.type == "cuda" and is_convolutional(str(config.model)),
+        channels_last=device.type == "cuda" and is_convolutional(config.model),
     )
     preparation_seconds = time.perf_counter() - started
     sample_shape = tuple(inputs.samples.shape[1:])

@@ -33,7 +33,7 @@ from torch import nn
 
 from o2u_engine import checkpoint
 from o2u_engine.augment import crop_padding, random_crop_flip
-from o2u_engine.config import O2UConfig
+from o2u_engine.config import ResolvedConfig
 from o2u_engine.data import PreparedData
 from o2u_engine.errors import Cancelled, DeviceOutOfMemory, TrainingDiverged
 from o2u_engine.models import initialized_model
@@ -61,7 +61,7 @@ class Trainer:
         data: PreparedData,
         labels: np.ndarray,
         num_classes: int,
-        config: O2UConfig,
+        config: ResolvedConfig,
         *,
         progress: Callable[[ProgressEvent], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
@@ -82,7 +82,7 @@ class Trainer:
         self.initial_state = initial_state
         self.bf16 = config.precision == "bf16"
         self.cuda_graphs = config.compile_model and config.compile_mode == "reduce-overhead"
-        self.padding = crop_padding(config.image_size or 0)
+        self.padding = crop_padding(config.image_size)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         self.statistics = CyclicStatistics(
@@ -134,7 +134,7 @@ class Trainer:
 
     def _new_model(self) -> nn.Module:
         return initialized_model(
-            str(self.config.model),
+            self.config.model,
             layout=self.data.layout,
             num_classes=self.num_classes,
             image_size=self.config.image_size,

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from o2u_engine import ConfigError, O2UConfig, resolve_config
+from o2u_engine import ConfigError, O2UConfig, ResolvedConfig, resolve_config
 
 
-def resolve(config: O2UConfig = O2UConfig(), **data: Any) -> O2UConfig:  # noqa: B008 - frozen
+def resolve(config: O2UConfig = O2UConfig(), **data: Any) -> ResolvedConfig:  # noqa: B008 - frozen
     arguments: dict[str, Any] = {
         "num_samples": 3000,
         "sample_shape": (64, 64),
@@ -26,7 +26,7 @@ def test_features_get_an_mlp_without_augmentation() -> None:
     config = resolve(num_samples=1797, sample_shape=(64,))
     assert config.model == "mlp"
     assert config.augment is False
-    assert config.image_size is None
+    assert config.image_size == 0  # feature vectors have no image side
     assert config.precision == "fp32"
     assert config.pretrain_batch_size == 112  # 1797 // 16
     assert config.cyclic_batch_size == 56
@@ -75,9 +75,10 @@ def test_resolution_is_idempotent_and_keeps_explicit_values() -> None:
 
 
 def test_zero_means_auto_for_noise_rate_and_image_size() -> None:
-    config = resolve(O2UConfig(noise_rate=0.0, image_size=0))
-    assert config.noise_rate is None
-    assert config.image_size == 32
+    for requested in (O2UConfig(noise_rate=0.0, image_size=0), O2UConfig(noise_rate=None, image_size=None)):
+        config = resolve(requested)
+        assert config.noise_rate == 0.0  # estimated from the scores
+        assert config.image_size == 32
 
 
 def test_clean_retraining_defaults_the_validation_fraction() -> None:
@@ -85,9 +86,23 @@ def test_clean_retraining_defaults_the_validation_fraction() -> None:
     assert resolve(O2UConfig(clean_retraining=True, validation_fraction=0.2)).validation_fraction == 0.2
 
 
-def test_config_round_trips_through_json() -> None:
-    config = resolve()
-    assert O2UConfig.from_dict(json.loads(config.to_json())) == config
+def test_a_resolved_config_has_no_optional_field_and_is_a_config() -> None:
+    for config in (resolve(), resolve(sample_shape=(10,))):
+        assert isinstance(config, O2UConfig)
+        assert all(getattr(config, field.name) is not None for field in dataclasses.fields(config))
+        assert all("None" not in str(field.type) for field in dataclasses.fields(ResolvedConfig))
+
+
+@pytest.mark.parametrize("sample_shape", [(64, 64), (10,)])
+def test_config_round_trips_through_json(sample_shape: tuple[int, ...]) -> None:
+    """The stored form is an O2UConfig that resolves to the same config; what it leaves to
+    estimation, and the image size of feature vectors, read null as in the request."""
+    config = resolve(sample_shape=sample_shape)
+    stored = json.loads(config.to_json())
+    assert stored["noise_rate"] is None
+    assert (stored["image_size"] is None) == (sample_shape == (10,))
+    assert resolve(O2UConfig.from_dict(stored), sample_shape=sample_shape) == config
+    assert resolve(O2UConfig(noise_rate=0.2)).to_dict()["noise_rate"] == 0.2
     with pytest.raises(ConfigError, match="bogus: unknown configuration field"):
         O2UConfig.from_dict({"bogus": 1})
 
