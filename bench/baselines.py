@@ -27,9 +27,10 @@ from torch import nn
 
 from o2u_engine import ResolvedConfig, build_model
 from o2u_engine.augment import crop_padding, random_crop_flip
-from o2u_engine.data import PreparedData, scan_samples
+from o2u_engine.data import PreparedData, split_batches
 from o2u_engine.layout import infer_layout
-from o2u_engine.phases import Phase, plan_phases, split_batches
+from o2u_engine.phases import Phase, plan_phases
+from o2u_engine.scan import scan_samples
 
 
 @dataclass(frozen=True)

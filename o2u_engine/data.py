@@ -1,16 +1,16 @@
-"""Turning sample arrays into model-ready tensors on the device, resident or streamed.
+"""Turning sample arrays into model-ready batches on the device, resident or streamed.
 
 Images are stored as uint8 `(N, C, S, S)` (a quarter of float32's memory; 8 bits is the native
 precision of almost every image) and normalized per channel on the fly; feature vectors as
-float32 `(N, D)`, standardized per dimension on the fly. The normalization constants come from
-one chunked scan of the input (`scan_samples`), which is also where validation finds the first
-non-finite value, so a memory-mapped array is read sequentially and never copied whole.
+float32 `(N, D)`, standardized per dimension on the fly, with the constants of `scan_samples`.
 
 Two placements give identical batches: *resident* (the prepared dataset is one device tensor and
 a batch is a gather) and *streamed* (for data larger than device memory: each group of batches is
 gathered from host memory, converted, and copied to the device through pinned memory on CUDA).
 Conversion is per sample (layout, min-max scaling of non-uint8 images to 0..255, bilinear
-antialiased resize to `image_size`), so it does not matter which samples share a chunk.
+antialiased resize to `image_size`), so it does not matter which samples share a chunk. An
+epoch's order becomes near-equal batches (`split_batches`); stage 3's seeded hold-out split
+(`validation_split`) is here too, since it is a fact of the data, not of a model.
 """
 
 from __future__ import annotations
@@ -23,91 +23,66 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from o2u_engine.errors import DataValidationError
 from o2u_engine.layout import SampleLayout, infer_layout
+from o2u_engine.scan import SampleStats, check_finite, chunk_ranges, scan_samples
 
-SCAN_CHUNK_BYTES = 4 * 2**20  # raw input bytes per scan chunk; fixed, so statistics never vary
 BUILD_CHUNK_BYTES = 64 * 2**20  # raw input bytes converted at a time when building the resident tensor
 
 
 @dataclass(frozen=True)
-class SampleStats:
-    """What one pass over the raw samples found (values in the input's own units)."""
+class Batch:
+    """The samples of one optimizer step and their stored rows on the device."""
 
-    first_nonfinite: int | None  # index of the first sample holding NaN or infinity
-    minimum: float
-    maximum: float
-    mean: np.ndarray  # (D,) per feature or (C,) per channel, float64
-    std: np.ndarray  # same shape; 1 where a feature or channel is constant
+    indices: torch.Tensor  # (B,) int64 sample indices
+    stored: torch.Tensor  # (B, C, S, S) uint8 images or (B, D) float32 features
 
 
-def _chunks(num_samples: int, sample_bytes: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
-    step = max(1, chunk_bytes // max(1, sample_bytes))
-    for start in range(0, num_samples, step):
-        yield start, min(num_samples, start + step)
+def split_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Near-equal batches of at most `batch_size` and at least 2 samples (BatchNorm needs 2)."""
+    count = -(-order.shape[0] // batch_size)
+    if order.shape[0] < 2 * count:
+        count = max(1, order.shape[0] // 2)
+    return list(order.tensor_split(count))
 
 
-def _reduce_axes(layout: SampleLayout, ndim: int) -> tuple[int, ...]:
-    """Axes averaged over for the normalization constants: all but features/channels."""
-    if not layout.is_images:
-        return (0,)
-    if ndim == 3:
-        return (0, 1, 2)
-    return (0, 1, 2) if layout.channels_last else (0, 2, 3)
+def _copy_groups(batches: list[torch.Tensor], max_samples: int) -> Iterator[list[torch.Tensor]]:
+    """Consecutive batches loaded with one copy: as many as `max_samples` holds, at least one."""
+    group: list[torch.Tensor] = []
+    group_samples = 0
+    for batch in batches:
+        if group and group_samples + batch.shape[0] > max_samples:
+            yield group
+            group, group_samples = [], 0
+        group.append(batch)
+        group_samples += batch.shape[0]
+    if group:
+        yield group
 
 
-def scan_samples(samples: np.ndarray, layout: SampleLayout) -> SampleStats:
-    """One sequential, chunked pass: first non-finite sample, min, max and per-group mean/std.
+@dataclass(frozen=True)
+class ValidationSplit:
+    """Stage 3's seeded split of the sample indices; both sorted, neither empty."""
 
-    Means and variances of chunks are merged with Chan's parallel update in float64.
-    """
-    axes = _reduce_axes(layout, samples.ndim)
-    groups = layout.feature_dim if not layout.is_images else layout.channels
-    count = 0.0
-    mean = np.zeros(groups)
-    m2 = np.zeros(groups)
-    minimum, maximum = np.inf, -np.inf
-    is_float = np.issubdtype(samples.dtype, np.floating)
-    sample_bytes = int(np.prod(samples.shape[1:])) * samples.dtype.itemsize
-    for start, stop in _chunks(samples.shape[0], sample_bytes, SCAN_CHUNK_BYTES):
-        chunk = np.asarray(samples[start:stop])
-        if is_float:
-            finite = np.isfinite(chunk).reshape(stop - start, -1).all(axis=1)
-            if not finite.all():
-                first = start + int(np.argmin(finite))
-                return SampleStats(first, np.nan, np.nan, mean, np.ones(groups))
-        minimum = min(minimum, float(chunk.min()))
-        maximum = max(maximum, float(chunk.max()))
-        chunk_count = chunk.size / groups
-        chunk_sum = chunk.sum(axis=axes, dtype=np.float64).reshape(groups)
-        chunk_sumsq = np.square(chunk, dtype=np.float64).sum(axis=axes).reshape(groups)
-        chunk_mean = chunk_sum / chunk_count
-        chunk_m2 = np.maximum(chunk_sumsq - chunk_sum * chunk_mean, 0.0)
-        total = count + chunk_count
-        delta = chunk_mean - mean
-        mean = mean + delta * (chunk_count / total)
-        m2 = m2 + chunk_m2 + delta**2 * (count * chunk_count / total)
-        count = total
-    std = np.sqrt(m2 / max(count, 1.0))
-    std[std <= 1e-12 * max(1.0, abs(maximum), abs(minimum))] = 1.0
-    return SampleStats(None, minimum, maximum, mean, std)
+    train: np.ndarray  # (N - H,) int64
+    held_out: np.ndarray  # (H,) int64
 
 
-def check_finite(stats: SampleStats) -> None:
-    """Raise DataValidationError naming the first sample with a NaN or infinite value."""
-    if stats.first_nonfinite is not None:
-        raise DataValidationError(
-            f"features: sample at index {stats.first_nonfinite} contains NaN or infinity; "
-            "expected finite values",
-            field="features",
-            index=stats.first_nonfinite,
-        )
+def held_out_count(num_samples: int, fraction: float) -> int:
+    """H, the samples stage 3 holds out: `fraction` of N, at least 1, leaving at least 2."""
+    return min(num_samples - 2, max(1, round(fraction * num_samples)))
+
+
+def validation_split(num_samples: int, fraction: float, seed: int) -> ValidationSplit:
+    """The split of `num_samples` holding out `fraction` of them, drawn from `seed`."""
+    permutation = np.random.default_rng(seed).permutation(num_samples)
+    held_out = held_out_count(num_samples, fraction)
+    return ValidationSplit(train=np.sort(permutation[held_out:]), held_out=np.sort(permutation[:held_out]))
 
 
 class PreparedData:
-    """The samples as the trainer sees them: `load(indices)` gives stored rows on the device
-    (uint8 images or float32 features), `normalize` turns a (possibly augmented) batch into the
-    model's float32 input."""
+    """The samples as the trainer sees them: `batches(order, batch_size)` gives what to train on,
+    `load(indices)` stored rows on the device (uint8 images or float32 features), and `normalize`
+    turns a (possibly augmented) batch into the model's float32 input."""
 
     def __init__(
         self,
@@ -200,7 +175,7 @@ class PreparedData:
             shape = (self.num_samples, layout.feature_dim)
         storage = torch.empty(shape, dtype=self._storage_dtype(), device=self.device)
         sample_bytes = int(np.prod(self.samples.shape[1:])) * self.samples.dtype.itemsize
-        for start, stop in _chunks(self.num_samples, sample_bytes, BUILD_CHUNK_BYTES):
+        for start, stop in chunk_ranges(self.num_samples, sample_bytes, BUILD_CHUNK_BYTES):
             storage[start:stop] = self.convert(np.asarray(self.samples[start:stop]))
         return storage
 
@@ -213,6 +188,18 @@ class PreparedData:
         raw = np.empty((len(wanted), *self.samples.shape[1:]), dtype=self.samples.dtype)
         raw[order] = self.samples[wanted[order]]
         return self.convert(raw)
+
+    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
+        """The samples of `order` (n,) in order, as near-equal batches of at most `batch_size`.
+
+        Resident rows are gathered batch by batch; streamed ones are converted and copied for
+        several batches at once (up to `chunk_samples`), which gives the same rows.
+        """
+        for group in _copy_groups(split_batches(order, batch_size), self.chunk_samples):
+            stored = self.load(group[0] if len(group) == 1 else torch.cat(group))
+            rows = torch.split(stored, [batch.shape[0] for batch in group])
+            for indices, batch_rows in zip(group, rows, strict=True):
+                yield Batch(indices, batch_rows)
 
     def normalize(self, stored: torch.Tensor) -> torch.Tensor:
         """Stored rows -> float32 model input: (x - mean) / std per channel or feature."""

@@ -12,9 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
-import torch
-
 from o2u_engine.config import ResolvedConfig
 from o2u_engine.report import ProgressEvent
 from o2u_engine.schedule import constant_lr, cyclic_lr, linear_decay_lr
@@ -71,21 +68,6 @@ def plan_phases(config: ResolvedConfig) -> list[Phase]:
                 )
             )
     return [phase for phase in phases if phase.epochs > 0]
-
-
-def split_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Near-equal batches of at most `batch_size` and at least 2 samples (BatchNorm needs 2)."""
-    count = -(-order.shape[0] // batch_size)
-    if order.shape[0] < 2 * count:
-        count = max(1, order.shape[0] // 2)
-    return list(order.tensor_split(count))
-
-
-def validation_split(num_samples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train, held-out) sample indices for stage 3; both sorted, neither empty."""
-    held_out = min(num_samples - 2, max(1, round(fraction * num_samples)))
-    permutation = np.random.default_rng(seed).permutation(num_samples)
-    return np.sort(permutation[held_out:]), np.sort(permutation[:held_out])
 
 
 def stage_epoch(phases: list[Phase], index: int, epoch: int) -> int:

@@ -17,10 +17,9 @@ import torch
 
 from o2u_engine import checkpoint
 from o2u_engine.config import O2UConfig, ResolvedConfig
-from o2u_engine.data import PreparedData
+from o2u_engine.data import PreparedData, validation_split
 from o2u_engine.errors import ConfigError
 from o2u_engine.models import initialized_model, is_convolutional, load_initial_weights
-from o2u_engine.phases import validation_split
 from o2u_engine.rank import rank_samples
 from o2u_engine.report import NoiseReport, ProgressEvent
 from o2u_engine.resolve import resolve_config
@@ -75,8 +74,8 @@ def score_noise(
         device=torch_device,
     )
     if resolved.clean_retraining and resolved.noise_rate:
-        train, _ = validation_split(inputs.samples.shape[0], resolved.validation_fraction, resolved.seed)
-        if train.shape[0] - round(resolved.noise_rate * inputs.samples.shape[0]) < 2:
+        split = validation_split(inputs.samples.shape[0], resolved.validation_fraction, resolved.seed)
+        if split.train.shape[0] - round(resolved.noise_rate * inputs.samples.shape[0]) < 2:
             raise ConfigError(
                 f"noise_rate: {resolved.noise_rate} would leave fewer than 2 training samples for "
                 "stage 3; expected a smaller value",

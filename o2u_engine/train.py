@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +33,10 @@ from torch import nn
 from o2u_engine import checkpoint
 from o2u_engine.augment import crop_padding, random_crop_flip
 from o2u_engine.config import ResolvedConfig
-from o2u_engine.data import PreparedData
+from o2u_engine.data import Batch, PreparedData, validation_split
 from o2u_engine.errors import Cancelled, DeviceOutOfMemory, TrainingDiverged
 from o2u_engine.models import initialized_model
-from o2u_engine.phases import Phase, plan_phases, progress_event, split_batches, stage_epoch, validation_split
+from o2u_engine.phases import Phase, plan_phases, progress_event, stage_epoch
 from o2u_engine.rank import estimate_noise, rank_scores, suspected_mask
 from o2u_engine.report import CleanRetrainingResult, ProgressEvent
 from o2u_engine.statistics import CyclicStatistics
@@ -89,9 +88,8 @@ class Trainer:
             self.labels, num_classes, class_aware=config.class_aware_normalization
         )
         self.phases = plan_phases(config)
-        self.train_split, self.held_out = validation_split(
-            labels.shape[0], config.validation_fraction, config.seed
-        )
+        split = validation_split(labels.shape[0], config.validation_fraction, config.seed)
+        self.train_split, self.held_out = split.train, split.held_out
         num_samples, train_samples = labels.shape[0], self.train_split.shape[0]
         self.phase_samples = [
             num_samples if p.stage != "clean_retraining" else train_samples for p in self.phases
@@ -165,7 +163,7 @@ class Trainer:
     def _batch_size(self, phase: Phase) -> int:
         return max(2, phase.batch_size // self.batch_divisor)
 
-    def _halve_batch_size(self, phase: Phase) -> int:
+    def _halve_batch_size(self, phase: Phase) -> None:
         if self.batch_divisor >= 2**MAX_OOM_HALVINGS or self._batch_size(phase) <= 2:
             raise DeviceOutOfMemory(
                 f"device {self.device} ran out of memory in stage {phase.stage} at batch size "
@@ -175,15 +173,13 @@ class Trainer:
         self.batch_divisor *= 2
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        return self._batch_size(phase)
 
     # ---------------------------------------------------------------------------------------------
     # One optimizer step and one epoch
 
-    def _step(
-        self, stored: torch.Tensor, indices: torch.Tensor, phase: Phase, epoch_losses: torch.Tensor
-    ) -> torch.Tensor:
+    def _step(self, batch: Batch, phase: Phase, epoch_losses: torch.Tensor) -> torch.Tensor:
         assert self.optimizer is not None
+        indices, stored = batch.indices, batch.stored
         if self.fault_hook is not None:
             self.fault_hook(phase.stage, indices.shape[0])
         if self.cuda_graphs:
@@ -216,28 +212,18 @@ class Trainer:
         order = indices[
             torch.randperm(indices.shape[0], generator=self.generator, device=self.device)
         ]  # (n,)
-        queue = deque(split_batches(order, self._batch_size(phase)))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        while queue:
-            group = [queue.popleft()]  # streamed data: load several batches per host-to-device copy
-            group_samples = group[0].shape[0]
-            while queue and group_samples + queue[0].shape[0] <= self.data.chunk_samples:
-                group_samples += queue[0].shape[0]
-                group.append(queue.popleft())
-            stored = self.data.load(group[0] if len(group) == 1 else torch.cat(group))
-            offset = 0
-            for position, batch in enumerate(group):
+        trained = 0  # samples of `order` stepped on
+        while trained < order.shape[0]:
+            for batch in self.data.batches(order[trained:], self._batch_size(phase)):
                 if self.should_cancel is not None and self.should_cancel():
                     raise Cancelled(f"cancelled during {phase.stage} epoch {stage_epoch}")
                 try:
-                    loss_sum += self._step(
-                        stored[offset : offset + batch.shape[0]], batch, phase, epoch_losses
-                    )
+                    loss_sum += self._step(batch, phase, epoch_losses)
                 except torch.OutOfMemoryError:
-                    rest = torch.cat([*group[position:], *queue])  # retry from this batch, half size
-                    queue = deque(split_batches(rest, self._halve_batch_size(phase)))
+                    self._halve_batch_size(phase)  # and retry from this batch on
                     break
-                offset += batch.shape[0]
+                trained += batch.indices.shape[0]
         mean_loss = float(loss_sum.item()) / max(1, order.shape[0])
         if not np.isfinite(mean_loss):  # checked before the epoch reaches the statistics
             field = "cycle_max_learning_rate" if phase.stage == "cyclic" else "pretrain_learning_rate"

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from o2u_engine.data import SampleStats, check_finite, scan_samples
 from o2u_engine.errors import DataValidationError
 from o2u_engine.layout import SampleLayout, infer_layout
+from o2u_engine.scan import SampleStats, check_finite, scan_samples
 
 MIN_SAMPLES = 10  # below this the loss statistics say nothing
 MAX_CLASSES = 100_000

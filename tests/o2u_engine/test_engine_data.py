@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from o2u_engine import prepare_features, prepare_images
-from o2u_engine.data import PreparedData, scan_samples
+from o2u_engine.data import PreparedData, held_out_count, split_batches, validation_split
 from o2u_engine.layout import infer_layout
+from o2u_engine.scan import scan_samples
 
 
 def test_all_image_layouts_give_the_same_tensor() -> None:
@@ -130,3 +131,56 @@ def test_streamed_loads_equal_resident_loads(
     indices = torch.randperm(30, generator=torch.Generator().manual_seed(0))
     for part in torch.split(indices, 7):
         assert torch.equal(streamed.load(part), resident.load(part))
+
+
+def test_batches_cover_the_order_and_streamed_ones_are_copied_several_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(3)
+    samples = rng.integers(0, 256, size=(50, 8, 8, 3), dtype=np.uint8)
+    layout = infer_layout(samples.shape[1:])
+    stats = scan_samples(samples, layout)
+    cpu = torch.device("cpu")
+    resident = PreparedData(
+        samples, layout, stats, image_size=8, device=cpu, placement="resident", chunk_samples=0
+    )
+    streamed = PreparedData(
+        samples, layout, stats, image_size=8, device=cpu, placement="streamed", chunk_samples=20
+    )
+    copies: list[int] = []  # samples per host-to-device copy
+    real_load = streamed.load
+
+    def counting_load(indices: torch.Tensor) -> torch.Tensor:
+        copies.append(indices.shape[0])
+        return real_load(indices)
+
+    monkeypatch.setattr(streamed, "load", counting_load)
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(1))
+    from_resident, from_streamed = list(resident.batches(order, 8)), list(streamed.batches(order, 8))
+    expected = [batch.tolist() for batch in split_batches(order, 8)]  # 7 near-equal batches: 8, then 7s
+    assert [batch.indices.tolist() for batch in from_resident] == expected
+    assert [batch.indices.tolist() for batch in from_streamed] == expected
+    assert torch.cat([batch.indices for batch in from_streamed]).tolist() == order.tolist()
+    for one, other in zip(from_resident, from_streamed, strict=True):
+        assert torch.equal(one.stored, other.stored)
+    assert copies == [15, 14, 14, 7]  # whole batches, up to 20 samples per copy
+
+
+def test_split_batches_keep_two_samples_for_batch_norm() -> None:
+    assert [len(batch) for batch in split_batches(torch.arange(10), 4)] == [4, 3, 3]
+    assert [len(batch) for batch in split_batches(torch.arange(5), 1)] == [3, 2]
+    assert [len(batch) for batch in split_batches(torch.arange(3), 2)] == [3]
+
+
+@pytest.mark.parametrize(("num_samples", "fraction", "held_out"), [(100, 0.1, 10), (10, 0.0, 1), (3, 0.4, 1)])
+def test_validation_split_is_seeded_sorted_and_never_empty(
+    num_samples: int, fraction: float, held_out: int
+) -> None:
+    split = validation_split(num_samples, fraction, seed=5)
+    assert held_out_count(num_samples, fraction) == split.held_out.shape[0] == held_out
+    assert np.array_equal(np.sort(np.concatenate([split.train, split.held_out])), np.arange(num_samples))
+    assert np.all(np.diff(split.train) > 0)
+    assert np.all(np.diff(split.held_out) > 0)
+    again = validation_split(num_samples, fraction, seed=5)
+    assert np.array_equal(again.train, split.train)
+    assert split.train.shape[0] >= 2
