@@ -145,6 +145,34 @@ def suspected_mask(ranks: np.ndarray, noise_rate: float) -> np.ndarray:
     return mask
 
 
+def noise_scores(mean_normalized_losses: np.ndarray) -> np.ndarray:
+    """The noise score of each sample, (N,) float64: its mean normalized loss, never NaN or infinite."""
+    return np.nan_to_num(
+        np.asarray(mean_normalized_losses, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0
+    )
+
+
+@dataclass(frozen=True)
+class SuspectedSet:
+    """The samples suspected of a wrong label, and the figures that decide them."""
+
+    ranks: np.ndarray  # (N,) int64, 1 = highest score
+    noise_probability: np.ndarray  # (N,) float64 in [0, 1]
+    estimated_noise_rate: float  # in [0, 0.5]
+    noise_rate_used: float  # the given noise rate, else the estimated one
+    suspected: np.ndarray  # (N,) bool, the top round(noise_rate_used * N) ranks
+
+
+def suspected_set(scores: np.ndarray, noise_rate: float) -> SuspectedSet:
+    """The suspects among noise scores (N,) at `noise_rate`, or at the estimated rate when it is 0.
+
+    Stage 3 removes exactly the set the report names, so both call this."""
+    probability, estimated = estimate_noise(scores)
+    used = float(noise_rate) if noise_rate else estimated
+    ranks = rank_scores(scores)
+    return SuspectedSet(ranks, probability, estimated, used, suspected_mask(ranks, used))
+
+
 def suggest_labels(
     prediction_counts: np.ndarray, labels: np.ndarray, epochs: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -174,25 +202,21 @@ def transition_matrix(
 
 
 @dataclass(frozen=True)
-class Ranking:
+class NoiseRanking:
     """The per-sample and per-class results computed from the cyclic-stage statistics."""
 
     noise_scores: np.ndarray
     score_variance: np.ndarray
-    ranks: np.ndarray
-    noise_probability: np.ndarray
-    suspected: np.ndarray
+    suspects: SuspectedSet
     suggested_labels: np.ndarray
     suggested_label_confidence: np.ndarray
-    estimated_noise_rate: float
-    noise_rate_used: float
     class_counts: np.ndarray
     class_suspected: np.ndarray
     class_noise_rates: np.ndarray
     transition_matrix: np.ndarray
 
 
-def rank_samples(
+def noise_ranking(
     mean: np.ndarray,
     variance: np.ndarray,
     prediction_counts: np.ndarray,
@@ -200,31 +224,24 @@ def rank_samples(
     *,
     num_classes: int,
     cyclic_epochs: int,
-    noise_rate: float | None,
-) -> Ranking:
-    """Everything the report holds per sample and per class; `noise_rate` None means estimate."""
-    scores = np.nan_to_num(np.asarray(mean, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    noise_rate: float,
+) -> NoiseRanking:
+    """Everything the report holds per sample and per class; `noise_rate` 0 means estimate it."""
+    scores = noise_scores(mean)
     variance = np.nan_to_num(np.maximum(np.asarray(variance, dtype=np.float64), 0.0), nan=0.0, posinf=0.0)
-    probability, estimated = estimate_noise(scores)
-    used = estimated if noise_rate is None else float(noise_rate)
-    ranks = rank_scores(scores)
-    suspected = suspected_mask(ranks, used)
+    suspects = suspected_set(scores, noise_rate)
     suggested, confidence = suggest_labels(prediction_counts, labels, cyclic_epochs)
     class_counts = np.bincount(labels, minlength=num_classes).astype(np.int64)
-    class_suspected = np.bincount(labels[suspected], minlength=num_classes).astype(np.int64)
+    class_suspected = np.bincount(labels[suspects.suspected], minlength=num_classes).astype(np.int64)
     class_rates = class_suspected / np.maximum(class_counts, 1)
-    return Ranking(
+    return NoiseRanking(
         noise_scores=scores,
         score_variance=variance,
-        ranks=ranks,
-        noise_probability=probability,
-        suspected=suspected,
+        suspects=suspects,
         suggested_labels=suggested,
         suggested_label_confidence=confidence,
-        estimated_noise_rate=estimated,
-        noise_rate_used=used,
         class_counts=class_counts,
         class_suspected=class_suspected,
         class_noise_rates=class_rates.astype(np.float64),
-        transition_matrix=transition_matrix(labels, suggested, suspected, num_classes),
+        transition_matrix=transition_matrix(labels, suggested, suspects.suspected, num_classes),
     )

@@ -20,7 +20,7 @@ from o2u_engine.config import O2UConfig, ResolvedConfig
 from o2u_engine.data import PreparedData, validation_split
 from o2u_engine.errors import ConfigError
 from o2u_engine.models import initialized_model, is_convolutional, load_initial_weights
-from o2u_engine.rank import rank_samples
+from o2u_engine.rank import noise_ranking
 from o2u_engine.report import NoiseReport, ProgressEvent
 from o2u_engine.resolve import resolve_config
 from o2u_engine.runtime import resolve_device
@@ -150,30 +150,31 @@ def _score_noise(
 
     ranking_started = time.perf_counter()
     statistics = outcome.statistics
-    ranking = rank_samples(
+    ranking = noise_ranking(
         statistics.mean.cpu().numpy(),
         statistics.variance().cpu().numpy(),
         statistics.prediction_counts.cpu().numpy(),
         inputs.labels,
         num_classes=inputs.num_classes,
         cyclic_epochs=statistics.epochs,
-        noise_rate=config.noise_rate or None,
+        noise_rate=config.noise_rate,
     )
+    suspects = ranking.suspects
     timings = {"preparation": preparation_seconds, **outcome.timings}
     timings["ranking"] = time.perf_counter() - ranking_started
     timings["total"] = time.perf_counter() - started
     return NoiseReport(
         noise_scores=ranking.noise_scores,
         score_variance=ranking.score_variance,
-        ranks=ranking.ranks,
-        noise_probability=ranking.noise_probability,
-        suspected=ranking.suspected,
+        ranks=suspects.ranks,
+        noise_probability=suspects.noise_probability,
+        suspected=suspects.suspected,
         labels=inputs.labels,
         suggested_labels=ranking.suggested_labels,
         suggested_label_confidence=ranking.suggested_label_confidence,
         num_classes=inputs.num_classes,
-        estimated_noise_rate=ranking.estimated_noise_rate,
-        noise_rate_used=ranking.noise_rate_used,
+        estimated_noise_rate=suspects.estimated_noise_rate,
+        noise_rate_used=suspects.noise_rate_used,
         class_counts=ranking.class_counts,
         class_suspected=ranking.class_suspected,
         class_noise_rates=ranking.class_noise_rates,

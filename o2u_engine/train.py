@@ -37,7 +37,7 @@ from o2u_engine.data import Batch, PreparedData, validation_split
 from o2u_engine.errors import Cancelled, DeviceOutOfMemory, TrainingDiverged
 from o2u_engine.models import initialized_model
 from o2u_engine.phases import Phase, plan_phases, progress_event, stage_epoch
-from o2u_engine.rank import estimate_noise, rank_scores, suspected_mask
+from o2u_engine.rank import noise_scores, suspected_set
 from o2u_engine.report import CleanRetrainingResult, ProgressEvent
 from o2u_engine.statistics import CyclicStatistics
 
@@ -122,9 +122,8 @@ class Trainer:
     def _suspects(self) -> np.ndarray:
         """The suspected set after stage 2, exactly as the final report will compute it."""
         if self._suspects_after_stage2 is None:
-            scores = self.statistics.mean.cpu().numpy()
-            rate = self.config.noise_rate if self.config.noise_rate else estimate_noise(scores)[1]
-            self._suspects_after_stage2 = suspected_mask(rank_scores(scores), rate)
+            scores = noise_scores(self.statistics.mean.cpu().numpy())
+            self._suspects_after_stage2 = suspected_set(scores, self.config.noise_rate).suspected
         return self._suspects_after_stage2
 
     # ---------------------------------------------------------------------------------------------

@@ -8,10 +8,12 @@ import pytest
 from o2u_engine.rank import (
     estimate_noise,
     fit_two_gaussians,
-    rank_samples,
+    noise_ranking,
+    noise_scores,
     rank_scores,
     suggest_labels,
     suspected_mask,
+    suspected_set,
     transition_matrix,
 )
 
@@ -80,6 +82,20 @@ def test_ranks_and_suspects() -> None:
     assert suspected_mask(ranks, 0.5).sum() == 2  # round(2.5) = 2
 
 
+def test_the_suspected_set_uses_the_given_rate_or_else_the_estimated_one() -> None:
+    rng = np.random.default_rng(4)
+    scores = noise_scores(np.concatenate([rng.normal(0, 0.05, 80), rng.normal(3, 0.05, 20), [np.nan]]))
+    assert scores[-1] == 0.0  # a NaN score counts as an average sample, never as a suspect
+    estimated = suspected_set(scores, 0.0)
+    assert estimated.noise_rate_used == estimated.estimated_noise_rate == pytest.approx(20 / 101, abs=0.02)
+    assert set(np.flatnonzero(estimated.suspected)) == set(range(80, 100))
+    given = suspected_set(scores, 0.1)
+    assert given.noise_rate_used == 0.1
+    assert given.estimated_noise_rate == estimated.estimated_noise_rate
+    assert given.suspected.sum() == 10
+    assert np.array_equal(given.ranks, estimated.ranks)
+
+
 def test_suggested_labels_prefer_the_given_label_on_ties() -> None:
     counts = np.array([[3, 3, 0], [0, 1, 5], [2, 2, 2], [0, 6, 0]], dtype=np.int32)
     labels = np.array([1, 1, 0, 2])
@@ -100,7 +116,7 @@ def test_transition_matrix_counts_suspects_toward_suggested_label_and_others_tow
     np.testing.assert_allclose(matrix.sum(axis=1), 1.0)
 
 
-def test_rank_samples_summaries() -> None:
+def test_noise_ranking_summaries() -> None:
     rng = np.random.default_rng(3)
     labels = np.arange(100) % 4
     scores = rng.normal(0, 0.05, 100)
@@ -109,18 +125,18 @@ def test_rank_samples_summaries() -> None:
     counts[np.arange(100), labels] = 4
     counts[:10] = 0
     counts[np.arange(10), (labels[:10] + 1) % 4] = 4
-    ranking = rank_samples(
-        scores, np.zeros(100), counts, labels, num_classes=4, cyclic_epochs=4, noise_rate=None
+    ranking = noise_ranking(
+        scores, np.zeros(100), counts, labels, num_classes=4, cyclic_epochs=4, noise_rate=0.0
     )
-    assert ranking.estimated_noise_rate == pytest.approx(0.1, abs=0.02)
-    assert set(np.flatnonzero(ranking.suspected)) == set(range(10))
+    assert ranking.suspects.estimated_noise_rate == pytest.approx(0.1, abs=0.02)
+    assert set(np.flatnonzero(ranking.suspects.suspected)) == set(range(10))
     assert ranking.class_counts.tolist() == [25, 25, 25, 25]
     assert ranking.class_suspected.tolist() == [3, 3, 2, 2]
     np.testing.assert_allclose(ranking.class_noise_rates, [0.12, 0.12, 0.08, 0.08])
     np.testing.assert_allclose(ranking.transition_matrix[0], [0.88, 0.12, 0, 0])
     np.testing.assert_allclose(np.diag(ranking.transition_matrix), 1 - ranking.class_noise_rates)
-    fixed = rank_samples(
+    fixed = noise_ranking(
         scores, np.zeros(100), counts, labels, num_classes=4, cyclic_epochs=4, noise_rate=0.05
     )
-    assert fixed.noise_rate_used == 0.05
-    assert fixed.suspected.sum() == 5
+    assert fixed.suspects.noise_rate_used == 0.05
+    assert fixed.suspects.suspected.sum() == 5
