@@ -77,7 +77,9 @@ class BaselineTrainer:
             chunk_samples=0,
         )
         self.labels = torch.as_tensor(labels, dtype=torch.int64, device=self.device)  # (N,)
-        self.phases: list[Phase] = [p for p in plan_phases(config) if p.stage in ("pretraining", "cyclic")]
+        self.phases: list[Phase] = [
+            p for p in plan_phases(config, len(labels)) if p.stage in ("pretraining", "cyclic")
+        ]
         self.padding = crop_padding(config.image_size)
         self.bf16 = config.precision == "bf16"
         # Every method would prepare the data if run alone, so each one's time includes this.

@@ -12,7 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
+
 from o2u_engine.config import ResolvedConfig
+from o2u_engine.data import ValidationSplit, held_out_count
 from o2u_engine.report import ProgressEvent
 from o2u_engine.schedule import constant_lr, cyclic_lr, linear_decay_lr
 
@@ -25,24 +28,24 @@ class Phase:
     epochs: int
     batch_size: int  # samples, before any out-of-memory halving
     learning_rate: Callable[[int], float]  # 1-based epoch of the phase -> rate
+    samples: int  # trained per epoch, as planned: N, or stage 3's training split with the suspects
     fresh_model: bool = False  # start from newly initialized weights
     records_losses: bool = False  # fold per-sample losses into the statistics (stage 2)
     removes_suspects: bool = False  # stage 3's second model
 
 
-def plan_phases(config: ResolvedConfig) -> list[Phase]:
-    """The phases of a run, in order; phases of 0 epochs are left out."""
-    pretrain_epochs = config.pretrain_epochs
-    pretrain_batch = config.pretrain_batch_size
+def plan_phases(config: ResolvedConfig, num_samples: int) -> list[Phase]:
+    """The phases of a run over `num_samples` samples, in order; phases of 0 epochs are left out."""
     cycle = config.cycle_length_epochs
     cyclic_epochs = cycle * config.num_cycles
     r1, r2 = config.cycle_max_learning_rate, config.cycle_min_learning_rate
     phases = [
         Phase(
             "pretraining",
-            pretrain_epochs,
-            pretrain_batch,
+            config.pretrain_epochs,
+            config.pretrain_batch_size,
             partial(constant_lr, rate=config.pretrain_learning_rate),
+            num_samples,
             fresh_model=True,
         ),
         Phase(
@@ -50,24 +53,61 @@ def plan_phases(config: ResolvedConfig) -> list[Phase]:
             cyclic_epochs,
             config.cyclic_batch_size,
             partial(cyclic_lr, cycle_length=cycle, r1=r1, r2=r2),
+            num_samples,
             records_losses=True,
         ),
     ]
     if config.clean_retraining:
-        epochs = pretrain_epochs + cyclic_epochs
+        epochs = config.pretrain_epochs + cyclic_epochs
         decay = partial(linear_decay_lr, epochs=epochs, start=config.pretrain_learning_rate, end=r2)
+        train_samples = num_samples - held_out_count(num_samples, config.validation_fraction)
         for removes in (False, True):
             phases.append(
                 Phase(
                     "clean_retraining",
                     epochs,
-                    pretrain_batch,
+                    config.pretrain_batch_size,
                     decay,
+                    train_samples,
                     fresh_model=True,
                     removes_suspects=removes,
                 )
             )
     return [phase for phase in phases if phase.epochs > 0]
+
+
+@dataclass(frozen=True)
+class RetrainingSamples:
+    """What stage 3 trains and measures on; known once stage 2's statistics name the suspects."""
+
+    train: np.ndarray  # (n,) the training split, sorted
+    kept: np.ndarray  # the training split without the suspected samples
+    evaluation: np.ndarray  # the held-out samples whose labels are trusted (see below)
+
+    @property
+    def removed(self) -> int:
+        return int(self.train.shape[0] - self.kept.shape[0])
+
+
+def retraining_samples(split: ValidationSplit, suspected: np.ndarray) -> RetrainingSamples:
+    """Stage 3's samples for the suspected set (N,) bool. Accuracy is measured on the held-out
+    samples that are not suspected themselves, or on all of them when every one is."""
+    trusted = split.held_out[~suspected[split.held_out]]
+    return RetrainingSamples(
+        train=split.train,
+        kept=split.train[~suspected[split.train]],
+        evaluation=trusted if trusted.shape[0] > 0 else split.held_out,
+    )
+
+
+def phase_indices(phase: Phase, num_samples: int, retraining: RetrainingSamples | None) -> np.ndarray:
+    """The samples `phase` trains on, (n,) sorted: all of them in stages 1 and 2, and stage 3's
+    training split, without the suspects for its second model (`retraining` is None before)."""
+    if phase.stage != "clean_retraining":
+        return np.arange(num_samples)
+    if retraining is None:
+        raise ValueError("stage 3 needs the suspects of stage 2; none were given")
+    return retraining.kept if phase.removes_suspects else retraining.train
 
 
 def stage_epoch(phases: list[Phase], index: int, epoch: int) -> int:
@@ -77,7 +117,6 @@ def stage_epoch(phases: list[Phase], index: int, epoch: int) -> int:
 
 def progress_event(
     phases: list[Phase],
-    phase_samples: list[int],
     index: int,
     epoch: int,
     *,
@@ -85,13 +124,12 @@ def progress_event(
     learning_rate: float,
     seconds: float,
 ) -> ProgressEvent:
-    """The event for epoch `epoch` of `phases[index]`, which trained `phase_samples[index]` samples
-    in `seconds`; the ETA assumes the rest of the run trains at the same rate."""
+    """The event for epoch `epoch` of `phases[index]`, which took `seconds`; the ETA assumes the
+    rest of the run trains at the same rate."""
     phase = phases[index]
-    per_second = phase_samples[index] / max(seconds, 1e-9)
-    remaining = (phase.epochs - epoch) * phase_samples[index]
-    remaining += sum(
-        p.epochs * n for p, n in zip(phases[index + 1 :], phase_samples[index + 1 :], strict=True)
+    per_second = phase.samples / max(seconds, 1e-9)
+    remaining = (phase.epochs - epoch) * phase.samples + sum(
+        p.epochs * p.samples for p in phases[index + 1 :]
     )
     done = sum(p.epochs for p in phases[:index]) + epoch
     return ProgressEvent(

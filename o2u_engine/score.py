@@ -17,11 +17,11 @@ import torch
 
 from o2u_engine import checkpoint
 from o2u_engine.config import O2UConfig, ResolvedConfig
-from o2u_engine.data import PreparedData, validation_split
+from o2u_engine.data import PreparedData, held_out_count
 from o2u_engine.errors import ConfigError
 from o2u_engine.models import initialized_model, is_convolutional, load_initial_weights
-from o2u_engine.rank import noise_ranking
-from o2u_engine.report import NoiseReport, ProgressEvent
+from o2u_engine.rank import NoiseRanking, noise_ranking
+from o2u_engine.report import CleanRetrainingResult, NoiseReport, ProgressEvent
 from o2u_engine.resolve import resolve_config
 from o2u_engine.runtime import resolve_device
 from o2u_engine.train import FaultHook, Trainer
@@ -66,33 +66,16 @@ def score_noise(
         )
     inputs = validate_inputs(features, labels, num_classes=num_classes)
     torch_device = resolve_device(device)
+    sample_shape = tuple(inputs.samples.shape[1:])
     resolved = resolve_config(
         config,
         num_samples=inputs.samples.shape[0],
-        sample_shape=tuple(inputs.samples.shape[1:]),
+        sample_shape=sample_shape,
         num_classes=inputs.num_classes,
         device=torch_device,
     )
-    if resolved.clean_retraining and resolved.noise_rate:
-        split = validation_split(inputs.samples.shape[0], resolved.validation_fraction, resolved.seed)
-        if split.train.shape[0] - round(resolved.noise_rate * inputs.samples.shape[0]) < 2:
-            raise ConfigError(
-                f"noise_rate: {resolved.noise_rate} would leave fewer than 2 training samples for "
-                "stage 3; expected a smaller value",
-                field="noise_rate",
-            )
-    initial_state = None
-    if initial_weights is not None:
-        initial_state = load_initial_weights(initial_weights)
-        initialized_model(  # a mismatch fails here, before any data is prepared
-            resolved.model,
-            layout=inputs.layout,
-            num_classes=inputs.num_classes,
-            image_size=resolved.image_size,
-            seed=resolved.seed,
-            initial_state=initial_state,
-            device=torch.device("cpu"),
-        )
+    _check_stage3_keeps_samples(resolved, inputs.samples.shape[0])
+    initial_state = None if initial_weights is None else _initial_state(initial_weights, resolved, inputs)
     return _score_noise(
         inputs,
         resolved,
@@ -104,6 +87,34 @@ def score_noise(
         initial_state=initial_state,
         fault_hook=_fault_hook,
     )
+
+
+def _check_stage3_keeps_samples(config: ResolvedConfig, num_samples: int) -> None:
+    if config.clean_retraining and config.noise_rate:
+        train_samples = num_samples - held_out_count(num_samples, config.validation_fraction)
+        if train_samples - round(config.noise_rate * num_samples) < 2:
+            raise ConfigError(
+                f"noise_rate: {config.noise_rate} would leave fewer than 2 training samples for "
+                "stage 3; expected a smaller value",
+                field="noise_rate",
+            )
+
+
+def _initial_state(
+    path: str | os.PathLike[str], config: ResolvedConfig, inputs: ValidatedInputs
+) -> dict[str, torch.Tensor]:
+    """The initial weights, checked against the resolved model before any data is prepared."""
+    initial_state = load_initial_weights(path)
+    initialized_model(  # a mismatch fails here
+        config.model,
+        layout=inputs.layout,
+        num_classes=inputs.num_classes,
+        image_size=config.image_size,
+        seed=config.seed,
+        initial_state=initial_state,
+        device=torch.device("cpu"),
+    )
+    return initial_state
 
 
 def _score_noise(
@@ -130,7 +141,12 @@ def _score_noise(
         channels_last=device.type == "cuda" and is_convolutional(config.model),
     )
     preparation_seconds = time.perf_counter() - started
-    sample_shape = tuple(inputs.samples.shape[1:])
+    checkpoints = None
+    if checkpoint_path is not None:
+        fingerprint = checkpoint.run_fingerprint(
+            config, inputs.labels, tuple(inputs.samples.shape[1:]), inputs.num_classes, __version__
+        )
+        checkpoints = checkpoint.Checkpoints(checkpoint_path, fingerprint, checkpoint_interval_seconds)
     trainer = Trainer(
         data,
         inputs.labels,
@@ -138,11 +154,7 @@ def _score_noise(
         config,
         progress=progress,
         should_cancel=should_cancel,
-        checkpoint_path=checkpoint_path,
-        checkpoint_interval_seconds=checkpoint_interval_seconds,
-        fingerprint=checkpoint.run_fingerprint(
-            config, inputs.labels, sample_shape, inputs.num_classes, __version__
-        ),
+        checkpoints=checkpoints,
         initial_state=initial_state,
         fault_hook=fault_hook,
     )
@@ -159,10 +171,21 @@ def _score_noise(
         cyclic_epochs=statistics.epochs,
         noise_rate=config.noise_rate,
     )
-    suspects = ranking.suspects
     timings = {"preparation": preparation_seconds, **outcome.timings}
     timings["ranking"] = time.perf_counter() - ranking_started
     timings["total"] = time.perf_counter() - started
+    return _report(inputs, config, device, ranking, outcome.clean_retraining, timings)
+
+
+def _report(
+    inputs: ValidatedInputs,
+    config: ResolvedConfig,
+    device: torch.device,
+    ranking: NoiseRanking,
+    clean_retraining: CleanRetrainingResult | None,
+    timings: dict[str, float],
+) -> NoiseReport:
+    suspects = ranking.suspects
     return NoiseReport(
         noise_scores=ranking.noise_scores,
         score_variance=ranking.score_variance,
@@ -179,7 +202,7 @@ def _score_noise(
         class_suspected=ranking.class_suspected,
         class_noise_rates=ranking.class_noise_rates,
         transition_matrix=ranking.transition_matrix,
-        clean_retraining=outcome.clean_retraining,
+        clean_retraining=clean_retraining,
         config=config,
         seed=config.seed,
         engine_version=__version__,

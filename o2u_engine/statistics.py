@@ -1,10 +1,12 @@
 """Running per-sample statistics of stage 2: Welford mean/variance of the normalized loss and
 counts of the predicted classes, kept on the device in O(N) (and O(N K) for predictions) memory.
 
-Each cyclic epoch contributes one loss per sample. Subtracting the epoch's mean loss (over all
-samples, or within each given class) makes epochs trained at different learning rates
-comparable; Welford's update keeps the mean and the sum of squared deviations without storing
-the epochs, so memory does not grow with their number.
+Each cyclic epoch contributes one output per sample: the training steps `record` each batch's
+per-sample losses and logits into this epoch's buffers, and `end_epoch` folds the whole epoch in
+at once - the one place that sees every sample's outputs of an epoch. Subtracting the epoch's
+mean loss (over all samples, or within each given class) makes epochs trained at different
+learning rates comparable; Welford's update keeps the mean and the sum of squared deviations
+without storing the epochs, so memory does not grow with their number.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 
 class CyclicStatistics:
-    """Per-sample accumulators for the cyclic stage; all tensors live on `device`."""
+    """Per-sample accumulators for the cyclic stage, on the device of `labels`."""
 
     def __init__(self, labels: torch.Tensor, num_classes: int, *, class_aware: bool) -> None:
         num_samples = labels.shape[0]
@@ -28,15 +30,24 @@ class CyclicStatistics:
         # How often each class was predicted for each sample, (N, K)
         self.prediction_counts = torch.zeros(num_samples, num_classes, dtype=torch.int32, device=device)
         self.class_sizes = torch.bincount(labels, minlength=num_classes).to(torch.float64)  # (K,)
+        # This epoch's outputs, (N,) each, filled batch by batch; not checkpointed, since a
+        # checkpoint is taken between epochs
+        self.epoch_losses = torch.zeros(num_samples, dtype=torch.float32, device=device)
+        self.epoch_predictions = torch.zeros(num_samples, dtype=torch.int64, device=device)
 
-    def record_predictions(self, indices: torch.Tensor, predicted: torch.Tensor) -> None:
-        """Count one prediction for each sample of a batch; indices are unique within a batch."""
-        ones = torch.ones_like(indices, dtype=torch.int32)
-        self.prediction_counts.index_put_((indices, predicted), ones, accumulate=True)
+    def record(self, indices: torch.Tensor, losses: torch.Tensor, logits: torch.Tensor) -> None:
+        """One batch's outputs: losses (B,) and logits (B, K) of the samples `indices` (B,).
 
-    def add_epoch(self, epoch_losses: torch.Tensor) -> None:
-        """Fold in one epoch of per-sample losses (N,), normalized by the epoch (or class) mean."""
-        losses = epoch_losses.to(torch.float64)
+        Every sample is recorded exactly once per epoch, so no buffer is ever reset."""
+        self.epoch_losses[indices] = losses
+        self.epoch_predictions[indices] = logits.argmax(dim=1)
+
+    def end_epoch(self) -> None:
+        """Fold in the recorded epoch: count each sample's predicted class, and update the
+        accumulators with its loss normalized by the epoch (or class) mean."""
+        predicted = self.epoch_predictions.unsqueeze(1)  # (N, 1)
+        self.prediction_counts.scatter_add_(1, predicted, torch.ones_like(predicted, dtype=torch.int32))
+        losses = self.epoch_losses.to(torch.float64)
         if self.class_aware:
             class_sums = torch.zeros(self.num_classes, dtype=torch.float64, device=losses.device)
             class_sums.index_add_(0, self.labels, losses)

@@ -1,0 +1,47 @@
+"""The cyclic statistics: batches recorded into the epoch's buffers, folded in once per epoch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from o2u_engine.statistics import CyclicStatistics
+
+LABELS = torch.tensor([0, 0, 1, 1])
+LOGITS = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.0]])  # predicts 0, 1, 1, 0
+
+
+def record_epoch(statistics: CyclicStatistics, losses: list[float]) -> None:
+    """One epoch in two batches, in a shuffled order, as the training steps record it."""
+    for batch in (torch.tensor([3, 1]), torch.tensor([0, 2])):
+        statistics.record(batch, torch.tensor(losses)[batch], LOGITS[batch])
+    statistics.end_epoch()
+
+
+def test_each_epoch_is_normalized_by_its_mean_and_averaged_over_epochs() -> None:
+    statistics = CyclicStatistics(LABELS, 2, class_aware=False)
+    record_epoch(statistics, [1.0, 2.0, 1.0, 4.0])  # mean 2: normalized -1, 0, -1, 2
+    assert statistics.mean.tolist() == [-1.0, 0.0, -1.0, 2.0]
+    record_epoch(statistics, [3.0, 3.0, 3.0, 3.0])  # normalized 0 everywhere
+    assert statistics.epochs == 2
+    assert statistics.mean.tolist() == [-0.5, 0.0, -0.5, 1.0]
+    assert statistics.variance().tolist() == pytest.approx([0.25, 0.0, 0.25, 1.0])
+    assert statistics.prediction_counts.tolist() == [[2, 0], [0, 2], [0, 2], [2, 0]]
+
+
+def test_class_aware_normalization_subtracts_each_class_mean() -> None:
+    statistics = CyclicStatistics(LABELS, 2, class_aware=True)
+    record_epoch(statistics, [1.0, 3.0, 5.0, 7.0])  # class means 2 and 6
+    assert statistics.mean.tolist() == [-1.0, 1.0, -1.0, 1.0]
+
+
+def test_the_state_round_trips_between_epochs() -> None:
+    statistics = CyclicStatistics(LABELS, 2, class_aware=False)
+    record_epoch(statistics, [1.0, 2.0, 1.0, 4.0])
+    restored = CyclicStatistics(LABELS, 2, class_aware=False)
+    restored.load_state_dict(statistics.state_dict())
+    for one in (statistics, restored):
+        record_epoch(one, [2.0, 1.0, 1.0, 4.0])
+    assert torch.equal(restored.mean, statistics.mean)
+    assert torch.equal(restored.m2, statistics.m2)
+    assert torch.equal(restored.prediction_counts, statistics.prediction_counts)
