@@ -23,17 +23,17 @@ from grpc_reflection.v1alpha import reflection
 
 from o2u.v1 import scoring_pb2, scoring_pb2_grpc
 from o2u_server import __version__
-from o2u_server.events import EventHub
-from o2u_server.interceptors import ServiceInterceptor
-from o2u_server.jobs import Engine, JobRunner, refresh_job_gauges
-from o2u_server.manager import JobManager
+from o2u_server.api.interceptors import ServiceInterceptor
+from o2u_server.api.security import auth_interceptors, server_credentials
+from o2u_server.api.servicer import ScoringServicer
+from o2u_server.jobs.events import EventHub
+from o2u_server.jobs.manager import JobManager
+from o2u_server.jobs.paging import PageTokens
+from o2u_server.jobs.runner import Engine, JobRunner, refresh_job_gauges
+from o2u_server.jobs.store import JobStore, Recovery
 from o2u_server.metrics import MetricsServer, ServerMetrics
-from o2u_server.paging import PageTokens
-from o2u_server.security import auth_interceptors, server_credentials
-from o2u_server.servicer import ScoringServicer
 from o2u_server.settings import Settings
 from o2u_server.storage import Storage
-from o2u_server.store import JobStore, Recovery
 
 __all__ = ["SERVICE_NAME", "O2UServer", "create_server", "resolve_devices"]
 

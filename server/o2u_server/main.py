@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     # Idle OpenMP workers sleep instead of spinning: with spinning, a CPU shared with other busy
     # processes made small-model training tens of times slower. Read once, when torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from o2u_server.security import check_security_files  # imports torch (via the engine's errors)
+    from o2u_server.api.security import check_security_files  # imports torch (via the engine's errors)
 
     try:
         settings = Settings()

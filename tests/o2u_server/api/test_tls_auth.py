@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
 from o2u_client import Client, UnauthenticatedError
-from o2u_server.security import SecurityConfigError
+from o2u_server.api.security import SecurityConfigError
 from tests.o2u_server.tls_material import Pki, make_pki
 from tests.server_testing import RunningServer, call_error, running_server, test_settings
 

@@ -1,6 +1,6 @@
 """Reading, listing and atomically writing files under the data roots.
 
-Paths reach here already resolved and checked by `o2u_server.uris`; this module re-checks what it
+Paths reach here already resolved and checked by `o2u_server.storage.uris`; this module re-checks what it
 actually opened (through /proc/self/fd where the platform has it) so a symlink swapped in between the
 check and the open still cannot lead outside the roots. OS errors become the service's error classes,
 each naming the URI.
@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 
 from o2u_server.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
-from o2u_server.uris import file_uri, inside
+from o2u_server.storage.uris import file_uri, inside
 
 __all__ = ["LocalEntry", "iter_files", "read_file", "regular_file", "stat_entry", "write_file_atomically"]
 

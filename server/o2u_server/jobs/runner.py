@@ -21,15 +21,16 @@ from pathlib import Path
 
 import o2u_engine
 from o2u_engine import Cancelled, DeviceOutOfMemory
-from o2u_server import datasets, reports
-from o2u_server.configs import engine_config, resolved_run_info
+from o2u_server import datasets
 from o2u_server.domain import Job, JobError, JobEvent, JobState, Progress, Stage
 from o2u_server.errors import Internal, ResourceExhausted, ServiceError, from_exception
-from o2u_server.events import EventHub
+from o2u_server.jobs import reports
+from o2u_server.jobs.engine import engine_config, resolved_run_info
+from o2u_server.jobs.events import EventHub
+from o2u_server.jobs.store import JobStore
 from o2u_server.metrics import ServerMetrics
 from o2u_server.settings import Settings
 from o2u_server.storage import Storage
-from o2u_server.store import JobStore
 
 __all__ = ["Engine", "JobRunner", "refresh_job_gauges"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from o2u_server.errors import InvalidArgument
-from o2u_server.paging import PagePosition, PageTokens, resolve_page_size
+from o2u_server.jobs.paging import PagePosition, PageTokens, resolve_page_size
 
 SECRET = b"s" * 32
 

@@ -27,8 +27,8 @@ from typing_extensions import override
 
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
-from o2u_server import converters
-from o2u_server.manager import JobManager
+from o2u_server.api import converters
+from o2u_server.jobs.manager import JobManager
 
 __all__ = ["ScoringServicer"]
 

@@ -1,7 +1,7 @@
 """TLS credentials and bearer-token authentication, against a small real grpc.aio server.
 
 The server here registers only the health service and a canned ScoringService (one unary and one
-server-streaming method), so `o2u_server.security` is tested on its own: handshakes with trusted,
+server-streaming method), so `o2u_server.api.security` is tested on its own: handshakes with trusted,
 untrusted and missing certificates, and calls with missing, malformed, wrong and right tokens.
 """
 
@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from o2u.v1 import scoring_pb2, scoring_pb2_grpc
-from o2u_server.security import (
+from o2u_server.api.security import (
     BearerTokenInterceptor,
     SecurityConfigError,
     auth_interceptors,

@@ -9,10 +9,10 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Iterator
 
-from o2u_server import records
-from o2u_server.database import Database
 from o2u_server.domain import DatasetSummary, NoiseScoreRow, ScoreFilter, ScoreTuple
 from o2u_server.errors import NotFound
+from o2u_server.jobs import records
+from o2u_server.jobs.database import Database
 
 __all__ = ["ResultsStore"]
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from o2u_server.database import StateDirLockedError
 from o2u_server.domain import (
     ClassNoise,
     DatasetSummary,
@@ -23,7 +22,8 @@ from o2u_server.domain import (
     Stage,
 )
 from o2u_server.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
-from o2u_server.store import JobStore
+from o2u_server.jobs.database import StateDirLockedError
+from o2u_server.jobs.store import JobStore
 
 SPEC = JobSpec(dataset_uri="file:///data/x.npz", dataset_format=None, config={"seed": 1}, request_id="r-1")
 INFO = RunInfo(1, "0.1.0", "2", "cpu", 4, 2, "{}", "0.1.0", "mlp")

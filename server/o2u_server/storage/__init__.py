@@ -1,8 +1,8 @@
 """Storage: the one door through which the server reads datasets and writes exports.
 
-`Storage` checks every URI (`o2u_server.uris`), then reads or writes either a file under the data
-roots (`o2u_server.localfiles`) or an object in the configured S3-compatible store
-(`o2u_server.objectstore`, bounded retries, then Unavailable). Objects read by listing are kept in a
+`Storage` checks every URI (`o2u_server.storage.uris`), then reads or writes either a file under the data
+roots (`o2u_server.storage.localfiles`) or an object in the configured S3-compatible store
+(`o2u_server.storage.objectstore`, bounded retries, then Unavailable). Objects read by listing are kept in a
 byte-bounded LRU cache keyed by (URI, ETag), so a dataset scored twice is downloaded once and a
 changed object is never served stale. Methods block and are safe to call from several worker threads.
 """
@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from o2u_server import localfiles
 from o2u_server.errors import InvalidArgument
-from o2u_server.objectstore import ObjectStore, RetryPolicy
 from o2u_server.settings import Settings
-from o2u_server.uris import ObjectRef, file_uri, parse_uri, resolve_roots, s3_uri
+from o2u_server.storage import localfiles
+from o2u_server.storage.objectstore import ObjectStore, RetryPolicy
+from o2u_server.storage.uris import ObjectRef, file_uri, parse_uri, resolve_roots, s3_uri
 
 __all__ = ["ObjectInfo", "ObjectRef", "RetryPolicy", "Storage"]
 

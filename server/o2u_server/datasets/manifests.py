@@ -16,10 +16,10 @@ import json
 import os
 import re
 
+from o2u_server.datasets.labels import invalid_dataset
 from o2u_server.errors import NotFound, PermissionDenied, ResourceExhausted
-from o2u_server.labels import invalid_dataset
 from o2u_server.storage import ObjectInfo, Storage
-from o2u_server.uris import file_uri, s3_uri
+from o2u_server.storage.uris import file_uri, s3_uri
 
 __all__ = ["Manifest", "check_key", "locate_keys", "parse_manifest"]
 

@@ -17,7 +17,7 @@ import pytest
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
 from o2u_server.domain import JobSpec, JobState
-from o2u_server.store import JobStore
+from o2u_server.jobs.store import JobStore
 from tests.server_testing import (
     SLOW_CONFIG,
     TINY_CONFIG,

@@ -26,16 +26,16 @@ from contextlib import aclosing
 from typing import Literal, TypeVar
 
 from o2u_server import datasets
-from o2u_server.configs import engine_config
 from o2u_server.domain import DatasetSummary, Job, JobEvent, JobSpec, JobState, ScoreFilter, ScorePage
 from o2u_server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from o2u_server.events import EventHub, follow
-from o2u_server.jobs import JobRunner, refresh_job_gauges
+from o2u_server.jobs.engine import engine_config
+from o2u_server.jobs.events import EventHub, follow
+from o2u_server.jobs.paging import PagePosition, PageTokens, resolve_page_size
+from o2u_server.jobs.runner import JobRunner, refresh_job_gauges
+from o2u_server.jobs.store import JobStore
 from o2u_server.metrics import ServerMetrics
-from o2u_server.paging import PagePosition, PageTokens, resolve_page_size
 from o2u_server.settings import Settings
 from o2u_server.storage import Storage
-from o2u_server.store import JobStore
 
 __all__ = ["EXPORT_COLUMNS", "JobManager", "new_job_id"]
 

@@ -7,7 +7,7 @@ checked as early as the information exists: object sizes from the listing or sta
 is downloaded (`max_dataset_bytes`), the sample count from the `.npz` header or the manifest/listing
 (`max_samples`), image dimensions from each header before decoding (`max_image_pixels`). Errors are
 the service's classes and name the URI, key, field or limit at fault. Exports of score rows (JSONL,
-CSV) live in `o2u_server.exports` and are re-exported here.
+CSV) live in `o2u_server.datasets.exports` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from o2u_server.datasets.exports import infer_export_format, write_export
+from o2u_server.datasets.images import ImageItem, load_images
+from o2u_server.datasets.labels import encode_labels
+from o2u_server.datasets.manifests import locate_keys, parse_manifest
+from o2u_server.datasets.npz_archive import NpzArchive
 from o2u_server.errors import InvalidArgument, ResourceExhausted
-from o2u_server.exports import infer_export_format, write_export
-from o2u_server.images import ImageItem, load_images
-from o2u_server.labels import encode_labels
-from o2u_server.manifests import locate_keys, parse_manifest
-from o2u_server.npz import NpzArchive
 from o2u_server.settings import Settings
 from o2u_server.storage import Storage
 

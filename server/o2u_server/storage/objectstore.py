@@ -22,7 +22,7 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from o2u_server.errors import NotFound, PermissionDenied, ResourceExhausted, ServiceError, Unavailable
-from o2u_server.uris import s3_uri
+from o2u_server.storage.uris import s3_uri
 
 __all__ = ["ObjectStore", "RetryPolicy"]
 

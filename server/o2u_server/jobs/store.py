@@ -15,8 +15,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from o2u_server import records
-from o2u_server.database import Database
 from o2u_server.domain import (
     TERMINAL_STATES,
     DatasetSummary,
@@ -32,7 +30,9 @@ from o2u_server.domain import (
     Stage,
 )
 from o2u_server.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
-from o2u_server.results import ResultsStore
+from o2u_server.jobs import records
+from o2u_server.jobs.database import Database
+from o2u_server.jobs.results import ResultsStore
 
 __all__ = ["JobStore", "Recovery"]
 
