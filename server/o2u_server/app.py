@@ -26,10 +26,11 @@ from o2u_server import __version__
 from o2u_server.api.interceptors import ServiceInterceptor
 from o2u_server.api.security import auth_interceptors, server_credentials
 from o2u_server.api.servicer import ScoringServicer
+from o2u_server.jobs.engine import Engine
 from o2u_server.jobs.events import EventHub
 from o2u_server.jobs.manager import JobManager
 from o2u_server.jobs.paging import PageTokens
-from o2u_server.jobs.runner import Engine, JobRunner, refresh_job_gauges
+from o2u_server.jobs.runner import JobRunner
 from o2u_server.jobs.store import JobStore, Recovery
 from o2u_server.metrics import MetricsServer, ServerMetrics
 from o2u_server.settings import Settings
@@ -166,7 +167,7 @@ class O2UServer:
         for leftover in self.settings.checkpoint_dir.glob("*.tmp"):
             leftover.unlink(missing_ok=True)
         recovery = self.store.recover(time.time(), max_attempts=self.settings.max_job_attempts)
-        refresh_job_gauges(self.store, self.metrics)
+        self.metrics.count_jobs(self.store.state_counts())
         if recovery.queued:
             logger.info("resuming %d unfinished jobs", len(recovery.queued))
         return recovery, self.store.page_token_secret

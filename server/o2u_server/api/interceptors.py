@@ -1,8 +1,8 @@
-"""The one place where exceptions become gRPC statuses, and where every call is measured.
+"""Where exceptions become gRPC statuses and where every call is measured, for every method.
 
 `ServiceInterceptor` wraps each method handler (unary and streaming alike): a `ServiceError` raised
-below the servicer is turned into its status with google.rpc details (`errors.to_status`) and sent
-with `abort_with_status`; any other exception is logged with the job id and becomes INTERNAL. The
+below the servicer is turned into its status with google.rpc details (`o2u_server.api.status`) and
+sent with `abort_with_status`; any other exception is logged with the job id and becomes INTERNAL. The
 final code of every call, including aborts by other interceptors and client cancellations, is
 counted in o2u_grpc_requests_total{method,code} and its duration observed in
 o2u_grpc_request_duration_seconds{method}.
@@ -18,9 +18,9 @@ from contextlib import aclosing
 from typing import Any, NoReturn, TypeAlias
 
 import grpc
-from grpc_status import rpc_status
 
-from o2u_server.errors import Internal, ServiceError, to_status
+from o2u_server.api.status import grpc_status
+from o2u_server.errors import Internal, ServiceError
 from o2u_server.metrics import ServerMetrics
 
 __all__ = ["ServiceInterceptor"]
@@ -72,7 +72,7 @@ class _Call:
                 reason="INTERNAL",
             )
         self.code = error.code.name
-        await context.abort_with_status(rpc_status.to_status(to_status(error)))
+        await context.abort_with_status(grpc_status(error))
         raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 

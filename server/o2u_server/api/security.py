@@ -5,8 +5,8 @@ client CA bundle is configured), checking every PEM file up front so a misconfig
 at start with a message naming the setting and the file, not at the first handshake.
 `BearerTokenInterceptor` admits a call only if it carries `authorization: Bearer <token>` matching the
 configured token file; the health and reflection services stay open so probes and tooling need no
-secret. Rejections use the one error table in `o2u_server.errors`, so callers get UNAUTHENTICATED with
-a google.rpc.ErrorInfo like every other error of the service.
+secret. Rejections go through the one error mapping (`o2u_server.api.status`), so callers get
+UNAUTHENTICATED with a google.rpc.ErrorInfo like every other error of the service.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
-from grpc_status import rpc_status
 
-from o2u_server.errors import Unauthenticated, to_status
+from o2u_server.api.status import grpc_status
+from o2u_server.errors import Unauthenticated
 from o2u_server.settings import Settings
 
 __all__ = [
@@ -180,7 +180,7 @@ def _rejection(reason: str, message: str) -> grpc.RpcMethodHandler[Any, Any]:
     A stream-stream handler serves every call shape on the wire, and never deserializing the
     request means an unauthenticated caller's payload is not even parsed.
     """
-    status = rpc_status.to_status(to_status(Unauthenticated(message, reason=reason)))
+    status = grpc_status(Unauthenticated(message, reason=reason))
 
     async def reject(
         request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]

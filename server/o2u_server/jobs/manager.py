@@ -31,7 +31,7 @@ from o2u_server.errors import FailedPrecondition, InvalidArgument, NotFound, Res
 from o2u_server.jobs.engine import engine_config
 from o2u_server.jobs.events import EventHub, follow
 from o2u_server.jobs.paging import PagePosition, PageTokens, resolve_page_size
-from o2u_server.jobs.runner import JobRunner, refresh_job_gauges
+from o2u_server.jobs.runner import JobRunner
 from o2u_server.jobs.store import JobStore
 from o2u_server.metrics import ServerMetrics
 from o2u_server.settings import Settings
@@ -157,7 +157,7 @@ class JobManager:
         )
         if created:
             self._runner.submit(job.job_id)
-            refresh_job_gauges(self._store, self._metrics)
+            self._metrics.count_jobs(self._store.state_counts())
         return job
 
     def _check_dataset_exists(self, spec: JobSpec) -> None:
@@ -202,7 +202,7 @@ class JobManager:
         job, event = await self._db(self._store.request_cancel, check_job_id(job_id), time.time())
         if event is not None:
             self._metrics.jobs_finished.labels(state=JobState.CANCELLED.value).inc()
-            await self._db(refresh_job_gauges, self._store, self._metrics)
+            self._metrics.count_jobs(await self._db(self._store.state_counts))
             self._hub.publish(event)
         elif job.state is JobState.RUNNING:
             self._runner.cancel(job_id)

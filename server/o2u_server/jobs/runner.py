@@ -1,12 +1,13 @@
 """The job runner: worker threads that take queued jobs and run them through the engine.
 
 A job runs load -> resolve config -> train (the engine's stages, one PROGRESS event per epoch) ->
-rank -> store, in a worker thread so training never blocks the event loop; events reach watchers
-through `EventHub.publish_threadsafe` after the store has committed them. Each job's failure is
-caught and recorded as that job's FAILED state, so it cannot take a worker or another job down.
-Stopping the runner (server shutdown) asks running jobs to stop at the next batch; they go back to
-QUEUED with their last epoch checkpoint and resume when the server starts again. A cancelled job ends
-CANCELLED instead, and its checkpoint is deleted.
+rank -> store, in a worker thread so training never blocks the event loop; every translation to and
+from the engine is in `jobs.engine`. Events reach watchers through `EventHub.publish_threadsafe`
+after the store has committed them. Each job's failure is caught and recorded as that job's FAILED
+state, so it cannot take a worker or another job down. Stopping the runner (server shutdown) asks
+running jobs to stop at the next batch; they go back to QUEUED with their last epoch checkpoint and
+resume when the server starts again. A cancelled job ends CANCELLED instead, and its checkpoint is
+deleted.
 """
 
 from __future__ import annotations
@@ -19,30 +20,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import o2u_engine
-from o2u_engine import Cancelled, DeviceOutOfMemory
-from o2u_server import datasets
+from o2u_server.datasets import DatasetLimits, load_dataset
 from o2u_server.domain import Job, JobError, JobEvent, JobState, Progress, Stage
-from o2u_server.errors import Internal, ResourceExhausted, ServiceError, from_exception
-from o2u_server.jobs import reports
-from o2u_server.jobs.engine import engine_config, resolved_run_info
+from o2u_server.errors import Internal
+from o2u_server.jobs.engine import Cancelled, Engine, job_results, run_info, service_error
 from o2u_server.jobs.events import EventHub
 from o2u_server.jobs.store import JobStore
 from o2u_server.metrics import ServerMetrics
 from o2u_server.settings import Settings
 from o2u_server.storage import Storage
 
-__all__ = ["Engine", "JobRunner", "refresh_job_gauges"]
+__all__ = ["JobRunner"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Engine:
-    """The two engine entry points the runner calls (replaceable in tests)."""
-
-    score_noise: Callable[..., o2u_engine.NoiseReport] = o2u_engine.score_noise
-    resolve_config: Callable[..., o2u_engine.O2UConfig] = o2u_engine.resolve_config
 
 
 @dataclass
@@ -54,12 +44,6 @@ class _Control:
 
     def requested(self) -> bool:
         return self.cancel.is_set() or self.stop.is_set()
-
-
-def refresh_job_gauges(store: JobStore, metrics: ServerMetrics) -> None:
-    counts = store.state_counts()
-    metrics.jobs_queued.set(counts[JobState.QUEUED])
-    metrics.jobs_running.set(counts[JobState.RUNNING])
 
 
 class JobRunner:
@@ -85,7 +69,7 @@ class JobRunner:
         self._devices = devices
         self._server_version = server_version
         self._engine = engine or Engine()
-        self._limits = datasets.DatasetLimits.from_settings(settings)
+        self._limits = DatasetLimits.from_settings(settings)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._controls: dict[str, _Control] = {}
         self._lock = threading.Lock()
@@ -154,7 +138,7 @@ class JobRunner:
             self._metrics.job_duration.labels(state=event.state.value).observe(
                 max(0.0, event.event_time - started)
             )
-        refresh_job_gauges(self._store, self._metrics)
+        self._metrics.count_jobs(self._store.state_counts())
         self._publish(event)
 
     def _run(self, job_id: str, device: str) -> None:
@@ -201,73 +185,56 @@ class JobRunner:
 
     @staticmethod
     def _job_error(job_id: str, exc: Exception) -> JobError:
-        error: ServiceError
-        if isinstance(exc, DeviceOutOfMemory):
-            error = ResourceExhausted(
-                f"the device ran out of memory even after halving the batch size: {exc}; lower "
-                "pretrain_batch_size/cyclic_batch_size or image_size, or choose a smaller model",
-                reason="DEVICE_OUT_OF_MEMORY",
-            )
-        else:
-            error = from_exception(exc)
+        error = service_error(exc)
         if isinstance(error, Internal):
             logger.error("job failed unexpectedly", exc_info=exc, extra={"job_id": job_id})
         else:
             logger.info("job failed: %s", error.message, extra={"job_id": job_id, "reason": error.reason})
-        return JobError(code=error.code.value[0], message=error.message, reason=error.reason)
+        return JobError(code=int(error.code), message=error.message, reason=error.reason)
 
-    def _progress_callback(self, job_id: str, num_samples: int) -> Callable[[o2u_engine.ProgressEvent], None]:
+    def _progress_callback(self, job_id: str, num_samples: int) -> Callable[[Progress], None]:
         last = [time.monotonic()]
 
-        def on_progress(update: o2u_engine.ProgressEvent) -> None:
+        def on_progress(progress: Progress) -> None:
             now = time.monotonic()
             seconds, last[0] = now - last[0], now
-            progress = Progress(
-                stage=Stage(update.stage),
-                epoch=update.epoch,
-                epochs_total=update.epochs_total,
-                fraction_done=update.fraction_done,
-                mean_loss=update.mean_loss,
-                learning_rate=update.learning_rate,
-                samples_per_second=update.samples_per_second,
-                eta_seconds=update.eta_seconds,
-            )
             self._publish(self._store.record_progress(job_id, progress, time.time()))
-            self._metrics.epoch_duration.labels(stage=update.stage).observe(seconds)
+            stage = progress.stage.value
+            self._metrics.epoch_duration.labels(stage=stage).observe(seconds)
             # Stages 1 and 2 train on every sample; stage 3 on a split whose size only the engine
             # knows, estimated from its throughput.
             trained = (
-                num_samples if update.stage != "clean_retraining" else update.samples_per_second * seconds
+                num_samples
+                if progress.stage is not Stage.CLEAN_RETRAINING
+                else progress.samples_per_second * seconds
             )
-            self._metrics.training_samples.labels(stage=update.stage).inc(round(trained))
-            self._metrics.samples_per_second.set(update.samples_per_second)
+            self._metrics.training_samples.labels(stage=stage).inc(round(trained))
+            self._metrics.samples_per_second.set(progress.samples_per_second)
 
         return on_progress
 
     def _execute(self, job: Job, control: _Control, device: str, checkpoint: Path) -> None:
         job_id, spec = job.job_id, job.spec
-        loaded = datasets.load_dataset(spec.dataset_uri, spec.dataset_format, self._storage, self._limits)
-        self._metrics.dataset_bytes_read.labels(source=loaded.source).inc(loaded.bytes_read)
+        dataset = load_dataset(spec.dataset_uri, spec.dataset_format, self._storage, self._limits)
+        self._metrics.dataset_bytes_read.labels(source=dataset.source).inc(dataset.bytes_read)
         if control.requested():
             raise Cancelled("stopped after loading")
-        num_samples, num_classes = len(loaded.labels), len(loaded.class_names)
-        resolved = self._engine.resolve_config(
-            engine_config(spec.config),
-            num_samples=num_samples,
-            sample_shape=tuple(loaded.features.shape[1:]),
-            num_classes=num_classes,
+        num_samples = len(dataset.labels)
+        config = self._engine.resolve(spec.config, dataset, device)
+        planned = run_info(
+            config,
             device=device,
+            num_samples=num_samples,
+            num_classes=len(dataset.class_names),
+            server_version=self._server_version,
         )
-        info = resolved_run_info(resolved, device, num_samples, num_classes, self._server_version)
-        self._store.set_run_info(job_id, info, time.time())
+        self._store.set_run_info(job_id, planned, time.time())
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         weights = self._initial_weights(job, checkpoint.with_suffix(".init.pt"))
         try:
-            report = self._engine.score_noise(
-                loaded.features,
-                loaded.labels,
-                config=resolved,
-                num_classes=num_classes,
+            report = self._engine.score(
+                dataset,
+                config,
                 device=device,
                 progress=self._progress_callback(job_id, num_samples),
                 should_cancel=control.requested,
@@ -281,10 +248,10 @@ class JobRunner:
         self._publish(
             self._store.record_progress(job_id, Progress(Stage.RANKING, fraction_done=1.0), time.time())
         )
-        final_info = reports.run_info(report, num_samples=num_samples, server_version=self._server_version)
-        summary = reports.summary(report, job_id=job_id, class_names=loaded.class_names, info=final_info)
-        rows = reports.score_rows(report, loaded.keys)
-        event = self._store.save_results(job_id, rows, loaded.class_names, summary, final_info, time.time())
+        results = job_results(report, dataset, job_id=job_id, server_version=self._server_version)
+        event = self._store.save_results(
+            job_id, results.scores, dataset.class_names, results.summary, results.run_info, time.time()
+        )
         checkpoint.unlink(missing_ok=True)
         self._metrics.samples_scored.inc(num_samples)
         self._finished(job, event)

@@ -29,15 +29,12 @@ from o2u_server.domain import (
     ScoreTuple,
     Stage,
 )
-from o2u_server.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from o2u_server.errors import AlreadyExists, Code, FailedPrecondition, NotFound, ResourceExhausted
 from o2u_server.jobs import records
 from o2u_server.jobs.database import Database
 from o2u_server.jobs.results import ResultsStore
 
 __all__ = ["JobStore", "Recovery"]
-
-
-INTERNAL_CODE = 13  # google.rpc.Code.INTERNAL
 
 
 @dataclass
@@ -311,7 +308,7 @@ class JobStore:
                     if crashes >= max_attempts:
                         times = "time" if crashes == 1 else "times"
                         message = f"too many attempts: the worker crashed {crashes} {times}"
-                        error = JobError(INTERNAL_CODE, message, "TOO_MANY_ATTEMPTS")
+                        error = JobError(int(Code.INTERNAL), message, "TOO_MANY_ATTEMPTS")
                         self._transition(conn, job_id, JobState.FAILED, now, error=error, message=message)
                         recovery.finished.append(JobState.FAILED)
                         continue

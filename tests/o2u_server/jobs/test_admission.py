@@ -24,7 +24,7 @@ import o2u_engine
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
 from o2u_server import app
-from o2u_server.jobs.runner import Engine
+from o2u_server.jobs.engine import Engine
 from tests.o2u_server.dataset_files import png
 from tests.o2u_server.tcp_proxy import ThrottledProxy
 from tests.server_testing import (
