@@ -6,14 +6,16 @@ response messages here, so the job manager, store and runner never touch a proto
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 
 from o2u.v1 import scoring_pb2 as pb
 from o2u_server.domain import (
+    DatasetFormat,
     DatasetSummary,
     EventType,
+    ExportFormat,
     Job,
     JobError,
     JobEvent,
@@ -43,13 +45,9 @@ _STATES = {state: pb.JobState.Value(f"JOB_STATE_{state.name}") for state in JobS
 _STATES_BACK: dict[pb.JobState.ValueType, JobState] = {value: state for state, value in _STATES.items()}
 _STAGES = {stage: pb.Stage.Value(f"STAGE_{stage.name}") for stage in Stage}
 _EVENT_TYPES = {kind: pb.JobEventType.Value(f"JOB_EVENT_TYPE_{kind.name}") for kind in EventType}
-_DATASET_FORMATS: dict[pb.DatasetFormat.ValueType, str] = {
-    pb.DATASET_FORMAT_NPZ: "npz",
-    pb.DATASET_FORMAT_IMAGE_FOLDER: "image_folder",
-    pb.DATASET_FORMAT_CSV_MANIFEST: "csv_manifest",
-    pb.DATASET_FORMAT_JSONL_MANIFEST: "jsonl_manifest",
-}
-_DATASET_FORMATS_BACK = {name: value for value, name in _DATASET_FORMATS.items()}
+_DATASET_FORMATS = {kind: pb.DatasetFormat.Value(f"DATASET_FORMAT_{kind.name}") for kind in DatasetFormat}
+_DATASET_FORMATS_BACK = {value: kind for kind, value in _DATASET_FORMATS.items()}
+_EXPORT_FORMATS_BACK = {pb.ExportFormat.Value(f"EXPORT_FORMAT_{kind.name}"): kind for kind in ExportFormat}
 
 
 def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
@@ -72,9 +70,10 @@ def scoring_config(config: pb.ScoringConfig) -> dict[str, Any]:
     return {field.name: value for field, value in config.ListFields() if field.name != "initial_weights_uri"}
 
 
-def dataset_format(value: pb.DatasetFormat.ValueType) -> str | None:
-    """The datasets module's format name; None means inferred from the URI."""
-    return _DATASET_FORMATS.get(value)
+def dataset_format(value: pb.DatasetFormat.ValueType) -> DatasetFormat | None:
+    """The dataset format; None (UNSPECIFIED, or a number this server does not know) means inferred
+    from the URI."""
+    return _DATASET_FORMATS_BACK.get(value)
 
 
 def job_spec(request: pb.CreateScoringJobRequest) -> JobSpec:
@@ -93,12 +92,9 @@ def job_state(value: pb.JobState.ValueType) -> JobState | None:
     return _STATES_BACK.get(value)
 
 
-def export_format(value: pb.ExportFormat.ValueType) -> Literal["jsonl", "csv"] | None:
-    if value == pb.EXPORT_FORMAT_JSONL:
-        return "jsonl"
-    if value == pb.EXPORT_FORMAT_CSV:
-        return "csv"
-    return None
+def export_format(value: pb.ExportFormat.ValueType) -> ExportFormat | None:
+    """The export format; None (UNSPECIFIED or unknown) means inferred from the destination."""
+    return _EXPORT_FORMATS_BACK.get(value)
 
 
 def score_filter(request: pb.ListNoiseScoresRequest) -> ScoreFilter:
@@ -159,7 +155,11 @@ def job_message(job: Job) -> pb.ScoringJob:
         display_name=spec.display_name,
         dataset=pb.DatasetRef(
             uri=spec.dataset_uri,
-            format=_DATASET_FORMATS_BACK.get(spec.dataset_format or "", pb.DATASET_FORMAT_UNSPECIFIED),
+            format=(
+                _DATASET_FORMATS[spec.dataset_format]
+                if spec.dataset_format
+                else pb.DATASET_FORMAT_UNSPECIFIED
+            ),
         ),
         config=config_message(spec.config, spec.initial_weights_uri),
         state=_STATES[job.state],

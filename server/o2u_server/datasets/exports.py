@@ -12,25 +12,41 @@ import csv
 import io
 import json
 from collections.abc import Iterable, Sequence
-from typing import Literal
 
 import numpy as np
 
+from o2u_server.domain import ExportFormat
 from o2u_server.errors import InvalidArgument
 from o2u_server.storage import Storage
 
-__all__ = ["infer_export_format", "write_export"]
+__all__ = ["EXPORT_COLUMNS", "infer_export_format", "write_export"]
 
-_CONTENT_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
+# The columns of an exported score, in file order (fields of domain.NoiseScoreRow).
+EXPORT_COLUMNS = (
+    "rank",
+    "sample_id",
+    "key",
+    "score",
+    "score_variance",
+    "noise_probability",
+    "suspected",
+    "given_label",
+    "given_label_name",
+    "suggested_label",
+    "suggested_label_name",
+    "suggested_label_confidence",
+)
+
+_SUFFIXES = {ExportFormat.JSONL: (".jsonl", ".ndjson"), ExportFormat.CSV: (".csv",)}
+_CONTENT_TYPES = {ExportFormat.JSONL: "application/x-ndjson", ExportFormat.CSV: "text/csv; charset=utf-8"}
 
 
-def infer_export_format(uri: str, *, field: str = "format") -> Literal["jsonl", "csv"]:
+def infer_export_format(uri: str, *, field: str = "format") -> ExportFormat:
     """The export format a destination's extension implies (`.jsonl`/`.ndjson` or `.csv`)."""
     lowered = uri.lower()
-    if lowered.endswith(".csv"):
-        return "csv"
-    if lowered.endswith((".jsonl", ".ndjson")):
-        return "jsonl"
+    for export_format, suffixes in _SUFFIXES.items():
+        if lowered.endswith(suffixes):
+            return export_format
     raise InvalidArgument(
         f"cannot tell the export format from {uri!r}: set {field} or end the destination in .jsonl or .csv",
         reason="INVALID_FORMAT",
@@ -57,39 +73,46 @@ def _csv_cell(value: object) -> object:
     return value
 
 
+def _jsonl(rows: Iterable[dict[str, object]], buffer: io.StringIO, columns: Sequence[str] | None) -> int:
+    count = 0
+    for row in rows:
+        buffer.write(json.dumps(row, default=_plain, ensure_ascii=False, separators=(",", ":")))
+        buffer.write("\n")
+        count += 1
+    return count
+
+
+def _csv(rows: Iterable[dict[str, object]], buffer: io.StringIO, columns: Sequence[str] | None) -> int:
+    count = 0
+    writer: csv.DictWriter[str] | None = None
+    if columns is not None:
+        writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
+    for row in rows:
+        if writer is None:
+            writer = csv.DictWriter(buffer, fieldnames=list(row), lineterminator="\n")
+            writer.writeheader()
+        writer.writerow({name: _csv_cell(value) for name, value in row.items()})
+        count += 1
+    return count
+
+
+_WRITERS = {ExportFormat.JSONL: _jsonl, ExportFormat.CSV: _csv}
+
+
 def write_export(
     rows: Iterable[dict[str, object]],
     uri: str,
-    fmt: Literal["jsonl", "csv"],
+    export_format: ExportFormat,
     storage: Storage,
     *,
     field: str = "destination_uri",
     columns: Sequence[str] | None = None,
 ) -> tuple[int, int]:
-    """Write `rows` to `uri` as `fmt`; returns (rows written, bytes written)."""
-    if fmt not in _CONTENT_TYPES:
-        raise InvalidArgument(
-            f"export format {fmt!r} is not jsonl or csv", reason="INVALID_FORMAT", field="format"
-        )
+    """Write `rows` to `uri` as `export_format`; returns (rows written, bytes written)."""
     storage.parse(uri, field=field)  # refuse a bad destination before building the file
     buffer = io.StringIO()
-    count = 0
-    if fmt == "jsonl":
-        for row in rows:
-            buffer.write(json.dumps(row, default=_plain, ensure_ascii=False, separators=(",", ":")))
-            buffer.write("\n")
-            count += 1
-    else:
-        writer: csv.DictWriter[str] | None = None
-        if columns is not None:
-            writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-            writer.writeheader()
-        for row in rows:
-            if writer is None:
-                writer = csv.DictWriter(buffer, fieldnames=list(row), lineterminator="\n")
-                writer.writeheader()
-            writer.writerow({name: _csv_cell(value) for name, value in row.items()})
-            count += 1
+    count = _WRITERS[export_format](rows, buffer, columns)
     data = buffer.getvalue().encode("utf-8")
-    written = storage.write_bytes(uri, data, field=field, content_type=_CONTENT_TYPES[fmt])
+    written = storage.write_bytes(uri, data, field=field, content_type=_CONTENT_TYPES[export_format])
     return count, written

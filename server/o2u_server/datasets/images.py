@@ -33,10 +33,9 @@ __all__ = ["ImageHeader", "ImageItem", "decode_image", "load_images", "probe_ima
 
 T = TypeVar("T")
 R = TypeVar("R")
-FORMATS = ("PNG", "JPEG")
+IMAGE_FORMATS = ("PNG", "JPEG")  # what Pillow may decode
 WORKERS = 8
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ class ImageHeader:
 
 def _open(data: bytes, key: str, *, field: str, max_pixels: int) -> Image.Image:
     try:
-        image = Image.open(io.BytesIO(data), formats=FORMATS)
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise _too_many_pixels(key, str(error), max_pixels=max_pixels) from error
     except Exception as error:  # untrusted bytes: any decoder failure means a bad file, not a server bug
@@ -138,21 +137,8 @@ def load_images(
     field: str,
     max_pixels: int,
     max_bytes: int,
-    progress: Progress | None = None,
 ) -> tuple[np.ndarray[Any, np.dtype[np.uint8]], int]:
-    """All images as one array (see the module docstring) and the bytes read from storage.
-
-    Progress counts two steps per image (read, then decode): total = 2N.
-    """
-    total = 2 * len(items)
-    step = max(1, total // 100)
-    done = 0
-
-    def advance() -> None:
-        nonlocal done
-        done += 1
-        if progress is not None and (done % step == 0 or done == total):
-            progress(done, total)
+    """All images as one array (see the module docstring) and the bytes read from storage."""
 
     def read(item: ImageItem) -> tuple[bytes, bool, ImageHeader]:
         data, cached = storage.read_object(item.info, field=field)
@@ -167,7 +153,6 @@ def load_images(
             blobs.append(data)
             headers.append(header)
             bytes_read += 0 if cached else len(data)
-            advance()
         modes = Counter(header.mode for header in headers)
         mode = "L" if modes["L"] > modes["RGB"] else "RGB"
         size = Counter((header.width, header.height) for header in headers).most_common(1)[0][0]
@@ -190,7 +175,7 @@ def load_images(
             blobs[index] = b""  # the encoded bytes are no longer needed
 
         for _ in _bounded_map(executor, decode, range(len(items))):
-            advance()
+            pass  # wait for every decode; in key order, so an error names the first bad image
         return images, bytes_read
     finally:
         executor.shutdown(wait=True, cancel_futures=True)

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from o2u_server.errors import InvalidArgument
+from o2u_server.datasets.dataset import invalid_dataset
 
-__all__ = ["encode_labels", "invalid_dataset"]
+__all__ = ["encode_labels"]
 
 
 def encode_labels(
@@ -76,7 +76,3 @@ def _string_labels(
             )
         encoded[i] = index_of[value]
     return encoded, list(class_names)
-
-
-def invalid_dataset(message: str) -> InvalidArgument:
-    return InvalidArgument(message, reason="INVALID_DATASET", field="dataset")

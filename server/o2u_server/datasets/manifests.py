@@ -1,30 +1,60 @@
-"""Parsing `key,label` manifests and finding the files they list.
+"""What the manifest formats share: checked keys, one label type, and the files a manifest lists.
 
-Manifests are CSV files with a `key,label` header or JSON Lines files of `{"key": ..., "label": ...}`.
-A CSV label column made only of digits counts as integers; a JSONL file must use one JSON type
-(integer or string) for all its labels. Keys are '/'-separated paths relative to the manifest's
-folder: no leading '/', no empty, '.' or '..' segments, each listed once. The listed files are
+A manifest lists `key,label` rows (`csv_manifest`, `jsonl_manifest`: each parses its own text into
+rows). Keys are '/'-separated paths relative to the manifest's folder: no leading '/', no empty, '.'
+or '..' segments, each listed once; labels are all integers or all strings. The listed files are
 located before anything is downloaded, so their total size can be checked first: one stat per local
-file, or one listing of the keys' common folder in the object store.
+file, or one listing of the keys' common folder in the object store. Then `datasets.images` reads
+and decodes them.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
-import re
+from collections.abc import Callable
 
-from o2u_server.datasets.labels import invalid_dataset
+from o2u_server.datasets.dataset import (
+    DatasetLimits,
+    LoadedDataset,
+    empty_dataset,
+    invalid_dataset,
+    too_large,
+)
+from o2u_server.datasets.images import ImageItem, load_images
+from o2u_server.datasets.labels import encode_labels
 from o2u_server.errors import NotFound, PermissionDenied, ResourceExhausted
 from o2u_server.storage import ObjectInfo, Storage
 from o2u_server.storage.uris import file_uri, s3_uri
 
-__all__ = ["Manifest", "check_key", "locate_keys", "parse_manifest"]
+__all__ = ["Manifest", "ManifestRow", "check_key", "load_manifest", "locate_keys", "parse_manifest"]
 
-_DIGITS = re.compile(r"^[0-9]+$")
 Manifest = tuple[list[str], list[int] | list[str]]  # (keys, labels) in manifest order
+ManifestRow = tuple[int, str, object]  # (line number, key, label as parsed: an int or a str)
+RowParser = Callable[[str, str], list[ManifestRow]]  # (text, uri) -> rows; invalid_dataset if malformed
+
+
+def load_manifest(
+    uri: str, storage: Storage, limits: DatasetLimits, field: str, *, parse_rows: RowParser
+) -> LoadedDataset:
+    """The images a manifest lists, labelled as it says; `parse_rows` reads the format's rows."""
+    raw = storage.read_bytes(uri, field=field, max_bytes=limits.max_bytes)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise invalid_dataset(f"{uri} is not UTF-8 text: {error}") from error
+    keys, raw_labels = parse_manifest(parse_rows(text, uri), uri=uri, limits=limits)
+    if not keys:
+        raise empty_dataset(uri, "the manifest lists no rows")
+    infos = locate_keys(uri, keys, storage, field=field)
+    total_bytes = len(raw) + sum(info.size for info in infos)
+    if total_bytes > limits.max_bytes:
+        raise too_large(f"{uri} with the images it lists", total_bytes, limits)
+    labels, class_names = encode_labels(raw_labels, class_names=None, where=uri)
+    items = [ImageItem(info, key) for info, key in zip(infos, keys, strict=True)]
+    images, bytes_read = load_images(
+        items, storage, field=field, max_pixels=limits.max_image_pixels, max_bytes=limits.max_bytes
+    )
+    return LoadedDataset(images, labels, keys, class_names, bytes_read + len(raw), "file")
 
 
 def check_key(key: str, *, where: str) -> str:
@@ -44,17 +74,16 @@ def check_key(key: str, *, where: str) -> str:
     return key
 
 
-def parse_manifest(text: str, *, jsonl: bool, uri: str, max_samples: int) -> Manifest:
-    """Keys and labels of a CSV or JSONL manifest, checked; ResourceExhausted past `max_samples` rows."""
-    rows = _jsonl_rows(text, uri) if jsonl else _csv_rows(text, uri)
+def parse_manifest(rows: list[ManifestRow], *, uri: str, limits: DatasetLimits) -> Manifest:
+    """Keys and labels of parsed rows, checked; ResourceExhausted past `max_samples` rows."""
     keys: list[str] = []
     raw_labels: list[object] = []
     seen: set[str] = set()
     for line, key, label in rows:
         where = f"{uri} line {line}"
-        if len(keys) >= max_samples:
+        if len(keys) >= limits.max_samples:
             raise ResourceExhausted(
-                f"{uri} lists more than max_samples (O2U_MAX_SAMPLES) = {max_samples} samples",
+                f"{uri} lists more than max_samples (O2U_MAX_SAMPLES) = {limits.max_samples} samples",
                 reason="TOO_MANY_SAMPLES",
                 metadata={"limit": "max_samples"},
             )
@@ -67,56 +96,10 @@ def parse_manifest(text: str, *, jsonl: bool, uri: str, max_samples: int) -> Man
     strings = [label for label in raw_labels if isinstance(label, str)]
     integers = [label for label in raw_labels if isinstance(label, int)]
     if len(strings) == len(raw_labels):
-        if not jsonl and all(_DIGITS.match(label) for label in strings):
-            return keys, [int(label) for label in strings]
         return keys, strings
     if len(integers) == len(raw_labels):
         return keys, integers
     raise invalid_dataset(f"{uri}: labels mix integers and strings; use one type for all labels")
-
-
-def _csv_rows(text: str, uri: str) -> list[tuple[int, str, object]]:
-    reader = csv.reader(io.StringIO(text))
-    try:
-        header = [name.strip().lower() for name in next(reader, [])]
-        if "key" not in header or "label" not in header:
-            raise invalid_dataset(
-                f"{uri}: the first line must be a header naming the columns `key` and `label`"
-            )
-        key_column, label_column = header.index("key"), header.index("label")
-        rows: list[tuple[int, str, object]] = []
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) <= max(key_column, label_column):
-                raise invalid_dataset(f"{uri} line {reader.line_num}: expected columns {', '.join(header)}")
-            label = row[label_column].strip()
-            if not label:
-                raise invalid_dataset(f"{uri} line {reader.line_num}: the label is empty")
-            rows.append((reader.line_num, row[key_column].strip(), label))
-    except csv.Error as error:
-        raise invalid_dataset(f"{uri} line {reader.line_num}: not valid CSV: {error}") from error
-    return rows
-
-
-def _jsonl_rows(text: str, uri: str) -> list[tuple[int, str, object]]:
-    rows: list[tuple[int, str, object]] = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise invalid_dataset(f"{uri} line {line_number}: not valid JSON: {error}") from error
-        if not isinstance(record, dict) or not isinstance(record.get("key"), str):
-            raise invalid_dataset(
-                f'{uri} line {line_number}: expected an object {{"key": "<path>", "label": ...}}'
-            )
-        label = record.get("label")
-        if isinstance(label, bool) or not isinstance(label, int | str) or label == "":
-            raise invalid_dataset(f"{uri} line {line_number}: label must be an integer or a non-empty string")
-        rows.append((line_number, record["key"], label))
-    return rows
 
 
 def locate_keys(manifest_uri: str, keys: list[str], storage: Storage, *, field: str) -> list[ObjectInfo]:

@@ -6,9 +6,9 @@ live events for watchers. It speaks domain types only and raises `o2u_server.err
 which the interceptor maps to status codes.
 
 Where a bad dataset shows up: CreateScoringJob checks the URI's form and permissions and that the
-object exists (a single `stat`, or one listing page for an image folder), so a typo gets NOT_FOUND at
-once; a dataset that disappears or turns out malformed after acceptance fails the job instead, with
-the same code in `ScoringJob.error.code` (NOT_FOUND, INVALID_ARGUMENT, PERMISSION_DENIED, ...).
+object exists (`datasets.check_dataset_exists`: one `stat`, or one listing page for a folder), so a
+typo gets NOT_FOUND at once; a dataset that disappears or turns out malformed after acceptance fails
+the job instead, with the same code in `ScoringJob.error.code` (NOT_FOUND, INVALID_ARGUMENT, ...).
 """
 
 from __future__ import annotations
@@ -16,61 +16,37 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import math
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import aclosing
 from typing import Literal, TypeVar
 
-from o2u_server import datasets
-from o2u_server.domain import DatasetSummary, Job, JobEvent, JobSpec, JobState, ScoreFilter, ScorePage
-from o2u_server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from o2u_server.jobs.engine import engine_config
+from o2u_server.datasets import check_dataset_exists
+from o2u_server.datasets.exports import EXPORT_COLUMNS, infer_export_format, write_export
+from o2u_server.domain import (
+    DatasetSummary,
+    ExportFormat,
+    Job,
+    JobEvent,
+    JobSpec,
+    JobState,
+    ScoreFilter,
+    ScorePage,
+)
+from o2u_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from o2u_server.jobs.events import EventHub, follow
 from o2u_server.jobs.paging import PagePosition, PageTokens, resolve_page_size
+from o2u_server.jobs.requests import check_job_id, check_job_spec, check_score_filter, new_job_id
 from o2u_server.jobs.runner import JobRunner
 from o2u_server.jobs.store import JobStore
 from o2u_server.metrics import ServerMetrics
 from o2u_server.settings import Settings
 from o2u_server.storage import Storage
 
-__all__ = ["EXPORT_COLUMNS", "JobManager", "new_job_id"]
+__all__ = ["JobManager"]
 
 T = TypeVar("T")
-_JOB_ID = re.compile(r"job-[0-9a-f]{32}")
-_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-EXPORT_COLUMNS = (
-    "rank",
-    "sample_id",
-    "key",
-    "score",
-    "score_variance",
-    "noise_probability",
-    "suspected",
-    "given_label",
-    "given_label_name",
-    "suggested_label",
-    "suggested_label_name",
-    "suggested_label_confidence",
-)
-
-
-def new_job_id() -> str:
-    return f"job-{uuid.uuid4().hex}"
-
-
-def check_job_id(job_id: str) -> str:
-    if not _JOB_ID.fullmatch(job_id):
-        shown = job_id if len(job_id) <= 80 else job_id[:80] + "..."
-        raise InvalidArgument(
-            f"job_id {shown!r} is not a job id; job ids look like 'job-' followed by 32 hex digits",
-            reason="INVALID_JOB_ID",
-            field="job_id",
-        )
-    return job_id
 
 
 class JobManager:
@@ -132,26 +108,16 @@ class JobManager:
                 reason="SERVER_SHUTTING_DOWN",
                 retry_after_seconds=5,
             )
-        if spec.request_id is not None and not _REQUEST_ID.fullmatch(spec.request_id):
-            raise InvalidArgument(
-                "request_id must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_' (a UUID is recommended)",
-                reason="INVALID_REQUEST_ID",
-                field="request_id",
-            )
-        if len(spec.display_name) > 256:
-            raise InvalidArgument("display_name is longer than 256 characters", field="display_name")
-        engine_config(spec.config)  # INVALID_ARGUMENT naming the field, before anything is stored
-        fmt = spec.dataset_format or datasets.infer_format(spec.dataset_uri)
-        self._storage.parse(spec.dataset_uri, field="dataset.uri", allow_prefix=fmt == "image_folder")
-        if spec.initial_weights_uri:
-            self._storage.parse(spec.initial_weights_uri, field="config.initial_weights_uri")
+        check_job_spec(spec, self._storage)
         return await self._db(self._create, spec)
 
     def _create(self, spec: JobSpec) -> Job:
         earlier = self._store.job_for_request(spec)
         if earlier is not None:
             return earlier  # a retry: the dataset check already passed the first time
-        self._check_dataset_exists(spec)
+        check_dataset_exists(spec.dataset_uri, spec.dataset_format, self._storage)
+        if spec.initial_weights_uri:
+            self._storage.stat(spec.initial_weights_uri, field="config.initial_weights_uri")
         job, created = self._store.create_job(
             new_job_id(), spec, time.time(), max_queued=self._settings.max_queued_jobs
         )
@@ -159,24 +125,6 @@ class JobManager:
             self._runner.submit(job.job_id)
             self._metrics.count_jobs(self._store.state_counts())
         return job
-
-    def _check_dataset_exists(self, spec: JobSpec) -> None:
-        if (spec.dataset_format or datasets.infer_format(spec.dataset_uri)) == "image_folder":
-            objects = self._storage.iter_objects(spec.dataset_uri, field="dataset.uri")
-            first = next(objects, None)
-            getattr(objects, "close", lambda: None)()  # end the listing after its first entry
-            if first is None:
-                raise NotFound(
-                    f"dataset.uri {spec.dataset_uri!r} names an image folder with no files in it",
-                    reason="DATASET_NOT_FOUND",
-                    field="dataset.uri",
-                    resource_type="object",
-                    resource_name=spec.dataset_uri,
-                )
-        else:
-            self._storage.stat(spec.dataset_uri, field="dataset.uri")
-        if spec.initial_weights_uri:
-            self._storage.stat(spec.initial_weights_uri, field="config.initial_weights_uri")
 
     async def get(self, job_id: str) -> Job:
         self._ready()
@@ -270,26 +218,21 @@ class JobManager:
         return job
 
     async def list_scores(
-        self, job_id: str, page_size: int, page_token: str, filter: ScoreFilter
+        self, job_id: str, page_size: int, page_token: str, score_filter: ScoreFilter
     ) -> ScorePage:
         tokens = self._ready()
-        if filter.top_k < 0:
-            raise InvalidArgument(
-                "top_k must be >= 0 (0 means all samples)", reason="INVALID_FILTER", field="top_k"
-            )
-        if filter.min_score is not None and not math.isfinite(filter.min_score):
-            raise InvalidArgument(
-                "min_score must be a finite number", reason="INVALID_FILTER", field="min_score"
-            )
+        check_score_filter(score_filter)
         size = resolve_page_size(
             page_size, default=self._settings.default_page_size, maximum=self._settings.max_page_size
         )
-        binding = PageTokens.binding("scores", job_id=job_id, **dataclasses.asdict(filter))
+        binding = PageTokens.binding("scores", job_id=job_id, **dataclasses.asdict(score_filter))
         position = tokens.parse(page_token, binding)
         await self._succeeded(job_id)
-        total = position.total if position else await self._db(self._store.results.count, job_id, filter)
+        total = (
+            position.total if position else await self._db(self._store.results.count, job_id, score_filter)
+        )
         after = position.after if position else 0
-        rows = await self._db(self._store.results.page, job_id, filter, after, size + 1)
+        rows = await self._db(self._store.results.page, job_id, score_filter, after, size + 1)
         next_token = ""
         if len(rows) > size:
             next_token = tokens.issue(binding, PagePosition(after=rows[size - 1].rank, total=total))
@@ -301,24 +244,24 @@ class JobManager:
         return await self._db(self._store.results.summary, job_id)
 
     async def export(
-        self, job_id: str, destination_uri: str, fmt: Literal["jsonl", "csv"] | None, only_suspected: bool
+        self, job_id: str, destination_uri: str, export_format: ExportFormat | None, only_suspected: bool
     ) -> tuple[int, int]:
         """Write the job's scores to `destination_uri`; returns (rows, bytes) written."""
         self._ready()
         check_job_id(job_id)
         self._storage.parse(destination_uri, field="destination_uri")
-        if fmt is None:
-            fmt = datasets.infer_export_format(destination_uri)
+        if export_format is None:
+            export_format = infer_export_format(destination_uri)
         await self._succeeded(job_id)
         return await self._db(
-            self._export, job_id, destination_uri, fmt, ScoreFilter(only_suspected=only_suspected)
+            self._export, job_id, destination_uri, export_format, ScoreFilter(only_suspected=only_suspected)
         )
 
     def _export(
-        self, job_id: str, destination_uri: str, fmt: Literal["jsonl", "csv"], filter: ScoreFilter
+        self, job_id: str, destination_uri: str, export_format: ExportFormat, score_filter: ScoreFilter
     ) -> tuple[int, int]:
         rows: Iterator[dict[str, object]] = (
             {column: getattr(row, column) for column in EXPORT_COLUMNS}
-            for row in self._store.results.iterate(job_id, filter)
+            for row in self._store.results.iterate(job_id, score_filter)
         )
-        return datasets.write_export(rows, destination_uri, fmt, self._storage, columns=EXPORT_COLUMNS)
+        return write_export(rows, destination_uri, export_format, self._storage, columns=EXPORT_COLUMNS)

@@ -16,6 +16,7 @@ from o2u_server.domain import (
     ClassNoise,
     CleanRetrainingInfo,
     ConfusedPair,
+    DatasetFormat,
     DatasetSummary,
     EventType,
     Job,
@@ -78,7 +79,7 @@ def decode_summary(text: str) -> DatasetSummary:
 def job_from_row(row: sqlite3.Row) -> Job:
     spec = JobSpec(
         dataset_uri=row["dataset_uri"],
-        dataset_format=row["dataset_format"],
+        dataset_format=DatasetFormat(row["dataset_format"]) if row["dataset_format"] else None,
         config=json.loads(row["config_json"]),
         initial_weights_uri=row["initial_weights_uri"],
         display_name=row["display_name"],

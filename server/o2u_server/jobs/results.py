@@ -23,16 +23,16 @@ _COLUMNS = (
 _INSERT_BATCH = 10_000
 
 
-def _where(job_id: str, filter: ScoreFilter) -> tuple[str, list[object]]:
+def _where(job_id: str, score_filter: ScoreFilter) -> tuple[str, list[object]]:
     clauses: list[str] = ["job_id = ?"]
     params: list[object] = [job_id]
-    if filter.top_k > 0:
+    if score_filter.top_k > 0:
         clauses.append("rank <= ?")
-        params.append(filter.top_k)
-    if filter.min_score is not None:
+        params.append(score_filter.top_k)
+    if score_filter.min_score is not None:
         clauses.append("score >= ?")
-        params.append(filter.min_score)
-    if filter.only_suspected:
+        params.append(score_filter.min_score)
+    if score_filter.only_suspected:
         clauses.append("suspected = 1")
     return " AND ".join(clauses), params
 
@@ -86,8 +86,10 @@ class ResultsStore:
             suggested_label_name=names.get(row["suggested_label"], str(row["suggested_label"])),
         )
 
-    def page(self, job_id: str, filter: ScoreFilter, after_rank: int, limit: int) -> list[NoiseScoreRow]:
-        where, params = _where(job_id, filter)
+    def page(
+        self, job_id: str, score_filter: ScoreFilter, after_rank: int, limit: int
+    ) -> list[NoiseScoreRow]:
+        where, params = _where(job_id, score_filter)
         with self._db.read() as conn:
             names = self._names(conn, job_id)
             rows = conn.execute(
@@ -96,18 +98,18 @@ class ResultsStore:
             ).fetchall()
         return [self._row(row, names) for row in rows]
 
-    def count(self, job_id: str, filter: ScoreFilter) -> int:
-        where, params = _where(job_id, filter)
+    def count(self, job_id: str, score_filter: ScoreFilter) -> int:
+        where, params = _where(job_id, score_filter)
         (total,) = (
             self._db.connection().execute(f"SELECT COUNT(*) FROM scores WHERE {where}", params).fetchone()
         )
         return int(total)
 
-    def iterate(self, job_id: str, filter: ScoreFilter, batch: int = 5_000) -> Iterator[NoiseScoreRow]:
+    def iterate(self, job_id: str, score_filter: ScoreFilter, batch: int = 5_000) -> Iterator[NoiseScoreRow]:
         """Every matching score in rank order, read in pages so memory stays flat."""
         after = 0
         while True:
-            rows = self.page(job_id, filter, after, batch)
+            rows = self.page(job_id, score_filter, after, batch)
             yield from rows
             if len(rows) < batch:
                 return

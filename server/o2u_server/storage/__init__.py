@@ -9,7 +9,6 @@ changed object is never served stale. Methods block and are safe to call from se
 
 from __future__ import annotations
 
-import builtins
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -173,10 +172,6 @@ class Storage:
         store, bucket = self._s3(ref)
         for name, size, etag in store.iter_objects(bucket, ref.key):
             yield ObjectInfo(s3_uri(bucket, name), size, etag, name[len(ref.key) :])
-
-    def list(self, uri_prefix: str, *, field: str = "dataset.uri") -> builtins.list[ObjectInfo]:
-        """All of iter_objects at once."""
-        return builtins.list(self.iter_objects(uri_prefix, field=field))
 
     # ---- writing ----------------------------------------------------------------------------
 

@@ -1,9 +1,7 @@
-"""load_dataset (.npz, manifests) and write_export on real files and a real S3 server."""
+"""load_dataset on .npz archives and CSV/JSONL manifests, on real files and a real S3 server."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -11,7 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from o2u_server.datasets import DatasetLimits, infer_format, load_dataset, write_export
+from o2u_server.datasets import DatasetLimits, load_dataset
+from o2u_server.domain import DatasetFormat
 from o2u_server.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from o2u_server.storage import Storage
 from tests.o2u_server.dataset_files import (
@@ -44,8 +43,7 @@ def test_npz_images_round_trip(store: Store, compressed: bool) -> None:
     x = np.random.default_rng(0).integers(0, 256, size=(5, 4, 4, 3), dtype=np.uint8)
     y = np.array([0, 1, 2, 1, 0])
     uri = store.put("sets/images.npz", npz_bytes(compressed, x=x, y=y))
-    calls: list[tuple[int, int]] = []
-    dataset = load_dataset(uri, None, store.storage, LIMITS, lambda done, total: calls.append((done, total)))
+    dataset = load_dataset(uri, None, store.storage, LIMITS)
     np.testing.assert_array_equal(dataset.features, x)
     np.testing.assert_array_equal(dataset.labels, y)
     assert dataset.labels.dtype == np.int64
@@ -54,13 +52,12 @@ def test_npz_images_round_trip(store: Store, compressed: bool) -> None:
     assert dataset.source == store.scheme
     assert dataset.bytes_read == len(npz_bytes(compressed, x=x, y=y))
     assert dataset.features.flags.writeable  # torch.from_numpy must not warn about read-only memory
-    assert calls[-1] == (5, 5)
 
 
 def test_uncompressed_local_npz_is_memory_mapped(root: Path, storage: Storage) -> None:
     x = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)
     np.savez(root / "features.npz", x=x, y=np.array([0, 1, 0, 1]))
-    dataset = load_dataset(f"file://{root}/features.npz", "npz", storage, LIMITS)
+    dataset = load_dataset(f"file://{root}/features.npz", DatasetFormat.NPZ, storage, LIMITS)
     base = dataset.features
     while base.base is not None and not isinstance(base, np.memmap):
         base = base.base
@@ -73,7 +70,7 @@ def test_npz_features_with_string_labels_ids_and_class_names(store: Store) -> No
     y = np.array(["wolf", "ant", "wolf", "bee"])
     ids = np.array(["a", "b", "c", "d"])
     uri = store.put("sets/features.npz", npz_bytes(x=x, y=y, ids=ids))
-    dataset = load_dataset(uri, "npz", store.storage, LIMITS)
+    dataset = load_dataset(uri, DatasetFormat.NPZ, store.storage, LIMITS)
     assert dataset.class_names == ["ant", "bee", "wolf"]
     assert dataset.labels.tolist() == [2, 0, 2, 1]
     assert dataset.keys == ["a", "b", "c", "d"]
@@ -153,7 +150,7 @@ def test_jsonl_manifest_with_string_labels(store: Store) -> None:
         json.dumps({"key": f"images/{key}", "label": key.split("/")[0].upper()}) for key in sorted(expected)
     ]
     uri = store.put("deep/manifest.jsonl", ("\n".join(reversed(lines)) + "\n\n").encode())
-    dataset = load_dataset(uri, "jsonl_manifest", store.storage, LIMITS)
+    dataset = load_dataset(uri, DatasetFormat.JSONL_MANIFEST, store.storage, LIMITS)
     assert dataset.keys == [f"images/{key}" for key in sorted(expected, reverse=True)]
     assert dataset.class_names == ["CAT", "DOG", "EMU"]
     assert dataset.labels.tolist() == [2, 2, 1, 1, 0, 0]
@@ -202,54 +199,3 @@ def test_manifest_sample_limit(store: Store) -> None:
     uri = store.put("many/labels.csv", rows.encode())
     with pytest.raises(ResourceExhausted, match="max_samples"):
         load_dataset(uri, None, store.storage, DatasetLimits(LIMITS.max_bytes, 9, 1000))
-
-
-def test_format_is_inferred_or_refused(root: Path, storage: Storage) -> None:
-    assert infer_format("s3://b/x/data.NPZ") == "npz"
-    assert infer_format("file:///r/labels.csv") == "csv_manifest"
-    assert infer_format("file:///r/labels.jsonl") == "jsonl_manifest"
-    assert infer_format("s3://b/folder/") == "image_folder"
-    with pytest.raises(InvalidArgument) as caught:
-        load_dataset(f"file://{root}/x.npz", "parquet", storage, LIMITS)
-    assert caught.value.field == "dataset.format"
-
-
-# ---- exports --------------------------------------------------------------------------------------
-
-
-ROWS: list[dict[str, object]] = [
-    {"sample_id": 0, "key": "cat/0.png", "score": 1.5, "rank": np.int64(1), "suspected": True},
-    {"sample_id": 1, "key": 'dog/"1",.png', "score": np.float64(-0.25), "rank": 2, "suspected": False},
-]
-
-
-def test_exports_round_trip(store: Store, s3: S3Server, root: Path) -> None:
-    storage = store.storage
-    jsonl_uri = store.uri("exports/run-1/scores.jsonl")
-    assert write_export(iter(ROWS), jsonl_uri, "jsonl", storage)[0] == 2
-    csv_uri = store.uri("exports/run-1/scores.csv")
-    rows, size = write_export(ROWS, csv_uri, "csv", storage)
-    assert rows == 2
-    jsonl_text = storage.read_bytes(jsonl_uri).decode()
-    assert [json.loads(line) for line in jsonl_text.splitlines()] == [
-        {"sample_id": 0, "key": "cat/0.png", "score": 1.5, "rank": 1, "suspected": True},
-        {"sample_id": 1, "key": 'dog/"1",.png', "score": -0.25, "rank": 2, "suspected": False},
-    ]
-    csv_bytes = storage.read_bytes(csv_uri)
-    assert len(csv_bytes) == size
-    parsed = list(csv.DictReader(io.StringIO(csv_bytes.decode())))
-    assert parsed[1] == {
-        "sample_id": "1",
-        "key": 'dog/"1",.png',
-        "score": "-0.25",
-        "rank": "2",
-        "suspected": "false",
-    }
-
-
-def test_export_outside_roots_is_denied(storage: Storage, root: Path) -> None:
-    with pytest.raises(PermissionDenied):
-        write_export(ROWS, f"file://{root.parent}/scores.csv", "csv", storage)
-    assert not (root.parent / "scores.csv").exists()
-    with pytest.raises(PermissionDenied):
-        write_export(ROWS, "s3://not-allowed/scores.csv", "csv", storage)

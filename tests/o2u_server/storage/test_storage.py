@@ -111,7 +111,8 @@ def test_traversal_is_denied_and_nothing_outside_is_opened(
     (root / "escape").symlink_to(root.parent / "outside")
     (root / "secret-link.txt").symlink_to(root.parent / "outside" / "secret.txt")
     uri = make_uri(root)
-    for attempt in (storage.read_bytes, storage.stat, storage.open_local, storage.list):
+    listing: Callable[[str], object] = lambda uri: list(storage.iter_objects(uri))  # noqa: E731
+    for attempt in (storage.read_bytes, storage.stat, storage.open_local, listing):
         with pytest.raises(PermissionDenied) as caught:
             attempt(uri)
         assert caught.value.field == "dataset.uri"
@@ -124,7 +125,7 @@ def test_traversal_is_denied_and_nothing_outside_is_opened(
 def test_listing_refuses_a_file_linking_outside(storage: Storage, root: Path) -> None:
     (root / "data" / "leak.txt").symlink_to(root.parent / "outside" / "secret.txt")
     with pytest.raises(PermissionDenied, match=r"leak\.txt"):
-        storage.list(f"file://{root}/data")
+        list(storage.iter_objects(f"file://{root}/data"))
 
 
 @pytest.mark.parametrize(
@@ -199,7 +200,7 @@ def test_reads_stats_and_lists_objects(storage: Storage, s3: S3Server) -> None:
     info = storage.stat("s3://datasets/listing/b/22.bin")
     assert (info.uri, info.size) == ("s3://datasets/listing/b/22.bin", 2)
     assert info.etag
-    listed = storage.list("s3://datasets/listing/")
+    listed = list(storage.iter_objects("s3://datasets/listing/"))
     assert [(item.relative_key, item.size) for item in listed] == [("a/1.bin", 1), ("b/22.bin", 2)]
     assert storage.open_local("s3://datasets/listing/a/1.bin") is None
 
@@ -240,11 +241,11 @@ def test_writes_objects(storage: Storage, s3: S3Server) -> None:
 
 def test_cache_serves_unchanged_objects_and_notices_changes(storage: Storage, s3: S3Server) -> None:
     s3.put("datasets", "cached/img.png", b"first")
-    (info,) = storage.list("s3://datasets/cached/")
+    (info,) = list(storage.iter_objects("s3://datasets/cached/"))
     assert storage.read_object(info) == (b"first", False)
     assert storage.read_object(info) == (b"first", True)
     s3.put("datasets", "cached/img.png", b"second")
-    (changed,) = storage.list("s3://datasets/cached/")
+    (changed,) = list(storage.iter_objects("s3://datasets/cached/"))
     assert changed.etag != info.etag
     assert storage.read_object(changed) == (b"second", False)
 
@@ -257,7 +258,7 @@ def test_unreachable_store_is_unavailable_within_bounded_time(root: Path) -> Non
         server.stop()
         for attempt in (
             lambda: storage.read_bytes("s3://datasets/data.npz"),
-            lambda: storage.list("s3://datasets/"),
+            lambda: list(storage.iter_objects("s3://datasets/")),
             lambda: storage.write_bytes("s3://datasets/x.csv", b"x"),
             storage.check_reachable,
         ):
