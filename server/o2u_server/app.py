@@ -110,26 +110,9 @@ class O2UServer:
             metrics=self.metrics,
             executor=self._executor,
         )
-        limit = self.settings.max_message_bytes
-        self._server = server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.metrics), *auth_interceptors(self.settings)],
-            options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-                ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-                ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
-                ("grpc.keepalive_permit_without_calls", 1),
-            ],
-        )
-        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(self._manager), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self._server = server = self._grpc_server(self._manager)
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
         credentials = server_credentials(self.settings)
         address = self.settings.listen_address
         if credentials is None:
@@ -156,6 +139,29 @@ class O2UServer:
             extra={"port": self.port, "metrics_port": self.metrics_port, "devices": ",".join(self.devices)},
         )
         return self.port
+
+    def _grpc_server(self, manager: JobManager) -> grpc.aio.Server:
+        """The gRPC server with its interceptors, limits and keepalive, serving ScoringService,
+        health and reflection."""
+        limit = self.settings.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(self.metrics), *auth_interceptors(self.settings)],
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+                ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+        )
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(manager), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        return server
 
     def _open_store(self) -> tuple[Recovery, bytes]:
         """Open the store, requeue unfinished jobs; returns them and the page token secret."""

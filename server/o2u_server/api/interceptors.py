@@ -19,7 +19,7 @@ from typing import Any, NoReturn, TypeAlias
 
 import grpc
 
-from o2u_server.api.status import grpc_status
+from o2u_server.api.status import grpc_code, grpc_status
 from o2u_server.errors import Internal, ServiceError
 from o2u_server.metrics import ServerMetrics
 
@@ -71,7 +71,7 @@ class _Call:
                 f"internal error while handling {self.method}; the server logged the details",
                 reason="INTERNAL",
             )
-        self.code = error.code.name
+        self.code = grpc_code(error).name
         await context.abort_with_status(grpc_status(error))
         raise AssertionError("abort_with_status returned")  # pragma: no cover
 

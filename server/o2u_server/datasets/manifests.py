@@ -104,26 +104,26 @@ def parse_manifest(rows: list[ManifestRow], *, uri: str, limits: DatasetLimits) 
 
 def locate_keys(manifest_uri: str, keys: list[str], storage: Storage, *, field: str) -> list[ObjectInfo]:
     """Size and ETag of every listed key: one stat per file, or one listing for an object store."""
-    ref = storage.parse(manifest_uri, field=field)
-    if ref.scheme == "file":
-        folder = os.path.dirname(ref.key)
+    reference = storage.parse(manifest_uri, field=field)
+    if reference.scheme == "file":
+        folder = os.path.dirname(reference.key)
         return [storage.stat(file_uri(os.path.join(folder, key)), field=field) for key in keys]
-    assert ref.bucket is not None
-    folder = ref.key.rpartition("/")[0] + "/" if "/" in ref.key else ""
+    assert reference.bucket is not None
+    folder = reference.key.rpartition("/")[0] + "/" if "/" in reference.key else ""
     full_keys = [folder + key for key in keys]
     folders = {key.rpartition("/")[0] for key in full_keys}
     common = "" if "" in folders else os.path.commonpath(list(folders))
     listing_prefix = common + "/" if common else ""
     wanted = set(full_keys)
     listed: dict[str, ObjectInfo] = {}
-    for info in storage.iter_objects(s3_uri(ref.bucket, listing_prefix), field=field):
+    for info in storage.iter_objects(s3_uri(reference.bucket, listing_prefix), field=field):
         name = listing_prefix + info.relative_key
         if name in wanted:
             listed[name] = info
     infos = []
     for key, full_key in zip(keys, full_keys, strict=True):
         if full_key not in listed:
-            uri = s3_uri(ref.bucket, full_key)
+            uri = s3_uri(reference.bucket, full_key)
             raise NotFound(
                 f"{manifest_uri} lists {key!r}, but {uri} does not exist",
                 reason="OBJECT_NOT_FOUND",

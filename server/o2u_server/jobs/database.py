@@ -120,12 +120,12 @@ class Database:
         self._closed = False
         conn = self.connection()
         conn.execute("PRAGMA journal_mode=WAL")
-        with self.write(durable=True) as tx:
+        with self.write(durable=True) as transaction:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
-                    tx.execute(statement)
-            tx.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-            tx.execute(
+                    transaction.execute(statement)
+            transaction.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            transaction.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('page_token_secret', ?)", (secrets.token_bytes(32),)
             )
 
@@ -192,6 +192,3 @@ class Database:
             raise KeyError(key)
         value = row[0]
         return value if isinstance(value, bytes) else str(value).encode()
-
-    def integrity_check(self) -> str:
-        return str(self.connection().execute("PRAGMA integrity_check").fetchone()[0])

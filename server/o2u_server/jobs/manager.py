@@ -74,7 +74,7 @@ class JobManager:
         self._phase: Literal["starting", "serving", "draining"] = "starting"
         self._watchers = 0
 
-    async def _db(self, function: Callable[..., T], *args: object) -> T:
+    async def _blocking(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, functools.partial(function, *args)
         )
@@ -109,7 +109,7 @@ class JobManager:
                 retry_after_seconds=5,
             )
         check_job_spec(spec, self._storage)
-        return await self._db(self._create, spec)
+        return await self._blocking(self._create, spec)
 
     def _create(self, spec: JobSpec) -> Job:
         earlier = self._store.job_for_request(spec)
@@ -128,7 +128,7 @@ class JobManager:
 
     async def get(self, job_id: str) -> Job:
         self._ready()
-        return await self._db(self._store.get_job, check_job_id(job_id))
+        return await self._blocking(self._store.get_job, check_job_id(job_id))
 
     async def list_jobs(
         self, page_size: int, page_token: str, state: JobState | None
@@ -139,7 +139,9 @@ class JobManager:
         )
         binding = PageTokens.binding("jobs", state=state.value if state else None)
         position = tokens.parse(page_token, binding)
-        rows = await self._db(self._store.list_jobs, state, position.after if position else None, size + 1)
+        rows = await self._blocking(
+            self._store.list_jobs, state, position.after if position else None, size + 1
+        )
         next_token = ""
         if len(rows) > size:
             next_token = tokens.issue(binding, PagePosition(after=rows[size - 1][0], total=-1))
@@ -147,10 +149,10 @@ class JobManager:
 
     async def cancel(self, job_id: str) -> Job:
         self._ready()
-        job, event = await self._db(self._store.request_cancel, check_job_id(job_id), time.time())
+        job, event = await self._blocking(self._store.request_cancel, check_job_id(job_id), time.time())
         if event is not None:
             self._metrics.jobs_finished.labels(state=JobState.CANCELLED.value).inc()
-            self._metrics.count_jobs(await self._db(self._store.state_counts))
+            self._metrics.count_jobs(await self._blocking(self._store.state_counts))
             self._hub.publish(event)
         elif job.state is JobState.RUNNING:
             self._runner.cancel(job_id)
@@ -158,7 +160,7 @@ class JobManager:
 
     async def delete(self, job_id: str) -> None:
         self._ready()
-        await self._db(self._store.delete_job, check_job_id(job_id))
+        await self._blocking(self._store.delete_job, check_job_id(job_id))
         for name in (f"{job_id}.pt", f"{job_id}.init.pt"):
             (self._settings.checkpoint_dir / name).unlink(missing_ok=True)
 
@@ -183,10 +185,10 @@ class JobManager:
         self._watchers += 1
         self._metrics.watch_streams.inc()
         try:
-            job, replay = await self._db(self._store.job_with_events, job_id, after_sequence)
+            job, replay = await self._blocking(self._store.job_with_events, job_id, after_sequence)
 
             async def fetch(after: int, until: int) -> list[JobEvent]:
-                return await self._db(self._store.events_after, job_id, after, until)
+                return await self._blocking(self._store.events.after, job_id, after, until)
 
             events = follow(
                 subscription, replay, after_sequence=after_sequence, finished=job.finished, fetch=fetch
@@ -202,7 +204,7 @@ class JobManager:
     # -- results -------------------------------------------------------------------------------
 
     async def _succeeded(self, job_id: str) -> Job:
-        job = await self._db(self._store.get_job, check_job_id(job_id))
+        job = await self._blocking(self._store.get_job, check_job_id(job_id))
         if job.state is not JobState.SUCCEEDED:
             detail = (
                 "it has not finished yet; watch it or retry after it succeeds"
@@ -229,10 +231,12 @@ class JobManager:
         position = tokens.parse(page_token, binding)
         await self._succeeded(job_id)
         total = (
-            position.total if position else await self._db(self._store.results.count, job_id, score_filter)
+            position.total
+            if position
+            else await self._blocking(self._store.results.count, job_id, score_filter)
         )
         after = position.after if position else 0
-        rows = await self._db(self._store.results.page, job_id, score_filter, after, size + 1)
+        rows = await self._blocking(self._store.results.page, job_id, score_filter, after, size + 1)
         next_token = ""
         if len(rows) > size:
             next_token = tokens.issue(binding, PagePosition(after=rows[size - 1].rank, total=total))
@@ -241,7 +245,7 @@ class JobManager:
     async def summary(self, job_id: str) -> DatasetSummary:
         self._ready()
         await self._succeeded(job_id)
-        return await self._db(self._store.results.summary, job_id)
+        return await self._blocking(self._store.results.summary, job_id)
 
     async def export(
         self, job_id: str, destination_uri: str, export_format: ExportFormat | None, only_suspected: bool
@@ -253,7 +257,7 @@ class JobManager:
         if export_format is None:
             export_format = infer_export_format(destination_uri)
         await self._succeeded(job_id)
-        return await self._db(
+        return await self._blocking(
             self._export, job_id, destination_uri, export_format, ScoreFilter(only_suspected=only_suspected)
         )
 

@@ -1,4 +1,4 @@
-"""Decoding of job store rows into domain dataclasses, and the JSON kept in its TEXT columns.
+"""Job store rows to and from domain dataclasses, and the JSON kept in their TEXT columns.
 
 Progress, errors, run information and dataset summaries are small, read whole and never queried by
 field, so a JSON column keeps the schema short; scores, which are paged and filtered, get real
@@ -37,6 +37,7 @@ __all__ = [
     "encode",
     "event_from_row",
     "job_from_row",
+    "new_job_row",
 ]
 
 
@@ -74,6 +75,23 @@ def decode_summary(text: str) -> DatasetSummary:
     data["clean_retraining"] = CleanRetrainingInfo(**data["clean_retraining"])
     data["run_info"] = _run_info(data["run_info"])
     return DatasetSummary(**data)
+
+
+def new_job_row(job_id: str, spec: JobSpec, now: float) -> dict[str, object]:
+    """The columns of a newly accepted (QUEUED) job's row; the rest keep their defaults."""
+    return {
+        "job_id": job_id,
+        "request_id": spec.request_id or None,
+        "request_hash": spec.fingerprint(),
+        "display_name": spec.display_name,
+        "dataset_uri": spec.dataset_uri,
+        "dataset_format": spec.dataset_format.value if spec.dataset_format else None,
+        "config_json": json.dumps(spec.config, sort_keys=True),
+        "initial_weights_uri": spec.initial_weights_uri,
+        "state": JobState.QUEUED.value,
+        "create_time": now,
+        "update_time": now,
+    }
 
 
 def job_from_row(row: sqlite3.Row) -> Job:

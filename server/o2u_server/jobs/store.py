@@ -1,4 +1,5 @@
-"""The durable job store: jobs, their ordered event logs, scores and dataset summaries in SQLite.
+"""The durable job store: jobs, their ordered event logs (`event_log`), scores and dataset summaries
+(`results`) in SQLite (`database`).
 
 Every state change of a job is one transaction that updates the job row and appends the event that
 reports it, with the next per-job sequence number, so the event log and the job never disagree and a
@@ -9,7 +10,6 @@ All methods are blocking; the job manager calls them from worker threads, never 
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,6 +32,7 @@ from o2u_server.domain import (
 from o2u_server.errors import AlreadyExists, Code, FailedPrecondition, NotFound, ResourceExhausted
 from o2u_server.jobs import records
 from o2u_server.jobs.database import Database
+from o2u_server.jobs.event_log import EventLog
 from o2u_server.jobs.results import ResultsStore
 
 __all__ = ["JobStore", "Recovery"]
@@ -59,6 +60,7 @@ class JobStore:
 
     def __init__(self, path: Path) -> None:
         self.db = Database(path)
+        self.events = EventLog(self.db)
         self.results = ResultsStore(self.db)
 
     def open(self) -> None:
@@ -80,38 +82,6 @@ class JobStore:
             raise _not_found(job_id)
         return row
 
-    @staticmethod
-    def _append_event(
-        conn: sqlite3.Connection,
-        job_id: str,
-        now: float,
-        kind: EventType,
-        state: JobState,
-        *,
-        progress: Progress | None = None,
-        error: JobError | None = None,
-        message: str = "",
-    ) -> JobEvent:
-        (sequence,) = conn.execute(
-            "UPDATE jobs SET last_sequence = last_sequence + 1 WHERE job_id = ? RETURNING last_sequence",
-            (job_id,),
-        ).fetchone()
-        event = JobEvent(job_id, sequence, now, kind, state, progress, error, message)
-        conn.execute(
-            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                job_id,
-                sequence,
-                now,
-                kind.value,
-                state.value,
-                records.encode(progress),
-                records.encode(error),
-                message,
-            ),
-        )
-        return event
-
     def _transition(
         self,
         conn: sqlite3.Connection,
@@ -128,7 +98,7 @@ class JobStore:
             "WHERE job_id = ?",
             (state.value, now, end_time, records.encode(error), job_id),
         )
-        return self._append_event(
+        return self.events.append(
             conn, job_id, now, EventType.STATE_CHANGED, state, error=error, message=message
         )
 
@@ -158,7 +128,6 @@ class JobStore:
         Returns (job, created). Raises AlreadyExists for a reused request_id with another payload and
         ResourceExhausted when `max_queued` jobs are already waiting.
         """
-        fingerprint = spec.fingerprint()
         with self.db.write(durable=True) as conn:
             existing = self._existing_request(conn, spec)
             if existing is not None:
@@ -171,24 +140,11 @@ class JobStore:
                     reason="QUEUE_FULL",
                     retry_after_seconds=30.0,
                 )
+            row = records.new_job_row(job_id, spec, now)
             conn.execute(
-                "INSERT INTO jobs (job_id, request_id, request_hash, display_name, dataset_uri, "
-                "dataset_format, config_json, initial_weights_uri, state, create_time, update_time) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-                (
-                    job_id,
-                    spec.request_id or None,
-                    fingerprint,
-                    spec.display_name,
-                    spec.dataset_uri,
-                    spec.dataset_format,
-                    json.dumps(spec.config, sort_keys=True),
-                    spec.initial_weights_uri,
-                    now,
-                    now,
-                ),
+                f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join(':' + name for name in row)})", row
             )
-            self._append_event(
+            self.events.append(
                 conn, job_id, now, EventType.STATE_CHANGED, JobState.QUEUED, message="job accepted"
             )
             return records.job_from_row(self._row(conn, job_id)), True
@@ -216,7 +172,7 @@ class JobStore:
                 "UPDATE jobs SET progress_json = ?, update_time = ? WHERE job_id = ?",
                 (records.encode(progress), now, job_id),
             )
-            return self._append_event(
+            return self.events.append(
                 conn, job_id, now, EventType.PROGRESS, JobState.RUNNING, progress=progress
             )
 
@@ -342,22 +298,12 @@ class JobStore:
         rows = self.db.connection().execute(sql + " ORDER BY seq DESC LIMIT ?", (*params, limit)).fetchall()
         return [(row["seq"], records.job_from_row(row)) for row in rows]
 
-    def events_after(self, job_id: str, after_sequence: int, until: int | None = None) -> list[JobEvent]:
-        rows = self.db.connection().execute(
-            "SELECT * FROM events WHERE job_id = ? AND sequence > ? AND sequence <= ? ORDER BY sequence",
-            (job_id, after_sequence, until if until is not None else 2**62),
-        )
-        return [records.event_from_row(row) for row in rows]
-
     def job_with_events(self, job_id: str, after_sequence: int) -> tuple[Job, list[JobEvent]]:
         """The job and its events after `after_sequence`, from one consistent snapshot."""
         with self.db.read() as conn:
-            job = records.job_from_row(self._row(conn, job_id))
-            rows = conn.execute(
-                "SELECT * FROM events WHERE job_id = ? AND sequence > ? ORDER BY sequence",
-                (job_id, after_sequence),
-            ).fetchall()
-        return job, [records.event_from_row(row) for row in rows]
+            return records.job_from_row(self._row(conn, job_id)), self.events.read(
+                conn, job_id, after_sequence
+            )
 
     def state_counts(self) -> dict[JobState, int]:
         rows = self.db.connection().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()

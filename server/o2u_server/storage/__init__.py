@@ -19,9 +19,9 @@ from o2u_server.errors import InvalidArgument
 from o2u_server.settings import Settings
 from o2u_server.storage import localfiles
 from o2u_server.storage.objectstore import ObjectStore, RetryPolicy
-from o2u_server.storage.uris import ObjectRef, file_uri, parse_uri, resolve_roots, s3_uri
+from o2u_server.storage.uris import ObjectReference, file_uri, parse_uri, resolve_roots, s3_uri
 
-__all__ = ["ObjectInfo", "ObjectRef", "RetryPolicy", "Storage"]
+__all__ = ["ObjectInfo", "ObjectReference", "RetryPolicy", "Storage"]
 
 MIB = 1024 * 1024
 
@@ -91,42 +91,42 @@ class Storage:
                 max_connections=max_connections,
             )
 
-    def parse(self, uri: str, *, field: str = "dataset.uri", allow_prefix: bool = False) -> ObjectRef:
+    def parse(self, uri: str, *, field: str = "dataset.uri", allow_prefix: bool = False) -> ObjectReference:
         """Check `uri`: PermissionDenied outside the roots or allowed buckets, InvalidArgument if bad.
 
         `allow_prefix` accepts `s3://bucket` with no key (a whole bucket, for listings)."""
-        ref = parse_uri(
+        reference = parse_uri(
             uri,
             field=field,
             data_roots=self.data_roots,
             allowed_buckets=self.allowed_buckets,
             allow_prefix=allow_prefix,
         )
-        if ref.scheme == "s3" and self._store is None:
+        if reference.scheme == "s3" and self._store is None:
             raise InvalidArgument(
                 f"{field} {uri!r}: this server has no object store configured (O2U_S3_ENDPOINT)",
                 reason="S3_NOT_CONFIGURED",
                 field=field,
             )
-        return ref
+        return reference
 
-    def _s3(self, ref: ObjectRef) -> tuple[ObjectStore, str]:
+    def _s3(self, reference: ObjectReference) -> tuple[ObjectStore, str]:
         # parse() guarantees both for s3 references.
         assert self._store is not None
-        assert ref.bucket is not None
-        return self._store, ref.bucket
+        assert reference.bucket is not None
+        return self._store, reference.bucket
 
     # ---- reading ----------------------------------------------------------------------------
 
     def stat(self, uri: str, *, field: str = "dataset.uri") -> ObjectInfo:
         """Size and ETag of one object or file; NotFound if it does not exist."""
-        ref = self.parse(uri, field=field)
-        if ref.scheme == "file":
-            size, etag = localfiles.stat_entry(ref.key, field=field)
+        reference = self.parse(uri, field=field)
+        if reference.scheme == "file":
+            size, etag = localfiles.stat_entry(reference.key, field=field)
         else:
-            store, bucket = self._s3(ref)
-            size, etag = store.stat(bucket, ref.key)
-        return ObjectInfo(ref.uri, size, etag)
+            store, bucket = self._s3(reference)
+            size, etag = store.stat(bucket, reference.key)
+        return ObjectInfo(reference.uri, size, etag)
 
     def read_bytes(self, uri: str, *, field: str = "dataset.uri", max_bytes: int | None = None) -> bytes:
         """The whole object or file; ResourceExhausted once more than `max_bytes` arrive."""
@@ -134,11 +134,13 @@ class Storage:
 
     def read_buffer(self, uri: str, *, field: str = "dataset.uri", max_bytes: int | None = None) -> bytearray:
         """Like read_bytes, into a writable buffer (NumPy arrays can view it without a copy)."""
-        ref = self.parse(uri, field=field)
-        if ref.scheme == "file":
-            return localfiles.read_file(ref.key, roots=self.data_roots, field=field, max_bytes=max_bytes)
-        store, bucket = self._s3(ref)
-        return store.read(bucket, ref.key, max_bytes=max_bytes)
+        reference = self.parse(uri, field=field)
+        if reference.scheme == "file":
+            return localfiles.read_file(
+                reference.key, roots=self.data_roots, field=field, max_bytes=max_bytes
+            )
+        store, bucket = self._s3(reference)
+        return store.read(bucket, reference.key, max_bytes=max_bytes)
 
     def read_object(self, info: ObjectInfo, *, field: str = "dataset.uri") -> tuple[bytes, bool]:
         """Bytes of a listed object, from the cache when its ETag was seen: (data, came_from_cache)."""
@@ -154,24 +156,24 @@ class Storage:
 
     def open_local(self, uri: str, *, field: str = "dataset.uri") -> Path | None:
         """The resolved path of the regular file behind a `file://` URI (to memory-map); None for s3."""
-        ref = self.parse(uri, field=field)
-        if ref.scheme != "file":
+        reference = self.parse(uri, field=field)
+        if reference.scheme != "file":
             return None
-        localfiles.regular_file(ref.key, field=field)
-        return Path(ref.key)
+        localfiles.regular_file(reference.key, field=field)
+        return Path(reference.key)
 
     def iter_objects(self, uri_prefix: str, *, field: str = "dataset.uri") -> Iterator[ObjectInfo]:
         """Objects under an s3 key prefix, or files below a folder, in key order, as they are listed."""
-        ref = self.parse(uri_prefix, field=field, allow_prefix=True)
-        if ref.scheme == "file":
+        reference = self.parse(uri_prefix, field=field, allow_prefix=True)
+        if reference.scheme == "file":
             for path, relative, size, etag in localfiles.iter_files(
-                ref.key, roots=self.data_roots, field=field
+                reference.key, roots=self.data_roots, field=field
             ):
                 yield ObjectInfo(file_uri(path), size, etag, relative)
             return
-        store, bucket = self._s3(ref)
-        for name, size, etag in store.iter_objects(bucket, ref.key):
-            yield ObjectInfo(s3_uri(bucket, name), size, etag, name[len(ref.key) :])
+        store, bucket = self._s3(reference)
+        for name, size, etag in store.iter_objects(bucket, reference.key):
+            yield ObjectInfo(s3_uri(bucket, name), size, etag, name[len(reference.key) :])
 
     # ---- writing ----------------------------------------------------------------------------
 
@@ -184,15 +186,10 @@ class Storage:
         content_type: str = "application/octet-stream",
     ) -> int:
         """Write (replace) one object or file; files are replaced atomically. Returns the bytes written."""
-        ref = self.parse(uri, field=field)
-        if ref.scheme == "file":
-            localfiles.write_file_atomically(ref.key, data, roots=self.data_roots, field=field)
+        reference = self.parse(uri, field=field)
+        if reference.scheme == "file":
+            localfiles.write_file_atomically(reference.key, data, roots=self.data_roots, field=field)
         else:
-            store, bucket = self._s3(ref)
-            store.put(bucket, ref.key, data, content_type=content_type)
+            store, bucket = self._s3(reference)
+            store.put(bucket, reference.key, data, content_type=content_type)
         return len(data)
-
-    def check_reachable(self) -> None:
-        """Unavailable if an object store is configured and does not answer."""
-        if self._store is not None:
-            self._store.check_reachable(self.allowed_buckets[0] if self.allowed_buckets else None)

@@ -26,9 +26,9 @@ _PROC_FD = "/proc/self/fd"
 LocalEntry = tuple[str, str, int, str]  # (resolved path, '/'-separated relative key, size, etag)
 
 
-def _etag(st: os.stat_result) -> str:
+def _etag(file_status: os.stat_result) -> str:
     # Changes whenever the file is rewritten, like an object store's ETag does.
-    return f"{st.st_mtime_ns:x}-{st.st_size:x}"
+    return f"{file_status.st_mtime_ns:x}-{file_status.st_size:x}"
 
 
 def _os_error(error: OSError, path: str, field: str) -> Exception:
@@ -49,14 +49,14 @@ def _os_error(error: OSError, path: str, field: str) -> Exception:
 def regular_file(path: str, *, field: str) -> os.stat_result:
     """stat() of a regular file, or the service error saying why `path` is not one."""
     try:
-        st = os.stat(path)
+        file_status = os.stat(path)
     except OSError as error:
         raise _os_error(error, path, field) from error
-    if not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(file_status.st_mode):
         raise InvalidArgument(
             f"{field} {file_uri(path)} is not a regular file", reason="NOT_A_FILE", field=field
         )
-    return st
+    return file_status
 
 
 def read_file(path: str, *, roots: Sequence[str], field: str, max_bytes: int | None = None) -> bytearray:
@@ -69,12 +69,12 @@ def read_file(path: str, *, roots: Sequence[str], field: str, max_bytes: int | N
         raise _os_error(error, path, field) from error
     with os.fdopen(fd, "rb") as handle:
         _check_opened(fd, roots=roots, path=path, field=field)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        file_status = os.fstat(fd)
+        if not stat.S_ISREG(file_status.st_mode):
             raise InvalidArgument(
                 f"{field} {file_uri(path)} is not a regular file", reason="NOT_A_FILE", field=field
             )
-        if max_bytes is not None and st.st_size > max_bytes:
+        if max_bytes is not None and file_status.st_size > max_bytes:
             raise _too_large(path, max_bytes)
         data = bytearray()
         try:
@@ -115,10 +115,10 @@ def iter_files(folder: str, *, roots: Sequence[str], field: str) -> Iterator[Loc
     and one that resolves outside raises PermissionDenied naming it.
     """
     try:
-        st = os.stat(folder)
+        file_status = os.stat(folder)
     except OSError as error:
         raise _os_error(error, folder, field) from error
-    if not stat.S_ISDIR(st.st_mode):
+    if not stat.S_ISDIR(file_status.st_mode):
         raise InvalidArgument(
             f"{field} {file_uri(folder)} is not a folder", reason="NOT_A_FOLDER", field=field
         )
@@ -153,8 +153,8 @@ def iter_files(folder: str, *, roots: Sequence[str], field: str) -> Iterator[Loc
 
 def stat_entry(path: str, *, field: str) -> tuple[int, str]:
     """(size, etag) of the regular file at the resolved `path`."""
-    st = regular_file(path, field=field)
-    return st.st_size, _etag(st)
+    file_status = regular_file(path, field=field)
+    return file_status.st_size, _etag(file_status)
 
 
 def write_file_atomically(path: str, data: bytes, *, roots: Sequence[str], field: str) -> None:

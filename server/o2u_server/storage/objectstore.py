@@ -144,16 +144,6 @@ class ObjectStore:
             uri=s3_uri(bucket, key),
         )
 
-    def check_reachable(self, bucket: str | None) -> None:
-        """Unavailable unless the store answers; any answer, even a refusal, shows it is up."""
-        probe: Callable[[], object] = self._client.list_buckets
-        if bucket is not None:
-            probe = lambda: self._client.bucket_exists(bucket)  # noqa: E731
-        try:
-            self._call(probe, uri=f"s3://{bucket or ''}")
-        except (NotFound, PermissionDenied):
-            return
-
     def _call(self, operation: Callable[[], T], *, uri: str) -> T:
         failures = 0
         while True:

@@ -21,7 +21,7 @@ from urllib.parse import quote, unquote_to_bytes
 
 from o2u_server.errors import InvalidArgument, PermissionDenied
 
-__all__ = ["ObjectRef", "file_uri", "inside", "parse_uri", "resolve_roots", "s3_uri"]
+__all__ = ["ObjectReference", "file_uri", "inside", "parse_uri", "resolve_roots", "s3_uri"]
 
 # S3 bucket naming rules: 3-63 characters of lowercase letters, digits, dots and hyphens, starting and
 # ending with a letter or digit.
@@ -33,7 +33,7 @@ _ENCODED_SPECIAL = re.compile(r"%(2e|2f|5c|00)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
-class ObjectRef:
+class ObjectReference:
     """A checked reference: an object in a bucket, or a resolved absolute path under a data root."""
 
     scheme: Literal["s3", "file"]
@@ -68,7 +68,7 @@ def parse_uri(
     data_roots: Sequence[str],
     allowed_buckets: Sequence[str],
     allow_prefix: bool = False,
-) -> ObjectRef:
+) -> ObjectReference:
     """Check `uri` and return what it points at; raise InvalidArgument or PermissionDenied naming `field`.
 
     `data_roots` must be resolved absolute paths. `allow_prefix` accepts an s3 URI with an empty key
@@ -101,7 +101,7 @@ def parse_uri(
 
 def _parse_s3(
     uri: str, rest: str, *, field: str, allowed_buckets: Sequence[str], allow_prefix: bool
-) -> ObjectRef:
+) -> ObjectReference:
     bucket, _, key = rest.partition("/")
     if "@" in bucket or ":" in bucket:
         raise InvalidArgument(
@@ -130,7 +130,7 @@ def _parse_s3(
             reason="INVALID_URI",
             field=field,
         )
-    return ObjectRef("s3", bucket, key)
+    return ObjectReference("s3", bucket, key)
 
 
 def _check_bucket(bucket: str, *, uri: str, field: str) -> None:
@@ -156,7 +156,7 @@ def _check_bucket(bucket: str, *, uri: str, field: str) -> None:
         )
 
 
-def _parse_file(uri: str, rest: str, *, field: str, data_roots: Sequence[str]) -> ObjectRef:
+def _parse_file(uri: str, rest: str, *, field: str, data_roots: Sequence[str]) -> ObjectReference:
     if not rest.startswith("/"):
         raise InvalidArgument(
             f"{field} {uri!r}: file URIs take an absolute path and no host: file:///absolute/path",
@@ -193,7 +193,7 @@ def _parse_file(uri: str, rest: str, *, field: str, data_roots: Sequence[str]) -
             reason="PATH_OUTSIDE_DATA_ROOTS",
             field=field,
         )
-    return ObjectRef("file", None, real)
+    return ObjectReference("file", None, real)
 
 
 def resolve_roots(roots: Sequence[Path]) -> list[str]:

@@ -35,7 +35,7 @@ def _states(state_dir: Path) -> dict[str, JobState]:
     store.open()
     try:
         jobs = store.list_jobs(None, None, 1000)
-        assert store.db.integrity_check() == "ok"
+        assert store.db.connection().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         return {job.job_id: job.state for _, job in jobs}
     finally:
         store.close()

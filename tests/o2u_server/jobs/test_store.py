@@ -34,7 +34,7 @@ def store(tmp_path: Path) -> Iterator[JobStore]:
     opened = JobStore(tmp_path / "jobs.sqlite3")
     opened.open()
     yield opened
-    assert opened.db.integrity_check() == "ok"
+    assert opened.db.connection().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     opened.close()
 
 
@@ -76,13 +76,13 @@ def test_lifecycle_appends_one_event_per_change(store: JobStore) -> None:
     job = store.get_job(_id(1))
     assert (job.state, job.start_time, job.end_time, job.run_info) == (JobState.SUCCEEDED, 101.0, 103.0, INFO)
     assert job.progress == progress
-    events = store.events_after(_id(1), 0)
+    events = store.events.after(_id(1), 0)
     assert [e.sequence for e in events] == [1, 2, 3, 4]
     assert [e.type for e in events] == [EventType.STATE_CHANGED] * 2 + [
         EventType.PROGRESS,
         EventType.STATE_CHANGED,
     ]
-    assert store.events_after(_id(1), 2, until=3) == events[2:3]
+    assert store.events.after(_id(1), 2, until=3) == events[2:3]
     assert store.results.summary(_id(1)) == _summary(_id(1))
 
 
@@ -112,7 +112,7 @@ def test_sequences_stay_strictly_increasing_under_concurrent_writers(store: JobS
         thread.start()
     for thread in threads:
         thread.join()
-    assert [e.sequence for e in store.events_after(_id(1), 0)] == list(range(1, 203))
+    assert [e.sequence for e in store.events.after(_id(1), 0)] == list(range(1, 203))
 
 
 def test_score_pages_filters_and_counts(store: JobStore) -> None:
@@ -149,7 +149,7 @@ def test_cancel_and_delete(store: JobStore, tmp_path: Path) -> None:
     store.delete_job(_id(1))
     with pytest.raises(NotFound):
         store.get_job(_id(1))
-    assert store.events_after(_id(1), 0) == []
+    assert store.events.after(_id(1), 0) == []
 
 
 def test_recovery_requeues_counts_crashes_and_honours_cancels(store: JobStore, tmp_path: Path) -> None:
