@@ -1,6 +1,6 @@
 """The o2u.v1.ScoringService servicer: each RPC converts the request, awaits the job manager and
 converts the result back. Errors are raised, never set here: the interceptor maps them to status
-codes with google.rpc details (see `o2u_server.errors`).
+codes with google.rpc details (see `o2u_server.api.status`).
 
 Error codes callers should expect, per RPC (every RPC can also return UNAVAILABLE while the server
 starts or drains, and UNAUTHENTICATED when a bearer token is configured):

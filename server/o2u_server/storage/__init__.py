@@ -1,10 +1,10 @@
 """Storage: the one door through which the server reads datasets and writes exports.
 
-`Storage` checks every URI (`o2u_server.storage.uris`), then reads or writes either a file under the data
-roots (`o2u_server.storage.localfiles`) or an object in the configured S3-compatible store
-(`o2u_server.storage.objectstore`, bounded retries, then Unavailable). Objects read by listing are kept in a
-byte-bounded LRU cache keyed by (URI, ETag), so a dataset scored twice is downloaded once and a
-changed object is never served stale. Methods block and are safe to call from several worker threads.
+`Storage` checks every URI (`storage.uris`), then reads or writes either a file under the data roots
+(`storage.localfiles`) or an object in the configured S3-compatible store (`storage.objectstore`,
+bounded retries, then Unavailable). Objects read by listing are kept in a byte-bounded LRU cache
+keyed by (URI, ETag), so a dataset scored twice is downloaded once and a changed object is never
+served stale. Methods block and are safe to call from several worker threads.
 """
 
 from __future__ import annotations

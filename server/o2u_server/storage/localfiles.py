@@ -1,6 +1,6 @@
 """Reading, listing and atomically writing files under the data roots.
 
-Paths reach here already resolved and checked by `o2u_server.storage.uris`; this module re-checks what it
+Paths reach here already resolved and checked by `storage.uris`; this module re-checks what it
 actually opened (through /proc/self/fd where the platform has it) so a symlink swapped in between the
 check and the open still cannot lead outside the roots. OS errors become the service's error classes,
 each naming the URI.

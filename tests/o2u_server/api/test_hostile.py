@@ -3,9 +3,9 @@
 Faults visible in the request (paths, URIs, identifiers, page tokens, message size) are refused by
 the call itself and leave no job behind; faults inside a dataset or weights file are found when the
 job loads it, so the job ends FAILED with the code in its JobError. After every test the health
-service must still answer SERVING. Unit-level checks of the same inputs live in test_storage.py,
-test_datasets.py and test_dataset_images.py; identifiers and page tokens also in test_jobs.py and
-test_scores.py - here they are the variants those do not send.
+service must still answer SERVING. Unit-level checks of the same inputs live in storage/test_storage.py,
+datasets/test_datasets.py and datasets/test_dataset_images.py; identifiers and page tokens also in
+jobs/test_jobs.py and jobs/test_scores.py - here they are the variants those do not send.
 """
 
 from __future__ import annotations
