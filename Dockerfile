@@ -32,7 +32,7 @@ COPY server ./server
 COPY client/python ./client/python
 COPY protos/python ./protos/python
 RUN python -m pip install . \
-    && python -c "import o2u_engine, o2u_server, o2u_client, o2u.v1.scoring_pb2"
+    && python -c "import o2u_engine, o2u_server.app, o2u_client, o2u.v1.scoring_pb2"
 
 # ---------------------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE} AS runtime

@@ -31,6 +31,7 @@ from common import format_table, machine_description, synthetic_images
 from PIL import Image
 
 from o2u_server.datasets import DatasetLimits, LoadedDataset, load_dataset
+from o2u_server.domain import DatasetFormat
 from o2u_server.settings import Settings
 from o2u_server.storage import Storage
 
@@ -103,7 +104,7 @@ def time_case(
         storage = Storage(settings)  # an empty object cache, as after a server start
         for index, timings in enumerate((cold, warm)):
             start = time.perf_counter()
-            loaded = load_dataset(case.uri, case.fmt, storage, limits)
+            loaded = load_dataset(case.uri, DatasetFormat(case.fmt), storage, limits)
             timings.append(time.perf_counter() - start)
             downloaded[index] = loaded.bytes_read
             check(loaded, dataset, case)
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         listings = []
         for _ in range(repeats):  # what even a warm S3 read pays: one listing of the folder
             start = time.perf_counter()
-            Storage(settings).list(f"s3://{BUCKET}/{PREFIX}/")
+            list(Storage(settings).iter_objects(f"s3://{BUCKET}/{PREFIX}/"))
             listings.append(time.perf_counter() - start)
         print(f"listing {len(dataset.files)} objects from moto: {statistics.median(listings):.3f} s (median)")
         cases = [

@@ -43,7 +43,7 @@ from grpc_status import rpc_status
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
 from o2u_server.app import O2UServer, create_server
-from o2u_server.jobs import Engine
+from o2u_server.jobs.engine import Engine
 from o2u_server.settings import Settings
 
 __all__ = [

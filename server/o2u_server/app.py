@@ -23,17 +23,18 @@ from grpc_reflection.v1alpha import reflection
 
 from o2u.v1 import scoring_pb2, scoring_pb2_grpc
 from o2u_server import __version__
-from o2u_server.events import EventHub
-from o2u_server.interceptors import ServiceInterceptor
-from o2u_server.jobs import Engine, JobRunner, refresh_job_gauges
-from o2u_server.manager import JobManager
+from o2u_server.api.interceptors import ServiceInterceptor
+from o2u_server.api.security import auth_interceptors, server_credentials
+from o2u_server.api.servicer import ScoringServicer
+from o2u_server.jobs.engine import Engine
+from o2u_server.jobs.events import EventHub
+from o2u_server.jobs.manager import JobManager
+from o2u_server.jobs.paging import PageTokens
+from o2u_server.jobs.runner import JobRunner
+from o2u_server.jobs.store import JobStore, Recovery
 from o2u_server.metrics import MetricsServer, ServerMetrics
-from o2u_server.paging import PageTokens
-from o2u_server.security import auth_interceptors, server_credentials
-from o2u_server.servicer import ScoringServicer
 from o2u_server.settings import Settings
 from o2u_server.storage import Storage
-from o2u_server.store import JobStore, Recovery
 
 __all__ = ["SERVICE_NAME", "O2UServer", "create_server", "resolve_devices"]
 
@@ -109,26 +110,9 @@ class O2UServer:
             metrics=self.metrics,
             executor=self._executor,
         )
-        limit = self.settings.max_message_bytes
-        self._server = server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.metrics), *auth_interceptors(self.settings)],
-            options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-                ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-                ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
-                ("grpc.keepalive_permit_without_calls", 1),
-            ],
-        )
-        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(self._manager), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self._server = server = self._grpc_server(self._manager)
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
         credentials = server_credentials(self.settings)
         address = self.settings.listen_address
         if credentials is None:
@@ -156,6 +140,29 @@ class O2UServer:
         )
         return self.port
 
+    def _grpc_server(self, manager: JobManager) -> grpc.aio.Server:
+        """The gRPC server with its interceptors, limits and keepalive, serving ScoringService,
+        health and reflection."""
+        limit = self.settings.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(self.metrics), *auth_interceptors(self.settings)],
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+                ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+        )
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(manager), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        return server
+
     def _open_store(self) -> tuple[Recovery, bytes]:
         """Open the store, requeue unfinished jobs; returns them and the page token secret."""
         self.store.open()
@@ -166,7 +173,7 @@ class O2UServer:
         for leftover in self.settings.checkpoint_dir.glob("*.tmp"):
             leftover.unlink(missing_ok=True)
         recovery = self.store.recover(time.time(), max_attempts=self.settings.max_job_attempts)
-        refresh_job_gauges(self.store, self.metrics)
+        self.metrics.count_jobs(self.store.state_counts())
         if recovery.queued:
             logger.info("resuming %d unfinished jobs", len(recovery.queued))
         return recovery, self.store.page_token_secret

@@ -17,8 +17,10 @@ __all__ = [
     "ClassNoise",
     "CleanRetrainingInfo",
     "ConfusedPair",
+    "DatasetFormat",
     "DatasetSummary",
     "EventType",
+    "ExportFormat",
     "Job",
     "JobError",
     "JobEvent",
@@ -62,12 +64,30 @@ class EventType(enum.StrEnum):
     PROGRESS = "progress"
 
 
+class DatasetFormat(enum.StrEnum):
+    """How the object(s) behind a dataset URI are read; `o2u_server.datasets.FORMATS` has one row each.
+
+    Names match the proto's DATASET_FORMAT_* values, values are what the store and the CLI use."""
+
+    NPZ = "npz"
+    IMAGE_FOLDER = "image_folder"
+    CSV_MANIFEST = "csv_manifest"
+    JSONL_MANIFEST = "jsonl_manifest"
+
+
+class ExportFormat(enum.StrEnum):
+    """File format of exported scores; names match the proto's EXPORT_FORMAT_* values."""
+
+    JSONL = "jsonl"
+    CSV = "csv"
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """What the caller asked for; immutable once the job exists."""
 
     dataset_uri: str
-    dataset_format: str | None  # None: inferred from the URI
+    dataset_format: DatasetFormat | None  # None: inferred from the URI
     config: dict[str, Any]  # requested ScoringConfig fields that were set, by engine field name
     initial_weights_uri: str | None = None
     display_name: str = ""

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from o2u_server import __version__
+from o2u_server.api.security import check_security_files
 from o2u_server.settings import Settings
 
 __all__ = ["JsonFormatter", "configure_logging", "main"]
@@ -99,8 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     # Idle OpenMP workers sleep instead of spinning: with spinning, a CPU shared with other busy
     # processes made small-model training tens of times slower. Read once, when torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from o2u_server.security import check_security_files  # imports torch (via the engine's errors)
-
     try:
         settings = Settings()
         check_security_files(settings)  # SecurityConfigError is a ValueError naming the setting

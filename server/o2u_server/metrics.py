@@ -9,7 +9,7 @@ per-sample labels, which would grow without bound.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from wsgiref.simple_server import WSGIServer
 
 import torch
@@ -20,6 +20,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from o2u.v1 import scoring_pb2
+from o2u_server.domain import JobState
 
 __all__ = ["MetricsServer", "ServerMetrics"]
 
@@ -49,57 +50,59 @@ class ServerMetrics:
         PlatformCollector(registry=self.registry)
         if torch.cuda.is_available():
             self.registry.register(_DeviceMemoryCollector())
-        r = self.registry
+        registry = self.registry
         self.jobs_finished = Counter(
-            "o2u_jobs_finished", "Jobs that reached a final state", ["state"], registry=r
+            "o2u_jobs_finished", "Jobs that reached a final state", ["state"], registry=registry
         )
-        self.jobs_queued = Gauge("o2u_jobs_queued", "Jobs waiting for a worker", registry=r)
-        self.jobs_running = Gauge("o2u_jobs_running", "Jobs loading data or training", registry=r)
+        self.jobs_queued = Gauge("o2u_jobs_queued", "Jobs waiting for a worker", registry=registry)
+        self.jobs_running = Gauge("o2u_jobs_running", "Jobs loading data or training", registry=registry)
         self.job_duration = Histogram(
             "o2u_job_duration_seconds",
             "Time from a job's first start to its final state, in seconds",
             ["state"],
             buckets=_JOB_BUCKETS,
-            registry=r,
+            registry=registry,
         )
         self.epoch_duration = Histogram(
             "o2u_epoch_duration_seconds",
             "Wall time of one training epoch",
             ["stage"],
             buckets=_EPOCH_BUCKETS,
-            registry=r,
+            registry=registry,
         )
         self.training_samples = Counter(
-            "o2u_training_samples", "Samples trained on, summed over epochs", ["stage"], registry=r
+            "o2u_training_samples", "Samples trained on, summed over epochs", ["stage"], registry=registry
         )
         self.samples_scored = Counter(
-            "o2u_samples_scored", "Samples that received a final noise score", registry=r
+            "o2u_samples_scored", "Samples that received a final noise score", registry=registry
         )
         self.samples_per_second = Gauge(
-            "o2u_training_samples_per_second", "Training throughput of the last finished epoch", registry=r
+            "o2u_training_samples_per_second",
+            "Training throughput of the last finished epoch",
+            registry=registry,
         )
         self.dataset_bytes_read = Counter(
-            "o2u_dataset_bytes_read", "Dataset bytes read from storage", ["source"], registry=r
+            "o2u_dataset_bytes_read", "Dataset bytes read from storage", ["source"], registry=registry
         )
         self.grpc_requests = Counter(
             "o2u_grpc_requests",
             "Finished gRPC calls by method and status code",
             ["method", "code"],
-            registry=r,
+            registry=registry,
         )
         self.grpc_duration = Histogram(
             "o2u_grpc_request_duration_seconds",
             "gRPC call duration (whole stream for streaming calls)",
             ["method"],
             buckets=_REQUEST_BUCKETS,
-            registry=r,
+            registry=registry,
         )
-        self.watch_streams = Gauge("o2u_watch_streams", "Open WatchScoringJob streams", registry=r)
+        self.watch_streams = Gauge("o2u_watch_streams", "Open WatchScoringJob streams", registry=registry)
         self.build_info = Gauge(
             "o2u_build_info",
             "Build of the running server (always 1)",
             ["version", "torch_version", "device"],
-            registry=r,
+            registry=registry,
         )
         self.build_info.labels(version=version, torch_version=torch.__version__, device=device).set(1)
         # Export every known series at zero from the first scrape: a series that appears with its
@@ -115,6 +118,11 @@ class ServerMetrics:
             self.grpc_duration.labels(method=method)
         for source in ("s3", "file"):
             self.dataset_bytes_read.labels(source=source)
+
+    def count_jobs(self, counts: Mapping[JobState, int]) -> None:
+        """Set the queued and running gauges from the store's count of jobs per state."""
+        self.jobs_queued.set(counts[JobState.QUEUED])
+        self.jobs_running.set(counts[JobState.RUNNING])
 
 
 class MetricsServer:

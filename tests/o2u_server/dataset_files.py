@@ -28,9 +28,9 @@ def make_storage(root: Path, s3: S3Server) -> Storage:
     return Storage(settings, retry=RetryPolicy(attempts=2, base_delay_seconds=0.05))
 
 
-def png(pixels: np.ndarray[Any, Any], fmt: str = "PNG") -> bytes:
+def png(pixels: np.ndarray[Any, Any], image_format: str = "PNG") -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
+    Image.fromarray(pixels).save(buffer, format=image_format)
     return buffer.getvalue()
 
 

@@ -17,8 +17,8 @@ from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
 from o2u_server import healthcheck
 from o2u_server.app import O2UServer
-from o2u_server.database import StateDirLockedError
-from o2u_server.store import Recovery
+from o2u_server.jobs.database import StateDirLockedError
+from o2u_server.jobs.store import Recovery
 from tests.server_testing import (
     SLOW_CONFIG,
     RunningServer,

@@ -21,6 +21,7 @@ from rich.console import RenderableType
 
 from o2u_client.cli_options import CONFIG_OPTIONS, add_config_options, add_global_options, global_defaults
 from o2u_client.client import Client
+from o2u_client.converters import DATASET_FORMATS, EXPORT_FORMATS
 from o2u_client.errors import EXIT_CODES, EXIT_GENERIC_ERROR, O2UError
 from o2u_client.models import Job, JobState, to_json_dict
 from o2u_client.progress import progress_display
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = command("score", cmd_score, "submit a dataset, show live progress, print the top suspects")
     score.add_argument("uri", help="dataset URI: s3://bucket/key or file:///path under a server data root")
-    score.add_argument("--format", choices=["npz", "image_folder", "csv_manifest", "jsonl_manifest"])
+    score.add_argument("--format", choices=DATASET_FORMATS)
     score.add_argument("--display-name", default="")
     score.add_argument("--request-id", help="idempotency key (default: a new UUID)")
     score.add_argument("--top", type=int, default=10, metavar="N", help="suspects to print (default 10)")
@@ -257,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = command("export", cmd_export, "write a finished job's scores as JSONL or CSV")
     export.add_argument("job_id")
     export.add_argument("destination", help="s3://bucket/key.jsonl or file:///path.csv under a data root")
-    export.add_argument("--format", choices=["jsonl", "csv"], help="default: from the extension")
+    export.add_argument("--format", choices=EXPORT_FORMATS, help="default: from the extension")
     export.add_argument("--only-suspected", action="store_true")
     health = command("health", cmd_health, "check the server's health (exit 0 iff SERVING)")
     health.add_argument("--service", default="", help="health service name (default: the whole server)")

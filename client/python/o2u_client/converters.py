@@ -1,11 +1,15 @@
 """Request building: ScoringConfig messages from dicts or keyword arguments, and the protocol's
 enum values from the plain names callers use (`"npz"`, `"csv"`, `"running"`), validated before any
-call so a typo fails with the list of accepted names."""
+call so a typo fails with the list of accepted names. The format names are the protocol's enum
+value names, lower-cased and without their prefix (DATASET_FORMAT_IMAGE_FOLDER: `image_folder`),
+the same names the server uses."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
+
+from google.protobuf.descriptor import EnumDescriptor
 
 from o2u.v1 import scoring_pb2
 from o2u_client.models import JobState
@@ -19,8 +23,14 @@ __all__ = [
     "job_state",
 ]
 
-DATASET_FORMATS = {"npz", "image_folder", "csv_manifest", "jsonl_manifest"}
-EXPORT_FORMATS = {"jsonl", "csv"}
+
+def _plain_names(enum: EnumDescriptor, prefix: str) -> tuple[str, ...]:
+    """The enum's values as plain names, in protocol order, UNSPECIFIED (0) left out."""
+    return tuple(value.name.removeprefix(prefix).lower() for value in enum.values if value.number != 0)
+
+
+DATASET_FORMATS = _plain_names(scoring_pb2.DatasetFormat.DESCRIPTOR, "DATASET_FORMAT_")
+EXPORT_FORMATS = _plain_names(scoring_pb2.ExportFormat.DESCRIPTOR, "EXPORT_FORMAT_")
 
 
 def build_config(
@@ -40,7 +50,7 @@ def build_config(
     return message
 
 
-def _format_name(value: str | None, allowed: set[str]) -> str | None:
+def _format_name(value: str | None, allowed: Collection[str]) -> str | None:
     """The upper-case enum suffix for a format name, None when unset; ValueError if unknown."""
     if not value:
         return None

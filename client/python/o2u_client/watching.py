@@ -47,6 +47,39 @@ def _remaining(deadline: float | None) -> float | None:
     return left
 
 
+def _pause_and_probe(
+    failures: int,
+    last_error: O2UError,
+    policy: WatchPolicy,
+    deadline: float | None,
+    get_job: Callable[[], Job],
+) -> UnavailableError | None:
+    """Wait before reopen attempt `failures`, then probe the server: None if it answers, else why not.
+
+    Raises `last_error` once the reopen attempts are used up, and DeadlineExceededError past `deadline`.
+    """
+    if failures > policy.max_reconnects:
+        raise last_error
+    # A draining server says when to come back (RetryInfo); otherwise exponential backoff.
+    pause = policy.backoff(failures)
+    if last_error.retry_delay:
+        pause = min(last_error.retry_delay, policy.max_backoff)
+    remaining = _remaining(deadline)
+    time.sleep(pause if remaining is None else min(pause, remaining))
+    _remaining(deadline)
+    try:
+        # A stream opened with wait_for_ready and no deadline would wait forever for a server that
+        # never comes back; this unary call waits at most its own timeout.
+        get_job()
+    except (UnavailableError, DeadlineExceededError) as unreachable:
+        return UnavailableError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"cannot reach the server to resume watching the job: {unreachable.message}",
+            retry_delay=unreachable.retry_delay,
+        )
+    return None
+
+
 def watch_events(
     open_stream: StreamOpener,
     *,
@@ -68,26 +101,9 @@ def watch_events(
     last_error: O2UError = UnavailableError(grpc.StatusCode.UNAVAILABLE, "watch stream closed")
     while True:
         if failures:
-            if failures > policy.max_reconnects:
-                raise last_error
-            # A draining server says when to come back (RetryInfo); otherwise exponential backoff.
-            pause = policy.backoff(failures)
-            if last_error.retry_delay:
-                pause = min(last_error.retry_delay, policy.max_backoff)
-            remaining = _remaining(deadline)
-            time.sleep(pause if remaining is None else min(pause, remaining))
-            _remaining(deadline)
-            try:
-                # A stream opened with wait_for_ready and no deadline would wait forever for a
-                # server that never comes back; this unary call waits at most its own timeout.
-                get_job()
-            except (UnavailableError, DeadlineExceededError) as unreachable:
-                last_error = UnavailableError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"cannot reach the server to resume watching the job: {unreachable.message}",
-                    retry_delay=unreachable.retry_delay,
-                )
-                failures += 1
+            unreachable = _pause_and_probe(failures, last_error, policy, deadline, get_job)
+            if unreachable is not None:
+                last_error, failures = unreachable, failures + 1
                 continue
         stream = open_stream(last, _remaining(deadline))
         received = False

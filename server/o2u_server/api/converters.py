@@ -1,0 +1,235 @@
+"""Conversions between the o2u.v1 protobuf messages and the server's domain dataclasses.
+
+The servicer is the only caller: requests become domain values here, and domain values become
+response messages here, so the job manager, store and runner never touch a protobuf.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from o2u.v1 import scoring_pb2 as pb
+from o2u_server.domain import (
+    DatasetFormat,
+    DatasetSummary,
+    EventType,
+    ExportFormat,
+    Job,
+    JobError,
+    JobEvent,
+    JobSpec,
+    JobState,
+    NoiseScoreRow,
+    Progress,
+    RunInfo,
+    ScoreFilter,
+    Stage,
+)
+
+__all__ = [
+    "config_message",
+    "dataset_format",
+    "event_message",
+    "export_format",
+    "job_message",
+    "job_spec",
+    "job_state",
+    "score_filter",
+    "score_message",
+    "summary_message",
+]
+
+_STATES = {state: pb.JobState.Value(f"JOB_STATE_{state.name}") for state in JobState}
+_STATES_BACK: dict[pb.JobState.ValueType, JobState] = {value: state for state, value in _STATES.items()}
+_STAGES = {stage: pb.Stage.Value(f"STAGE_{stage.name}") for stage in Stage}
+_EVENT_TYPES = {kind: pb.JobEventType.Value(f"JOB_EVENT_TYPE_{kind.name}") for kind in EventType}
+_DATASET_FORMATS = {kind: pb.DatasetFormat.Value(f"DATASET_FORMAT_{kind.name}") for kind in DatasetFormat}
+_DATASET_FORMATS_BACK = {value: kind for kind, value in _DATASET_FORMATS.items()}
+_EXPORT_FORMATS_BACK = {pb.ExportFormat.Value(f"EXPORT_FORMAT_{kind.name}"): kind for kind in ExportFormat}
+
+
+def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(round(seconds * 1e9))
+    return stamp
+
+
+# -- requests -> domain ---------------------------------------------------------------------------
+
+
+def scoring_config(config: pb.ScoringConfig) -> dict[str, Any]:
+    """The fields the caller set, by name (unset fields take the server's default).
+
+    ListFields reports exactly the fields with presence: `optional` ones that were set, even to
+    zero, and `model` when not empty. The weights URI is not a hyperparameter and travels apart.
+    """
+    return {field.name: value for field, value in config.ListFields() if field.name != "initial_weights_uri"}
+
+
+def dataset_format(value: pb.DatasetFormat.ValueType) -> DatasetFormat | None:
+    """The dataset format; None (UNSPECIFIED, or a number this server does not know) means inferred
+    from the URI."""
+    return _DATASET_FORMATS_BACK.get(value)
+
+
+def job_spec(request: pb.CreateScoringJobRequest) -> JobSpec:
+    return JobSpec(
+        dataset_uri=request.dataset.uri,
+        dataset_format=dataset_format(request.dataset.format),
+        config=scoring_config(request.config),
+        initial_weights_uri=request.config.initial_weights_uri or None,
+        display_name=request.display_name,
+        request_id=request.request_id or None,
+    )
+
+
+def job_state(value: pb.JobState.ValueType) -> JobState | None:
+    """A state filter; UNSPECIFIED (or an unknown number) means no filter."""
+    return _STATES_BACK.get(value)
+
+
+def export_format(value: pb.ExportFormat.ValueType) -> ExportFormat | None:
+    """The export format; None (UNSPECIFIED or unknown) means inferred from the destination."""
+    return _EXPORT_FORMATS_BACK.get(value)
+
+
+def score_filter(request: pb.ListNoiseScoresRequest) -> ScoreFilter:
+    return ScoreFilter(
+        top_k=request.top_k,
+        min_score=request.min_score if request.HasField("min_score") else None,
+        only_suspected=request.only_suspected,
+    )
+
+
+# -- domain -> responses --------------------------------------------------------------------------
+
+
+def config_message(config: dict[str, Any], initial_weights_uri: str | None) -> pb.ScoringConfig:
+    return pb.ScoringConfig(**config, initial_weights_uri=initial_weights_uri or "")
+
+
+def _progress(progress: Progress | None) -> pb.JobProgress | None:
+    if progress is None:
+        return None
+    return pb.JobProgress(
+        stage=_STAGES[progress.stage],
+        epoch=progress.epoch,
+        epochs_total=progress.epochs_total,
+        fraction_done=progress.fraction_done,
+        mean_loss=progress.mean_loss,
+        learning_rate=progress.learning_rate,
+        samples_per_second=progress.samples_per_second,
+        eta_seconds=progress.eta_seconds,
+    )
+
+
+def _error(error: JobError | None) -> pb.JobError | None:
+    return None if error is None else pb.JobError(code=error.code, message=error.message, reason=error.reason)
+
+
+def _run_info(info: RunInfo | None) -> pb.RunInfo | None:
+    if info is None:
+        return None
+    return pb.RunInfo(
+        seed=info.seed,
+        engine_version=info.engine_version,
+        torch_version=info.torch_version,
+        device=info.device,
+        num_samples=info.num_samples,
+        num_classes=info.num_classes,
+        resolved_config_json=info.resolved_config_json,
+        server_version=info.server_version,
+        model=info.model,
+    )
+
+
+def job_message(job: Job) -> pb.ScoringJob:
+    spec = job.spec
+    return pb.ScoringJob(
+        job_id=job.job_id,
+        request_id=spec.request_id or "",
+        display_name=spec.display_name,
+        dataset=pb.DatasetRef(
+            uri=spec.dataset_uri,
+            format=(
+                _DATASET_FORMATS[spec.dataset_format]
+                if spec.dataset_format
+                else pb.DATASET_FORMAT_UNSPECIFIED
+            ),
+        ),
+        config=config_message(spec.config, spec.initial_weights_uri),
+        state=_STATES[job.state],
+        progress=_progress(job.progress),
+        create_time=_timestamp(job.create_time),
+        start_time=_timestamp(job.start_time),
+        end_time=_timestamp(job.end_time),
+        update_time=_timestamp(job.update_time),
+        error=_error(job.error),
+        run_info=_run_info(job.run_info),
+        attempts=job.attempts,
+    )
+
+
+def event_message(event: JobEvent) -> pb.JobEvent:
+    return pb.JobEvent(
+        sequence=event.sequence,
+        event_time=_timestamp(event.event_time),
+        type=_EVENT_TYPES[event.type],
+        state=_STATES[event.state],
+        progress=_progress(event.progress),
+        error=_error(event.error),
+        message=event.message,
+    )
+
+
+def score_message(row: NoiseScoreRow) -> pb.NoiseScore:
+    return pb.NoiseScore(
+        sample_id=row.sample_id,
+        key=row.key,
+        given_label=row.given_label,
+        given_label_name=row.given_label_name,
+        score=row.score,
+        score_variance=row.score_variance,
+        rank=row.rank,
+        noise_probability=row.noise_probability,
+        suspected=row.suspected,
+        suggested_label=row.suggested_label,
+        suggested_label_name=row.suggested_label_name,
+        suggested_label_confidence=row.suggested_label_confidence,
+    )
+
+
+def summary_message(summary: DatasetSummary) -> pb.DatasetSummary:
+    retraining = summary.clean_retraining
+    return pb.DatasetSummary(
+        job_id=summary.job_id,
+        num_samples=summary.num_samples,
+        num_classes=summary.num_classes,
+        class_names=summary.class_names,
+        estimated_noise_rate=summary.estimated_noise_rate,
+        noise_rate_used=summary.noise_rate_used,
+        num_suspected=summary.num_suspected,
+        estimated_label_accuracy=summary.estimated_label_accuracy,
+        classes=[
+            pb.ClassNoise(
+                label=c.label, name=c.name, count=c.count, suspected=c.suspected, noise_rate=c.noise_rate
+            )
+            for c in summary.classes
+        ],
+        transition_matrix=summary.transition_matrix,
+        confused_pairs=[
+            pb.ConfusedPair(given_label=p.given_label, suggested_label=p.suggested_label, count=p.count)
+            for p in summary.confused_pairs
+        ],
+        clean_retraining=pb.CleanRetraining(
+            ran=retraining.ran,
+            accuracy_without_removal=retraining.accuracy_without_removal,
+            accuracy_with_removal=retraining.accuracy_with_removal,
+            removed=retraining.removed,
+        ),
+        run_info=_run_info(summary.run_info),
+    )

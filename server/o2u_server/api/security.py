@@ -1,0 +1,265 @@
+"""Transport security and caller authentication for the gRPC server.
+
+`server_credentials` turns the TLS settings into gRPC server credentials (TLS, or mutual TLS when a
+client CA bundle is configured), checking every PEM file up front so a misconfigured deployment fails
+at start with a message naming the setting and the file, not at the first handshake.
+`BearerTokenInterceptor` admits a call only if it carries `authorization: Bearer <token>` matching the
+configured token file; the health and reflection services stay open so probes and tooling need no
+secret. Rejections go through the one error mapping (`o2u_server.api.status`), so callers get
+UNAUTHENTICATED with a google.rpc.ErrorInfo like every other error of the service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+
+from o2u_server.api.status import grpc_status
+from o2u_server.errors import Unauthenticated
+from o2u_server.settings import Settings
+
+__all__ = [
+    "EXEMPT_METHOD_PREFIXES",
+    "BearerTokenInterceptor",
+    "SecurityConfigError",
+    "auth_interceptors",
+    "check_security_files",
+    "read_token_file",
+    "server_credentials",
+]
+
+logger = logging.getLogger(__name__)
+
+# Methods any caller may reach without a token: Kubernetes probes and `grpcurl`-style tooling must work
+# without the secret, and neither service reveals jobs, datasets or scores.
+EXEMPT_METHOD_PREFIXES: tuple[str, ...] = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+_MAX_TOKEN_BYTES = 4096  # far above any real token; bounds what is hashed per call
+
+
+class SecurityConfigError(ValueError):
+    """A TLS or token setting points at a missing, unreadable or invalid file."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# TLS
+# ---------------------------------------------------------------------------------------------------
+
+
+def _read_pem(path: Path, setting: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SecurityConfigError(f"{setting}: file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise SecurityConfigError(f"{setting}: {str(path)!r} is a directory, expected a PEM file") from None
+    except OSError as exc:
+        raise SecurityConfigError(f"{setting}: cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise SecurityConfigError(f"{setting}: {str(path)!r} is not PEM (no '-----BEGIN' line)")
+    return data
+
+
+def _refuse_encrypted_key() -> NoReturn:
+    # gRPC cannot decrypt keys; without this callback OpenSSL would prompt on the terminal.
+    raise SecurityConfigError(
+        "O2U_TLS_KEY_FILE: the private key is encrypted; provide an unencrypted PEM key"
+    )
+
+
+def _check_pair(cert_file: Path, key_file: Path) -> None:
+    """Let OpenSSL parse the certificate chain and key and confirm they belong together."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert_file, key_file, password=_refuse_encrypted_key)
+    except ssl.SSLError as exc:
+        raise SecurityConfigError(
+            f"O2U_TLS_CERT_FILE/O2U_TLS_KEY_FILE: {str(cert_file)!r} and {str(key_file)!r} are not a valid "
+            f"certificate and matching private key: {exc.reason or exc}"
+        ) from None
+
+
+def _check_ca(ca_file: Path) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=ca_file)
+    except ssl.SSLError as exc:
+        raise SecurityConfigError(
+            f"O2U_TLS_CLIENT_CA_FILE: {str(ca_file)!r} holds no valid CA certificate: {exc.reason or exc}"
+        ) from None
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """gRPC server credentials from the TLS settings, or None for plaintext.
+
+    TLS needs both tls_cert_file and tls_key_file; tls_client_ca_file additionally requires every
+    client to present a certificate signed by that CA (mutual TLS). Raises SecurityConfigError naming
+    the setting when a file is missing, unreadable, not PEM, or the key does not match the certificate.
+    """
+    cert_file, key_file, ca_file = settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    if cert_file is None and key_file is None:
+        if ca_file is not None:
+            raise SecurityConfigError(
+                "O2U_TLS_CLIENT_CA_FILE is set but O2U_TLS_CERT_FILE/O2U_TLS_KEY_FILE are not: "
+                "mutual TLS needs a server certificate"
+            )
+        return None
+    if cert_file is None or key_file is None:
+        missing = "O2U_TLS_CERT_FILE" if cert_file is None else "O2U_TLS_KEY_FILE"
+        raise SecurityConfigError(
+            f"TLS needs both O2U_TLS_CERT_FILE and O2U_TLS_KEY_FILE; {missing} is not set"
+        )
+    certificate_chain = _read_pem(cert_file, "O2U_TLS_CERT_FILE")
+    private_key = _read_pem(key_file, "O2U_TLS_KEY_FILE")
+    _check_pair(cert_file, key_file)
+    client_ca: bytes | None = None
+    if ca_file is not None:
+        client_ca = _read_pem(ca_file, "O2U_TLS_CLIENT_CA_FILE")
+        _check_ca(ca_file)
+    return grpc.ssl_server_credentials(
+        [(private_key, certificate_chain)],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bearer tokens
+# ---------------------------------------------------------------------------------------------------
+
+
+def read_token_file(path: Path) -> str:
+    """The token in a token file, surrounding whitespace (a trailing newline) removed.
+
+    Raises SecurityConfigError if the file is missing, unreadable, empty, or holds characters that
+    cannot travel in a gRPC metadata value (anything but visible ASCII).
+    """
+    setting = "O2U_AUTH_TOKEN_FILE"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SecurityConfigError(f"{setting}: file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise SecurityConfigError(f"{setting}: cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    token = raw.strip()
+    if not token:
+        raise SecurityConfigError(f"{setting}: {str(path)!r} is empty; an empty token would admit anyone")
+    if len(token) > _MAX_TOKEN_BYTES:
+        raise SecurityConfigError(f"{setting}: the token is longer than {_MAX_TOKEN_BYTES} bytes")
+    if not all(0x21 <= byte <= 0x7E for byte in token):
+        raise SecurityConfigError(
+            f"{setting}: the token may hold only visible ASCII characters (no spaces or control characters)"
+        )
+    return token.decode("ascii")
+
+
+def _digest(token: str | bytes) -> bytes:
+    # Comparing fixed-length digests keeps even the token's length out of the timing.
+    data = token.encode("utf-8", "surrogateescape") if isinstance(token, str) else token
+    return hashlib.sha256(data).digest()
+
+
+def _authorization_values(metadata: Any) -> list[str | bytes]:
+    return [value for key, value in (metadata or ()) if key == "authorization"]
+
+
+def _rejection(reason: str, message: str) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler that ends the call with UNAUTHENTICATED without reading the request.
+
+    A stream-stream handler serves every call shape on the wire, and never deserializing the
+    request means an unauthenticated caller's payload is not even parsed.
+    """
+    status = grpc_status(Unauthenticated(message, reason=reason))
+
+    async def reject(
+        request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    return grpc.stream_stream_rpc_method_handler(reject)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Admits a call only with `authorization: Bearer <token>` equal to the configured token.
+
+    Every failure is UNAUTHENTICATED, with ErrorInfo reason MISSING_CREDENTIALS (no or malformed
+    header) or INVALID_CREDENTIALS (a token that is not the configured one). There is one token and
+    so one identity: a wrong token proves nothing about who the caller is, which is what
+    UNAUTHENTICATED means; PERMISSION_DENIED stays reserved for authenticated callers reaching for a
+    path or bucket they may not use.
+    """
+
+    def __init__(self, token: str, *, exempt_prefixes: tuple[str, ...] = EXEMPT_METHOD_PREFIXES) -> None:
+        if not token:
+            raise SecurityConfigError("the bearer token must not be empty")
+        self._expected = _digest(token)
+        self._exempt_prefixes = exempt_prefixes
+        self._missing = _rejection(
+            "MISSING_CREDENTIALS", "this server requires an 'authorization: Bearer <token>' metadata entry"
+        )
+        self._invalid = _rejection("INVALID_CREDENTIALS", "the bearer token is not valid")
+
+    def check(self, metadata: Any) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """None if the metadata authenticates the caller, else the handler that rejects the call."""
+        values = _authorization_values(metadata)
+        if len(values) != 1:
+            return self._missing  # none, or several that could disagree
+        value = values[0]
+        if isinstance(value, bytes):
+            return self._missing
+        scheme, _, presented = value.strip().partition(" ")
+        presented = presented.strip()
+        if scheme.lower() != "bearer" or not presented:
+            return self._missing
+        if len(presented) > _MAX_TOKEN_BYTES:
+            return self._invalid
+        if not hmac.compare_digest(_digest(presented), self._expected):
+            return self._invalid
+        return None
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        method = handler_call_details.method or ""
+        if method.startswith(self._exempt_prefixes):
+            return await continuation(handler_call_details)
+        rejection = self.check(handler_call_details.invocation_metadata)
+        if rejection is not None:
+            logger.info("refused unauthenticated call", extra={"method": method})
+            return rejection
+        return await continuation(handler_call_details)
+
+
+def auth_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+    """The authentication interceptors the settings ask for (empty without a token file)."""
+    if settings.auth_token_file is None:
+        return []
+    if settings.tls_cert_file is None:
+        logger.warning(
+            "O2U_AUTH_TOKEN_FILE is set without TLS: the bearer token crosses the network in plaintext"
+        )
+    return [BearerTokenInterceptor(read_token_file(settings.auth_token_file))]
+
+
+def check_security_files(settings: Settings) -> None:
+    """Read and check every TLS and token file now; SecurityConfigError names the first bad one.
+
+    The entry point calls this before anything starts, so a bad Secret fails the pod at once with
+    a one-line reason instead of after the server has begun to come up.
+    """
+    server_credentials(settings)
+    if settings.auth_token_file is not None:
+        read_token_file(settings.auth_token_file)

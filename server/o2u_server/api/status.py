@@ -1,0 +1,62 @@
+"""The one mapping from service errors to gRPC statuses with google.rpc details.
+
+`to_status` turns a `ServiceError` into a `google.rpc.Status` carrying an `ErrorInfo` (reason + domain)
+and, where the error has them, `BadRequest`, `ResourceInfo` and `RetryInfo`; `grpc_status` wraps it
+for `context.abort_with_status`. The interceptor and the bearer-token check are its only callers, so
+no other code in the server chooses a status code.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from o2u_server.errors import Code, ServiceError
+
+__all__ = ["DOMAIN", "grpc_code", "grpc_status", "to_status"]
+
+DOMAIN = "o2u.dev"  # ErrorInfo.domain of every error this service raises
+
+_GRPC_CODES: dict[Code, grpc.StatusCode] = {code: grpc.StatusCode[code.name] for code in Code}
+
+
+def grpc_code(error: ServiceError) -> grpc.StatusCode:
+    return _GRPC_CODES[error.code]
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def to_status(error: ServiceError) -> status_pb2.Status:
+    """The google.rpc.Status for an error, with ErrorInfo and the details that apply."""
+    details = [
+        _pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=dict(error.metadata)))
+    ]
+    if error.field is not None:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+    if error.resource_type is not None:
+        info = error_details_pb2.ResourceInfo(
+            resource_type=error.resource_type,
+            resource_name=error.resource_name or "",
+            description=error.message,
+        )
+        details.append(_pack(info))
+    if error.retry_after_seconds is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after_seconds * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    code_value = int(error.code)
+    assert code_value in code_pb2.Code.values()
+    return status_pb2.Status(code=code_value, message=error.message, details=details)
+
+
+def grpc_status(error: ServiceError) -> grpc.Status:
+    """The status to end a call with (`context.abort_with_status`)."""
+    status: grpc.Status = rpc_status.to_status(to_status(error))
+    return status

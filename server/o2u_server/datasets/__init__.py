@@ -1,0 +1,111 @@
+"""Datasets named by URI, loaded into the arrays the engine scores, within the server's limits.
+
+`FORMATS` is the one table of dataset formats: per `DatasetFormat`, the URI endings that imply it,
+whether the URI names a folder (a key prefix) rather than one object, and its loader - one module per
+format (`npz`, `image_folder`, `csv_manifest`, `jsonl_manifest`). Nothing outside the table compares
+format names. Every limit is checked as early as the information exists: object sizes from the
+listing or stat before anything is downloaded (`max_dataset_bytes`), the sample count from the
+`.npz` header or the manifest/listing (`max_samples`), image dimensions from each header before
+decoding (`max_image_pixels`). Errors are the service's classes and name the URI, key, field or
+limit at fault. Exports of score rows (JSONL, CSV) are `datasets.exports`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from o2u_server.datasets.csv_manifest import load_csv_manifest
+from o2u_server.datasets.dataset import DatasetLimits, LoadedDataset, Loader
+from o2u_server.datasets.image_folder import load_image_folder
+from o2u_server.datasets.jsonl_manifest import load_jsonl_manifest
+from o2u_server.datasets.npz import load_npz
+from o2u_server.domain import DatasetFormat
+from o2u_server.errors import NotFound
+from o2u_server.storage import Storage
+
+__all__ = [
+    "FOLDER_FORMAT",
+    "FORMATS",
+    "DatasetLimits",
+    "FormatSpec",
+    "LoadedDataset",
+    "check_dataset_exists",
+    "check_dataset_uri",
+    "infer_format",
+    "load_dataset",
+]
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    suffixes: tuple[str, ...]  # lower-case endings of a URI that imply the format
+    prefix: bool  # the URI names a folder (an object-store key prefix), not one object
+    load: Loader
+
+
+FORMATS: dict[DatasetFormat, FormatSpec] = {
+    DatasetFormat.NPZ: FormatSpec((".npz",), prefix=False, load=load_npz),
+    DatasetFormat.IMAGE_FOLDER: FormatSpec((), prefix=True, load=load_image_folder),
+    DatasetFormat.CSV_MANIFEST: FormatSpec((".csv",), prefix=False, load=load_csv_manifest),
+    DatasetFormat.JSONL_MANIFEST: FormatSpec((".jsonl", ".ndjson"), prefix=False, load=load_jsonl_manifest),
+}
+FOLDER_FORMAT = DatasetFormat.IMAGE_FOLDER  # what a URI with none of the suffixes names
+
+
+def infer_format(uri: str) -> DatasetFormat:
+    """The format a URI's ending implies (see FORMATS), else a folder: FOLDER_FORMAT."""
+    path = uri.split("://", 1)[-1].rstrip("/").lower()
+    for dataset_format, spec in FORMATS.items():
+        if spec.suffixes and path.endswith(spec.suffixes):
+            return dataset_format
+    return FOLDER_FORMAT
+
+
+def _spec(uri: str, dataset_format: DatasetFormat | None) -> FormatSpec:
+    return FORMATS[dataset_format or infer_format(uri)]
+
+
+def check_dataset_uri(
+    uri: str, dataset_format: DatasetFormat | None, storage: Storage, *, field: str = "dataset.uri"
+) -> None:
+    """InvalidArgument or PermissionDenied if the URI is malformed or not allowed; reads nothing."""
+    storage.parse(uri, field=field, allow_prefix=_spec(uri, dataset_format).prefix)
+
+
+def check_dataset_exists(
+    uri: str, dataset_format: DatasetFormat | None, storage: Storage, *, field: str = "dataset.uri"
+) -> None:
+    """NotFound unless the dataset is there: one stat, or the first page of a folder's listing."""
+    if not _spec(uri, dataset_format).prefix:
+        storage.stat(uri, field=field)
+        return
+    objects = storage.iter_objects(uri, field=field)
+    first = next(objects, None)
+    getattr(objects, "close", lambda: None)()  # end the listing after its first entry
+    if first is None:
+        raise NotFound(
+            f"{field} {uri!r} names a folder with no files in it",
+            reason="DATASET_NOT_FOUND",
+            field=field,
+            resource_type="object",
+            resource_name=uri,
+        )
+
+
+def load_dataset(
+    uri: str,
+    dataset_format: DatasetFormat | None,
+    storage: Storage,
+    limits: DatasetLimits,
+    *,
+    field: str = "dataset.uri",
+) -> LoadedDataset:
+    """Read, check and decode the dataset at `uri` (`dataset_format` None: inferred from the URI).
+
+    Raises InvalidArgument, PermissionDenied, NotFound, ResourceExhausted (limits) or Unavailable.
+    """
+    spec = _spec(uri, dataset_format)
+    reference = storage.parse(uri, field=field, allow_prefix=spec.prefix)
+    dataset = spec.load(uri, storage, limits, field)
+    dataset.source = reference.scheme
+    return dataset

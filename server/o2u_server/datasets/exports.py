@@ -1,0 +1,118 @@
+"""Writing score rows as JSON Lines or CSV to an `s3://` object or a `file://` path under a data root.
+
+Rows are dictionaries of plain values (NumPy scalars are accepted). JSONL writes one compact JSON
+object per row; CSV writes a header of the first row's keys (or the given columns) and one line per
+row, with booleans as `true`/`false` and missing values empty. The whole file is built in memory and
+written in one call, so a file destination is replaced atomically and an object appears complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from o2u_server.domain import ExportFormat
+from o2u_server.errors import InvalidArgument
+from o2u_server.storage import Storage
+
+__all__ = ["EXPORT_COLUMNS", "infer_export_format", "write_export"]
+
+# The columns of an exported score, in file order (fields of domain.NoiseScoreRow).
+EXPORT_COLUMNS = (
+    "rank",
+    "sample_id",
+    "key",
+    "score",
+    "score_variance",
+    "noise_probability",
+    "suspected",
+    "given_label",
+    "given_label_name",
+    "suggested_label",
+    "suggested_label_name",
+    "suggested_label_confidence",
+)
+
+_SUFFIXES = {ExportFormat.JSONL: (".jsonl", ".ndjson"), ExportFormat.CSV: (".csv",)}
+_CONTENT_TYPES = {ExportFormat.JSONL: "application/x-ndjson", ExportFormat.CSV: "text/csv; charset=utf-8"}
+
+
+def infer_export_format(uri: str, *, field: str = "format") -> ExportFormat:
+    """The export format a destination's extension implies (`.jsonl`/`.ndjson` or `.csv`)."""
+    lowered = uri.lower()
+    for export_format, suffixes in _SUFFIXES.items():
+        if lowered.endswith(suffixes):
+            return export_format
+    raise InvalidArgument(
+        f"cannot tell the export format from {uri!r}: set {field} or end the destination in .jsonl or .csv",
+        reason="INVALID_FORMAT",
+        field=field,
+    )
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot export a value of type {type(value).__name__}")
+
+
+def _csv_cell(value: object) -> object:
+    value = _plain(value) if isinstance(value, np.generic | np.ndarray) else value
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value, default=_plain, separators=(",", ":"))
+    return value
+
+
+def _jsonl(rows: Iterable[dict[str, object]], buffer: io.StringIO, columns: Sequence[str] | None) -> int:
+    count = 0
+    for row in rows:
+        buffer.write(json.dumps(row, default=_plain, ensure_ascii=False, separators=(",", ":")))
+        buffer.write("\n")
+        count += 1
+    return count
+
+
+def _csv(rows: Iterable[dict[str, object]], buffer: io.StringIO, columns: Sequence[str] | None) -> int:
+    count = 0
+    writer: csv.DictWriter[str] | None = None
+    if columns is not None:
+        writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
+    for row in rows:
+        if writer is None:
+            writer = csv.DictWriter(buffer, fieldnames=list(row), lineterminator="\n")
+            writer.writeheader()
+        writer.writerow({name: _csv_cell(value) for name, value in row.items()})
+        count += 1
+    return count
+
+
+_WRITERS = {ExportFormat.JSONL: _jsonl, ExportFormat.CSV: _csv}
+
+
+def write_export(
+    rows: Iterable[dict[str, object]],
+    uri: str,
+    export_format: ExportFormat,
+    storage: Storage,
+    *,
+    field: str = "destination_uri",
+    columns: Sequence[str] | None = None,
+) -> tuple[int, int]:
+    """Write `rows` to `uri` as `export_format`; returns (rows written, bytes written)."""
+    storage.parse(uri, field=field)  # refuse a bad destination before building the file
+    buffer = io.StringIO()
+    count = _WRITERS[export_format](rows, buffer, columns)
+    data = buffer.getvalue().encode("utf-8")
+    written = storage.write_bytes(uri, data, field=field, content_type=_CONTENT_TYPES[export_format])
+    return count, written

@@ -1,0 +1,39 @@
+"""The JSON Lines manifest format: one object `{"key": "<path>", "label": ...}` per line.
+
+Keys are paths relative to the manifest's folder (`datasets.manifests` checks and locates them).
+Labels are JSON integers (class indices) or non-empty strings (class names), one type for the file.
+"""
+
+from __future__ import annotations
+
+import json
+
+from o2u_server.datasets.dataset import DatasetLimits, LoadedDataset, invalid_dataset
+from o2u_server.datasets.manifests import ManifestRow, load_manifest
+from o2u_server.storage import Storage
+
+__all__ = ["jsonl_rows", "load_jsonl_manifest"]
+
+
+def load_jsonl_manifest(uri: str, storage: Storage, limits: DatasetLimits, field: str) -> LoadedDataset:
+    return load_manifest(uri, storage, limits, field, parse_rows=jsonl_rows)
+
+
+def jsonl_rows(text: str, uri: str) -> list[ManifestRow]:
+    rows: list[ManifestRow] = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise invalid_dataset(f"{uri} line {line_number}: not valid JSON: {error}") from error
+        if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+            raise invalid_dataset(
+                f'{uri} line {line_number}: expected an object {{"key": "<path>", "label": ...}}'
+            )
+        label = record.get("label")
+        if isinstance(label, bool) or not isinstance(label, int | str) or label == "":
+            raise invalid_dataset(f"{uri} line {line_number}: label must be an integer or a non-empty string")
+        rows.append((line_number, record["key"], label))
+    return rows

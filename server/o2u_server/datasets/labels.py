@@ -1,0 +1,78 @@
+"""Turning given labels into class indices.
+
+Labels arrive as integers or as strings. Integer labels are kept: K = max + 1 classes named "0".."K-1"
+(or the names given alongside them). String labels become indices into their sorted unique values,
+which are the class names. Errors name the dataset and the first offending index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from o2u_server.datasets.dataset import invalid_dataset
+
+__all__ = ["encode_labels"]
+
+
+def encode_labels(
+    labels: np.ndarray[Any, Any] | Sequence[int] | Sequence[str],
+    *,
+    class_names: Sequence[str] | None,
+    where: str,
+) -> tuple[np.ndarray[Any, np.dtype[np.int64]], list[str]]:
+    """(labels as int64 in [0, K), the K class names); `where` names the dataset in errors."""
+    values = np.asarray(labels)
+    if values.ndim != 1:
+        raise invalid_dataset(f"{where}: labels must be one-dimensional, got shape {values.shape}")
+    if values.dtype.kind == "S":
+        try:
+            values = np.char.decode(values, "utf-8")
+        except UnicodeDecodeError as error:
+            raise invalid_dataset(f"{where}: byte-string labels are not UTF-8: {error}") from error
+    if values.dtype.kind in "iu":
+        return _integer_labels(values, class_names=class_names, where=where)
+    if values.dtype.kind == "U":
+        return _string_labels(values, class_names=class_names, where=where)
+    raise invalid_dataset(f"{where}: labels must be integers or strings, got dtype {values.dtype}")
+
+
+def _integer_labels(
+    values: np.ndarray[Any, Any], *, class_names: Sequence[str] | None, where: str
+) -> tuple[np.ndarray[Any, np.dtype[np.int64]], list[str]]:
+    if values.size and int(values.min()) < 0:
+        index = int(np.argmax(values < 0))
+        raise invalid_dataset(
+            f"{where}: label {int(values[index])} at index {index} is negative; labels are 0..K-1"
+        )
+    top = int(values.max()) if values.size else -1
+    if class_names is None:
+        names = [str(i) for i in range(top + 1)]
+    else:
+        names = list(class_names)
+        if top >= len(names):
+            index = int(np.argmax(values >= len(names)))
+            raise invalid_dataset(
+                f"{where}: label {int(values[index])} at index {index} has no class name "
+                f"({len(names)} class_names given, so labels must be 0..{len(names) - 1})"
+            )
+    return values.astype(np.int64), names
+
+
+def _string_labels(
+    values: np.ndarray[Any, Any], *, class_names: Sequence[str] | None, where: str
+) -> tuple[np.ndarray[Any, np.dtype[np.int64]], list[str]]:
+    if class_names is None:
+        names, inverse = np.unique(values, return_inverse=True)
+        return inverse.astype(np.int64).reshape(-1), [str(name) for name in names]
+    index_of = {name: i for i, name in enumerate(class_names)}
+    encoded = np.empty(len(values), dtype=np.int64)
+    for i, value in enumerate(values.tolist()):
+        if value not in index_of:
+            raise invalid_dataset(
+                f"{where}: label {value!r} at index {i} is not one of the given class_names"
+            )
+        encoded[i] = index_of[value]
+    return encoded, list(class_names)

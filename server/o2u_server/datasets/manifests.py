@@ -1,0 +1,134 @@
+"""What the manifest formats share: checked keys, one label type, and the files a manifest lists.
+
+A manifest lists `key,label` rows (`csv_manifest`, `jsonl_manifest`: each parses its own text into
+rows). Keys are '/'-separated paths relative to the manifest's folder: no leading '/', no empty, '.'
+or '..' segments, each listed once; labels are all integers or all strings. The listed files are
+located before anything is downloaded, so their total size can be checked first: one stat per local
+file, or one listing of the keys' common folder in the object store. Then `datasets.images` reads
+and decodes them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from o2u_server.datasets.dataset import (
+    DatasetLimits,
+    LoadedDataset,
+    empty_dataset,
+    invalid_dataset,
+    too_large,
+)
+from o2u_server.datasets.images import ImageItem, load_images
+from o2u_server.datasets.labels import encode_labels
+from o2u_server.errors import NotFound, PermissionDenied, ResourceExhausted
+from o2u_server.storage import ObjectInfo, Storage
+from o2u_server.storage.uris import file_uri, s3_uri
+
+__all__ = ["Manifest", "ManifestRow", "check_key", "load_manifest", "locate_keys", "parse_manifest"]
+
+Manifest = tuple[list[str], list[int] | list[str]]  # (keys, labels) in manifest order
+ManifestRow = tuple[int, str, object]  # (line number, key, label as parsed: an int or a str)
+RowParser = Callable[[str, str], list[ManifestRow]]  # (text, uri) -> rows; invalid_dataset if malformed
+
+
+def load_manifest(
+    uri: str, storage: Storage, limits: DatasetLimits, field: str, *, parse_rows: RowParser
+) -> LoadedDataset:
+    """The images a manifest lists, labelled as it says; `parse_rows` reads the format's rows."""
+    raw = storage.read_bytes(uri, field=field, max_bytes=limits.max_bytes)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise invalid_dataset(f"{uri} is not UTF-8 text: {error}") from error
+    keys, raw_labels = parse_manifest(parse_rows(text, uri), uri=uri, limits=limits)
+    if not keys:
+        raise empty_dataset(uri, "the manifest lists no rows")
+    infos = locate_keys(uri, keys, storage, field=field)
+    total_bytes = len(raw) + sum(info.size for info in infos)
+    if total_bytes > limits.max_bytes:
+        raise too_large(f"{uri} with the images it lists", total_bytes, limits)
+    labels, class_names = encode_labels(raw_labels, class_names=None, where=uri)
+    items = [ImageItem(info, key) for info, key in zip(infos, keys, strict=True)]
+    images, bytes_read = load_images(
+        items, storage, field=field, max_pixels=limits.max_image_pixels, max_bytes=limits.max_bytes
+    )
+    return LoadedDataset(images, labels, keys, class_names, bytes_read + len(raw), "file")
+
+
+def check_key(key: str, *, where: str) -> str:
+    """A manifest key checked to stay below the manifest's folder."""
+    if not key or "\x00" in key or key.startswith("/") or "://" in key:
+        raise invalid_dataset(
+            f"{where}: key {key!r} must be a non-empty path relative to the manifest's folder"
+        )
+    parts = key.split("/")
+    if ".." in parts:
+        raise PermissionDenied(
+            f"{where}: key {key!r} leaves the manifest's folder ('..' is not allowed)",
+            reason="PATH_TRAVERSAL",
+        )
+    if "" in parts or "." in parts:
+        raise invalid_dataset(f"{where}: key {key!r} has an empty or '.' path segment")
+    return key
+
+
+def parse_manifest(rows: list[ManifestRow], *, uri: str, limits: DatasetLimits) -> Manifest:
+    """Keys and labels of parsed rows, checked; ResourceExhausted past `max_samples` rows."""
+    keys: list[str] = []
+    raw_labels: list[object] = []
+    seen: set[str] = set()
+    for line, key, label in rows:
+        where = f"{uri} line {line}"
+        if len(keys) >= limits.max_samples:
+            raise ResourceExhausted(
+                f"{uri} lists more than max_samples (O2U_MAX_SAMPLES) = {limits.max_samples} samples",
+                reason="TOO_MANY_SAMPLES",
+                metadata={"limit": "max_samples"},
+            )
+        check_key(key, where=where)
+        if key in seen:
+            raise invalid_dataset(f"{where}: key {key!r} is listed twice")
+        seen.add(key)
+        keys.append(key)
+        raw_labels.append(label)
+    strings = [label for label in raw_labels if isinstance(label, str)]
+    integers = [label for label in raw_labels if isinstance(label, int)]
+    if len(strings) == len(raw_labels):
+        return keys, strings
+    if len(integers) == len(raw_labels):
+        return keys, integers
+    raise invalid_dataset(f"{uri}: labels mix integers and strings; use one type for all labels")
+
+
+def locate_keys(manifest_uri: str, keys: list[str], storage: Storage, *, field: str) -> list[ObjectInfo]:
+    """Size and ETag of every listed key: one stat per file, or one listing for an object store."""
+    reference = storage.parse(manifest_uri, field=field)
+    if reference.scheme == "file":
+        folder = os.path.dirname(reference.key)
+        return [storage.stat(file_uri(os.path.join(folder, key)), field=field) for key in keys]
+    assert reference.bucket is not None
+    folder = reference.key.rpartition("/")[0] + "/" if "/" in reference.key else ""
+    full_keys = [folder + key for key in keys]
+    folders = {key.rpartition("/")[0] for key in full_keys}
+    common = "" if "" in folders else os.path.commonpath(list(folders))
+    listing_prefix = common + "/" if common else ""
+    wanted = set(full_keys)
+    listed: dict[str, ObjectInfo] = {}
+    for info in storage.iter_objects(s3_uri(reference.bucket, listing_prefix), field=field):
+        name = listing_prefix + info.relative_key
+        if name in wanted:
+            listed[name] = info
+    infos = []
+    for key, full_key in zip(keys, full_keys, strict=True):
+        if full_key not in listed:
+            uri = s3_uri(reference.bucket, full_key)
+            raise NotFound(
+                f"{manifest_uri} lists {key!r}, but {uri} does not exist",
+                reason="OBJECT_NOT_FOUND",
+                resource_type="object",
+                resource_name=uri,
+            )
+        infos.append(listed[full_key])
+    return infos

@@ -1,0 +1,283 @@
+"""The one boundary between the server and the engine (`o2u_engine`): whatever crosses it is
+translated here, so the rest of the server speaks only its own domain types.
+
+- Requests: a job's requested ScoringConfig fields become the engine's O2UConfig (`engine_config`).
+  CreateScoringJob calls it too, so a bad value is INVALID_ARGUMENT naming the field before anything
+  is queued.
+- Running: `Engine.resolve` fills the config's `auto` fields for the loaded dataset and device;
+  `Engine.score` trains and ranks, handing every epoch's ProgressEvent on as a domain Progress.
+- Results: `run_info` describes a run by its resolved config (one serialization, recorded before
+  training and again, with the report's own figures, when it succeeds); `job_results` turns the
+  NoiseReport into the ranked score rows, dataset summary and RunInfo the store keeps.
+- Errors: `service_error` maps the engine's exceptions to service errors; `Cancelled` is the one
+  the runner catches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import o2u_engine
+from o2u_engine import Cancelled, ConfigError, DataValidationError, DeviceOutOfMemory, O2UConfig
+from o2u_engine.config import validate_config
+from o2u_server.datasets import LoadedDataset
+from o2u_server.domain import (
+    ClassNoise,
+    CleanRetrainingInfo,
+    ConfusedPair,
+    DatasetSummary,
+    Progress,
+    RunInfo,
+    ScoreTuple,
+    Stage,
+)
+from o2u_server.errors import Internal, InvalidArgument, ResourceExhausted, ServiceError
+
+__all__ = [
+    "MAX_CONFUSED_PAIRS",
+    "Cancelled",
+    "Engine",
+    "JobResults",
+    "engine_config",
+    "job_results",
+    "run_info",
+    "service_error",
+]
+
+MAX_CONFUSED_PAIRS = 20
+
+# ---- requests -------------------------------------------------------------------------------------
+
+
+def _field_named_in(message: str) -> str | None:
+    names = [f.name for f in dataclasses.fields(O2UConfig) if f.name in message]
+    return max(names, key=len) if names else None  # the longest match: "pretrain_epochs", not "epochs"
+
+
+def engine_config(requested: Mapping[str, Any]) -> O2UConfig:
+    """The O2UConfig for the requested fields; InvalidArgument naming `config.<field>` if invalid."""
+    try:
+        config = O2UConfig(**requested)
+        validate_config(config)  # ranges only; `auto` fields are resolved once the data is loaded
+        return config
+    except (ConfigError, TypeError, ValueError) as exc:
+        name = getattr(exc, "field", None) or _field_named_in(str(exc))
+        raise InvalidArgument(
+            f"invalid scoring config: {exc}",
+            reason="INVALID_CONFIG",
+            field=f"config.{name}" if name else "config",
+        ) from exc
+
+
+# ---- running --------------------------------------------------------------------------------------
+
+
+def _progress(update: o2u_engine.ProgressEvent) -> Progress:
+    return Progress(
+        stage=Stage(update.stage),
+        epoch=update.epoch,
+        epochs_total=update.epochs_total,
+        fraction_done=update.fraction_done,
+        mean_loss=update.mean_loss,
+        learning_rate=update.learning_rate,
+        samples_per_second=update.samples_per_second,
+        eta_seconds=update.eta_seconds,
+    )
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The engine's two entry points, called with the server's types (replaceable in tests)."""
+
+    score_noise: Callable[..., o2u_engine.NoiseReport] = o2u_engine.score_noise
+    resolve_config: Callable[..., O2UConfig] = o2u_engine.resolve_config
+
+    def resolve(self, requested: Mapping[str, Any], dataset: LoadedDataset, device: str) -> O2UConfig:
+        """The config that will run: the requested fields, every `auto` one chosen for this data."""
+        return self.resolve_config(
+            engine_config(requested),
+            num_samples=len(dataset.labels),
+            sample_shape=tuple(dataset.features.shape[1:]),
+            num_classes=len(dataset.class_names),
+            device=device,
+        )
+
+    def score(
+        self,
+        dataset: LoadedDataset,
+        config: O2UConfig,
+        *,
+        device: str,
+        progress: Callable[[Progress], None],
+        should_cancel: Callable[[], bool],
+        checkpoint_path: Path,
+        checkpoint_interval_seconds: float,
+        initial_weights: Path | None,
+    ) -> o2u_engine.NoiseReport:
+        """Train and rank; `progress` receives one Progress per epoch, from the calling thread.
+
+        Raises Cancelled when `should_cancel` turns true (the checkpoint is kept)."""
+        return self.score_noise(
+            dataset.features,
+            dataset.labels,
+            config=config,
+            num_classes=len(dataset.class_names),
+            device=device,
+            progress=lambda update: progress(_progress(update)),
+            should_cancel=should_cancel,
+            checkpoint_path=checkpoint_path,
+            checkpoint_interval_seconds=checkpoint_interval_seconds,
+            initial_weights=initial_weights,
+        )
+
+
+def service_error(exc: Exception) -> ServiceError:
+    """What a job failed with: service errors as raised, the engine's validation errors as
+    INVALID_ARGUMENT, device memory as RESOURCE_EXHAUSTED, anything else INTERNAL."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, DeviceOutOfMemory):
+        return ResourceExhausted(
+            f"the device ran out of memory even after halving the batch size: {exc}; lower "
+            "pretrain_batch_size/cyclic_batch_size or image_size, or choose a smaller model",
+            reason="DEVICE_OUT_OF_MEMORY",
+        )
+    if isinstance(exc, DataValidationError):
+        return InvalidArgument(str(exc), reason="INVALID_DATASET", field="dataset")
+    if isinstance(exc, ConfigError):
+        return InvalidArgument(str(exc), reason="INVALID_CONFIG", field="config")
+    return Internal(f"internal error: {type(exc).__name__}: {exc}", reason="INTERNAL")
+
+
+# ---- results --------------------------------------------------------------------------------------
+
+
+def run_info(
+    config: O2UConfig,
+    *,
+    device: str,
+    num_samples: int,
+    num_classes: int,
+    server_version: str,
+    engine_version: str = o2u_engine.__version__,
+    torch_version: str = torch.__version__,
+) -> RunInfo:
+    """What runs (or ran), enough to reproduce it: the resolved config, its seed, versions, device."""
+    return RunInfo(
+        seed=config.seed,
+        engine_version=engine_version,
+        torch_version=torch_version,
+        device=device,
+        num_samples=num_samples,
+        num_classes=num_classes,
+        resolved_config_json=config.to_json(),
+        server_version=server_version,
+        model=config.model,
+    )
+
+
+@dataclass(frozen=True)
+class JobResults:
+    """What the store keeps of a finished run."""
+
+    scores: Iterator[ScoreTuple]  # most suspicious first, produced as the store inserts them
+    summary: DatasetSummary
+    run_info: RunInfo
+
+
+def job_results(
+    report: o2u_engine.NoiseReport, dataset: LoadedDataset, *, job_id: str, server_version: str
+) -> JobResults:
+    info = run_info(
+        report.config,
+        device=report.device,
+        num_samples=report.num_samples,
+        num_classes=report.num_classes,
+        server_version=server_version,
+        engine_version=report.engine_version,
+        torch_version=report.torch_version,
+    )
+    summary = _summary(report, job_id=job_id, class_names=dataset.class_names, info=info)
+    return JobResults(_score_rows(report, dataset.keys), summary, info)
+
+
+def _score_rows(report: o2u_engine.NoiseReport, keys: list[str]) -> Iterator[ScoreTuple]:
+    """One row per sample, most suspicious first, in the store's column order."""
+    order = report.order().tolist()
+    # tolist() once per array: indexing NumPy scalars per sample would dominate for large N.
+    ranks = report.ranks.tolist()
+    labels = report.labels.tolist()
+    scores = report.noise_scores.tolist()
+    variances = report.score_variance.tolist()
+    probabilities = report.noise_probability.tolist()
+    suspected = report.suspected.tolist()
+    suggested = report.suggested_labels.tolist()
+    confidences = report.suggested_label_confidence.tolist()
+    for i in order:
+        yield (
+            int(ranks[i]),
+            int(i),
+            keys[i],
+            int(labels[i]),
+            float(scores[i]),
+            float(variances[i]),
+            float(probabilities[i]),
+            bool(suspected[i]),
+            int(suggested[i]),
+            float(confidences[i]),
+        )
+
+
+def _confused_pairs(report: o2u_engine.NoiseReport) -> list[ConfusedPair]:
+    mask = report.suspected & (report.labels != report.suggested_labels)
+    pairs = Counter(zip(report.labels[mask].tolist(), report.suggested_labels[mask].tolist(), strict=True))
+    ranked = sorted(pairs.items(), key=lambda item: (-item[1], item[0]))
+    return [
+        ConfusedPair(int(given), int(suggested), count)
+        for (given, suggested), count in ranked[:MAX_CONFUSED_PAIRS]
+    ]
+
+
+def _summary(
+    report: o2u_engine.NoiseReport, *, job_id: str, class_names: list[str], info: RunInfo
+) -> DatasetSummary:
+    classes = [
+        ClassNoise(
+            label=label,
+            name=class_names[label] if label < len(class_names) else str(label),
+            count=int(report.class_counts[label]),
+            suspected=int(report.class_suspected[label]),
+            noise_rate=float(report.class_noise_rates[label]),
+        )
+        for label in range(report.num_classes)
+    ]
+    retraining = CleanRetrainingInfo()
+    if report.clean_retraining is not None:
+        result = report.clean_retraining
+        retraining = CleanRetrainingInfo(
+            ran=True,
+            accuracy_without_removal=float(result.accuracy_without_removal),
+            accuracy_with_removal=float(result.accuracy_with_removal),
+            removed=int(result.removed),
+        )
+    return DatasetSummary(
+        job_id=job_id,
+        num_samples=len(report.labels),
+        num_classes=report.num_classes,
+        class_names=list(class_names),
+        estimated_noise_rate=float(report.estimated_noise_rate),
+        noise_rate_used=float(report.noise_rate_used),
+        num_suspected=int(report.suspected.sum()),
+        classes=classes,
+        transition_matrix=[float(value) for value in report.transition_matrix.reshape(-1)],
+        confused_pairs=_confused_pairs(report),
+        clean_retraining=retraining,
+        run_info=info,
+    )

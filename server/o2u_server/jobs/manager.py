@@ -1,0 +1,271 @@
+"""The job manager: the asynchronous API the servicer awaits, one method per RPC.
+
+It validates requests, runs store calls on a small thread pool (SQLite is blocking; the event loop
+must stay free for other calls and streams), hands new jobs to the runner and merges replayed and
+live events for watchers. It speaks domain types only and raises `o2u_server.errors` exceptions,
+which the interceptor maps to status codes.
+
+Where a bad dataset shows up: CreateScoringJob checks the URI's form and permissions and that the
+object exists (`datasets.check_dataset_exists`: one `stat`, or one listing page for a folder), so a
+typo gets NOT_FOUND at once; a dataset that disappears or turns out malformed after acceptance fails
+the job instead, with the same code in `ScoringJob.error.code` (NOT_FOUND, INVALID_ARGUMENT, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Executor
+from contextlib import aclosing
+from typing import Literal, TypeVar
+
+from o2u_server.datasets import check_dataset_exists
+from o2u_server.datasets.exports import EXPORT_COLUMNS, infer_export_format, write_export
+from o2u_server.domain import (
+    DatasetSummary,
+    ExportFormat,
+    Job,
+    JobEvent,
+    JobSpec,
+    JobState,
+    ScoreFilter,
+    ScorePage,
+)
+from o2u_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from o2u_server.jobs.events import EventHub, follow
+from o2u_server.jobs.paging import PagePosition, PageTokens, resolve_page_size
+from o2u_server.jobs.requests import check_job_id, check_job_spec, check_score_filter, new_job_id
+from o2u_server.jobs.runner import JobRunner
+from o2u_server.jobs.store import JobStore
+from o2u_server.metrics import ServerMetrics
+from o2u_server.settings import Settings
+from o2u_server.storage import Storage
+
+__all__ = ["JobManager"]
+
+T = TypeVar("T")
+
+
+class JobManager:
+    """Jobs, their events and results, for the servicer."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: JobStore,
+        storage: Storage,
+        runner: JobRunner,
+        hub: EventHub,
+        metrics: ServerMetrics,
+        executor: Executor,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._storage = storage
+        self._runner = runner
+        self._hub = hub
+        self._metrics = metrics
+        self._executor = executor
+        self._tokens: PageTokens | None = None
+        self._phase: Literal["starting", "serving", "draining"] = "starting"
+        self._watchers = 0
+
+    async def _blocking(self, function: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(function, *args)
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def serve(self, tokens: PageTokens) -> None:
+        self._tokens = tokens
+        self._phase = "serving"
+
+    def drain(self) -> None:
+        """Refuse new jobs and end watch streams (callers reconnect elsewhere or after the restart)."""
+        self._phase = "draining"
+        self._hub.close()
+
+    def _ready(self) -> PageTokens:
+        if self._phase == "starting" or self._tokens is None:
+            raise Unavailable(
+                "the server is starting; retry shortly", reason="SERVER_STARTING", retry_after_seconds=1
+            )
+        return self._tokens
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    async def create(self, spec: JobSpec) -> Job:
+        self._ready()
+        if self._phase == "draining":
+            raise Unavailable(
+                "the server is shutting down and accepts no new jobs; retry on another replica or after "
+                "the restart",
+                reason="SERVER_SHUTTING_DOWN",
+                retry_after_seconds=5,
+            )
+        check_job_spec(spec, self._storage)
+        return await self._blocking(self._create, spec)
+
+    def _create(self, spec: JobSpec) -> Job:
+        earlier = self._store.job_for_request(spec)
+        if earlier is not None:
+            return earlier  # a retry: the dataset check already passed the first time
+        check_dataset_exists(spec.dataset_uri, spec.dataset_format, self._storage)
+        if spec.initial_weights_uri:
+            self._storage.stat(spec.initial_weights_uri, field="config.initial_weights_uri")
+        job, created = self._store.create_job(
+            new_job_id(), spec, time.time(), max_queued=self._settings.max_queued_jobs
+        )
+        if created:
+            self._runner.submit(job.job_id)
+            self._metrics.count_jobs(self._store.state_counts())
+        return job
+
+    async def get(self, job_id: str) -> Job:
+        self._ready()
+        return await self._blocking(self._store.get_job, check_job_id(job_id))
+
+    async def list_jobs(
+        self, page_size: int, page_token: str, state: JobState | None
+    ) -> tuple[list[Job], str]:
+        tokens = self._ready()
+        size = resolve_page_size(
+            page_size, default=self._settings.default_page_size, maximum=self._settings.max_page_size
+        )
+        binding = PageTokens.binding("jobs", state=state.value if state else None)
+        position = tokens.parse(page_token, binding)
+        rows = await self._blocking(
+            self._store.list_jobs, state, position.after if position else None, size + 1
+        )
+        next_token = ""
+        if len(rows) > size:
+            next_token = tokens.issue(binding, PagePosition(after=rows[size - 1][0], total=-1))
+        return [job for _, job in rows[:size]], next_token
+
+    async def cancel(self, job_id: str) -> Job:
+        self._ready()
+        job, event = await self._blocking(self._store.request_cancel, check_job_id(job_id), time.time())
+        if event is not None:
+            self._metrics.jobs_finished.labels(state=JobState.CANCELLED.value).inc()
+            self._metrics.count_jobs(await self._blocking(self._store.state_counts))
+            self._hub.publish(event)
+        elif job.state is JobState.RUNNING:
+            self._runner.cancel(job_id)
+        return job
+
+    async def delete(self, job_id: str) -> None:
+        self._ready()
+        await self._blocking(self._store.delete_job, check_job_id(job_id))
+        for name in (f"{job_id}.pt", f"{job_id}.init.pt"):
+            (self._settings.checkpoint_dir / name).unlink(missing_ok=True)
+
+    # -- events --------------------------------------------------------------------------------
+
+    async def watch(self, job_id: str, after_sequence: int) -> AsyncIterator[JobEvent]:
+        """Events after `after_sequence`: replayed from the store, then live, until the final state."""
+        self._ready()
+        check_job_id(job_id)
+        if after_sequence < 0:
+            raise InvalidArgument(
+                "after_sequence must be >= 0", reason="INVALID_SEQUENCE", field="after_sequence"
+            )
+        if self._watchers >= self._settings.max_watch_streams:
+            raise ResourceExhausted(
+                f"too many open watch streams (limit {self._settings.max_watch_streams}); retry later or "
+                "poll GetScoringJob",
+                reason="TOO_MANY_WATCH_STREAMS",
+                retry_after_seconds=10,
+            )
+        subscription = self._hub.subscribe(job_id)
+        self._watchers += 1
+        self._metrics.watch_streams.inc()
+        try:
+            job, replay = await self._blocking(self._store.job_with_events, job_id, after_sequence)
+
+            async def fetch(after: int, until: int) -> list[JobEvent]:
+                return await self._blocking(self._store.events.after, job_id, after, until)
+
+            events = follow(
+                subscription, replay, after_sequence=after_sequence, finished=job.finished, fetch=fetch
+            )
+            async with aclosing(events):
+                async for event in events:
+                    yield event
+        finally:
+            self._hub.unsubscribe(job_id, subscription)
+            self._watchers -= 1
+            self._metrics.watch_streams.dec()
+
+    # -- results -------------------------------------------------------------------------------
+
+    async def _succeeded(self, job_id: str) -> Job:
+        job = await self._blocking(self._store.get_job, check_job_id(job_id))
+        if job.state is not JobState.SUCCEEDED:
+            detail = (
+                "it has not finished yet; watch it or retry after it succeeds"
+                if not job.finished
+                else "it did not succeed, so it has no results"
+            )
+            raise FailedPrecondition(
+                f"scoring job {job_id!r} is {job.state.value.upper()}: {detail}",
+                reason="JOB_NOT_FINISHED" if not job.finished else "JOB_NOT_SUCCEEDED",
+                resource_type="scoring_job",
+                resource_name=job_id,
+            )
+        return job
+
+    async def list_scores(
+        self, job_id: str, page_size: int, page_token: str, score_filter: ScoreFilter
+    ) -> ScorePage:
+        tokens = self._ready()
+        check_score_filter(score_filter)
+        size = resolve_page_size(
+            page_size, default=self._settings.default_page_size, maximum=self._settings.max_page_size
+        )
+        binding = PageTokens.binding("scores", job_id=job_id, **dataclasses.asdict(score_filter))
+        position = tokens.parse(page_token, binding)
+        await self._succeeded(job_id)
+        total = (
+            position.total
+            if position
+            else await self._blocking(self._store.results.count, job_id, score_filter)
+        )
+        after = position.after if position else 0
+        rows = await self._blocking(self._store.results.page, job_id, score_filter, after, size + 1)
+        next_token = ""
+        if len(rows) > size:
+            next_token = tokens.issue(binding, PagePosition(after=rows[size - 1].rank, total=total))
+        return ScorePage(scores=rows[:size], next_page_token=next_token, total_size=total)
+
+    async def summary(self, job_id: str) -> DatasetSummary:
+        self._ready()
+        await self._succeeded(job_id)
+        return await self._blocking(self._store.results.summary, job_id)
+
+    async def export(
+        self, job_id: str, destination_uri: str, export_format: ExportFormat | None, only_suspected: bool
+    ) -> tuple[int, int]:
+        """Write the job's scores to `destination_uri`; returns (rows, bytes) written."""
+        self._ready()
+        check_job_id(job_id)
+        self._storage.parse(destination_uri, field="destination_uri")
+        if export_format is None:
+            export_format = infer_export_format(destination_uri)
+        await self._succeeded(job_id)
+        return await self._blocking(
+            self._export, job_id, destination_uri, export_format, ScoreFilter(only_suspected=only_suspected)
+        )
+
+    def _export(
+        self, job_id: str, destination_uri: str, export_format: ExportFormat, score_filter: ScoreFilter
+    ) -> tuple[int, int]:
+        rows: Iterator[dict[str, object]] = (
+            {column: getattr(row, column) for column in EXPORT_COLUMNS}
+            for row in self._store.results.iterate(job_id, score_filter)
+        )
+        return write_export(rows, destination_uri, export_format, self._storage, columns=EXPORT_COLUMNS)

@@ -1,0 +1,79 @@
+"""write_export (JSONL, CSV) to real files and a real S3 server, and the format a destination implies."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from o2u_server.datasets.exports import EXPORT_COLUMNS, infer_export_format, write_export
+from o2u_server.domain import ExportFormat, NoiseScoreRow
+from o2u_server.errors import InvalidArgument, PermissionDenied
+from o2u_server.storage import Storage
+from tests.o2u_server.dataset_files import Store, make_storage
+from tests.s3_server import S3Server
+
+
+@pytest.fixture
+def storage(root: Path, s3: S3Server) -> Storage:
+    return make_storage(root, s3)
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request: pytest.FixtureRequest, root: Path, s3: S3Server) -> Store:
+    return Store(root, s3, request.param)
+
+
+ROWS: list[dict[str, object]] = [
+    {"sample_id": 0, "key": "cat/0.png", "score": 1.5, "rank": np.int64(1), "suspected": True},
+    {"sample_id": 1, "key": 'dog/"1",.png', "score": np.float64(-0.25), "rank": 2, "suspected": False},
+]
+
+
+def test_exports_round_trip(store: Store, s3: S3Server, root: Path) -> None:
+    storage = store.storage
+    jsonl_uri = store.uri("exports/run-1/scores.jsonl")
+    assert write_export(iter(ROWS), jsonl_uri, ExportFormat.JSONL, storage)[0] == 2
+    csv_uri = store.uri("exports/run-1/scores.csv")
+    rows, size = write_export(ROWS, csv_uri, ExportFormat.CSV, storage)
+    assert rows == 2
+    jsonl_text = storage.read_bytes(jsonl_uri).decode()
+    assert [json.loads(line) for line in jsonl_text.splitlines()] == [
+        {"sample_id": 0, "key": "cat/0.png", "score": 1.5, "rank": 1, "suspected": True},
+        {"sample_id": 1, "key": 'dog/"1",.png', "score": -0.25, "rank": 2, "suspected": False},
+    ]
+    csv_bytes = storage.read_bytes(csv_uri)
+    assert len(csv_bytes) == size
+    parsed = list(csv.DictReader(io.StringIO(csv_bytes.decode())))
+    assert parsed[1] == {
+        "sample_id": "1",
+        "key": 'dog/"1",.png',
+        "score": "-0.25",
+        "rank": "2",
+        "suspected": "false",
+    }
+
+
+def test_export_outside_roots_is_denied(storage: Storage, root: Path) -> None:
+    with pytest.raises(PermissionDenied):
+        write_export(ROWS, f"file://{root.parent}/scores.csv", ExportFormat.CSV, storage)
+    assert not (root.parent / "scores.csv").exists()
+    with pytest.raises(PermissionDenied):
+        write_export(ROWS, "s3://not-allowed/scores.csv", ExportFormat.CSV, storage)
+
+
+def test_destination_implies_the_format() -> None:
+    assert infer_export_format("s3://b/run/scores.JSONL") is ExportFormat.JSONL
+    assert infer_export_format("file:///r/scores.ndjson") is ExportFormat.JSONL
+    assert infer_export_format("file:///r/scores.csv") is ExportFormat.CSV
+    with pytest.raises(InvalidArgument) as caught:
+        infer_export_format("file:///r/scores.parquet")
+    assert (caught.value.reason, caught.value.field) == ("INVALID_FORMAT", "format")
+
+
+def test_export_columns_are_score_fields() -> None:
+    assert set(EXPORT_COLUMNS) <= set(NoiseScoreRow.__dataclass_fields__)

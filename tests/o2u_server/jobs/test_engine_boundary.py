@@ -1,0 +1,92 @@
+"""The boundary between the server and the engine (jobs/engine.py), with a real training run: requested
+fields in, domain progress, score rows, summary and one serialization of the resolved config out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import o2u_engine
+from o2u_engine import ConfigError, DataValidationError, DeviceOutOfMemory, O2UConfig
+from o2u_server.datasets import LoadedDataset
+from o2u_server.domain import Progress, Stage
+from o2u_server.errors import Code, Internal, InvalidArgument, NotFound
+from o2u_server.jobs.engine import Engine, engine_config, job_results, run_info, service_error
+from tests.server_testing import TINY_CONFIG
+
+
+@pytest.fixture(scope="module")
+def blobs() -> LoadedDataset:
+    """Three separated blobs in 8-d, the first 6 of 90 labels moved to the next class."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 30).astype(np.int64)
+    features = (rng.normal(0.0, 4.0, size=(3, 8))[labels] + rng.normal(size=(90, 8))).astype(np.float32)
+    labels[:6] = (labels[:6] + 1) % 3
+    keys = [f"sample-{i}" for i in range(90)]
+    return LoadedDataset(features, labels, keys, ["ant", "bee", "cat"], bytes_read=0, source="file")
+
+
+def test_requested_fields_are_validated_naming_the_field() -> None:
+    assert engine_config({"model": "mlp", "seed": 3}) == O2UConfig(model="mlp", seed=3)
+    with pytest.raises(InvalidArgument) as caught:
+        engine_config({"pretrain_epochs": -1})
+    assert caught.value.field == "config.pretrain_epochs"
+    with pytest.raises(InvalidArgument) as caught:
+        engine_config({"no_such_field": 1})
+    assert caught.value.field == "config"
+
+
+def test_a_run_crosses_the_boundary_in_domain_types(blobs: LoadedDataset, tmp_path: Path) -> None:
+    engine = Engine()
+    config = engine.resolve(TINY_CONFIG, blobs, "cpu")
+    planned = run_info(config, device="cpu", num_samples=90, num_classes=3, server_version="9.9")
+    events: list[Progress] = []
+    report = engine.score(
+        blobs,
+        config,
+        device="cpu",
+        progress=events.append,
+        should_cancel=lambda: False,
+        checkpoint_path=tmp_path / "job.pt",
+        checkpoint_interval_seconds=0.0,
+        initial_weights=None,
+    )
+    assert [(event.stage, event.epoch) for event in events] == [
+        (Stage.PRETRAINING, 1),
+        (Stage.PRETRAINING, 2),
+        (Stage.CYCLIC, 1),
+        (Stage.CYCLIC, 2),
+    ]
+    results = job_results(report, blobs, job_id="job-1", server_version="9.9")
+
+    # One serialization of the resolved config, before training and in the result.
+    assert results.run_info == planned
+    assert O2UConfig.from_dict(json.loads(planned.resolved_config_json)) == config
+    assert (planned.model, planned.seed, planned.engine_version) == ("mlp", 0, o2u_engine.__version__)
+
+    rows = list(results.scores)
+    assert [row[0] for row in rows] == list(range(1, 91))  # ranks, most suspicious first
+    assert {row[2] for row in rows[:6]} == {f"sample-{i}" for i in range(6)}  # the flipped keys lead
+    summary = results.summary
+    assert (summary.job_id, summary.num_samples, summary.class_names) == ("job-1", 90, ["ant", "bee", "cat"])
+    assert [noise.name for noise in summary.classes] == ["ant", "bee", "cat"]
+    assert len(summary.transition_matrix) == 9
+    assert summary.run_info == results.run_info
+
+
+def test_engine_errors_become_service_errors() -> None:
+    memory = service_error(DeviceOutOfMemory("CUDA out of memory"))
+    assert (memory.code, memory.reason) == (Code.RESOURCE_EXHAUSTED, "DEVICE_OUT_OF_MEMORY")
+    assert "pretrain_batch_size" in memory.message
+    data = service_error(DataValidationError("labels: expected (N,)", field="labels"))
+    assert (data.code, data.reason, data.field) == (Code.INVALID_ARGUMENT, "INVALID_DATASET", "dataset")
+    config = service_error(ConfigError("image_size: too small", field="image_size"))
+    assert (config.code, config.reason, config.field) == (Code.INVALID_ARGUMENT, "INVALID_CONFIG", "config")
+    missing = NotFound("gone", reason="OBJECT_NOT_FOUND")
+    assert service_error(missing) is missing
+    unexpected = service_error(KeyError("x"))
+    assert isinstance(unexpected, Internal)
+    assert "KeyError" in unexpected.message
