@@ -25,6 +25,7 @@ about a second on two cores; `SLOW_CONFIG` runs until cancelled (minutes).
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 import time
 import urllib.request
@@ -57,6 +58,7 @@ __all__ = [
     "error_details",
     "rpc_error",
     "running_server",
+    "sqlite_integrity",
     "test_settings",
     "wait_for_job",
     "write_noisy_blobs",
@@ -236,6 +238,15 @@ def wait_for_job(
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} still {pb.JobState.Name(job.state)} after {timeout} s")
         time.sleep(0.05)
+
+
+def sqlite_integrity(path: Path) -> str:
+    """SQLite's `PRAGMA integrity_check` of a job store file ("ok" when it is sound)."""
+    connection = sqlite3.connect(path)
+    try:
+        return str(connection.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        connection.close()
 
 
 def rpc_error(call: Callable[[], object]) -> grpc.RpcError:

@@ -1,8 +1,9 @@
 """Composition of the server: settings -> store, storage, runner, manager, servicer, health,
 reflection, interceptors and metrics, wired in one place.
 
-Lifecycle: `start()` serves health (NOT_SERVING) at once, then opens the store, requeues unfinished
-jobs, starts the workers and only then reports SERVING. `stop(grace)` drains: health goes
+Lifecycle: `start()` serves health (NOT_SERVING) at once, then opens the store (migrating its schema),
+requeues unfinished jobs, starts the workers, the lease keeper and (on PostgreSQL) the listener for
+the other replicas' notices, and only then reports SERVING. `stop(grace)` drains: health goes
 NOT_SERVING, new jobs are refused with UNAVAILABLE, watch streams end with UNAVAILABLE, running jobs
 are asked to checkpoint and stop (they stay in the store and resume on the next start), and in-flight
 calls get up to `grace` seconds before the server closes.
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +29,12 @@ from o2u_server import __version__
 from o2u_server.api.interceptors import ServiceInterceptor
 from o2u_server.api.security import auth_interceptors, server_credentials
 from o2u_server.api.servicer import ScoringServicer
+from o2u_server.jobs.checkpoints import checkpoint_store
+from o2u_server.jobs.database import database_url
 from o2u_server.jobs.engine import Engine
 from o2u_server.jobs.events import EventHub
 from o2u_server.jobs.manager import JobManager
+from o2u_server.jobs.notifications import Listener
 from o2u_server.jobs.paging import PageTokens
 from o2u_server.jobs.runner import JobRunner
 from o2u_server.jobs.store import JobStore, Recovery
@@ -70,8 +76,11 @@ class O2UServer:
         self.settings = settings
         self.devices = resolve_devices(settings)
         self.metrics = ServerMetrics(version=__version__, device=self.devices[0].split(":")[0])
-        self.store = JobStore(settings.store_path)
+        self.store = JobStore(database_url(settings), retry_seconds=settings.lease_seconds)
         self.storage = Storage(settings)
+        self.checkpoints = checkpoint_store(settings, self.storage.object_store)
+        # Names this process in leases and job events: the pod's name, and the process within it.
+        self.replica = f"{socket.gethostname()}/{os.getpid()}"
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lack aio
         self.port: int | None = None
         self._engine = engine
@@ -82,6 +91,7 @@ class O2UServer:
         self._server: grpc.aio.Server | None = None
         self._runner: JobRunner | None = None
         self._manager: JobManager | None = None
+        self._listener: Listener | None = None
         self._store_open = False
 
     @property
@@ -95,9 +105,11 @@ class O2UServer:
             settings=self.settings,
             store=self.store,
             storage=self.storage,
+            checkpoints=self.checkpoints,
             metrics=self.metrics,
             hub=hub,
             devices=self.devices,
+            owner=self.replica,
             server_version=__version__,
             engine=self._engine,
         )
@@ -105,6 +117,7 @@ class O2UServer:
             settings=self.settings,
             store=self.store,
             storage=self.storage,
+            checkpoints=self.checkpoints,
             runner=self._runner,
             hub=hub,
             metrics=self.metrics,
@@ -125,18 +138,33 @@ class O2UServer:
             recovery, secret = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._open_store
             )
+            if self.store.db.postgresql:
+                runner = self._runner
+                self._listener = Listener(
+                    self.store.db.url,
+                    on_event=hub.notify_threadsafe,
+                    on_cancel=runner.cancel,
+                    on_queued=runner.wake,
+                )
+                await asyncio.to_thread(self._listener.start)
         except BaseException:
             await self._close(grace=0)
             raise
         for state in recovery.finished:
             self.metrics.jobs_finished.labels(state=state.value).inc()
-        self._runner.start(recovery.queued)
+        self._runner.start()
         self._manager.serve(PageTokens(secret))
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
             "serving",
-            extra={"port": self.port, "metrics_port": self.metrics_port, "devices": ",".join(self.devices)},
+            extra={
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "devices": ",".join(self.devices),
+                "database": self.store.db.description,
+                "replica": self.replica,
+            },
         )
         return self.port
 
@@ -164,16 +192,23 @@ class O2UServer:
         return server
 
     def _open_store(self) -> tuple[Recovery, bytes]:
-        """Open the store, requeue unfinished jobs; returns them and the page token secret."""
+        """Open and migrate the store, requeue orphaned jobs; returns them and the page token secret.
+
+        With SQLite this process holds the state directory, so every RUNNING job was left by a crash;
+        with PostgreSQL other replicas may be running theirs, so only jobs whose lease expired are."""
         self.store.open()
         self._store_open = True
-        self.settings.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         # A crash during an atomic checkpoint write leaves its temporary file behind; no worker runs
         # yet, so every *.tmp here is such a leftover (and can be as large as a model with its optimizer).
-        for leftover in self.settings.checkpoint_dir.glob("*.tmp"):
-            leftover.unlink(missing_ok=True)
-        recovery = self.store.recover(time.time(), max_attempts=self.settings.max_job_attempts)
+        self.checkpoints.open()
+        if self.store.db.postgresql:
+            recovery = self.store.claims.requeue_expired(
+                time.time(), max_attempts=self.settings.max_job_attempts
+            )
+        else:
+            recovery = self.store.claims.recover(time.time(), max_attempts=self.settings.max_job_attempts)
         self.metrics.count_jobs(self.store.state_counts())
+        self.metrics.count_queue(*self.store.queue_stats(), now=time.time())
         if recovery.queued:
             logger.info("resuming %d unfinished jobs", len(recovery.queued))
         return recovery, self.store.page_token_secret
@@ -203,6 +238,8 @@ class O2UServer:
         for result in await asyncio.gather(*stops):
             if result is False:
                 runner_stopped = False
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.stop)
         await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
         await asyncio.to_thread(self._metrics_server.stop)
         if not runner_stopped:

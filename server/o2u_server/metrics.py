@@ -54,8 +54,26 @@ class ServerMetrics:
         self.jobs_finished = Counter(
             "o2u_jobs_finished", "Jobs that reached a final state", ["state"], registry=registry
         )
+        # Read from the job store, so every replica of one database reports the same values.
         self.jobs_queued = Gauge("o2u_jobs_queued", "Jobs waiting for a worker", registry=registry)
         self.jobs_running = Gauge("o2u_jobs_running", "Jobs loading data or training", registry=registry)
+        self.queue_oldest_age = Gauge(
+            "o2u_queue_oldest_job_age_seconds",
+            "Time the oldest queued job has waited since it was accepted (0 when none waits)",
+            registry=registry,
+        )
+        # This replica's share of the work.
+        self.jobs_running_here = Gauge(
+            "o2u_replica_jobs_running", "Jobs this replica is running", registry=registry
+        )
+        self.job_claims = Counter(
+            "o2u_job_claims", "Job attempts this replica claimed from the queue", registry=registry
+        )
+        self.leases_lost = Counter(
+            "o2u_job_leases_lost",
+            "Attempts this replica stopped because their lease was gone (another replica took the job)",
+            registry=registry,
+        )
         self.job_duration = Histogram(
             "o2u_job_duration_seconds",
             "Time from a job's first start to its final state, in seconds",
@@ -123,6 +141,11 @@ class ServerMetrics:
         """Set the queued and running gauges from the store's count of jobs per state."""
         self.jobs_queued.set(counts[JobState.QUEUED])
         self.jobs_running.set(counts[JobState.RUNNING])
+
+    def count_queue(self, queued: int, oldest_create_time: float | None, *, now: float) -> None:
+        """Set the oldest-queued age from the store's queue (its size and oldest job's create time)."""
+        self.jobs_queued.set(queued)
+        self.queue_oldest_age.set(0.0 if oldest_create_time is None else max(0.0, now - oldest_create_time))
 
 
 class MetricsServer:

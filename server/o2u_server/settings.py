@@ -44,7 +44,20 @@ class Settings(BaseSettings):
     s3_allowed_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Buckets jobs may read from and export to; empty allows every bucket the credentials reach."""
     state_dir: Path = Path(".o2u")
-    """Folder of the job store (jobs.sqlite3) and training checkpoints; must be durable storage."""
+    """Folder of the SQLite job store (jobs.sqlite3) and of local training checkpoints; must be
+    durable storage unless both live elsewhere (database_url and an s3:// checkpoint_uri)."""
+    database_url: SecretStr | None = None
+    """The job store: `postgresql://user@host:5432/db` for several replicas sharing one queue, or
+    `sqlite:///path`; default SQLite in state_dir. Never logged with its password."""
+    database_password_file: Path | None = None
+    """File holding the database password (a mounted Secret), used instead of one in database_url."""
+    checkpoint_uri: str | None = None
+    """Where training checkpoints live: `s3://bucket/prefix` (in the object store; every replica can
+    resume a job) or a local folder; default state_dir/checkpoints."""
+    lease_seconds: float = Field(default=30.0, ge=0.5)
+    """A running job's lease, in seconds: renewed every third of it; a replica that has not renewed it
+    for this long (crashed, paused, cut off) loses the job to another replica, which resumes it.
+    Database outages shorter than this are retried."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Torch device for training: `auto` uses CUDA when available."""
     max_concurrent_jobs: int | None = Field(default=None, ge=1)
@@ -85,6 +98,15 @@ class Settings(BaseSettings):
     """File holding the bearer token callers must send (`authorization: Bearer <token>`)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the server's JSON logs."""
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            scheme = value.get_secret_value().split(":", 1)[0]
+            if scheme not in ("sqlite", "postgresql", "postgresql+psycopg", "postgres"):
+                raise ValueError(f"database_url must start with postgresql:// or sqlite:///, not {scheme}://")
+        return value
 
     @field_validator("data_roots", "s3_allowed_buckets", mode="before")
     @classmethod

@@ -15,6 +15,7 @@ import pytest
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
 from tests.o2u_server.dataset_files import BUCKET
+from tests.postgres_server import PostgresServer, require_postgres, running_postgres
 from tests.s3_server import S3Server, running_s3_server
 from tests.server_testing import (
     RunningServer,
@@ -112,3 +113,12 @@ def root(tmp_path: Path, s3: S3Server) -> Path:
     s3.make_bucket(BUCKET)
     (tmp_path / "root").mkdir()
     return tmp_path / "root"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL cluster for the whole session (skipped without the binaries, except in CI);
+    tests take a fresh database each with `postgres.new_database()`."""
+    binaries = require_postgres()
+    with running_postgres(binaries) as server:
+        yield server

@@ -1,194 +1,237 @@
-"""The SQLite database under the job store: schema, per-thread connections and write transactions.
+"""The database under the job store: SQLite (embedded, one process) or PostgreSQL (many replicas).
 
-SQLite runs in WAL mode so readers (RPC handlers) never wait for the writer (a training worker
-storing a million scores). Each thread gets its own connection; writes are serialized by one lock and
-`BEGIN IMMEDIATE`, and a write that must survive power loss (a newly accepted job, a final state)
-commits with `synchronous=FULL`. An exclusive lock file stops a second server from opening the same
-state directory, which SQLite alone would allow but the job runner cannot share.
+`Database` opens a SQLAlchemy engine for the URL, migrates the schema (`migrate`) and hands out
+transactions. SQLite runs in WAL mode so readers never wait for the writer; writes are serialized
+by one lock and `BEGIN IMMEDIATE`, a write that must survive power loss commits with
+`synchronous=FULL`, and an exclusive lock file keeps a second server off the same state directory.
+PostgreSQL commits durably anyway; replicas migrate one at a time under an advisory lock, reads that
+span several SELECTs see one snapshot (REPEATABLE READ), and a lost connection (a database restart
+or fail-over) is retried for up to `retry_seconds` before a call answers UNAVAILABLE.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import secrets
-import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
-__all__ = ["Database", "StateDirLockedError"]
+from sqlalchemy import URL, ColumnElement, Connection, Double, Engine, cast, create_engine, event, func
+from sqlalchemy import select as sql_select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-SCHEMA_VERSION = 1
+from o2u_server.errors import Unavailable
+from o2u_server.jobs import migrate
+from o2u_server.jobs.tables import meta
+from o2u_server.settings import Settings
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT NOT NULL UNIQUE,
-    request_id TEXT UNIQUE,
-    request_hash TEXT NOT NULL,
-    display_name TEXT NOT NULL,
-    dataset_uri TEXT NOT NULL,
-    dataset_format TEXT,
-    config_json TEXT NOT NULL,
-    initial_weights_uri TEXT,
-    state TEXT NOT NULL,
-    progress_json TEXT,
-    error_json TEXT,
-    run_info_json TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    crashes INTEGER NOT NULL DEFAULT 0,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    last_sequence INTEGER NOT NULL DEFAULT 0,
-    create_time REAL NOT NULL,
-    update_time REAL NOT NULL,
-    start_time REAL,
-    end_time REAL
-);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
-CREATE TABLE IF NOT EXISTS events (
-    job_id TEXT NOT NULL,
-    sequence INTEGER NOT NULL,
-    event_time REAL NOT NULL,
-    type TEXT NOT NULL,
-    state TEXT NOT NULL,
-    progress_json TEXT,
-    error_json TEXT,
-    message TEXT NOT NULL,
-    PRIMARY KEY (job_id, sequence)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS scores (
-    job_id TEXT NOT NULL,
-    rank INTEGER NOT NULL,
-    sample_id INTEGER NOT NULL,
-    key TEXT NOT NULL,
-    given_label INTEGER NOT NULL,
-    score REAL NOT NULL,
-    score_variance REAL NOT NULL,
-    noise_probability REAL NOT NULL,
-    suspected INTEGER NOT NULL,
-    suggested_label INTEGER NOT NULL,
-    suggested_label_confidence REAL NOT NULL,
-    PRIMARY KEY (job_id, rank)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS class_names (
-    job_id TEXT NOT NULL,
-    label INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    PRIMARY KEY (job_id, label)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS summaries (
-    job_id TEXT PRIMARY KEY,
-    summary_json TEXT NOT NULL
-);
-"""
+__all__ = ["Database", "StateDirLockedError", "database_url"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# pg_advisory_lock keys: the schema migration at start-up, and job admission (the queue limit).
+MIGRATION_LOCK = 0x6F32_7501
+ADMISSION_LOCK = 0x6F32_7502
+# The LISTEN/NOTIFY channel that carries "event <job> <sequence>", "cancel <job>" and "queued <job>".
+NOTIFY_CHANNEL = "o2u_jobs"
 
 
 class StateDirLockedError(RuntimeError):
     """Another server process holds the state directory."""
 
 
-class Database:
-    """One SQLite file, opened by `open()` and released by `close()`."""
+def database_url(settings: Settings) -> URL:
+    """The store's URL: O2U_DATABASE_URL (its password from database_password_file when set), or
+    SQLite in the state directory. `postgresql://` uses the psycopg driver."""
+    if settings.database_url is None:
+        return URL.create("sqlite", database=str(settings.store_path))
+    url = make_url(settings.database_url.get_secret_value())
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    if settings.database_password_file is not None:
+        url = url.set(password=settings.database_password_file.read_text().strip())
+    return url
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
-        self._write_lock = threading.Lock()
+
+def _transient(error: DBAPIError) -> bool:
+    return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
+
+
+class Database:
+    """One database, opened by `open()` and released by `close()`."""
+
+    def __init__(self, url: URL | str | Path, *, retry_seconds: float = 30.0) -> None:
+        self.url = URL.create("sqlite", database=str(url)) if isinstance(url, Path) else make_url(url)
+        self.dialect = "sqlite" if self.url.get_backend_name() == "sqlite" else "postgresql"
+        self.retry_seconds = retry_seconds
+        self._engine: Engine | None = None
+        self._write_lock = threading.Lock()  # SQLite: one writer at a time in this process
         self._lock_fd: int | None = None
-        self._closed = True
+
+    @property
+    def postgresql(self) -> bool:
+        return self.dialect == "postgresql"
+
+    @property
+    def description(self) -> str:
+        """The URL without its password, for logs and errors."""
+        return self.url.render_as_string(hide_password=True)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
 
     def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        """Connect, migrate the schema to the newest revision and make sure the store has its secret."""
+        if self.postgresql:
+            engine = create_engine(
+                self.url,
+                pool_size=10,
+                max_overflow=20,
+                pool_pre_ping=True,  # a connection that died with a database restart is replaced
+                connect_args={"connect_timeout": 5, "application_name": "o2u-server"},
+            )
+        else:
+            self._lock_state_dir()
+            engine = create_engine(self.url, pool_size=16, max_overflow=16)
+            event.listen(engine, "connect", _sqlite_connect)
+            event.listen(engine, "begin", _sqlite_begin)
+        self._engine = engine
+        self.retry(self._migrate)
+
+    def _lock_state_dir(self) -> None:
+        path = Path(self.url.database or "")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise StateDirLockedError(
-                f"another o2u-server is using the state directory {str(self.path.parent)!r}; "
+                f"another o2u-server is using the state directory {str(path.parent)!r}; "
                 "each server needs its own O2U_STATE_DIR"
             ) from None
         self._lock_fd = fd
-        self._closed = False
-        conn = self.connection()
-        conn.execute("PRAGMA journal_mode=WAL")
-        with self.write(durable=True) as transaction:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    transaction.execute(statement)
-            transaction.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-            transaction.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('page_token_secret', ?)", (secrets.token_bytes(32),)
-            )
+
+    def _migrate(self) -> None:
+        with self.engine.connect() as conn:
+            if self.postgresql:  # replicas starting together migrate one after the other
+                conn.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK})")
+                conn.commit()
+            try:
+                migrate.upgrade(conn)
+                with conn.begin():
+                    found = conn.execute(sql_select(meta.c.key).where(meta.c.key == "page_token_secret"))
+                    if found.first() is None:
+                        conn.execute(
+                            meta.insert().values(key="page_token_secret", value=secrets.token_bytes(32))
+                        )
+            finally:
+                if self.postgresql:
+                    conn.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK})")
+                    conn.commit()
 
     def close(self) -> None:
         """Close every connection and release the state directory."""
-        self._closed = True
-        with self._connections_lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
-        self._local = threading.local()
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
-    def connection(self) -> sqlite3.Connection:
-        """This thread's connection (autocommit; transactions are explicit)."""
-        if self._closed:
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
             raise RuntimeError("the job store is closed")
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            # check_same_thread=False only so close() can close it from another thread.
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=30000")
-            self._local.conn = conn
-            with self._connections_lock:
-                self._connections.append(conn)
-        return conn
+        return self._engine
+
+    # -- transactions ------------------------------------------------------------------------------
 
     @contextmanager
-    def write(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
-        """One write transaction; `durable` fsyncs the WAL at commit."""
-        conn = self.connection()
-        with self._write_lock:
-            if durable:
-                conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+    def write(self, *, durable: bool = False) -> Iterator[Connection]:
+        """One write transaction; `durable` (SQLite) fsyncs the WAL at commit."""
+        if self.postgresql:
+            with self.engine.begin() as conn:
                 yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            else:
-                conn.execute("COMMIT")
+            return
+        with self._write_lock, self.engine.connect() as conn:
+            driver = conn.connection.driver_connection  # PRAGMAs outside SQLAlchemy's transaction
+            assert driver is not None
+            if durable:
+                driver.execute("PRAGMA synchronous=FULL")
+            try:
+                with conn.execution_options(o2u_begin="BEGIN IMMEDIATE").begin():
+                    yield conn
             finally:
                 if durable:
-                    conn.execute("PRAGMA synchronous=NORMAL")
+                    driver.execute("PRAGMA synchronous=NORMAL")
 
     @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
+    def read(self) -> Iterator[Connection]:
         """A consistent snapshot across several SELECTs."""
-        conn = self.connection()
-        conn.execute("BEGIN")
-        try:
+        options: dict[str, Any] = {"isolation_level": "REPEATABLE READ"} if self.postgresql else {}
+        with self.engine.connect() as conn, conn.execution_options(**options).begin():
             yield conn
-        finally:
-            conn.execute("COMMIT")
 
-    def meta(self, key: str) -> bytes:
-        row = self.connection().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            raise KeyError(key)
-        value = row[0]
-        return value if isinstance(value, bytes) else str(value).encode()
+    def retry(self, operation: Callable[[], T]) -> T:
+        """Run `operation` (one or more whole transactions), again while the database is unreachable.
+
+        Only PostgreSQL is retried: its connections break when the server restarts. After
+        `retry_seconds` the call raises Unavailable."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.1
+        while True:
+            try:
+                return operation()
+            except DBAPIError as error:
+                if not (self.postgresql and _transient(error)):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise Unavailable(
+                        f"the job database {self.description} is unreachable "
+                        f"({type(error.orig).__name__}); retry shortly",
+                        reason="DATABASE_UNAVAILABLE",
+                        retry_after_seconds=5.0,
+                    ) from error
+                logger.warning("database unreachable, retrying: %s", type(error.orig).__name__)
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    # -- dialect differences -----------------------------------------------------------------------
+
+    def clock(self) -> ColumnElement[float]:
+        """The database's time in Unix seconds: leases compare against one clock, not each replica's."""
+        if self.postgresql:
+            return cast(func.extract("epoch", func.clock_timestamp()), Double)
+        return cast((func.julianday("now") - 2440587.5) * 86400.0, Double)
+
+    def notify(self, conn: Connection, message: str) -> None:
+        """Wake the other replicas' listeners when this transaction commits (PostgreSQL only)."""
+        if self.postgresql:
+            conn.execute(sql_select(func.pg_notify(NOTIFY_CHANNEL, message)))
+
+    def lock_admission(self, conn: Connection) -> None:
+        """Serialize job admission across replicas until this transaction ends, so the queue limit
+        holds (SQLite's BEGIN IMMEDIATE already serializes every writer)."""
+        if self.postgresql:
+            conn.execute(sql_select(func.pg_advisory_xact_lock(ADMISSION_LOCK)))
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: object) -> None:
+    dbapi_connection.isolation_level = None  # SQLAlchemy's begin event issues BEGIN itself
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql(conn.get_execution_options().get("o2u_begin", "BEGIN"))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,7 +187,7 @@ def run_info(
 class JobResults:
     """What the store keeps of a finished run."""
 
-    scores: Iterator[ScoreTuple]  # most suspicious first, produced as the store inserts them
+    scores: Iterable[ScoreTuple]  # most suspicious first, produced anew each time it is iterated
     summary: DatasetSummary
     run_info: RunInfo
 
@@ -205,7 +205,18 @@ def job_results(
         torch_version=report.torch_version,
     )
     summary = _summary(report, job_id=job_id, class_names=dataset.class_names, info=info)
-    return JobResults(_score_rows(report, dataset.keys), summary, info)
+    return JobResults(_ScoreRows(report, dataset.keys), summary, info)
+
+
+@dataclass(frozen=True)
+class _ScoreRows:
+    """The score rows, generated as the store inserts them; iterable again if a transaction is retried."""
+
+    report: o2u_engine.NoiseReport
+    keys: list[str]
+
+    def __iter__(self) -> Iterator[ScoreTuple]:
+        return _score_rows(self.report, self.keys)
 
 
 def _score_rows(report: o2u_engine.NoiseReport, keys: list[str]) -> Iterator[ScoreTuple]:

@@ -1,17 +1,20 @@
 """Each job's stored event log: one row per event, numbered 1, 2, 3, ... per job.
 
-`append` takes the next sequence number from the job row inside the caller's transaction, so a state
-change and the event that reports it commit together and the log never disagrees with the job;
-reads return any suffix of the log, which is how a watcher replays what it missed.
+`append` takes the next sequence number from the job row inside the caller's transaction (the
+UPDATE locks the row, so concurrent writers of one job take turns and numbers never repeat or skip),
+so a state change and the event that reports it commit together and the log never disagrees with
+the job. On PostgreSQL the same transaction notifies every replica (`event <job_id> <sequence>`),
+delivered when it commits; the table stays the truth, which watchers read any suffix of.
 """
 
 from __future__ import annotations
 
-import sqlite3
+from sqlalchemy import Connection, select, update
 
 from o2u_server.domain import EventType, JobError, JobEvent, JobState, Progress
 from o2u_server.jobs import records
 from o2u_server.jobs.database import Database
+from o2u_server.jobs.tables import events, jobs
 
 __all__ = ["EventLog"]
 
@@ -22,9 +25,9 @@ class EventLog:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    @staticmethod
     def append(
-        conn: sqlite3.Connection,
+        self,
+        conn: Connection,
         job_id: str,
         now: float,
         kind: EventType,
@@ -34,36 +37,40 @@ class EventLog:
         error: JobError | None = None,
         message: str = "",
     ) -> JobEvent:
-        (sequence,) = conn.execute(
-            "UPDATE jobs SET last_sequence = last_sequence + 1 WHERE job_id = ? RETURNING last_sequence",
-            (job_id,),
-        ).fetchone()
+        sequence = conn.execute(
+            update(jobs)
+            .where(jobs.c.job_id == job_id)
+            .values(last_sequence=jobs.c.last_sequence + 1)
+            .returning(jobs.c.last_sequence)
+        ).scalar_one()
         event = JobEvent(job_id, sequence, now, kind, state, progress, error, message)
         conn.execute(
-            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                job_id,
-                sequence,
-                now,
-                kind.value,
-                state.value,
-                records.encode(progress),
-                records.encode(error),
-                message,
-            ),
+            events.insert().values(
+                job_id=job_id,
+                sequence=sequence,
+                event_time=now,
+                type=kind.value,
+                state=state.value,
+                progress_json=records.encode(progress),
+                error_json=records.encode(error),
+                message=message,
+            )
         )
+        self._db.notify(conn, f"event {job_id} {sequence}")
         return event
 
     @staticmethod
-    def read(
-        conn: sqlite3.Connection, job_id: str, after_sequence: int, until: int | None = None
-    ) -> list[JobEvent]:
+    def read(conn: Connection, job_id: str, after_sequence: int, until: int | None = None) -> list[JobEvent]:
         """The events after `after_sequence` (up to and including `until`), in order."""
-        rows = conn.execute(
-            "SELECT * FROM events WHERE job_id = ? AND sequence > ? AND sequence <= ? ORDER BY sequence",
-            (job_id, after_sequence, until if until is not None else 2**62),
-        ).fetchall()
+        query = select(events).where(events.c.job_id == job_id, events.c.sequence > after_sequence)
+        if until is not None:
+            query = query.where(events.c.sequence <= until)
+        rows = conn.execute(query.order_by(events.c.sequence)).mappings()
         return [records.event_from_row(row) for row in rows]
 
     def after(self, job_id: str, after_sequence: int, until: int | None = None) -> list[JobEvent]:
-        return self.read(self._db.connection(), job_id, after_sequence, until)
+        def read() -> list[JobEvent]:
+            with self._db.read() as conn:
+                return self.read(conn, job_id, after_sequence, until)
+
+        return self._db.retry(read)

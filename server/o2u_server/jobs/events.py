@@ -6,6 +6,11 @@ gap-free, duplicate-free stream. Worker threads publish through `publish_threads
 schedules the fan-out on the loop, so queues are only touched by the loop thread. Queues are
 unbounded: a job emits one event per epoch, so even a stalled reader holds little, and dropping
 events would break the ordering guarantee the stream makes.
+
+Events of jobs that run on another replica arrive as a `Committed` notice (from PostgreSQL's
+NOTIFY, `jobs.notifications`): the job has stored events up to a sequence, which `follow` reads
+from the store, the one source of truth. A notice can be lost (the listener's connection broke),
+so `follow` also reads the store when nothing arrived for `poll_seconds`.
 """
 
 from __future__ import annotations
@@ -14,16 +19,25 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
 
 from o2u_server.domain import JobEvent
 from o2u_server.errors import Unavailable
 
-__all__ = ["SHUTDOWN", "EventHub", "Subscription", "follow"]
+__all__ = ["SHUTDOWN", "Committed", "EventHub", "Subscription", "follow"]
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Committed:
+    """The store holds the job's events up to `sequence` (None: read whatever it holds)."""
+
+    sequence: int | None
+
+
 SHUTDOWN = None  # queued to every subscriber when the server shuts down
-Subscription = asyncio.Queue[JobEvent | None]
+Subscription = asyncio.Queue[JobEvent | Committed | None]
 
 
 class EventHub:
@@ -60,6 +74,19 @@ class EventHub:
         except RuntimeError:
             logger.debug("event loop closed; dropped live event", extra={"job_id": event.job_id})
 
+    def _notice(self, job_id: str | None, sequence: int | None) -> None:
+        for key in (job_id,) if job_id is not None else tuple(self._subscribers):
+            for queue in self._subscribers.get(key, ()):
+                queue.put_nowait(Committed(sequence))
+
+    def notify_threadsafe(self, job_id: str | None, sequence: int | None = None) -> None:
+        """From any thread: `job_id` stored events up to `sequence` (None for every job: read the
+        store, notices may have been missed)."""
+        try:
+            self._loop.call_soon_threadsafe(self._notice, job_id, sequence)
+        except RuntimeError:
+            logger.debug("event loop closed; dropped a notice", extra={"job_id": job_id})
+
     def close(self) -> None:
         """End every watch stream (they tell the caller to reconnect) and refuse new ones."""
         self._closed = True
@@ -74,14 +101,17 @@ async def follow(
     *,
     after_sequence: int,
     finished: bool,
-    fetch: Callable[[int, int], Awaitable[list[JobEvent]]],
+    fetch: Callable[[int, int | None], Awaitable[list[JobEvent]]],
+    poll_seconds: float = 5.0,
 ) -> AsyncGenerator[JobEvent, None]:
     """`replay` (the stored events after `after_sequence`), then live events, until a final state.
 
     The caller subscribes before reading `replay`, so an event committed in between arrives live
     (possibly twice: the sequence check drops the copy) instead of falling into a gap. A live event
-    further ahead than the next sequence means publications crossed; `fetch(after, until)` reads
-    the missing ones from the store. `finished` says the job was final when `replay` was read.
+    further ahead than the next sequence means publications crossed, and a `Committed` notice says
+    the store has more; `fetch(after, until)` reads the missing ones from the store (all of them
+    for `until=None`), as it does after `poll_seconds` of silence. `finished` says the job was final
+    when `replay` was read.
     """
     last = after_sequence
     for event in replay:
@@ -92,16 +122,24 @@ async def follow(
     if finished:
         return  # the caller has already seen the final event
     while True:
-        live = await subscription.get()
+        try:
+            live = await asyncio.wait_for(subscription.get(), poll_seconds)
+        except TimeoutError:
+            live = Committed(None)
         if live is SHUTDOWN:
             raise Unavailable(
                 f"the server is shutting down; watch again with after_sequence={last} to continue",
                 reason="SERVER_SHUTTING_DOWN",
                 retry_after_seconds=5,
             )
-        if live.sequence <= last:
+        if isinstance(live, Committed):
+            if live.sequence is not None and live.sequence <= last:
+                continue
+            missed = await fetch(last, live.sequence)
+        elif live.sequence <= last:
             continue
-        missed = [live] if live.sequence == last + 1 else await fetch(last, live.sequence)
+        else:
+            missed = [live] if live.sequence == last + 1 else await fetch(last, live.sequence)
         for event in missed:
             yield event
             last = event.sequence

@@ -1,9 +1,10 @@
 """The job manager: the asynchronous API the servicer awaits, one method per RPC.
 
-It validates requests, runs store calls on a small thread pool (SQLite is blocking; the event loop
-must stay free for other calls and streams), hands new jobs to the runner and merges replayed and
-live events for watchers. It speaks domain types only and raises `o2u_server.errors` exceptions,
-which the interceptor maps to status codes.
+It validates requests, runs store calls on a small thread pool (the database driver is blocking;
+the event loop must stay free for other calls and streams), wakes the runner for new jobs and
+merges replayed and live events for watchers. Every method answers from the shared store, so any
+replica answers for any job, wherever it runs. It speaks domain types only and raises
+`o2u_server.errors` exceptions, which the interceptor maps to status codes.
 
 Where a bad dataset shows up: CreateScoringJob checks the URI's form and permissions and that the
 object exists (`datasets.check_dataset_exists`: one `stat`, or one listing page for a folder), so a
@@ -35,6 +36,7 @@ from o2u_server.domain import (
     ScorePage,
 )
 from o2u_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from o2u_server.jobs.checkpoints import CheckpointStore
 from o2u_server.jobs.events import EventHub, follow
 from o2u_server.jobs.paging import PagePosition, PageTokens, resolve_page_size
 from o2u_server.jobs.requests import check_job_id, check_job_spec, check_score_filter, new_job_id
@@ -58,6 +60,7 @@ class JobManager:
         settings: Settings,
         store: JobStore,
         storage: Storage,
+        checkpoints: CheckpointStore,
         runner: JobRunner,
         hub: EventHub,
         metrics: ServerMetrics,
@@ -66,6 +69,7 @@ class JobManager:
         self._settings = settings
         self._store = store
         self._storage = storage
+        self._checkpoints = checkpoints
         self._runner = runner
         self._hub = hub
         self._metrics = metrics
@@ -161,8 +165,7 @@ class JobManager:
     async def delete(self, job_id: str) -> None:
         self._ready()
         await self._blocking(self._store.delete_job, check_job_id(job_id))
-        for name in (f"{job_id}.pt", f"{job_id}.init.pt"):
-            (self._settings.checkpoint_dir / name).unlink(missing_ok=True)
+        await self._blocking(self._checkpoints.delete, job_id)
 
     # -- events --------------------------------------------------------------------------------
 
@@ -187,7 +190,7 @@ class JobManager:
         try:
             job, replay = await self._blocking(self._store.job_with_events, job_id, after_sequence)
 
-            async def fetch(after: int, until: int) -> list[JobEvent]:
+            async def fetch(after: int, until: int | None) -> list[JobEvent]:
                 return await self._blocking(self._store.events.after, job_id, after, until)
 
             events = follow(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sqlite3
+from collections.abc import Mapping
 from typing import Any
 
 from o2u_server.domain import (
@@ -94,7 +94,7 @@ def new_job_row(job_id: str, spec: JobSpec, now: float) -> dict[str, object]:
     }
 
 
-def job_from_row(row: sqlite3.Row) -> Job:
+def job_from_row(row: Mapping[Any, Any]) -> Job:
     spec = JobSpec(
         dataset_uri=row["dataset_uri"],
         dataset_format=DatasetFormat(row["dataset_format"]) if row["dataset_format"] else None,
@@ -119,7 +119,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
     )
 
 
-def event_from_row(row: sqlite3.Row) -> JobEvent:
+def event_from_row(row: Mapping[Any, Any]) -> JobEvent:
     return JobEvent(
         job_id=row["job_id"],
         sequence=row["sequence"],

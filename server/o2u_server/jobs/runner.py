@@ -1,19 +1,24 @@
-"""The job runner: worker threads that take queued jobs and run them through the engine.
+"""The job runner: worker threads that claim queued jobs from the store and run them through the engine.
 
-A job runs load -> resolve config -> train (the engine's stages, one PROGRESS event per epoch) ->
-rank -> store, in a worker thread so training never blocks the event loop; every translation to and
-from the engine is in `jobs.engine`. Events reach watchers through `EventHub.publish_threadsafe`
-after the store has committed them. Each job's failure is caught and recorded as that job's FAILED
-state, so it cannot take a worker or another job down. Stopping the runner (server shutdown) asks
-running jobs to stop at the next batch; they go back to QUEUED with their last epoch checkpoint and
-resume when the server starts again. A cancelled job ends CANCELLED instead, and its checkpoint is
-deleted.
+Each worker (one per device slot) claims the oldest queued job under a lease (`jobs.claims`),
+whichever replica accepted it; an idle worker waits until a job is submitted here, another replica
+announces one (`jobs.notifications`) or a third of the lease has passed. A job runs load -> resolve
+config -> train (the engine's stages, one PROGRESS event per epoch) -> rank -> store, in a worker
+thread so training never blocks the event loop; every translation to and from the engine is in
+`jobs.engine`. Every write the attempt makes is fenced by its lease: when one is refused
+(`LeaseLost`), or the lease keeper (`jobs.leases`) finds the lease gone, the attempt stops at the
+next batch without touching the job again, since another replica owns it now. Events reach
+watchers through `EventHub.publish_threadsafe` after the store has committed them. Each job's
+failure is caught and recorded as that job's FAILED state, so it cannot take a worker or another
+job down. Stopping the runner (server shutdown) asks running jobs to stop at the next batch; they
+go back to QUEUED with their last epoch checkpoint (uploaded first, with shared checkpoints) and
+resume on whichever replica claims them next. A cancelled job ends CANCELLED instead, and its
+checkpoints are deleted.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -23,9 +28,11 @@ from pathlib import Path
 from o2u_server.datasets import DatasetLimits, load_dataset
 from o2u_server.domain import Job, JobError, JobEvent, JobState, Progress, Stage
 from o2u_server.errors import Internal
+from o2u_server.jobs.checkpoints import CheckpointStore
 from o2u_server.jobs.engine import Cancelled, Engine, job_results, run_info, service_error
 from o2u_server.jobs.events import EventHub
-from o2u_server.jobs.store import JobStore
+from o2u_server.jobs.leases import LeaseKeeper
+from o2u_server.jobs.store import JobStore, Lease, LeaseLost, Recovery
 from o2u_server.metrics import ServerMetrics
 from o2u_server.settings import Settings
 from o2u_server.storage import Storage
@@ -37,17 +44,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Control:
-    """Flags a running job's worker polls between batches."""
+    """A running attempt's lease, and the flags its worker polls between batches."""
 
+    lease: Lease
     cancel: threading.Event = field(default_factory=threading.Event)
     stop: threading.Event = field(default_factory=threading.Event)
+    lost: threading.Event = field(default_factory=threading.Event)  # the lease is gone: write nothing
 
     def requested(self) -> bool:
-        return self.cancel.is_set() or self.stop.is_set()
+        return self.cancel.is_set() or self.stop.is_set() or self.lost.is_set()
 
 
 class JobRunner:
-    """A fixed pool of worker threads, one per device slot, fed from one FIFO queue of job ids."""
+    """A fixed pool of worker threads, one per device slot, claiming jobs from the store."""
 
     def __init__(
         self,
@@ -55,49 +64,76 @@ class JobRunner:
         settings: Settings,
         store: JobStore,
         storage: Storage,
+        checkpoints: CheckpointStore,
         metrics: ServerMetrics,
         hub: EventHub,
         devices: list[str],
+        owner: str,
         server_version: str,
         engine: Engine | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._storage = storage
+        self._checkpoints = checkpoints
+        self.owner = owner
         self._metrics = metrics
         self._hub = hub
         self._devices = devices
         self._server_version = server_version
         self._engine = engine or Engine()
         self._limits = DatasetLimits.from_settings(settings)
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._lease_seconds = settings.lease_seconds
         self._controls: dict[str, _Control] = {}
         self._lock = threading.Lock()
+        self._work_waiting = threading.Condition(self._lock)
+        self._wakeups = 0  # bumped by wake(): idle workers look for a job again
         self._threads: list[threading.Thread] = []
         self._closing = threading.Event()
+        self._keeper = LeaseKeeper(
+            store.claims,
+            lease_seconds=settings.lease_seconds,
+            max_attempts=settings.max_job_attempts,
+            held=self._held,
+            on_lost=lambda lease: self._signal(lease.job_id, "lost", lease),
+            on_cancel=lambda lease: self._signal(lease.job_id, "cancel", lease),
+            after_round=self._after_round,
+        )
 
     # -- lifecycle (called from the event loop) ---------------------------------------------------
 
-    def start(self, job_ids: list[str]) -> None:
-        """Start the workers with the jobs recovered from the store, oldest first."""
-        for job_id in job_ids:
-            self._queue.put(job_id)
+    def start(self) -> None:
+        """Start the workers (they claim queued jobs, oldest first) and the lease keeper."""
         for index, device in enumerate(self._devices):
             thread = threading.Thread(
                 target=self._work, args=(device,), name=f"o2u-worker-{index}", daemon=True
             )
             thread.start()
             self._threads.append(thread)
+        self._keeper.start()
 
     def submit(self, job_id: str) -> None:
-        self._queue.put(job_id)
+        """A job was queued: wake an idle worker (any replica's may claim it)."""
+        self.wake()
+
+    def wake(self) -> None:
+        with self._work_waiting:
+            self._wakeups += 1
+            self._work_waiting.notify_all()
 
     def cancel(self, job_id: str) -> None:
-        """Ask a running job to stop as CANCELLED (the store already holds the request)."""
+        """Ask a job to stop as CANCELLED if it runs here (the store already holds the request)."""
+        self._signal(job_id, "cancel")
+
+    def _signal(self, job_id: str, flag: str, lease: Lease | None = None) -> None:
         with self._lock:
             control = self._controls.get(job_id)
-        if control is not None:
-            control.cancel.set()
+        if control is not None and (lease is None or control.lease == lease):
+            getattr(control, flag).set()
+
+    def _held(self) -> list[Lease]:
+        with self._lock:
+            return [control.lease for control in self._controls.values()]
 
     def stop(self, timeout: float) -> bool:
         """Stop taking jobs, ask running ones to checkpoint and stop; True if all workers ended in time."""
@@ -105,25 +141,40 @@ class JobRunner:
         with self._lock:
             for control in self._controls.values():
                 control.stop.set()
-        for _ in self._threads:
-            self._queue.put(None)
+        self.wake()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        return not any(thread.is_alive() for thread in self._threads)
+        stopped = not any(thread.is_alive() for thread in self._threads)
+        if stopped:
+            self._keeper.stop()  # else it keeps renewing the leases of the attempts still running
+        return stopped
 
     # -- worker threads ---------------------------------------------------------------------------
 
     def _work(self, device: str) -> None:
-        while True:
-            job_id = self._queue.get()
-            if job_id is None or self._closing.is_set():
-                return
+        while not self._closing.is_set():
+            with self._lock:
+                seen = self._wakeups
             try:
-                self._run(job_id, device)
+                claimed = self._store.claims.claim_job(
+                    self.owner, time.time(), lease_seconds=self._lease_seconds
+                )
+            except Exception:
+                # The store failed (e.g. the database is down); the worker must survive it.
+                logger.exception("worker could not claim a job")
+                claimed = None
+            if claimed is None:
+                with self._work_waiting:
+                    if self._wakeups == seen and not self._closing.is_set():
+                        self._work_waiting.wait(self._keeper.interval)
+                continue
+            lease, job, event = claimed
+            try:
+                self._run(lease, job, event, device)
             except Exception:
                 # Only bookkeeping failures (e.g. the store) get here; the worker must survive them.
-                logger.exception("worker failed to run job", extra={"job_id": job_id})
+                logger.exception("worker failed to run job", extra={"job_id": lease.job_id})
 
     def _publish(self, event: JobEvent | None) -> None:
         if event is not None:
@@ -141,47 +192,77 @@ class JobRunner:
         self._metrics.count_jobs(self._store.state_counts())
         self._publish(event)
 
-    def _run(self, job_id: str, device: str) -> None:
-        control = _Control()
+    def _after_round(self, recovery: Recovery) -> None:
+        """After the lease keeper's round: count and publish what it requeued, refresh the gauges."""
+        for event in recovery.events:
+            if event.terminal:
+                self._metrics.jobs_finished.labels(state=event.state.value).inc()
+            self._publish(event)
+        self._metrics.count_jobs(self._store.state_counts())
+        self._metrics.count_queue(*self._store.queue_stats(), now=time.time())
+        if recovery.queued:
+            self.wake()
+
+    def _run(self, lease: Lease, job: Job, event: JobEvent, device: str) -> None:
+        control = _Control(lease)
         with self._lock:
-            self._controls[job_id] = control  # before start_job, so a cancel can never miss it
+            self._controls[lease.job_id] = control
             if self._closing.is_set():
-                control.stop.set()  # stop() ran between our queue.get() and here
+                control.stop.set()  # stop() ran between our claim and here
+        self._metrics.job_claims.inc()
+        self._metrics.jobs_running_here.inc()
         try:
-            started = self._store.start_job(job_id, time.time())
-            if started is None:
-                return  # cancelled while it waited
-            job, event = started
             self._finished(job, event)
             self._attempt(job, control, device)
         finally:
             with self._lock:
-                del self._controls[job_id]
+                del self._controls[lease.job_id]
+            self._metrics.jobs_running_here.dec()
 
     def _attempt(self, job: Job, control: _Control, device: str) -> None:
-        job_id = job.job_id
-        checkpoint = self._settings.checkpoint_dir / f"{job_id}.pt"
+        lease = control.lease
         try:
-            self._execute(job, control, device, checkpoint)
-        except Cancelled:
-            if control.cancel.is_set() or not control.stop.is_set():
-                event = self._store.finish_job(job_id, JobState.CANCELLED, time.time(), message="cancelled")
-                checkpoint.unlink(missing_ok=True)
+            try:
+                self._execute(job, control, device)
+            except Cancelled:
+                self._stopped(job, control)
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                error = self._job_error(lease.job_id, exc)
+                event = self._store.claims.finish_job(
+                    lease, JobState.FAILED, time.time(), error=error, message=error.message
+                )
+                self._checkpoints.delete(lease.job_id)
                 self._finished(job, event)
-            else:
-                message = (
-                    "the server is shutting down; the job resumes from its last checkpoint on the next start"
-                )
-                self._finished(
-                    job, self._store.finish_job(job_id, JobState.QUEUED, time.time(), message=message)
-                )
-            return
-        except Exception as exc:
-            error = self._job_error(job_id, exc)
-            now = time.time()
-            event = self._store.finish_job(job_id, JobState.FAILED, now, error=error, message=error.message)
-            checkpoint.unlink(missing_ok=True)
-            self._finished(job, event)
+        except LeaseLost:
+            logger.warning(
+                "a write for the job was refused: its lease is gone and another replica owns the job; "
+                "this attempt stopped without changing it",
+                extra={"job_id": lease.job_id, "attempt": lease.attempt},
+            )
+            self._metrics.leases_lost.inc()
+            self._checkpoints.discard(lease)
+
+    def _stopped(self, job: Job, control: _Control) -> None:
+        """The engine stopped at a batch boundary: lease lost, cancelled, or the server is stopping."""
+        lease = control.lease
+        if control.lost.is_set():
+            raise LeaseLost(lease)
+        if control.cancel.is_set() or not control.stop.is_set():
+            event = self._store.claims.finish_job(lease, JobState.CANCELLED, time.time(), message="cancelled")
+            self._checkpoints.delete(lease.job_id)
+        else:
+            self._checkpoints.sync(lease)  # the engine flushed its last boundary when it stopped
+            event = self._store.claims.release_job(
+                lease,
+                time.time(),
+                message="the server is shutting down; the job resumes from its last checkpoint on the "
+                "next replica that claims it",
+            )
+            if event.state is JobState.CANCELLED:
+                self._checkpoints.delete(lease.job_id)
+        self._finished(job, event)
 
     @staticmethod
     def _job_error(job_id: str, exc: Exception) -> JobError:
@@ -192,13 +273,14 @@ class JobRunner:
             logger.info("job failed: %s", error.message, extra={"job_id": job_id, "reason": error.reason})
         return JobError(code=int(error.code), message=error.message, reason=error.reason)
 
-    def _progress_callback(self, job_id: str, num_samples: int) -> Callable[[Progress], None]:
+    def _progress_callback(self, lease: Lease, num_samples: int) -> Callable[[Progress], None]:
         last = [time.monotonic()]
 
         def on_progress(progress: Progress) -> None:
             now = time.monotonic()
             seconds, last[0] = now - last[0], now
-            self._publish(self._store.record_progress(job_id, progress, time.time()))
+            self._publish(self._store.claims.record_progress(lease, progress, time.time()))
+            self._checkpoints.sync(lease)  # the engine checkpoints an epoch before reporting it
             stage = progress.stage.value
             self._metrics.epoch_duration.labels(stage=stage).observe(seconds)
             # Stages 1 and 2 train on every sample; stage 3 on a split whose size only the engine
@@ -213,8 +295,8 @@ class JobRunner:
 
         return on_progress
 
-    def _execute(self, job: Job, control: _Control, device: str, checkpoint: Path) -> None:
-        job_id, spec = job.job_id, job.spec
+    def _execute(self, job: Job, control: _Control, device: str) -> None:
+        lease, spec = control.lease, job.spec
         dataset = load_dataset(spec.dataset_uri, spec.dataset_format, self._storage, self._limits)
         self._metrics.dataset_bytes_read.labels(source=dataset.source).inc(dataset.bytes_read)
         if control.requested():
@@ -228,15 +310,15 @@ class JobRunner:
             num_classes=len(dataset.class_names),
             server_version=self._server_version,
         )
-        self._store.set_run_info(job_id, planned, time.time())
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        self._store.claims.set_run_info(lease, planned, time.time())
+        checkpoint = self._checkpoints.prepare(lease)
         weights = self._initial_weights(job, checkpoint.with_suffix(".init.pt"))
         try:
             report = self._engine.score(
                 dataset,
                 config,
                 device=device,
-                progress=self._progress_callback(job_id, num_samples),
+                progress=self._progress_callback(lease, num_samples),
                 should_cancel=control.requested,
                 checkpoint_path=checkpoint,
                 checkpoint_interval_seconds=self._settings.checkpoint_interval_seconds,
@@ -246,13 +328,13 @@ class JobRunner:
             if weights is not None:
                 weights.unlink(missing_ok=True)
         self._publish(
-            self._store.record_progress(job_id, Progress(Stage.RANKING, fraction_done=1.0), time.time())
+            self._store.claims.record_progress(lease, Progress(Stage.RANKING, fraction_done=1.0), time.time())
         )
-        results = job_results(report, dataset, job_id=job_id, server_version=self._server_version)
-        event = self._store.save_results(
-            job_id, results.scores, dataset.class_names, results.summary, results.run_info, time.time()
+        results = job_results(report, dataset, job_id=lease.job_id, server_version=self._server_version)
+        event = self._store.claims.save_results(
+            lease, results.scores, dataset.class_names, results.summary, results.run_info, time.time()
         )
-        checkpoint.unlink(missing_ok=True)
+        self._checkpoints.delete(lease.job_id)
         self._metrics.samples_scored.inc(num_samples)
         self._finished(job, event)
 

@@ -1,67 +1,45 @@
 """The durable job store: jobs, their ordered event logs (`event_log`), scores and dataset summaries
-(`results`) in SQLite (`database`).
+(`results`) in SQLite or PostgreSQL (`database`), and the workers' claims on jobs (`claims`).
 
 Every state change of a job is one transaction that updates the job row and appends the event that
 reports it, with the next per-job sequence number, so the event log and the job never disagree and a
-watcher can replay any suffix. Jobs are committed durably before CreateScoringJob answers; scores are
-stored with their rank as key, so ListNoiseScores pages straight from disk and survives restarts.
-All methods are blocking; the job manager calls them from worker threads, never the event loop.
+watcher can replay any suffix. Jobs are committed durably before CreateScoringJob answers; a
+request_id names one job however many replicas receive it, also at the same moment (admission is
+serialized, and the unique request_id is the last word); scores are stored with their rank as key,
+so ListNoiseScores pages straight from the database and survives restarts. All methods are
+blocking; the job manager calls them from worker threads, never the event loop.
 """
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from o2u_server.domain import (
-    TERMINAL_STATES,
-    DatasetSummary,
-    EventType,
-    Job,
-    JobError,
-    JobEvent,
-    JobSpec,
-    JobState,
-    Progress,
-    RunInfo,
-    ScoreTuple,
-    Stage,
-)
-from o2u_server.errors import AlreadyExists, Code, FailedPrecondition, NotFound, ResourceExhausted
+from sqlalchemy import URL, Connection, delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from o2u_server.domain import TERMINAL_STATES, EventType, Job, JobEvent, JobSpec, JobState
+from o2u_server.errors import AlreadyExists, FailedPrecondition, ResourceExhausted
 from o2u_server.jobs import records
+from o2u_server.jobs.claims import ClaimStore, Lease, LeaseLost, Recovery
 from o2u_server.jobs.database import Database
 from o2u_server.jobs.event_log import EventLog
 from o2u_server.jobs.results import ResultsStore
+from o2u_server.jobs.tables import class_names, events, jobs, meta, scores, summaries
+from o2u_server.jobs.transitions import job_row, transition
 
-__all__ = ["JobStore", "Recovery"]
+__all__ = ["JobStore", "Lease", "LeaseLost", "QueueStats", "Recovery"]
 
-
-@dataclass
-class Recovery:
-    """What `recover` did to the jobs left unfinished by the previous process."""
-
-    queued: list[str] = field(default_factory=list)  # to run, oldest first
-    finished: list[JobState] = field(default_factory=list)  # final states it set
-
-
-def _not_found(job_id: str) -> NotFound:
-    return NotFound(
-        f"scoring job {job_id!r} does not exist (it may have been deleted)",
-        reason="JOB_NOT_FOUND",
-        resource_type="scoring_job",
-        resource_name=job_id,
-    )
+QueueStats = tuple[int, float | None]  # queued jobs, create_time of the oldest (None when empty)
 
 
 class JobStore:
-    """Jobs, events and results of one server, in `<state_dir>/jobs.sqlite3`."""
+    """Jobs, events and results, in the database at `location` (a SQLite file path or a URL)."""
 
-    def __init__(self, path: Path) -> None:
-        self.db = Database(path)
+    def __init__(self, location: URL | str | Path, *, retry_seconds: float = 30.0) -> None:
+        self.db = Database(location, retry_seconds=retry_seconds)
         self.events = EventLog(self.db)
         self.results = ResultsStore(self.db)
+        self.claims = ClaimStore(self.db, self.events, self.results)
 
     def open(self) -> None:
         self.db.open()
@@ -71,43 +49,19 @@ class JobStore:
 
     @property
     def page_token_secret(self) -> bytes:
-        return self.db.meta("page_token_secret")
+        def read() -> bytes:
+            with self.db.read() as conn:
+                query = select(meta.c.value).where(meta.c.key == "page_token_secret")
+                return bytes(conn.execute(query).scalar_one())
 
-    # -- internal helpers (called inside a transaction) ----------------------------------------
-
-    @staticmethod
-    def _row(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row:
-        row: sqlite3.Row | None = conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        if row is None:
-            raise _not_found(job_id)
-        return row
-
-    def _transition(
-        self,
-        conn: sqlite3.Connection,
-        job_id: str,
-        state: JobState,
-        now: float,
-        *,
-        error: JobError | None = None,
-        message: str = "",
-    ) -> JobEvent:
-        end_time = now if state in TERMINAL_STATES else None
-        conn.execute(
-            "UPDATE jobs SET state = ?, update_time = ?, end_time = ?, error_json = COALESCE(?, error_json) "
-            "WHERE job_id = ?",
-            (state.value, now, end_time, records.encode(error), job_id),
-        )
-        return self.events.append(
-            conn, job_id, now, EventType.STATE_CHANGED, state, error=error, message=message
-        )
+        return self.db.retry(read)
 
     @staticmethod
-    def _existing_request(conn: sqlite3.Connection, spec: JobSpec) -> Job | None:
+    def _existing_request(conn: Connection, spec: JobSpec) -> Job | None:
         """The job an earlier request with spec's request_id created; AlreadyExists if it differs."""
         if not spec.request_id:
             return None
-        row = conn.execute("SELECT * FROM jobs WHERE request_id = ?", (spec.request_id,)).fetchone()
+        row = conn.execute(select(jobs).where(jobs.c.request_id == spec.request_id)).mappings().first()
         if row is None:
             return None
         if row["request_hash"] != spec.fingerprint():
@@ -126,13 +80,26 @@ class JobStore:
         """Store a new QUEUED job, or return the job an earlier identical request created.
 
         Returns (job, created). Raises AlreadyExists for a reused request_id with another payload and
-        ResourceExhausted when `max_queued` jobs are already waiting.
+        ResourceExhausted when `max_queued` jobs are already waiting (on every replica together).
         """
+        try:
+            return self.db.retry(lambda: self._create(job_id, spec, now, max_queued))
+        except IntegrityError:
+            # Another replica inserted the same request_id between our check and our insert.
+            existing = self.job_for_request(spec)
+            if existing is None:
+                raise
+            return existing, False
+
+    def _create(self, job_id: str, spec: JobSpec, now: float, max_queued: int) -> tuple[Job, bool]:
         with self.db.write(durable=True) as conn:
+            self.db.lock_admission(conn)  # from here on, this transaction sees every earlier request
             existing = self._existing_request(conn, spec)
             if existing is not None:
                 return existing, False
-            (queued,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
+            queued = conn.execute(
+                select(func.count()).select_from(jobs).where(jobs.c.state == JobState.QUEUED.value)
+            ).scalar_one()
             if queued >= max_queued:
                 raise ResourceExhausted(
                     f"the job queue is full ({queued} jobs waiting, the limit is {max_queued}); "
@@ -140,173 +107,111 @@ class JobStore:
                     reason="QUEUE_FULL",
                     retry_after_seconds=30.0,
                 )
-            row = records.new_job_row(job_id, spec, now)
-            conn.execute(
-                f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join(':' + name for name in row)})", row
-            )
+            conn.execute(jobs.insert().values(records.new_job_row(job_id, spec, now)))
             self.events.append(
                 conn, job_id, now, EventType.STATE_CHANGED, JobState.QUEUED, message="job accepted"
             )
-            return records.job_from_row(self._row(conn, job_id)), True
-
-    def start_job(self, job_id: str, now: float) -> tuple[Job, JobEvent] | None:
-        """QUEUED -> RUNNING for a worker, counting the attempt; None if the job is no longer queued."""
-        with self.db.write(durable=True) as conn:
-            row = conn.execute("SELECT state, attempts FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            if row is None or row["state"] != JobState.QUEUED.value:
-                return None
-            attempt = row["attempts"] + 1
-            conn.execute(
-                "UPDATE jobs SET attempts = ?, start_time = COALESCE(start_time, ?), progress_json = ? "
-                "WHERE job_id = ?",
-                (attempt, now, records.encode(Progress(stage=Stage.LOADING)), job_id),
-            )
-            event = self._transition(
-                conn, job_id, JobState.RUNNING, now, message=f"attempt {attempt} started"
-            )
-            return records.job_from_row(self._row(conn, job_id)), event
-
-    def record_progress(self, job_id: str, progress: Progress, now: float) -> JobEvent:
-        with self.db.write() as conn:
-            conn.execute(
-                "UPDATE jobs SET progress_json = ?, update_time = ? WHERE job_id = ?",
-                (records.encode(progress), now, job_id),
-            )
-            return self.events.append(
-                conn, job_id, now, EventType.PROGRESS, JobState.RUNNING, progress=progress
-            )
-
-    def set_run_info(self, job_id: str, run_info: RunInfo, now: float) -> None:
-        with self.db.write() as conn:
-            conn.execute(
-                "UPDATE jobs SET run_info_json = ?, update_time = ? WHERE job_id = ?",
-                (records.encode(run_info), now, job_id),
-            )
-
-    def finish_job(
-        self, job_id: str, state: JobState, now: float, *, error: JobError | None = None, message: str = ""
-    ) -> JobEvent | None:
-        """Move an unfinished job to a final state (or back to QUEUED); None if it already finished."""
-        with self.db.write(durable=True) as conn:
-            row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            if row is None or JobState(row["state"]) in TERMINAL_STATES:
-                return None
-            return self._transition(conn, job_id, state, now, error=error, message=message)
-
-    def save_results(
-        self,
-        job_id: str,
-        scores: Iterable[ScoreTuple],
-        class_names: list[str],
-        summary: DatasetSummary,
-        run_info: RunInfo,
-        now: float,
-    ) -> JobEvent:
-        """Store scores and summary and mark the job SUCCEEDED, all in one transaction."""
-        with self.db.write(durable=True) as conn:
-            self.results.insert(conn, job_id, scores, class_names, summary)
-            conn.execute(
-                "UPDATE jobs SET run_info_json = ? WHERE job_id = ?", (records.encode(run_info), job_id)
-            )
-            return self._transition(conn, job_id, JobState.SUCCEEDED, now, message="scores are ready")
+            self.db.notify(conn, f"queued {job_id}")
+            return records.job_from_row(job_row(conn, job_id)), True
 
     def request_cancel(self, job_id: str, now: float) -> tuple[Job, JobEvent | None]:
-        """Cancel a queued job at once, or flag a running one for its worker; finished jobs are kept."""
-        with self.db.write(durable=True) as conn:
-            state = JobState(self._row(conn, job_id)["state"])
-            event = None
-            if state is JobState.QUEUED:
-                event = self._transition(
-                    conn, job_id, JobState.CANCELLED, now, message="cancelled while queued"
-                )
-            elif state is JobState.RUNNING:
-                conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE job_id = ?", (job_id,))
-            return records.job_from_row(self._row(conn, job_id)), event
+        """Cancel a queued job at once, or flag a running one for its worker (wherever it runs: the
+        replicas are notified); finished jobs are kept as they are."""
+
+        def cancel() -> tuple[Job, JobEvent | None]:
+            with self.db.write(durable=True) as conn:
+                state = JobState(job_row(conn, job_id, lock=True)["state"])
+                event = None
+                if state is JobState.QUEUED:
+                    event = transition(
+                        conn, self.events, job_id, JobState.CANCELLED, now, message="cancelled while queued"
+                    )
+                elif state is JobState.RUNNING:
+                    conn.execute(update(jobs).where(jobs.c.job_id == job_id).values(cancel_requested=True))
+                    self.db.notify(conn, f"cancel {job_id}")
+                return records.job_from_row(job_row(conn, job_id)), event
+
+        return self.db.retry(cancel)
 
     def delete_job(self, job_id: str) -> None:
-        with self.db.write(durable=True) as conn:
-            state = JobState(self._row(conn, job_id)["state"])
-            if state not in TERMINAL_STATES:
-                raise FailedPrecondition(
-                    f"scoring job {job_id!r} is {state.value.upper()}; cancel it and wait for it to finish "
-                    "before deleting it",
-                    reason="JOB_NOT_FINISHED",
-                    resource_type="scoring_job",
-                    resource_name=job_id,
-                )
-            for table in ("events", "scores", "class_names", "summaries", "jobs"):
-                conn.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
-
-    def recover(self, now: float, *, max_attempts: int) -> Recovery:
-        """Requeue the jobs an earlier process left QUEUED or RUNNING.
-
-        A job still RUNNING here was interrupted by a crash (a graceful stop puts it back to QUEUED);
-        after `max_attempts` crashes it is FAILED rather than retried forever. Jobs whose cancellation
-        was requested are CANCELLED.
-        """
-        recovery = Recovery()
-        with self.db.write(durable=True) as conn:
-            rows = conn.execute(
-                "SELECT job_id, state, crashes, cancel_requested FROM jobs "
-                "WHERE state IN ('queued', 'running') ORDER BY seq"
-            ).fetchall()
-            for row in rows:
-                job_id = row["job_id"]
-                if row["cancel_requested"]:
-                    self._transition(
-                        conn, job_id, JobState.CANCELLED, now, message="cancelled before a restart"
+        def remove() -> None:
+            with self.db.write(durable=True) as conn:
+                state = JobState(job_row(conn, job_id, lock=True)["state"])
+                if state not in TERMINAL_STATES:
+                    raise FailedPrecondition(
+                        f"scoring job {job_id!r} is {state.value.upper()}; cancel it and wait for it to "
+                        "finish before deleting it",
+                        reason="JOB_NOT_FINISHED",
+                        resource_type="scoring_job",
+                        resource_name=job_id,
                     )
-                    recovery.finished.append(JobState.CANCELLED)
-                    continue
-                if row["state"] == JobState.RUNNING.value:
-                    crashes = row["crashes"] + 1
-                    conn.execute("UPDATE jobs SET crashes = ? WHERE job_id = ?", (crashes, job_id))
-                    if crashes >= max_attempts:
-                        times = "time" if crashes == 1 else "times"
-                        message = f"too many attempts: the worker crashed {crashes} {times}"
-                        error = JobError(int(Code.INTERNAL), message, "TOO_MANY_ATTEMPTS")
-                        self._transition(conn, job_id, JobState.FAILED, now, error=error, message=message)
-                        recovery.finished.append(JobState.FAILED)
-                        continue
-                    self._transition(
-                        conn,
-                        job_id,
-                        JobState.QUEUED,
-                        now,
-                        message=f"the server stopped during the job (crash {crashes} of {max_attempts} "
-                        "allowed); it resumes from its last checkpoint",
-                    )
-                recovery.queued.append(job_id)
-        return recovery
+                for table in (events, scores, class_names, summaries, jobs):
+                    conn.execute(delete(table).where(table.c.job_id == job_id))
+
+        self.db.retry(remove)
 
     # -- reads ------------------------------------------------------------------------------------
 
     def get_job(self, job_id: str) -> Job:
-        return records.job_from_row(self._row(self.db.connection(), job_id))
+        def read() -> Job:
+            with self.db.read() as conn:
+                return records.job_from_row(job_row(conn, job_id))
+
+        return self.db.retry(read)
 
     def job_for_request(self, spec: JobSpec) -> Job | None:
         """The job created earlier for spec's request_id, if any (see create_job)."""
-        return self._existing_request(self.db.connection(), spec)
+
+        def read() -> Job | None:
+            with self.db.read() as conn:
+                return self._existing_request(conn, spec)
+
+        return self.db.retry(read)
 
     def list_jobs(self, state: JobState | None, after_seq: int | None, limit: int) -> list[tuple[int, Job]]:
         """Jobs newest first, as (row number, job), strictly older than `after_seq` when given."""
-        sql = "SELECT * FROM jobs WHERE seq < ?"
-        params: list[object] = [after_seq if after_seq is not None else 2**62]
+        query = select(jobs)
+        if after_seq is not None:
+            query = query.where(jobs.c.seq < after_seq)
         if state is not None:
-            sql += " AND state = ?"
-            params.append(state.value)
-        rows = self.db.connection().execute(sql + " ORDER BY seq DESC LIMIT ?", (*params, limit)).fetchall()
-        return [(row["seq"], records.job_from_row(row)) for row in rows]
+            query = query.where(jobs.c.state == state.value)
+        query = query.order_by(jobs.c.seq.desc()).limit(limit)
+
+        def read() -> list[tuple[int, Job]]:
+            with self.db.read() as conn:
+                return [(row["seq"], records.job_from_row(row)) for row in conn.execute(query).mappings()]
+
+        return self.db.retry(read)
 
     def job_with_events(self, job_id: str, after_sequence: int) -> tuple[Job, list[JobEvent]]:
         """The job and its events after `after_sequence`, from one consistent snapshot."""
-        with self.db.read() as conn:
-            return records.job_from_row(self._row(conn, job_id)), self.events.read(
-                conn, job_id, after_sequence
-            )
+
+        def read() -> tuple[Job, list[JobEvent]]:
+            with self.db.read() as conn:
+                job = records.job_from_row(job_row(conn, job_id))
+                return job, self.events.read(conn, job_id, after_sequence)
+
+        return self.db.retry(read)
 
     def state_counts(self) -> dict[JobState, int]:
-        rows = self.db.connection().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        def read() -> dict[JobState, int]:
+            with self.db.read() as conn:
+                rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state))
+                return {str(state): int(count) for state, count in rows}
+
         counts = dict.fromkeys(JobState, 0)
-        counts.update({JobState(state): count for state, count in rows})
+        counts.update({JobState(state): count for state, count in self.db.retry(read).items()})
         return counts
+
+    def queue_stats(self) -> QueueStats:
+        """How many jobs wait for a worker, and when the oldest of them was accepted."""
+
+        def read() -> QueueStats:
+            with self.db.read() as conn:
+                query = select(func.count(), func.min(jobs.c.create_time)).where(
+                    jobs.c.state == JobState.QUEUED.value
+                )
+                count, oldest = conn.execute(query).one()
+                return int(count), oldest
+
+        return self.db.retry(read)

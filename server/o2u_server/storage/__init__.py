@@ -21,7 +21,7 @@ from o2u_server.storage import localfiles
 from o2u_server.storage.objectstore import ObjectStore, RetryPolicy
 from o2u_server.storage.uris import ObjectReference, file_uri, parse_uri, resolve_roots, s3_uri
 
-__all__ = ["ObjectInfo", "ObjectReference", "RetryPolicy", "Storage"]
+__all__ = ["ObjectInfo", "ObjectReference", "ObjectStore", "RetryPolicy", "Storage"]
 
 MIB = 1024 * 1024
 
@@ -90,6 +90,12 @@ class Storage:
                 retry=retry or RetryPolicy(),
                 max_connections=max_connections,
             )
+
+    @property
+    def object_store(self) -> ObjectStore | None:
+        """The configured object store itself, for what the operator names in settings (checkpoints),
+        which the data roots and bucket allow-list do not govern."""
+        return self._store
 
     def parse(self, uri: str, *, field: str = "dataset.uri", allow_prefix: bool = False) -> ObjectReference:
         """Check `uri`: PermissionDenied outside the roots or allowed buckets, InvalidArgument if bad.

@@ -144,6 +144,10 @@ class ObjectStore:
             uri=s3_uri(bucket, key),
         )
 
+    def remove(self, bucket: str, key: str) -> None:
+        """Delete one object (S3 answers success for a key that does not exist)."""
+        self._call(lambda: self._client.remove_object(bucket, key), uri=s3_uri(bucket, key))
+
     def _call(self, operation: Callable[[], T], *, uri: str) -> T:
         failures = 0
         while True:

@@ -23,6 +23,7 @@ from tests.server_testing import (
     TINY_CONFIG,
     create_job,
     running_server,
+    sqlite_integrity,
     test_settings,
     wait_for_job,
 )
@@ -35,10 +36,10 @@ def _states(state_dir: Path) -> dict[str, JobState]:
     store.open()
     try:
         jobs = store.list_jobs(None, None, 1000)
-        assert store.db.connection().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         return {job.job_id: job.state for _, job in jobs}
     finally:
         store.close()
+        assert sqlite_integrity(state_dir / "jobs.sqlite3") == "ok"
 
 
 def test_finished_jobs_and_scores_survive_a_restart(data_root: Path, tmp_path: Path, digits_uri: str) -> None:
@@ -111,7 +112,7 @@ def test_a_job_that_crashed_its_worker(
     spec = JobSpec(dataset_uri=digits_uri, dataset_format=None, config=dict(TINY_CONFIG))
     job_id = "job-" + "ab" * 16
     store.create_job(job_id, spec, time.time(), max_queued=10)
-    assert store.start_job(job_id, time.time()) is not None
+    assert store.claims.claim_job("a-replica-that-crashed", time.time(), lease_seconds=30) is not None
     store.close()
 
     with running_server(settings) as running, running.channel() as channel:

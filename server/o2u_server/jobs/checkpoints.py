@@ -1,0 +1,171 @@
+"""Where training checkpoints live between a job's attempts: a local folder, or object storage that
+every replica reads.
+
+The engine writes its checkpoint to a local file (atomically: a temporary file, then a rename) and
+knows nothing of object stores. With `O2U_CHECKPOINT_URI=s3://bucket/prefix` the runner stages that
+file in the state directory: `prepare` downloads the newest checkpoint an earlier attempt of the job
+uploaded, and `sync`, called after every epoch the engine reported (it writes its checkpoint before
+it reports), uploads the file when it changed. Each attempt uploads under its own key
+(`<prefix>/<job_id>/attempt-<n>.pt`; an S3 PUT replaces an object whole, never half), so a replica
+that lost its lease can never overwrite the checkpoint of the attempt that took the job over; the
+newest attempt's copy is what the next attempt resumes from. `delete` removes every copy when the
+job ends. Without a checkpoint URI (or with a local path) the engine writes straight into the folder,
+which only one process uses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from o2u_server.errors import NotFound
+from o2u_server.jobs.claims import Lease
+from o2u_server.settings import Settings
+from o2u_server.storage import ObjectStore
+
+__all__ = ["CheckpointStore", "LocalCheckpoints", "ObjectCheckpoints", "checkpoint_store"]
+
+_ATTEMPT = re.compile(r"attempt-(\d+)\.pt$")
+
+
+class CheckpointStore(Protocol):
+    """What the runner and the manager use; see LocalCheckpoints for each method."""
+
+    shared: bool  # every replica reads it
+
+    def path(self, job_id: str) -> Path: ...
+    def open(self) -> None: ...
+    def prepare(self, lease: Lease) -> Path: ...
+    def sync(self, lease: Lease) -> None: ...
+    def discard(self, lease: Lease) -> None: ...
+    def delete(self, job_id: str) -> None: ...
+
+
+class LocalCheckpoints:
+    """`<directory>/<job_id>.pt`, written in place by the engine; for one process."""
+
+    def __init__(self, directory: Path) -> None:
+        self.shared = False
+        self.directory = directory
+
+    def path(self, job_id: str) -> Path:
+        return self.directory / f"{job_id}.pt"
+
+    def open(self) -> None:
+        """Remove what a crash left half-written; no worker runs yet. Complete checkpoints stay."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for leftover in self.directory.glob("*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+    def prepare(self, lease: Lease) -> Path:
+        """The file the engine resumes from and checkpoints to, for this attempt."""
+        return self.path(lease.job_id)
+
+    def sync(self, lease: Lease) -> None:
+        """Make the checkpoint the engine last wrote readable by the job's next attempt."""
+
+    def discard(self, lease: Lease) -> None:
+        """Drop what this attempt wrote, after it lost its lease (here: the next attempt's file too)."""
+
+    def delete(self, job_id: str) -> None:
+        """The job ended: remove its checkpoint and staged initial weights."""
+        for path in (self.path(job_id), self.path(job_id).with_suffix(".init.pt")):
+            path.unlink(missing_ok=True)
+
+
+class ObjectCheckpoints(LocalCheckpoints):
+    """Checkpoints under `s3://<bucket>/<prefix>`, staged in `directory`; shared by every replica."""
+
+    def __init__(self, directory: Path, objects: ObjectStore, bucket: str, prefix: str) -> None:
+        super().__init__(directory)
+        self.shared = True
+        self._objects, self.bucket = objects, bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self._uploaded: dict[Lease, tuple[int, int]] = {}  # (mtime_ns, size) of the last upload
+
+    def _key(self, lease: Lease) -> str:
+        return f"{self.prefix}{lease.job_id}/attempt-{lease.attempt:06d}.pt"
+
+    def _signature(self, path: Path) -> tuple[int, int] | None:
+        try:
+            status = path.stat()
+        except FileNotFoundError:
+            return None
+        return status.st_mtime_ns, status.st_size
+
+    def open(self) -> None:
+        """Every staged file is a copy of an object (or a half-written one); no worker runs yet."""
+        super().open()
+        for staged in self.directory.glob("*.pt"):
+            staged.unlink(missing_ok=True)
+
+    def prepare(self, lease: Lease) -> Path:
+        path = self.path(lease.job_id)
+        path.unlink(missing_ok=True)
+        earlier = sorted(
+            (
+                (int(found.group(1)), name)
+                for name, _, _ in self._objects.iter_objects(self.bucket, f"{self.prefix}{lease.job_id}/")
+                if (found := _ATTEMPT.search(name)) and int(found.group(1)) < lease.attempt
+            ),
+            reverse=True,
+        )
+        for _, name in earlier:
+            try:
+                data = self._objects.read(self.bucket, name, max_bytes=None)
+            except NotFound:  # removed by the attempt that wrote it, once it lost its lease
+                continue
+            handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=self.directory)
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(data)
+            os.replace(temporary, path)
+            break
+        signature = self._signature(path)
+        if signature is not None:
+            self._uploaded[lease] = signature  # no need to upload the copy again
+        return path
+
+    def sync(self, lease: Lease) -> None:
+        path = self.path(lease.job_id)
+        signature = self._signature(path)
+        if signature is None or self._uploaded.get(lease) == signature:
+            return
+        self._objects.put(
+            self.bucket, self._key(lease), path.read_bytes(), content_type="application/octet-stream"
+        )
+        self._uploaded[lease] = signature
+
+    def discard(self, lease: Lease) -> None:
+        self._uploaded.pop(lease, None)
+        self._objects.remove(self.bucket, self._key(lease))
+
+    def delete(self, job_id: str) -> None:
+        super().delete(job_id)
+        for name, _, _ in list(self._objects.iter_objects(self.bucket, f"{self.prefix}{job_id}/")):
+            self._objects.remove(self.bucket, name)
+        for lease in [lease for lease in self._uploaded if lease.job_id == job_id]:
+            self._uploaded.pop(lease, None)
+
+
+def checkpoint_store(settings: Settings, objects: ObjectStore | None) -> CheckpointStore:
+    """The checkpoint store O2U_CHECKPOINT_URI names: `s3://bucket/prefix`, a local folder (a path or
+    a file:// URI), or by default `<state_dir>/checkpoints`."""
+    uri = settings.checkpoint_uri
+    if uri is None:
+        return LocalCheckpoints(settings.checkpoint_dir)
+    parts = urlsplit(uri)
+    if parts.scheme == "s3":
+        if objects is None:
+            raise ValueError(f"O2U_CHECKPOINT_URI {uri!r} needs an object store: set O2U_S3_ENDPOINT")
+        if not parts.netloc:
+            raise ValueError(f"O2U_CHECKPOINT_URI {uri!r} names no bucket: use s3://bucket/prefix")
+        return ObjectCheckpoints(settings.checkpoint_dir, objects, parts.netloc, parts.path)
+    if parts.scheme == "file":
+        return LocalCheckpoints(Path(parts.path))
+    if parts.scheme:
+        raise ValueError(f"O2U_CHECKPOINT_URI {uri!r}: use s3://bucket/prefix or a local folder")
+    return LocalCheckpoints(Path(uri))

@@ -1,0 +1,310 @@
+"""The workers' side of the job store: claims under a lease, and writes fenced by them.
+
+A worker claims the oldest QUEUED job (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so replicas never
+claim the same one and never wait for each other) and holds it under a lease: its replica's name
+and an expiry on the database's clock, renewed while it trains. Every write it makes for the job (a
+progress event, run information, results, the final state) is fenced by its `Lease`: the update
+only happens while the job is still RUNNING under the same attempt number, owner and an unexpired
+lease; otherwise `LeaseLost` is raised and the transaction rolls back. A replica that was paused or
+cut off past its lease can so never overwrite what the new owner writes.
+
+A lease that expires (its replica crashed, or stopped renewing) makes the job an orphan:
+`requeue_expired`, run by every replica now and then, puts it back in the queue as a crash of that
+attempt (FAILED after `max_attempts`, CANCELLED if a cancel was pending), and the next claim
+resumes it from its last checkpoint under the next attempt number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sqlalchemy import ColumnElement, Connection, and_, or_, select, update
+
+from o2u_server.domain import (
+    DatasetSummary,
+    EventType,
+    Job,
+    JobError,
+    JobEvent,
+    JobState,
+    Progress,
+    RunInfo,
+    ScoreTuple,
+    Stage,
+)
+from o2u_server.errors import Code
+from o2u_server.jobs import records
+from o2u_server.jobs.database import Database
+from o2u_server.jobs.event_log import EventLog
+from o2u_server.jobs.results import ResultsStore
+from o2u_server.jobs.tables import jobs
+from o2u_server.jobs.transitions import job_row, transition
+
+__all__ = ["ClaimStore", "Lease", "LeaseLost", "Recovery"]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One replica's claim on one attempt of a job; every write the attempt makes is fenced by it."""
+
+    job_id: str
+    attempt: int
+    owner: str
+
+
+class LeaseLost(RuntimeError):
+    """A fenced write was refused: the job is no longer this lease's (it expired, was taken over,
+    or the job finished meanwhile). The attempt must stop without writing anything more."""
+
+    def __init__(self, lease: Lease) -> None:
+        super().__init__(f"attempt {lease.attempt} of job {lease.job_id} no longer holds its lease")
+        self.lease = lease
+
+
+@dataclass
+class Recovery:
+    """What `recover` or `requeue_expired` did to jobs whose worker is gone."""
+
+    queued: list[str] = field(default_factory=list)  # put back in the queue, oldest first
+    finished: list[JobState] = field(default_factory=list)  # final states it set
+    events: list[JobEvent] = field(default_factory=list)  # every state change it made
+
+
+class ClaimStore:
+    """Claims, lease renewals and fenced writes; each method is one retried transaction."""
+
+    def __init__(self, db: Database, log: EventLog, results: ResultsStore) -> None:
+        self._db = db
+        self._log = log
+        self._results = results
+
+    def _held(self, lease: Lease) -> ColumnElement[bool]:
+        return and_(
+            jobs.c.attempts == lease.attempt,
+            jobs.c.lease_owner == lease.owner,
+            jobs.c.state == JobState.RUNNING.value,
+            jobs.c.lease_expires_at > self._db.clock(),
+        )
+
+    def _fenced(self, conn: Connection, lease: Lease, **values: object) -> None:
+        statement = update(jobs).where(jobs.c.job_id == lease.job_id, self._held(lease)).values(**values)
+        if conn.execute(statement).rowcount != 1:
+            raise LeaseLost(lease)
+
+    # -- claiming ---------------------------------------------------------------------------------
+
+    def claim_job(
+        self, owner: str, now: float, *, lease_seconds: float
+    ) -> tuple[Lease, Job, JobEvent] | None:
+        """QUEUED -> RUNNING for the oldest queued job, counting the attempt; None if none waits."""
+
+        def claim() -> tuple[Lease, Job, JobEvent] | None:
+            with self._db.write(durable=True) as conn:
+                oldest = (
+                    select(jobs.c.job_id)
+                    .where(jobs.c.state == JobState.QUEUED.value)
+                    .order_by(jobs.c.seq)
+                    .limit(1)
+                    .with_for_update(skip_locked=True)
+                )
+                job_id = conn.execute(oldest).scalar_one_or_none()
+                if job_id is None:
+                    return None
+                row = job_row(conn, job_id)
+                attempt = row["attempts"] + 1
+                event = transition(
+                    conn,
+                    self._log,
+                    job_id,
+                    JobState.RUNNING,
+                    now,
+                    message=f"attempt {attempt} started on {owner}",
+                    attempts=attempt,
+                    start_time=row["start_time"] if row["start_time"] is not None else now,
+                    progress_json=records.encode(Progress(stage=Stage.LOADING)),
+                    lease_owner=owner,
+                    lease_expires_at=self._db.clock() + lease_seconds,
+                )
+                assert event is not None  # the row is locked and QUEUED
+                return Lease(job_id, attempt, owner), records.job_from_row(job_row(conn, job_id)), event
+
+        return self._db.retry(claim)
+
+    def renew_lease(self, lease: Lease, lease_seconds: float) -> bool | None:
+        """Extend the lease by `lease_seconds`; returns whether a cancel is pending, None if lost."""
+
+        def renew() -> bool | None:
+            with self._db.write() as conn:
+                statement = (
+                    update(jobs)
+                    .where(jobs.c.job_id == lease.job_id, self._held(lease))
+                    .values(lease_expires_at=self._db.clock() + lease_seconds)
+                    .returning(jobs.c.cancel_requested)
+                )
+                found = conn.execute(statement).first()
+                return None if found is None else bool(found[0])
+
+        return self._db.retry(renew)
+
+    # -- fenced writes ----------------------------------------------------------------------------
+
+    def record_progress(self, lease: Lease, progress: Progress, now: float) -> JobEvent:
+        def record() -> JobEvent:
+            with self._db.write() as conn:
+                self._fenced(conn, lease, progress_json=records.encode(progress), update_time=now)
+                return self._log.append(
+                    conn, lease.job_id, now, EventType.PROGRESS, JobState.RUNNING, progress=progress
+                )
+
+        return self._db.retry(record)
+
+    def set_run_info(self, lease: Lease, run_info: RunInfo, now: float) -> None:
+        def store() -> None:
+            with self._db.write() as conn:
+                self._fenced(conn, lease, run_info_json=records.encode(run_info), update_time=now)
+
+        self._db.retry(store)
+
+    def finish_job(
+        self, lease: Lease, state: JobState, now: float, *, error: JobError | None = None, message: str = ""
+    ) -> JobEvent:
+        """End the attempt in a final state (FAILED or CANCELLED)."""
+
+        def finish() -> JobEvent:
+            with self._db.write(durable=True) as conn:
+                event = transition(
+                    conn,
+                    self._log,
+                    lease.job_id,
+                    state,
+                    now,
+                    error=error,
+                    message=message,
+                    where=self._held(lease),
+                )
+                if event is None:
+                    raise LeaseLost(lease)
+                return event
+
+        return self._db.retry(finish)
+
+    def release_job(self, lease: Lease, now: float, *, message: str) -> JobEvent:
+        """Give a stopped attempt's job back to the queue (or CANCELLED, if a cancel was pending)."""
+
+        def release() -> JobEvent:
+            with self._db.write(durable=True) as conn:
+                self._fenced(conn, lease, update_time=now)  # locks the row for this transaction
+                if job_row(conn, lease.job_id)["cancel_requested"]:
+                    state, message_ = JobState.CANCELLED, "cancelled"
+                else:
+                    state, message_ = JobState.QUEUED, message
+                event = transition(
+                    conn,
+                    self._log,
+                    lease.job_id,
+                    state,
+                    now,
+                    message=message_,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+                assert event is not None
+                return event
+
+        return self._db.retry(release)
+
+    def save_results(
+        self,
+        lease: Lease,
+        scores: Iterable[ScoreTuple],
+        class_names: list[str],
+        summary: DatasetSummary,
+        run_info: RunInfo,
+        now: float,
+    ) -> JobEvent:
+        """Store scores and summary and mark the job SUCCEEDED, all in one transaction (`scores` is
+        iterated once per try: a retried transaction loads them again)."""
+
+        def save() -> JobEvent:
+            with self._db.write(durable=True) as conn:
+                self._fenced(
+                    conn, lease, run_info_json=records.encode(run_info)
+                )  # checked before the bulk load
+                self._results.insert(conn, lease.job_id, scores, class_names, summary)
+                event = transition(
+                    conn, self._log, lease.job_id, JobState.SUCCEEDED, now, message="scores are ready"
+                )
+                assert event is not None
+                return event
+
+        return self._db.retry(save)
+
+    # -- orphans ----------------------------------------------------------------------------------
+
+    def recover(self, now: float, *, max_attempts: int) -> Recovery:
+        """At start-up with SQLite (the state directory is locked: no other process runs jobs): every
+        RUNNING job was interrupted by a crash; requeue it (see `requeue_expired`)."""
+        return self._db.retry(lambda: self._requeue(now, max_attempts, expired_only=False))
+
+    def requeue_expired(self, now: float, *, max_attempts: int) -> Recovery:
+        """Requeue the RUNNING jobs whose lease expired: their replica crashed or lost contact."""
+        return self._db.retry(lambda: self._requeue(now, max_attempts, expired_only=True))
+
+    def _requeue(self, now: float, max_attempts: int, *, expired_only: bool) -> Recovery:
+        """A crash counts against `max_attempts`; after that many the job is FAILED. Jobs whose
+        cancellation was requested are CANCELLED instead."""
+        recovery = Recovery()
+        orphans = or_(jobs.c.state == JobState.RUNNING.value, jobs.c.cancel_requested.is_(True))
+        if expired_only:
+            lapsed = or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < self._db.clock())
+            orphans = and_(jobs.c.state == JobState.RUNNING.value, lapsed)
+        query = (
+            select(jobs.c.job_id, jobs.c.crashes, jobs.c.cancel_requested, jobs.c.lease_owner)
+            .where(jobs.c.state.in_((JobState.QUEUED.value, JobState.RUNNING.value)), orphans)
+            .order_by(jobs.c.seq)
+            .with_for_update(skip_locked=True)  # another replica requeueing the same job skips it
+        )
+        with self._db.write(durable=True) as conn:
+            for job_id, crashes, cancel_requested, owner in conn.execute(query).all():
+                if cancel_requested:
+                    event = transition(
+                        conn, self._log, job_id, JobState.CANCELLED, now, message="cancelled before a restart"
+                    )
+                else:
+                    cause = (
+                        f"{owner or 'its replica'} stopped renewing its lease"
+                        if expired_only
+                        else "the server stopped during the job"
+                    )
+                    event = self._crashed(conn, job_id, crashes + 1, cause, now, max_attempts)
+                assert event is not None
+                recovery.events.append(event)
+                if event.state is JobState.QUEUED:
+                    recovery.queued.append(job_id)
+                else:
+                    recovery.finished.append(event.state)
+        return recovery
+
+    def _crashed(
+        self, conn: Connection, job_id: str, crashes: int, cause: str, now: float, max_attempts: int
+    ) -> JobEvent | None:
+        if crashes >= max_attempts:
+            times = "time" if crashes == 1 else "times"
+            message = f"too many attempts: the worker crashed {crashes} {times}"
+            error = JobError(int(Code.INTERNAL), message, "TOO_MANY_ATTEMPTS")
+            return transition(
+                conn, self._log, job_id, JobState.FAILED, now, error=error, message=message, crashes=crashes
+            )
+        return transition(
+            conn,
+            self._log,
+            job_id,
+            JobState.QUEUED,
+            now,
+            message=f"{cause} (crash {crashes} of {max_attempts} allowed); it resumes from its last "
+            "checkpoint",
+            crashes=crashes,
+            lease_owner=None,
+            lease_expires_at=None,
+        )

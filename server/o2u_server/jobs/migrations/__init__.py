@@ -1,0 +1,1 @@
+"""The job store's Alembic migrations: `env.py`, the revision template and `versions/`."""
