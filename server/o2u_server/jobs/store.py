@@ -197,11 +197,9 @@ class JobStore:
         def read() -> dict[JobState, int]:
             with self.db.read() as conn:
                 rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state))
-                return {str(state): int(count) for state, count in rows}
+                return {JobState(state): int(count) for state, count in rows}
 
-        counts = dict.fromkeys(JobState, 0)
-        counts.update({JobState(state): count for state, count in self.db.retry(read).items()})
-        return counts
+        return {**dict.fromkeys(JobState, 0), **self.db.retry(read)}
 
     def queue_stats(self) -> QueueStats:
         """How many jobs wait for a worker, and when the oldest of them was accepted."""
