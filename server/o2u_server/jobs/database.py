@@ -69,6 +69,8 @@ class Database:
     """One database, opened by `open()` and released by `close()`."""
 
     def __init__(self, url: URL | str | Path, *, retry_seconds: float = 30.0) -> None:
+        """`retry_seconds` also bounds how long a transaction may sit idle on PostgreSQL: a replica
+        paused inside one (SIGSTOP, a frozen VM) would otherwise hold its row locks for good."""
         self.url = URL.create("sqlite", database=str(url)) if isinstance(url, Path) else make_url(url)
         self.dialect = "sqlite" if self.url.get_backend_name() == "sqlite" else "postgresql"
         self.retry_seconds = retry_seconds
@@ -90,12 +92,17 @@ class Database:
     def open(self) -> None:
         """Connect, migrate the schema to the newest revision and make sure the store has its secret."""
         if self.postgresql:
+            idle_ms = max(1000, int(self.retry_seconds * 1000))
             engine = create_engine(
                 self.url,
                 pool_size=10,
                 max_overflow=20,
                 pool_pre_ping=True,  # a connection that died with a database restart is replaced
-                connect_args={"connect_timeout": 5, "application_name": "o2u-server"},
+                connect_args={
+                    "connect_timeout": 5,
+                    "application_name": "o2u-server",
+                    "options": f"-c idle_in_transaction_session_timeout={idle_ms}",
+                },
             )
         else:
             self._lock_state_dir()

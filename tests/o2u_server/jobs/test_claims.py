@@ -1,0 +1,132 @@
+"""Claims under a lease and fenced writes, on SQLite and PostgreSQL: replicas never claim the same
+job, a lease that expired hands the job to the next claim, and every write of an attempt that lost
+its lease is refused without touching what the new owner wrote.
+
+A lease claimed with a negative duration has already expired on the database's clock: that is how
+these tests make a replica "pause past its lease" without waiting for one."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from o2u_server.domain import JobError, JobSpec, JobState, Progress, RunInfo, ScoreFilter, Stage
+from o2u_server.jobs.store import JobStore, Lease, LeaseLost
+from tests.o2u_server.jobs.store_testing import INFO, claim, job_id, score_rows, summary
+
+EXPIRED = -1.0  # lease_seconds of a lease that is over as soon as it is granted
+
+
+def _queue(store: JobStore, count: int) -> None:
+    for n in range(1, count + 1):
+        store.create_job(job_id(n), JobSpec(f"file:///d/{n}.npz", None, {}), float(n), max_queued=100)
+
+
+def test_concurrent_claims_take_each_job_exactly_once(store: JobStore, second: JobStore) -> None:
+    _queue(store, 12)
+    claimed: list[Lease] = []
+    barrier = threading.Barrier(6)
+
+    def work(replica: JobStore, owner: str) -> None:
+        barrier.wait()
+        while (found := replica.claims.claim_job(owner, 5.0, lease_seconds=60)) is not None:
+            claimed.append(found[0])
+
+    threads = [
+        threading.Thread(target=work, args=(store if n % 2 else second, f"replica-{n}")) for n in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(lease.job_id for lease in claimed) == [job_id(n) for n in range(1, 13)]
+    assert {lease.attempt for lease in claimed} == {1}
+    assert store.state_counts()[JobState.RUNNING] == 12
+
+
+def test_claims_take_the_oldest_job_first(store: JobStore) -> None:
+    _queue(store, 3)
+    assert [claim(store)[0].job_id for _ in range(3)] == [job_id(1), job_id(2), job_id(3)]
+    assert store.claims.claim_job("replica-a", 3.0, lease_seconds=60) is None
+
+
+def test_a_paused_replica_is_fenced_out_after_a_takeover(store: JobStore, second: JobStore) -> None:
+    _queue(store, 1)
+    stale, _, _ = claim(store, "replica-a", lease_seconds=EXPIRED)
+    recovery = second.claims.requeue_expired(10.0, max_attempts=3)
+    assert recovery.queued == [job_id(1)]
+    assert recovery.events[0].message.startswith(
+        "replica-a stopped renewing its lease (crash 1 of 3 allowed)"
+    )
+    owner, job, _ = claim(second, "replica-b", now=11.0)
+    assert (owner.attempt, job.attempts) == (2, 2)
+    second.claims.record_progress(owner, Progress(Stage.CYCLIC, epoch=3), 12.0)
+    before = second.get_job(job_id(1))
+
+    # The paused replica wakes up and carries on with its attempt: every write is refused.
+    writes = [
+        lambda: store.claims.record_progress(stale, Progress(Stage.CYCLIC, epoch=9), 13.0),
+        lambda: store.claims.set_run_info(stale, RunInfo(9, "x", "x", "x", 1, 1, "{}", "x", "x"), 13.0),
+        lambda: store.claims.save_results(stale, score_rows(4), ["a", "b"], summary(job_id(1)), INFO, 13.0),
+        lambda: store.claims.finish_job(stale, JobState.FAILED, 13.0, error=JobError(13, "x", "X")),
+        lambda: store.claims.release_job(stale, 13.0, message="stopping"),
+    ]
+    for write in writes:
+        with pytest.raises(LeaseLost):
+            write()
+    assert store.claims.renew_lease(stale, 60) is None
+    assert second.get_job(job_id(1)) == before
+    assert second.results.count(job_id(1), ScoreFilter()) == 0
+
+    second.claims.save_results(owner, score_rows(4), ["a", "b"], summary(job_id(1)), INFO, 14.0)
+    done = second.get_job(job_id(1))
+    assert (done.state, done.attempts) == (JobState.SUCCEEDED, 2)
+    states = [e.state for e in second.events.after(job_id(1), 0) if e.type.value == "state_changed"]
+    assert states == [
+        JobState.QUEUED,
+        JobState.RUNNING,
+        JobState.QUEUED,
+        JobState.RUNNING,
+        JobState.SUCCEEDED,
+    ]
+
+
+def test_an_expired_lease_refuses_writes_even_before_a_takeover(store: JobStore) -> None:
+    _queue(store, 1)
+    stale, _, _ = claim(store, lease_seconds=EXPIRED)
+    with pytest.raises(LeaseLost):
+        store.claims.record_progress(stale, Progress(Stage.PRETRAINING), 3.0)
+    assert store.get_job(job_id(1)).last_sequence == 2
+
+
+def test_renewals_keep_a_lease_and_carry_cancel_requests(store: JobStore, second: JobStore) -> None:
+    _queue(store, 1)
+    lease, _, _ = claim(store, lease_seconds=60)
+    assert store.claims.renew_lease(lease, 60) is False
+    assert second.claims.requeue_expired(3.0, max_attempts=3).queued == []  # a live lease stays
+    second.request_cancel(job_id(1), 4.0)  # on another replica
+    assert store.claims.renew_lease(lease, 60) is True
+    event = store.claims.release_job(lease, 5.0, message="shutting down")
+    assert event.state is JobState.CANCELLED  # a cancel that was pending wins over the requeue
+
+
+def test_a_drained_job_goes_back_to_the_queue_for_any_replica(store: JobStore, second: JobStore) -> None:
+    _queue(store, 1)
+    lease, _, _ = claim(store, "replica-a")
+    assert store.claims.release_job(lease, 3.0, message="shutting down").state is JobState.QUEUED
+    resumed, job, _ = claim(second, "replica-b")
+    assert (resumed.attempt, job.state) == (2, JobState.RUNNING)
+    with pytest.raises(LeaseLost):  # the released lease is over
+        store.claims.record_progress(lease, Progress(Stage.PRETRAINING), 4.0)
+
+
+def test_expired_leases_count_as_crashes_up_to_the_limit(store: JobStore) -> None:
+    _queue(store, 1)
+    for attempt in (1, 2):
+        lease, _, _ = claim(store, f"replica-{attempt}", lease_seconds=EXPIRED)
+        assert lease.attempt == attempt
+        recovery = store.claims.requeue_expired(5.0, max_attempts=2)
+    assert (recovery.queued, recovery.finished) == ([], [JobState.FAILED])
+    failed = store.get_job(job_id(1))
+    assert failed.error == JobError(13, "too many attempts: the worker crashed 2 times", "TOO_MANY_ATTEMPTS")

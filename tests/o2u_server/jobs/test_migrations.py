@@ -1,0 +1,122 @@
+"""Schema migrations: a migrated database is exactly `jobs/tables.py` (on both databases), replicas
+that start together migrate once, and a store written before migrations existed is upgraded in
+place with its jobs."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, inspect
+
+from o2u_server.domain import JobState
+from o2u_server.jobs.migrate import head_revision
+from o2u_server.jobs.store import JobStore
+from o2u_server.jobs.tables import metadata
+from tests.o2u_server.jobs.store_testing import claim, job_id
+from tests.postgres_server import PostgresServer
+from tests.server_testing import sqlite_integrity
+
+# The schema the store created before it had migrations (schema_version 1), verbatim.
+_LEGACY_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL UNIQUE, request_id TEXT UNIQUE,
+    request_hash TEXT NOT NULL, display_name TEXT NOT NULL, dataset_uri TEXT NOT NULL,
+    dataset_format TEXT, config_json TEXT NOT NULL, initial_weights_uri TEXT, state TEXT NOT NULL,
+    progress_json TEXT, error_json TEXT, run_info_json TEXT, attempts INTEGER NOT NULL DEFAULT 0,
+    crashes INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0,
+    last_sequence INTEGER NOT NULL DEFAULT 0, create_time REAL NOT NULL, update_time REAL NOT NULL,
+    start_time REAL, end_time REAL
+);
+CREATE INDEX jobs_by_state ON jobs (state, seq);
+CREATE TABLE events (
+    job_id TEXT NOT NULL, sequence INTEGER NOT NULL, event_time REAL NOT NULL, type TEXT NOT NULL,
+    state TEXT NOT NULL, progress_json TEXT, error_json TEXT, message TEXT NOT NULL,
+    PRIMARY KEY (job_id, sequence)
+) WITHOUT ROWID;
+CREATE TABLE scores (
+    job_id TEXT NOT NULL, rank INTEGER NOT NULL, sample_id INTEGER NOT NULL, key TEXT NOT NULL,
+    given_label INTEGER NOT NULL, score REAL NOT NULL, score_variance REAL NOT NULL,
+    noise_probability REAL NOT NULL, suspected INTEGER NOT NULL, suggested_label INTEGER NOT NULL,
+    suggested_label_confidence REAL NOT NULL, PRIMARY KEY (job_id, rank)
+) WITHOUT ROWID;
+CREATE TABLE class_names (
+    job_id TEXT NOT NULL, label INTEGER NOT NULL, name TEXT NOT NULL, PRIMARY KEY (job_id, label)
+) WITHOUT ROWID;
+CREATE TABLE summaries (job_id TEXT PRIMARY KEY, summary_json TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema_version', 1);
+INSERT INTO meta VALUES ('page_token_secret',
+    x'000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f');
+INSERT INTO jobs (job_id, request_hash, display_name, dataset_uri, config_json, state, attempts,
+    last_sequence, create_time, update_time)
+VALUES ('job-00000000000000000000000000000001', 'h', 'old', 'file:///d/1.npz', '{}', 'running', 1, 2,
+    1.0, 2.0);
+INSERT INTO events VALUES ('job-00000000000000000000000000000001', 1, 1.0, 'state_changed', 'queued',
+    NULL, NULL, 'job accepted');
+INSERT INTO events VALUES ('job-00000000000000000000000000000001', 2, 2.0, 'state_changed', 'running',
+    NULL, NULL, 'attempt 1 started');
+"""
+
+
+def test_the_migrated_schema_is_the_tables_module(database: str | Path, store: JobStore) -> None:
+    url = f"sqlite:///{database}" if isinstance(database, Path) else database
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+            version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one()
+            assert version == head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_replicas_starting_together_migrate_once(postgres: PostgresServer) -> None:
+    url = postgres.new_database()
+    stores = [JobStore(url) for _ in range(4)]
+    barrier = threading.Barrier(len(stores))
+    failures: list[BaseException] = []
+
+    def start(store: JobStore) -> None:
+        barrier.wait()
+        try:
+            store.open()
+        except BaseException as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=start, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert failures == []
+        assert len({store.page_token_secret for store in stores}) == 1
+        assert postgres.sql("SELECT count(*) FROM alembic_version", database=url) == [(1,)]
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_a_store_from_before_migrations_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    legacy = sqlite3.connect(path)
+    legacy.executescript(_LEGACY_SCHEMA)
+    legacy.close()
+
+    store = JobStore(path)
+    store.open()
+    try:
+        assert store.page_token_secret == bytes(range(32))
+        recovery = store.claims.recover(3.0, max_attempts=3)  # the old process died with it running
+        assert recovery.queued == [job_id(1)]
+        lease, job, event = claim(store, now=4.0)
+        assert (lease.attempt, job.state, event.sequence) == (2, JobState.RUNNING, 4)
+        columns = {column["name"] for column in inspect(store.db.engine).get_columns("jobs")}
+        assert {"lease_owner", "lease_expires_at"} <= columns
+    finally:
+        store.close()
+    assert sqlite_integrity(path) == "ok"
