@@ -11,13 +11,9 @@ left behind and SQLite's `PRAGMA integrity_check` is ok, also after every single
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,10 +23,10 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
+from tests.server_process import ServerProcess
 from tests.server_testing import running_server, test_settings, write_noisy_digits
 
 Stub = scoring_pb2_grpc.ScoringServiceStub
@@ -47,67 +43,6 @@ CONFIG: dict[str, Any] = {
     "cyclic_batch_size": 16,
 }
 SCORE_FIELDS = ("score", "score_variance", "rank", "noise_probability", "suspected", "suggested_label")
-
-
-class ServerProcess:
-    """`python -m o2u_server.main` on a fixed loopback port and state folder; restartable."""
-
-    def __init__(self, state_dir: Path, data_root: Path, **settings: str) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.address = f"127.0.0.1:{probe.getsockname()[1]}"
-        self.state_dir = state_dir
-        self.log = state_dir.parent / f"{state_dir.name}-server.log"
-        self.env = {
-            **os.environ,
-            "O2U_LISTEN_ADDRESS": self.address,
-            "O2U_METRICS_ADDRESS": "127.0.0.1",
-            "O2U_METRICS_PORT": "0",
-            "O2U_STATE_DIR": str(state_dir),
-            "O2U_DATA_ROOTS": str(data_root),
-            "O2U_DEVICE": "cpu",
-            "O2U_SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS),
-            **settings,
-        }
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            command = [sys.executable, "-m", "o2u_server.main"]
-            self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while True:
-            assert self.process.poll() is None, f"the server exited early:\n{self.log_tail()}"
-            assert time.monotonic() < deadline, f"the server did not start:\n{self.log_tail()}"
-            # A fresh channel per try: a reused one backs off for seconds after refused connections,
-            # and the resumed job would be far into stage 2 before the test noticed the server.
-            with grpc.insecure_channel(self.address) as channel:
-                try:
-                    request = health_pb2.HealthCheckRequest(service="")
-                    answer = health_pb2_grpc.HealthStub(channel).Check(request, timeout=1)
-                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-            time.sleep(0.05)
-
-    def signal(self, signum: int) -> float:
-        """Send `signum`, wait for the process to end; returns how long that took, in seconds."""
-        assert self.process is not None
-        started = time.monotonic()
-        self.process.send_signal(signum)
-        code = self.process.wait(timeout=GRACE_SECONDS + 30)
-        expected = -signal.SIGKILL if signum == signal.SIGKILL else 0
-        assert code == expected, f"exit code {code} after signal {signum}:\n{self.log_tail()}"
-        return time.monotonic() - started
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
 
 
 @contextmanager
@@ -198,7 +133,9 @@ def test_jobs_survive_repeated_kills_during_stage_two(tmp_path: Path, signum: in
         settings = {"O2U_MAX_JOB_ATTEMPTS": str(KILLS + 2), "O2U_CHECKPOINT_INTERVAL_SECONDS": "0"}
     else:
         settings = {}
-    server = ServerProcess(tmp_path / "state", data_root, **settings)
+    server = ServerProcess(
+        tmp_path / "state", data_root, O2U_SHUTDOWN_GRACE_SECONDS=str(GRACE_SECONDS), **settings
+    )
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     print(f"kill schedule seed: {seed}")
@@ -223,7 +160,7 @@ def test_jobs_survive_repeated_kills_during_stage_two(tmp_path: Path, signum: in
                 victim = _in_stage_two(stub)
                 time.sleep(rng.uniform(0, 1.5 * epoch_seconds))  # somewhere inside the next epoch
                 victims.append(victim)
-            elapsed = server.signal(signum)
+            elapsed = server.signal(signum, timeout=GRACE_SECONDS + 30)
             if signum == signal.SIGTERM:
                 assert elapsed < GRACE_SECONDS + 5, f"the drain took {elapsed:.1f} s"
             assert _integrity(server.state_dir) == "ok"
