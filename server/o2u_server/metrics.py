@@ -66,6 +66,9 @@ class ServerMetrics:
         self.jobs_running_here = Gauge(
             "o2u_replica_jobs_running", "Jobs this replica is running", registry=registry
         )
+        self.worker_slots = Gauge(
+            "o2u_replica_worker_slots", "Jobs this replica can run at once (its workers)", registry=registry
+        )
         self.job_claims = Counter(
             "o2u_job_claims", "Job attempts this replica claimed from the queue", registry=registry
         )

@@ -38,12 +38,21 @@ DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
 STANDARD_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version")
 
 
+REPLICAS: dict[str, Any] = {
+    "replicaCount": 3,
+    "database": {"url": "postgresql://o2u@postgres.db.svc:5432/o2u", "existingSecret": "o2u-database"},
+    "checkpoints": {"uri": "s3://o2u-checkpoints/prod"},
+    "config": {"s3_endpoint": "minio.minio.svc:9000"},
+}
+
+
 def variants() -> dict[str, dict[str, Any]]:
     """Value sets that together switch every template branch on at least once."""
     return {
         "defaults": {},
         "full": full_values(),
         "pod-monitor": POD_MONITOR_VALUES,
+        "replicas": REPLICAS,
         "cpu-ephemeral": {
             "gpu": {"enabled": False},
             "persistence": {"enabled": False},
@@ -129,6 +138,7 @@ def test_default_render_objects() -> None:
         "Pod",
         "Service",
         "Service",
+        "Service",
         "ServiceAccount",
     ]
     spec = deployment(objects)["spec"]
@@ -138,6 +148,36 @@ def test_default_render_objects() -> None:
     claim = one(objects, "PersistentVolumeClaim")
     assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert pod_volumes(objects)["state"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+
+def test_replicas_share_postgresql_and_object_storage() -> None:
+    objects = render(REPLICAS)
+    spec = deployment(objects)["spec"]
+    assert spec["replicas"] == 3
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    assert of_kind(objects, "PersistentVolumeClaim") == [], "no volume: the state lives in PostgreSQL and S3"
+    assert pod_volumes(objects)["state"] == {"name": "state", "emptyDir": {}}
+    env = container_env(server_container(objects))
+    assert env["O2U_DATABASE_URL"]["value"] == "postgresql://o2u@postgres.db.svc:5432/o2u"
+    assert env["O2U_DATABASE_PASSWORD_FILE"]["value"] == "/etc/o2u/database/password"
+    assert env["O2U_CHECKPOINT_URI"]["value"] == "s3://o2u-checkpoints/prod"
+    assert pod_volumes(objects)["database"]["secret"]["secretName"] == "o2u-database"
+    budget = one(objects, "PodDisruptionBudget")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    headless = one(objects, "Service", f"{deployment(objects)['metadata']['name']}-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == spec["selector"]["matchLabels"]
+
+
+def test_one_replica_on_postgresql_keeps_local_checkpoints_on_the_volume() -> None:
+    objects = render({"database": {"url": "postgresql://o2u@postgres:5432/o2u"}})
+    assert deployment(objects)["spec"]["strategy"] == {"type": "Recreate"}
+    assert len(of_kind(objects, "PersistentVolumeClaim")) == 1
+    assert of_kind(objects, "PodDisruptionBudget") == []
 
 
 def test_full_render_has_every_feature() -> None:

@@ -102,7 +102,9 @@ def test_defaults_and_full_values_are_valid() -> None:
         ("prometheusRule.jobsFailing.ratio", 1.5),
         ("persistence.accessModes", ["ReadOnlyMany"]),
         ("persistence.size", "lots"),
-        ("replicaCount", 2),
+        ("replicaCount", -1),
+        ("database.url", "mysql://o2u@db/o2u"),
+        ("checkpoints.uri", "gs://bucket/prefix"),
         ("tls.clientCA.enabeld", True),
     ],
 )
@@ -115,6 +117,31 @@ def test_schema_rejects_bad_values(path: str, value: Any) -> None:
     # Rendering (what `helm install` does) refuses the same values.
     with pytest.raises(helm.HelmError):
         render_files(values)
+
+
+@pytest.mark.parametrize(
+    ("database", "checkpoints"),
+    [
+        ("", ""),
+        ("postgresql://o2u@db:5432/o2u", ""),
+        ("", "s3://checkpoints/o2u"),
+        ("sqlite:///x.db", "s3://c/o"),
+    ],
+)
+def test_more_than_one_replica_needs_postgresql_and_shared_checkpoints(
+    database: str, checkpoints: str
+) -> None:
+    values = {"replicaCount": 2, "database": {"url": database}, "checkpoints": {"uri": checkpoints}}
+    with loaded_chart() as chart, pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(values)
+    with pytest.raises(helm.HelmError):
+        render_files(values)
+    values["database"]["url"], values["checkpoints"]["uri"] = (
+        "postgresql://o2u@db:5432/o2u",
+        "s3://checkpoints/o2u",
+    )
+    with loaded_chart() as chart:
+        chart.validate_schema(values)
 
 
 def test_values_examples_in_the_operations_guide_are_valid() -> None:

@@ -46,6 +46,9 @@ CHART_MANAGED = {
     "tls_key_file",
     "tls_client_ca_file",
     "auth_token_file",
+    "database_url",
+    "database_password_file",
+    "checkpoint_uri",
 }
 SCORING_SERVICE = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
 

@@ -22,6 +22,13 @@ def series(metric: str, values: str, **labels: str) -> dict[str, str]:
     return {"series": f"{metric}{{{TARGET}{extra}}}", "values": values}
 
 
+def second_replica(metric: str, values: str) -> dict[str, str]:
+    return {
+        "series": f'{metric}{{namespace="{NAMESPACE}", job="{JOB}", instance="10.0.0.8:9464"}}',
+        "values": values,
+    }
+
+
 def firing(severity: str = "warning", **labels: str) -> list[dict[str, Any]]:
     return [{"exp_labels": {"severity": severity, **SCOPE, **labels}}]
 
@@ -70,7 +77,7 @@ CASES: dict[str, tuple[list[dict[str, str]], list[tuple[str, str, list[dict[str,
     ),
     "training stalls": (
         [
-            series("o2u_jobs_running", "1x60"),
+            series("o2u_replica_jobs_running", "1x60"),
             series("o2u_training_samples_total", "0+100x5 500x55", stage="cyclic"),
         ],
         [
@@ -80,17 +87,46 @@ CASES: dict[str, tuple[list[dict[str, str]], list[tuple[str, str, list[dict[str,
     ),
     "training progresses": (
         [
-            series("o2u_jobs_running", "1x60"),
+            series("o2u_replica_jobs_running", "1x60"),
             series("o2u_training_samples_total", "0+100x60", stage="cyclic"),
         ],
         [("45m", "O2UNoTrainingProgress", [])],
     ),
     "job just started after an idle hour": (
         [
-            series("o2u_jobs_running", "0x40 1x20"),
+            series("o2u_replica_jobs_running", "0x40 1x20"),
             series("o2u_training_samples_total", "0x60", stage="cyclic"),
         ],
         [("50m", "O2UNoTrainingProgress", [])],
+    ),
+    "queued jobs, idle workers, no claims": (
+        [
+            series("o2u_queue_oldest_job_age_seconds", "0+60x60"),
+            series("o2u_job_claims_total", "3x60"),
+            series("o2u_replica_worker_slots", "1x60"),
+            series("o2u_replica_jobs_running", "0x60"),
+            second_replica("o2u_replica_worker_slots", "1x60"),
+            second_replica("o2u_replica_jobs_running", "0x60"),
+        ],
+        [("15m", "O2UJobsNotClaimed", []), ("30m", "O2UJobsNotClaimed", firing("critical"))],
+    ),
+    "queued jobs while every worker is busy": (
+        [
+            series("o2u_queue_oldest_job_age_seconds", "0+60x60"),
+            series("o2u_job_claims_total", "3x60"),
+            series("o2u_replica_worker_slots", "1x60"),
+            series("o2u_replica_jobs_running", "1x60"),
+        ],
+        [("30m", "O2UJobsNotClaimed", [])],
+    ),
+    "queued jobs are being claimed": (
+        [
+            series("o2u_queue_oldest_job_age_seconds", "0+60x60"),
+            series("o2u_job_claims_total", "0+1x60"),
+            series("o2u_replica_worker_slots", "1x60"),
+            series("o2u_replica_jobs_running", "0x60"),
+        ],
+        [("30m", "O2UJobsNotClaimed", [])],
     ),
     "server errors": (
         [

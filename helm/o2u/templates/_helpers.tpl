@@ -60,6 +60,14 @@ app.kubernetes.io/component: server
 {{- printf "%s-metrics" (include "o2u.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* "true" when the state directory must be a volume: the job store is SQLite, or checkpoints are
+local. With PostgreSQL and s3:// checkpoints it is scratch space. */}}
+{{- define "o2u.persistentState" -}}
+{{- if and .Values.persistence.enabled (or (not (hasPrefix "postgres" .Values.database.url)) (not (hasPrefix "s3://" .Values.checkpoints.uri))) -}}
+true
+{{- end -}}
+{{- end -}}
+
 {{- define "o2u.s3SecretName" -}}
 {{- default (printf "%s-s3" (include "o2u.fullname" .)) .Values.s3Credentials.existingSecret -}}
 {{- end -}}

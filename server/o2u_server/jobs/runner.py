@@ -104,6 +104,7 @@ class JobRunner:
 
     def start(self) -> None:
         """Start the workers (they claim queued jobs, oldest first) and the lease keeper."""
+        self._metrics.worker_slots.set(len(self._devices))
         for index, device in enumerate(self._devices):
             thread = threading.Thread(
                 target=self._work, args=(device,), name=f"o2u-worker-{index}", daemon=True
