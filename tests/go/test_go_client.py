@@ -103,8 +103,12 @@ def test_module_is_gofmt_and_vet_clean(go_build: GoBuild) -> None:
 def test_go_unit_tests_pass(go_build: GoBuild) -> None:
     result = _go(go_build, "test", "-count=1", "-v", "./o2u/")
     passed = set(re.findall(r"^--- PASS: (\w+)", result.stdout, re.MULTILINE))
-    # The retry, reconnect and paging tests run against a scripted server on loopback.
-    assert {"TestWatchReconnectsFromTheLastSequence", "TestFromStatusUnpacksEveryDetail"} <= passed
+    # The retry, reconnect, paging and balancing tests run against scripted servers on loopback.
+    assert {
+        "TestWatchReconnectsFromTheLastSequence",
+        "TestFromStatusUnpacksEveryDetail",
+        "TestCallsAreBalancedOverEveryResolvedAddress",
+    } <= passed
     assert "--- FAIL" not in result.stdout
 
 

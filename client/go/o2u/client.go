@@ -31,9 +31,15 @@ func defaultOptions() options {
 	return options{callTimeout: DefaultCallTimeout, retry: DefaultRetryPolicy}
 }
 
-// Dial connects to target ("host:port", or any grpc-go target) and returns a Client. The
-// connection is made lazily: an unreachable server shows up as an UNAVAILABLE *Error on the
-// first call. Without WithTLS (or another TLS option) the connection is plaintext.
+// RoundRobin is the default service config of Dial: calls are balanced over every address the
+// target resolves to. With "dns:///o2u-headless.<namespace>.svc:50051" (the chart's headless
+// Service: one record per ready replica) each call goes to the next replica; gRPC re-resolves
+// when one goes away. WithDialOptions(grpc.WithDefaultServiceConfig(...)) overrides it.
+const RoundRobin = `{"loadBalancingConfig":[{"round_robin":{}}]}`
+
+// Dial connects to target ("host:port", "dns:///host:port" or any grpc-go target) and returns a
+// Client. The connection is made lazily: an unreachable server shows up as an UNAVAILABLE *Error
+// on the first call. Without WithTLS (or another TLS option) the connection is plaintext.
 func Dial(target string, opts ...Option) (*Client, error) {
 	o := defaultOptions()
 	for _, opt := range opts {
@@ -45,7 +51,7 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	dialOpts := []grpc.DialOption{}
+	dialOpts := []grpc.DialOption{grpc.WithDefaultServiceConfig(RoundRobin)}
 	if creds != nil {
 		dialOpts = append(dialOpts, grpc.WithTransportCredentials(creds))
 	} else {

@@ -1,5 +1,10 @@
 """Channel construction: TLS (optionally mutual), bearer-token credentials and channel options.
 
+Calls are balanced over every address the target resolves to (`round_robin`): with
+`dns:///o2u-headless.<namespace>.svc:50051`, the chart's headless Service, one record per ready
+replica, each call goes to the next replica instead of all calls to the one a ClusterIP Service
+picked for the connection. gRPC re-resolves the name when a replica goes away or arrives.
+
 Over TLS the token travels as gRPC call credentials, which gRPC refuses to send in clear text;
 on an insecure channel (a server on loopback, for local use) the client adds the same
 `authorization: Bearer <token>` header as plain metadata instead. A token file is re-read when
@@ -24,6 +29,8 @@ Credential = str | os.PathLike[str] | bytes
 
 # Scores pages and summaries of large datasets can exceed gRPC's 4 MiB default.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Balance calls over every resolved address; `options` may set another policy (e.g. pick_first).
+LOAD_BALANCING_POLICY = "round_robin"
 
 
 def _read_credential(value: Credential | None, name: str) -> bytes | None:
@@ -92,13 +99,15 @@ def create_channel(
     token_source: TokenSource | None = None,
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.Channel:
-    """A channel to `target`; TLS is used when asked for or when any certificate is given."""
+    """A channel to `target` (host:port, or a gRPC name such as `dns:///host:port`); TLS is used when
+    asked for or when any certificate is given. Later `options` override the defaults."""
     if (client_cert is None) != (client_key is None):
         raise ValueError("client_cert and client_key must be given together (mutual TLS)")
     channel_options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.primary_user_agent", "o2u-python-client"),
+        ("grpc.lb_policy_name", LOAD_BALANCING_POLICY),
     ]
     if server_name:
         channel_options.append(("grpc.ssl_target_name_override", server_name))

@@ -23,7 +23,9 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("connection and output")
     hidden = argparse.SUPPRESS
     group.add_argument(
-        "--target", default=hidden, help=f"server host:port (env O2U_TARGET, default {DEFAULT_TARGET})"
+        "--target",
+        default=hidden,
+        help=f"server host:port, or dns:///host:port to balance over every replica the name resolves to (env O2U_TARGET, default {DEFAULT_TARGET})",
     )
     group.add_argument("--tls", action="store_true", default=hidden, help="connect with TLS")
     group.add_argument(

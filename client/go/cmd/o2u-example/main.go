@@ -47,7 +47,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	c := &config{}
 	fs := flag.NewFlagSet("o2u-example", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.StringVar(&c.target, "target", "localhost:50051", "server address, host:port")
+	fs.StringVar(&c.target, "target", "localhost:50051", "server address, host:port, or dns:///host:port to balance over every replica")
 	fs.StringVar(&c.uri, "uri", "", "dataset URI: s3://bucket/key or file:///path under a server data root")
 	fs.StringVar(&c.format, "format", "", "dataset format: npz, image_folder, csv or jsonl (default: from the URI)")
 	fs.StringVar(&c.job, "job", "", "follow this existing job instead of submitting one")
