@@ -25,7 +25,8 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--target",
         default=hidden,
-        help=f"server host:port, or dns:///host:port to balance over every replica the name resolves to (env O2U_TARGET, default {DEFAULT_TARGET})",
+        help="server host:port, or dns:///host:port to balance over every replica the name resolves "
+        f"to (env O2U_TARGET, default {DEFAULT_TARGET})",
     )
     group.add_argument("--tls", action="store_true", default=hidden, help="connect with TLS")
     group.add_argument(
