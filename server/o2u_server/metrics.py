@@ -20,7 +20,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from o2u.v1 import scoring_pb2
-from o2u_server.domain import JobState
+from o2u_server.domain import JobState, Progress, Stage
 
 __all__ = ["MetricsServer", "ServerMetrics"]
 
@@ -144,6 +144,20 @@ class ServerMetrics:
         """Set the queued and running gauges from the store's count of jobs per state."""
         self.jobs_queued.set(counts[JobState.QUEUED])
         self.jobs_running.set(counts[JobState.RUNNING])
+
+    def count_epoch(self, progress: Progress, seconds: float, num_samples: int) -> None:
+        """Account for one finished epoch of `seconds` on a dataset of `num_samples`."""
+        stage = progress.stage.value
+        self.epoch_duration.labels(stage=stage).observe(seconds)
+        # Stages 1 and 2 train on every sample; stage 3 on a split whose size only the engine knows,
+        # estimated from its throughput.
+        trained = (
+            num_samples
+            if progress.stage is not Stage.CLEAN_RETRAINING
+            else progress.samples_per_second * seconds
+        )
+        self.training_samples.labels(stage=stage).inc(round(trained))
+        self.samples_per_second.set(progress.samples_per_second)
 
     def count_queue(self, queued: int, oldest_create_time: float | None, *, now: float) -> None:
         """Set the oldest-queued age from the store's queue (its size and oldest job's create time)."""

@@ -1,4 +1,5 @@
-"""The lease keeper: one thread per replica that keeps its running jobs' leases alive.
+"""This replica's running attempts (`Attempts`: each one's lease and stop flags) and the lease
+keeper, one thread per replica that keeps their leases alive.
 
 Every third of `lease_seconds` it renews the lease of each job this replica runs (an epoch may take
 longer than a lease, so renewing from the training loop would not do), hands on a cancel requested
@@ -15,34 +16,84 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from o2u_server.errors import ServiceError
 from o2u_server.jobs.claims import ClaimStore, Lease, Recovery
 
-__all__ = ["LeaseKeeper"]
+__all__ = ["Attempt", "Attempts", "LeaseKeeper"]
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class Attempt:
+    """A running attempt's lease, and the flags its worker polls between batches."""
+
+    lease: Lease
+    cancel: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lost: threading.Event = field(default_factory=threading.Event)  # the lease is gone: write nothing
+
+    def requested(self) -> bool:
+        return self.cancel.is_set() or self.stop.is_set() or self.lost.is_set()
+
+
+class Attempts:
+    """The attempts this replica runs, by job id; thread-safe."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, Attempt] = {}
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    def add(self, lease: Lease) -> Attempt:
+        attempt = Attempt(lease)
+        with self._lock:
+            self._running[lease.job_id] = attempt
+            if self._stopping:
+                attempt.stop.set()  # stop_all() ran between the claim and here
+        return attempt
+
+    def remove(self, lease: Lease) -> None:
+        with self._lock:
+            self._running.pop(lease.job_id, None)
+
+    def signal(self, job_id: str, flag: str, lease: Lease | None = None) -> None:
+        """Set `flag` (cancel, stop or lost) of the job's attempt here, if it is `lease`'s."""
+        with self._lock:
+            attempt = self._running.get(job_id)
+        if attempt is not None and (lease is None or attempt.lease == lease):
+            getattr(attempt, flag).set()
+
+    def leases(self) -> list[Lease]:
+        with self._lock:
+            return [attempt.lease for attempt in self._running.values()]
+
+    def stop_all(self) -> None:
+        with self._lock:
+            self._stopping = True
+            for attempt in self._running.values():
+                attempt.stop.set()
+
+
 class LeaseKeeper:
-    """Renews `held()` leases every `lease_seconds / 3`; see the module docstring."""
+    """Renews the leases of `attempts` every `lease_seconds / 3`; see the module docstring."""
 
     def __init__(
         self,
         claims: ClaimStore,
+        attempts: Attempts,
         *,
         lease_seconds: float,
         max_attempts: int,
-        held: Callable[[], list[Lease]],
-        on_lost: Callable[[Lease], None],
-        on_cancel: Callable[[Lease], None],
         after_round: Callable[[Recovery], None],
     ) -> None:
-        self._claims = claims
+        self._claims, self._attempts = claims, attempts
         self.lease_seconds = lease_seconds
         self.interval = lease_seconds / 3
         self._max_attempts = max_attempts
-        self._held, self._on_lost, self._on_cancel, self._after_round = held, on_lost, on_cancel, after_round
+        self._after_round = after_round
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="o2u-lease-keeper", daemon=True)
 
@@ -63,7 +114,7 @@ class LeaseKeeper:
 
     def round(self) -> None:
         """Renew, pass on cancels, stop lost attempts, requeue orphans (also callable from tests)."""
-        for lease in self._held():
+        for lease in self._attempts.leases():
             try:
                 cancel = self._claims.renew_lease(lease, self.lease_seconds)
             except ServiceError as error:  # the database is unreachable: try again next round
@@ -74,9 +125,9 @@ class LeaseKeeper:
                     "lost the lease of a running job; stopping it without writing",
                     extra={"job_id": lease.job_id, "attempt": lease.attempt},
                 )
-                self._on_lost(lease)
+                self._attempts.signal(lease.job_id, "lost", lease)
             elif cancel:
-                self._on_cancel(lease)
+                self._attempts.signal(lease.job_id, "cancel", lease)
         recovery = self._claims.requeue_expired(time.time(), max_attempts=self._max_attempts)
         for job_id in recovery.queued:
             logger.info("requeued a job whose lease expired", extra={"job_id": job_id})

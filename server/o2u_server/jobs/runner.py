@@ -22,7 +22,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from o2u_server.datasets import DatasetLimits, load_dataset
@@ -31,7 +30,7 @@ from o2u_server.errors import Internal
 from o2u_server.jobs.checkpoints import CheckpointStore
 from o2u_server.jobs.engine import Cancelled, Engine, job_results, run_info, service_error
 from o2u_server.jobs.events import EventHub
-from o2u_server.jobs.leases import LeaseKeeper
+from o2u_server.jobs.leases import Attempt, Attempts, LeaseKeeper
 from o2u_server.jobs.store import JobStore, Lease, LeaseLost, Recovery
 from o2u_server.metrics import ServerMetrics
 from o2u_server.settings import Settings
@@ -40,19 +39,6 @@ from o2u_server.storage import Storage
 __all__ = ["JobRunner"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Control:
-    """A running attempt's lease, and the flags its worker polls between batches."""
-
-    lease: Lease
-    cancel: threading.Event = field(default_factory=threading.Event)
-    stop: threading.Event = field(default_factory=threading.Event)
-    lost: threading.Event = field(default_factory=threading.Event)  # the lease is gone: write nothing
-
-    def requested(self) -> bool:
-        return self.cancel.is_set() or self.stop.is_set() or self.lost.is_set()
 
 
 class JobRunner:
@@ -84,19 +70,16 @@ class JobRunner:
         self._engine = engine or Engine()
         self._limits = DatasetLimits.from_settings(settings)
         self._lease_seconds = settings.lease_seconds
-        self._controls: dict[str, _Control] = {}
-        self._lock = threading.Lock()
-        self._work_waiting = threading.Condition(self._lock)
+        self._attempts = Attempts()
+        self._work_waiting = threading.Condition()
         self._wakeups = 0  # bumped by wake(): idle workers look for a job again
         self._threads: list[threading.Thread] = []
         self._closing = threading.Event()
         self._keeper = LeaseKeeper(
             store.claims,
+            self._attempts,
             lease_seconds=settings.lease_seconds,
             max_attempts=settings.max_job_attempts,
-            held=self._held,
-            on_lost=lambda lease: self._signal(lease.job_id, "lost", lease),
-            on_cancel=lambda lease: self._signal(lease.job_id, "cancel", lease),
             after_round=self._after_round,
         )
 
@@ -124,24 +107,12 @@ class JobRunner:
 
     def cancel(self, job_id: str) -> None:
         """Ask a job to stop as CANCELLED if it runs here (the store already holds the request)."""
-        self._signal(job_id, "cancel")
-
-    def _signal(self, job_id: str, flag: str, lease: Lease | None = None) -> None:
-        with self._lock:
-            control = self._controls.get(job_id)
-        if control is not None and (lease is None or control.lease == lease):
-            getattr(control, flag).set()
-
-    def _held(self) -> list[Lease]:
-        with self._lock:
-            return [control.lease for control in self._controls.values()]
+        self._attempts.signal(job_id, "cancel")
 
     def stop(self, timeout: float) -> bool:
         """Stop taking jobs, ask running ones to checkpoint and stop; True if all workers ended in time."""
         self._closing.set()
-        with self._lock:
-            for control in self._controls.values():
-                control.stop.set()
+        self._attempts.stop_all()
         self.wake()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
@@ -155,7 +126,7 @@ class JobRunner:
 
     def _work(self, device: str) -> None:
         while not self._closing.is_set():
-            with self._lock:
+            with self._work_waiting:
                 seen = self._wakeups
             try:
                 claimed = self._store.claims.claim_job(
@@ -205,22 +176,17 @@ class JobRunner:
             self.wake()
 
     def _run(self, lease: Lease, job: Job, event: JobEvent, device: str) -> None:
-        control = _Control(lease)
-        with self._lock:
-            self._controls[lease.job_id] = control
-            if self._closing.is_set():
-                control.stop.set()  # stop() ran between our claim and here
+        control = self._attempts.add(lease)
         self._metrics.job_claims.inc()
         self._metrics.jobs_running_here.inc()
         try:
             self._finished(job, event)
             self._attempt(job, control, device)
         finally:
-            with self._lock:
-                del self._controls[lease.job_id]
+            self._attempts.remove(lease)
             self._metrics.jobs_running_here.dec()
 
-    def _attempt(self, job: Job, control: _Control, device: str) -> None:
+    def _attempt(self, job: Job, control: Attempt, device: str) -> None:
         lease = control.lease
         try:
             try:
@@ -245,7 +211,7 @@ class JobRunner:
             self._metrics.leases_lost.inc()
             self._checkpoints.discard(lease)
 
-    def _stopped(self, job: Job, control: _Control) -> None:
+    def _stopped(self, job: Job, control: Attempt) -> None:
         """The engine stopped at a batch boundary: lease lost, cancelled, or the server is stopping."""
         lease = control.lease
         if control.lost.is_set():
@@ -282,21 +248,11 @@ class JobRunner:
             seconds, last[0] = now - last[0], now
             self._publish(self._store.claims.record_progress(lease, progress, time.time()))
             self._checkpoints.sync(lease)  # the engine checkpoints an epoch before reporting it
-            stage = progress.stage.value
-            self._metrics.epoch_duration.labels(stage=stage).observe(seconds)
-            # Stages 1 and 2 train on every sample; stage 3 on a split whose size only the engine
-            # knows, estimated from its throughput.
-            trained = (
-                num_samples
-                if progress.stage is not Stage.CLEAN_RETRAINING
-                else progress.samples_per_second * seconds
-            )
-            self._metrics.training_samples.labels(stage=stage).inc(round(trained))
-            self._metrics.samples_per_second.set(progress.samples_per_second)
+            self._metrics.count_epoch(progress, seconds, num_samples)
 
         return on_progress
 
-    def _execute(self, job: Job, control: _Control, device: str) -> None:
+    def _execute(self, job: Job, control: Attempt, device: str) -> None:
         lease, spec = control.lease, job.spec
         dataset = load_dataset(spec.dataset_uri, spec.dataset_format, self._storage, self._limits)
         self._metrics.dataset_bytes_read.labels(source=dataset.source).inc(dataset.bytes_read)
