@@ -210,6 +210,7 @@ class ClaimStore:
                     lease_expires_at=None,
                 )
                 assert event is not None
+                self._db.notify(conn, f"queued {lease.job_id}")  # another replica may resume it now
                 return event
 
         return self._db.retry(release)
@@ -279,6 +280,8 @@ class ClaimStore:
                     )
                     event = self._crashed(conn, job_id, crashes + 1, cause, now, max_attempts)
                 assert event is not None
+                if event.state is JobState.QUEUED:
+                    self._db.notify(conn, f"queued {job_id}")
                 recovery.events.append(event)
                 if event.state is JobState.QUEUED:
                     recovery.queued.append(job_id)
