@@ -76,6 +76,7 @@ class PostgresServer:
     binaries: Path
     directory: Path
     port: int
+    settings: tuple[str, ...] = ()  # extra `-c name=value` server settings
 
     @property
     def data(self) -> Path:
@@ -100,7 +101,7 @@ class PostgresServer:
         options = (
             f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off "
             "-c max_connections=300 -c full_page_writes=off"
-        )
+        ) + "".join(f" -c {setting}" for setting in self.settings)
         result = self._run(
             str(self.binaries / "pg_ctl"),
             "-D",
@@ -153,15 +154,18 @@ class PostgresServer:
 
 
 @contextlib.contextmanager
-def running_postgres(binaries: Path | None = None) -> Iterator[PostgresServer]:
-    """initdb a cluster in a temporary folder, start it on a free port, yield it, remove it."""
+def running_postgres(
+    binaries: Path | None = None, *, settings: tuple[str, ...] = ()
+) -> Iterator[PostgresServer]:
+    """initdb a cluster in a temporary folder, start it on a free port (with the extra `name=value`
+    server `settings`), yield it, remove it."""
     folder = binaries or postgres_binaries()
     if folder is None:
         raise RuntimeError("PostgreSQL server binaries are not installed (Debian package postgresql)")
     directory = Path(tempfile.mkdtemp(prefix="o2u-postgres-", dir="/tmp"))
     if os.geteuid() == 0:
         shutil.chown(directory, "postgres", "postgres")
-    server = PostgresServer(folder, directory, _free_port())
+    server = PostgresServer(folder, directory, _free_port(), settings)
     try:
         server.init()
         server.start()

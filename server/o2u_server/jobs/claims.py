@@ -152,10 +152,19 @@ class ClaimStore:
     def record_progress(self, lease: Lease, progress: Progress, now: float) -> JobEvent:
         def record() -> JobEvent:
             with self._db.write() as conn:
-                self._fenced(conn, lease, progress_json=records.encode(progress), update_time=now)
-                return self._log.append(
-                    conn, lease.job_id, now, EventType.PROGRESS, JobState.RUNNING, progress=progress
+                event = self._log.append(
+                    conn,
+                    lease.job_id,
+                    now,
+                    EventType.PROGRESS,
+                    JobState.RUNNING,
+                    progress=progress,
+                    where=self._held(lease),
+                    changes={"progress_json": records.encode(progress), "update_time": now},
                 )
+                if event is None:
+                    raise LeaseLost(lease)
+                return event
 
         return self._db.retry(record)
 

@@ -97,7 +97,8 @@ class Database:
                 self.url,
                 pool_size=10,
                 max_overflow=20,
-                pool_pre_ping=True,  # a connection that died with a database restart is replaced
+                # No pre-ping (a round trip per transaction): a connection that died with a database
+                # restart fails its first statement, which invalidates the pool and is retried.
                 connect_args={
                     "connect_timeout": 5,
                     "application_name": "o2u-server",

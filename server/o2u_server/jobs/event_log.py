@@ -9,7 +9,10 @@ delivered when it commits; the table stays the truth, which watchers read any su
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, select, update
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, select, update
 
 from o2u_server.domain import EventType, JobError, JobEvent, JobState, Progress
 from o2u_server.jobs import records
@@ -36,13 +39,20 @@ class EventLog:
         progress: Progress | None = None,
         error: JobError | None = None,
         message: str = "",
-    ) -> JobEvent:
+        where: ColumnElement[bool] | None = None,
+        changes: Mapping[str, Any] | None = None,
+    ) -> JobEvent | None:
+        """Append the event; with `changes`, update the job row in the same statement, and with
+        `where`, only if the row matches it (None when it does not: nothing is appended)."""
+        statement = update(jobs).where(jobs.c.job_id == job_id)
+        if where is not None:
+            statement = statement.where(where)
+        values = {**(changes or {}), "last_sequence": jobs.c.last_sequence + 1}
         sequence = conn.execute(
-            update(jobs)
-            .where(jobs.c.job_id == job_id)
-            .values(last_sequence=jobs.c.last_sequence + 1)
-            .returning(jobs.c.last_sequence)
-        ).scalar_one()
+            statement.values(**values).returning(jobs.c.last_sequence)
+        ).scalar_one_or_none()
+        if sequence is None:
+            return None
         event = JobEvent(job_id, sequence, now, kind, state, progress, error, message)
         conn.execute(
             events.insert().values(

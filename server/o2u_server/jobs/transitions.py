@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, select, update
+from sqlalchemy import ColumnElement, Connection, select
 
 from o2u_server.domain import TERMINAL_STATES, EventType, JobError, JobEvent, JobState
 from o2u_server.errors import NotFound
@@ -57,9 +57,14 @@ def transition(
         changes.update(end_time=now, lease_expires_at=None)
     if error is not None:
         changes["error_json"] = records.encode(error)
-    statement = update(jobs).where(jobs.c.job_id == job_id)
-    if where is not None:
-        statement = statement.where(where)
-    if conn.execute(statement.values(**changes)).rowcount != 1:
-        return None
-    return log.append(conn, job_id, now, EventType.STATE_CHANGED, state, error=error, message=message)
+    return log.append(
+        conn,
+        job_id,
+        now,
+        EventType.STATE_CHANGED,
+        state,
+        error=error,
+        message=message,
+        where=where,
+        changes=changes,
+    )
