@@ -64,8 +64,8 @@ class ResultsStore:
         summary: DatasetSummary,
     ) -> None:
         if names:
-            rows = [{"job_id": job_id, "label": label, "name": name} for label, name in enumerate(names)]
-            conn.execute(class_names.insert().values(rows))  # one statement, not one per class
+            labelled = [{"job_id": job_id, "label": label, "name": name} for label, name in enumerate(names)]
+            conn.execute(class_names.insert().values(labelled))  # one statement, not one per class
         if self._db.postgresql:
             self._copy(conn, job_id, rows)
         else:
