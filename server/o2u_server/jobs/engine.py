@@ -25,7 +25,14 @@ from typing import Any
 import torch
 
 import o2u_engine
-from o2u_engine import Cancelled, ConfigError, DataValidationError, DeviceOutOfMemory, O2UConfig
+from o2u_engine import (
+    Cancelled,
+    ConfigError,
+    DataValidationError,
+    DeviceOutOfMemory,
+    O2UConfig,
+    ResolvedConfig,
+)
 from o2u_engine.config import validate_config
 from o2u_server.datasets import LoadedDataset
 from o2u_server.domain import (
@@ -97,9 +104,9 @@ class Engine:
     """The engine's two entry points, called with the server's types (replaceable in tests)."""
 
     score_noise: Callable[..., o2u_engine.NoiseReport] = o2u_engine.score_noise
-    resolve_config: Callable[..., O2UConfig] = o2u_engine.resolve_config
+    resolve_config: Callable[..., ResolvedConfig] = o2u_engine.resolve_config
 
-    def resolve(self, requested: Mapping[str, Any], dataset: LoadedDataset, device: str) -> O2UConfig:
+    def resolve(self, requested: Mapping[str, Any], dataset: LoadedDataset, device: str) -> ResolvedConfig:
         """The config that will run: the requested fields, every `auto` one chosen for this data."""
         return self.resolve_config(
             engine_config(requested),
@@ -112,7 +119,7 @@ class Engine:
     def score(
         self,
         dataset: LoadedDataset,
-        config: O2UConfig,
+        config: ResolvedConfig,
         *,
         device: str,
         progress: Callable[[Progress], None],
@@ -160,7 +167,7 @@ def service_error(exc: Exception) -> ServiceError:
 
 
 def run_info(
-    config: O2UConfig,
+    config: ResolvedConfig,
     *,
     device: str,
     num_samples: int,

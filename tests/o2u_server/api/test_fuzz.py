@@ -80,7 +80,7 @@ def known(stub: Stub, digits_uri: str, data_root: Path) -> dict[str, list[str]]:
             digits_uri,
             (data_root / "fuzz-export.jsonl").as_uri(),
             (data_root / "fuzz-export.csv").as_uri(),
-            (data_root / "missing.npz").as_uri(),
+            (data_root / "fuzz-missing.npz").as_uri(),  # a name no other test expects to be absent
             f"file://{data_root}/../etc/passwd",
             "file:///etc/passwd",
             "s3://bucket/key.npz",

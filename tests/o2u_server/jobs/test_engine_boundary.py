@@ -64,7 +64,8 @@ def test_a_run_crosses_the_boundary_in_domain_types(blobs: LoadedDataset, tmp_pa
 
     # One serialization of the resolved config, before training and in the result.
     assert results.run_info == planned
-    assert O2UConfig.from_dict(json.loads(planned.resolved_config_json)) == config
+    assert json.loads(planned.resolved_config_json) == config.to_dict()
+    assert O2UConfig.from_dict(config.to_dict()).to_json() == planned.resolved_config_json
     assert (planned.model, planned.seed, planned.engine_version) == ("mlp", 0, o2u_engine.__version__)
 
     rows = list(results.scores)
