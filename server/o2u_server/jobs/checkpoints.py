@@ -9,25 +9,31 @@ it reports), uploads the file when it changed. Each attempt uploads under its ow
 (`<prefix>/<job_id>/attempt-<n>.pt`; an S3 PUT replaces an object whole, never half), so a replica
 that lost its lease can never overwrite the checkpoint of the attempt that took the job over; the
 newest attempt's copy is what the next attempt resumes from. `delete` removes every copy when the
-job ends. Without a checkpoint URI (or with a local path) the engine writes straight into the folder,
-which only one process uses.
+job ends. An object store that does not answer never fails a job: a checkpoint is a shortcut (a
+resumed run and a fresh one score alike), so a failed upload is logged and tried again after the
+next epoch, and a failed download starts the attempt from the beginning. Without a checkpoint URI
+(or with a local path) the engine writes straight into the folder, which only one process uses.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from o2u_server.errors import NotFound
+from o2u_server.errors import NotFound, ServiceError
 from o2u_server.jobs.claims import Lease
 from o2u_server.settings import Settings
 from o2u_server.storage import ObjectStore
 
 __all__ = ["CheckpointStore", "LocalCheckpoints", "ObjectCheckpoints", "checkpoint_store"]
+
+logger = logging.getLogger(__name__)
 
 _ATTEMPT = re.compile(r"attempt-(\d+)\.pt$")
 
@@ -106,6 +112,20 @@ class ObjectCheckpoints(LocalCheckpoints):
     def prepare(self, lease: Lease) -> Path:
         path = self.path(lease.job_id)
         path.unlink(missing_ok=True)
+        try:
+            self._download_newest(lease, path)
+        except ServiceError as error:
+            logger.warning(
+                "could not read the job's checkpoints; the attempt starts from the beginning: %s",
+                error.message,
+                extra={"job_id": lease.job_id},
+            )
+        signature = self._signature(path)
+        if signature is not None:
+            self._uploaded[lease] = signature  # no need to upload the copy again
+        return path
+
+    def _download_newest(self, lease: Lease, path: Path) -> None:
         earlier = sorted(
             (
                 (int(found.group(1)), name)
@@ -123,32 +143,42 @@ class ObjectCheckpoints(LocalCheckpoints):
             with os.fdopen(handle, "wb") as stream:
                 stream.write(data)
             os.replace(temporary, path)
-            break
-        signature = self._signature(path)
-        if signature is not None:
-            self._uploaded[lease] = signature  # no need to upload the copy again
-        return path
+            return
 
     def sync(self, lease: Lease) -> None:
         path = self.path(lease.job_id)
         signature = self._signature(path)
         if signature is None or self._uploaded.get(lease) == signature:
             return
-        self._objects.put(
-            self.bucket, self._key(lease), path.read_bytes(), content_type="application/octet-stream"
-        )
+        key = self._key(lease)
+        try:
+            self._objects.put(self.bucket, key, path.read_bytes(), content_type="application/octet-stream")
+        except ServiceError as error:
+            logger.warning("could not upload a checkpoint: %s", error.message, extra={"job_id": lease.job_id})
+            return
         self._uploaded[lease] = signature
 
     def discard(self, lease: Lease) -> None:
         self._uploaded.pop(lease, None)
-        self._objects.remove(self.bucket, self._key(lease))
+        self._quietly(lambda: self._objects.remove(self.bucket, self._key(lease)), lease.job_id)
 
     def delete(self, job_id: str) -> None:
         super().delete(job_id)
-        for name, _, _ in list(self._objects.iter_objects(self.bucket, f"{self.prefix}{job_id}/")):
-            self._objects.remove(self.bucket, name)
         for lease in [lease for lease in self._uploaded if lease.job_id == job_id]:
             self._uploaded.pop(lease, None)
+
+        def remove_all() -> None:
+            for name, _, _ in list(self._objects.iter_objects(self.bucket, f"{self.prefix}{job_id}/")):
+                self._objects.remove(self.bucket, name)
+
+        self._quietly(remove_all, job_id)
+
+    @staticmethod
+    def _quietly(operation: Callable[[], None], job_id: str) -> None:
+        try:
+            operation()
+        except ServiceError as error:  # left for the object store's lifecycle rules
+            logger.warning("could not remove checkpoints: %s", error.message, extra={"job_id": job_id})
 
 
 def checkpoint_store(settings: Settings, objects: ObjectStore | None) -> CheckpointStore:

@@ -12,8 +12,8 @@ from o2u_server.jobs.checkpoints import LocalCheckpoints, ObjectCheckpoints, che
 from o2u_server.jobs.database import Database, database_url
 from o2u_server.jobs.store import Lease
 from o2u_server.settings import Settings
-from o2u_server.storage import Storage
-from tests.s3_server import S3Server
+from o2u_server.storage import RetryPolicy, Storage
+from tests.s3_server import S3Server, running_s3_server
 
 JOB = "job-" + "ab" * 16
 
@@ -116,3 +116,19 @@ def test_the_database_url_and_its_password_file(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="postgresql://"):
         _settings(tmp_path, database_url="mysql://o2u@db/jobs")
     assert "s3cr3t" not in repr(_settings(tmp_path, database_url="postgresql://o2u:s3cr3t@db/jobs"))
+
+
+def test_an_object_store_that_does_not_answer_never_fails_the_job(tmp_path: Path) -> None:
+    with running_s3_server() as down:
+        settings = _settings(tmp_path, checkpoint_uri="s3://checkpoints/o2u", **down.settings_kwargs())
+        down.stop()
+        store = checkpoint_store(settings, Storage(settings, retry=RetryPolicy(attempts=1)).object_store)
+        store.open()
+        lease = Lease(JOB, 2, "replica-a")
+        path = store.prepare(lease)  # cannot list: the attempt starts from the beginning
+        assert not path.exists()
+        path.write_bytes(b"epoch 1")
+        store.sync(lease)  # logged; tried again after the next epoch
+        store.discard(lease)
+        store.delete(JOB)
+        assert not path.exists()
