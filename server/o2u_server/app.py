@@ -83,6 +83,7 @@ class O2UServer:
         self._runner: JobRunner | None = None
         self._manager: JobManager | None = None
         self._store_open = False
+        self.stopped_cleanly = True  # False after a stop that left a worker running
 
     @property
     def metrics_port(self) -> int:
@@ -145,7 +146,10 @@ class O2UServer:
         health and reflection."""
         limit = self.settings.max_message_bytes
         server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.metrics), *auth_interceptors(self.settings)],
+            interceptors=[
+                ServiceInterceptor(self.metrics, max_message_bytes=limit),
+                *auth_interceptors(self.settings),
+            ],
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
@@ -173,7 +177,7 @@ class O2UServer:
         for leftover in self.settings.checkpoint_dir.glob("*.tmp"):
             leftover.unlink(missing_ok=True)
         recovery = self.store.recover(time.time(), max_attempts=self.settings.max_job_attempts)
-        self.metrics.count_jobs(self.store.state_counts())
+        self.metrics.count_jobs(self.store.state_counts)
         if recovery.queued:
             logger.info("resuming %d unfinished jobs", len(recovery.queued))
         return recovery, self.store.page_token_secret
@@ -207,6 +211,7 @@ class O2UServer:
         await asyncio.to_thread(self._metrics_server.stop)
         if not runner_stopped:
             # A worker still inside a batch holds its connection; leave the store to process exit.
+            self.stopped_cleanly = False
             logger.warning("a job did not stop within %.1f s; it resumes from its last checkpoint", grace)
         elif self._store_open:
             self.store.close()

@@ -25,6 +25,7 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "ServiceError",
+    "StateStoreFull",
     "Unauthenticated",
     "Unavailable",
 ]
@@ -93,6 +94,19 @@ class ResourceExhausted(ServiceError):
     """A limit was reached (queue full, too many streams, dataset too large, device memory)."""
 
     code = Code.RESOURCE_EXHAUSTED
+
+
+class StateStoreFull(ResourceExhausted):
+    """The server's state volume (job store, checkpoints) has no room left; new work waits."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(
+            message
+            or "the server's state volume is full, so it accepts no new jobs until space is freed; "
+            "retry later",
+            reason="STATE_DISK_FULL",
+            retry_after_seconds=60.0,
+        )
 
 
 class PermissionDenied(ServiceError):

@@ -4,7 +4,9 @@ SQLite runs in WAL mode so readers (RPC handlers) never wait for the writer (a t
 storing a million scores). Each thread gets its own connection; writes are serialized by one lock and
 `BEGIN IMMEDIATE`, and a write that must survive power loss (a newly accepted job, a final state)
 commits with `synchronous=FULL`. An exclusive lock file stops a second server from opening the same
-state directory, which SQLite alone would allow but the job runner cannot share.
+state directory, which SQLite alone would allow but the job runner cannot share. A write that fails
+because the volume is full raises StateStoreFull (RESOURCE_EXHAUSTED), and the connection stays
+usable, so the store works again as soon as space is freed; reads keep working meanwhile.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from o2u_server.errors import StateStoreFull
+
 __all__ = ["Database", "StateDirLockedError"]
+
+_SQLITE_FULL = 13  # result code of a write that found the disk (or quota) full
 
 SCHEMA_VERSION = 1
 
@@ -162,19 +168,24 @@ class Database:
         """One write transaction; `durable` fsyncs the WAL at commit."""
         conn = self.connection()
         with self._write_lock:
-            if durable:
-                conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            else:
-                conn.execute("COMMIT")
-            finally:
                 if durable:
-                    conn.execute("PRAGMA synchronous=NORMAL")
+                    conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:  # SQLite may have rolled back by itself (e.g. disk full)
+                        conn.execute("ROLLBACK")
+                    raise
+                finally:
+                    if durable:
+                        conn.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.OperationalError as error:
+                if getattr(error, "sqlite_errorcode", 0) & 0xFF == _SQLITE_FULL:
+                    raise StateStoreFull() from error
+                raise
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:

@@ -5,6 +5,9 @@ must stay free for other calls and streams), hands new jobs to the runner and me
 live events for watchers. It speaks domain types only and raises `o2u_server.errors` exceptions,
 which the interceptor maps to status codes.
 
+New work needs room on the state volume: below `min_free_state_bytes` free, CreateScoringJob is
+RESOURCE_EXHAUSTED (STATE_DISK_FULL) while every read keeps working, until space is freed.
+
 Where a bad dataset shows up: CreateScoringJob checks the URI's form and permissions and that the
 object exists (`datasets.check_dataset_exists`: one `stat`, or one listing page for a folder), so a
 typo gets NOT_FOUND at once; a dataset that disappears or turns out malformed after acceptance fails
@@ -34,11 +37,18 @@ from o2u_server.domain import (
     ScoreFilter,
     ScorePage,
 )
-from o2u_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from o2u_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    StateStoreFull,
+    Unavailable,
+)
 from o2u_server.jobs.events import EventHub, follow
 from o2u_server.jobs.paging import PagePosition, PageTokens, resolve_page_size
 from o2u_server.jobs.requests import check_job_id, check_job_spec, check_score_filter, new_job_id
 from o2u_server.jobs.runner import JobRunner
+from o2u_server.jobs.state_volume import free_state_bytes
 from o2u_server.jobs.store import JobStore
 from o2u_server.metrics import ServerMetrics
 from o2u_server.settings import Settings
@@ -115,6 +125,8 @@ class JobManager:
         earlier = self._store.job_for_request(spec)
         if earlier is not None:
             return earlier  # a retry: the dataset check already passed the first time
+        if free_state_bytes(self._settings) < self._settings.min_free_state_bytes:
+            raise StateStoreFull()  # reads keep working; new work waits until space is freed
         check_dataset_exists(spec.dataset_uri, spec.dataset_format, self._storage)
         if spec.initial_weights_uri:
             self._storage.stat(spec.initial_weights_uri, field="config.initial_weights_uri")
@@ -123,7 +135,7 @@ class JobManager:
         )
         if created:
             self._runner.submit(job.job_id)
-            self._metrics.count_jobs(self._store.state_counts())
+            self._metrics.count_jobs(self._store.state_counts)
         return job
 
     async def get(self, job_id: str) -> Job:
@@ -152,7 +164,7 @@ class JobManager:
         job, event = await self._blocking(self._store.request_cancel, check_job_id(job_id), time.time())
         if event is not None:
             self._metrics.jobs_finished.labels(state=JobState.CANCELLED.value).inc()
-            self._metrics.count_jobs(await self._blocking(self._store.state_counts))
+            await self._blocking(self._metrics.count_jobs, self._store.state_counts)
             self._hub.publish(event)
         elif job.state is JobState.RUNNING:
             self._runner.cancel(job_id)
@@ -253,7 +265,7 @@ class JobManager:
         """Write the job's scores to `destination_uri`; returns (rows, bytes) written."""
         self._ready()
         check_job_id(job_id)
-        self._storage.parse(destination_uri, field="destination_uri")
+        self._storage.parse_export(destination_uri, field="destination_uri")
         if export_format is None:
             export_format = infer_export_format(destination_uri)
         await self._succeeded(job_id)

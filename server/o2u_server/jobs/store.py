@@ -29,8 +29,9 @@ from o2u_server.domain import (
     ScoreTuple,
     Stage,
 )
-from o2u_server.errors import AlreadyExists, Code, FailedPrecondition, NotFound, ResourceExhausted
+from o2u_server.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from o2u_server.jobs import records
+from o2u_server.jobs.crashes import attempt_progressed, too_many_crashes
 from o2u_server.jobs.database import Database
 from o2u_server.jobs.event_log import EventLog
 from o2u_server.jobs.results import ResultsStore
@@ -240,14 +241,16 @@ class JobStore:
     def recover(self, now: float, *, max_attempts: int) -> Recovery:
         """Requeue the jobs an earlier process left QUEUED or RUNNING.
 
-        A job still RUNNING here was interrupted by a crash (a graceful stop puts it back to QUEUED);
-        after `max_attempts` crashes it is FAILED rather than retried forever. Jobs whose cancellation
-        was requested are CANCELLED.
+        A job still RUNNING here was interrupted by a crash (a graceful stop puts it back to QUEUED).
+        `crashes` counts the crashes in a row that the job may have caused (`jobs.crashes`: the
+        interrupted attempt got no further in training than an earlier one); after `max_attempts`
+        of them it is FAILED rather than retried forever. Jobs whose cancellation was requested are
+        CANCELLED.
         """
         recovery = Recovery()
         with self.db.write(durable=True) as conn:
             rows = conn.execute(
-                "SELECT job_id, state, crashes, cancel_requested FROM jobs "
+                "SELECT job_id, state, crashes, cancel_requested, dataset_uri, progress_json FROM jobs "
                 "WHERE state IN ('queued', 'running') ORDER BY seq"
             ).fetchall()
             for row in rows:
@@ -259,22 +262,29 @@ class JobStore:
                     recovery.finished.append(JobState.CANCELLED)
                     continue
                 if row["state"] == JobState.RUNNING.value:
-                    crashes = row["crashes"] + 1
+                    progressed = attempt_progressed(self.events.read(conn, job_id, 0))
+                    crashes = 0 if progressed else row["crashes"] + 1
                     conn.execute("UPDATE jobs SET crashes = ? WHERE job_id = ?", (crashes, job_id))
                     if crashes >= max_attempts:
-                        times = "time" if crashes == 1 else "times"
-                        message = f"too many attempts: the worker crashed {crashes} {times}"
-                        error = JobError(int(Code.INTERNAL), message, "TOO_MANY_ATTEMPTS")
-                        self._transition(conn, job_id, JobState.FAILED, now, error=error, message=message)
+                        progress = records.decode_progress(row["progress_json"])
+                        error = too_many_crashes(row["dataset_uri"], progress, crashes)
+                        self._transition(
+                            conn, job_id, JobState.FAILED, now, error=error, message=error.message
+                        )
                         recovery.finished.append(JobState.FAILED)
                         continue
+                    counted = (
+                        "the job trained further than before, so this does not count against it"
+                        if progressed
+                        else f"crash {crashes} of {max_attempts} allowed without progress"
+                    )
                     self._transition(
                         conn,
                         job_id,
                         JobState.QUEUED,
                         now,
-                        message=f"the server stopped during the job (crash {crashes} of {max_attempts} "
-                        "allowed); it resumes from its last checkpoint",
+                        message=f"the server stopped during the job ({counted}); it resumes from its "
+                        "last checkpoint",
                     )
                 recovery.queued.append(job_id)
         return recovery

@@ -64,7 +64,8 @@ def test_a_run_crosses_the_boundary_in_domain_types(blobs: LoadedDataset, tmp_pa
 
     # One serialization of the resolved config, before training and in the result.
     assert results.run_info == planned
-    assert O2UConfig.from_dict(json.loads(planned.resolved_config_json)) == config
+    # ...which reads back as the config that ran (a ResolvedConfig stores O2UConfig's form).
+    assert O2UConfig.from_dict(json.loads(planned.resolved_config_json)).to_dict() == config.to_dict()
     assert (planned.model, planned.seed, planned.engine_version) == ("mlp", 0, o2u_engine.__version__)
 
     rows = list(results.scores)

@@ -12,7 +12,6 @@ from o2u_server.domain import (
     ClassNoise,
     DatasetSummary,
     EventType,
-    JobError,
     JobSpec,
     JobState,
     Progress,
@@ -164,13 +163,39 @@ def test_recovery_requeues_counts_crashes_and_honours_cancels(store: JobStore, t
     assert recovery.finished == [JobState.CANCELLED]
     assert store.get_job(_id(3)).state is JobState.CANCELLED
 
-    store.start_job(_id(1), 8.0)  # crashes again
+    store.start_job(_id(1), 8.0)  # crashes again, no further than before
     recovery = store.recover(9.0, max_attempts=2)
     assert recovery.queued == [_id(2)]
     assert recovery.finished == [JobState.FAILED]
     failed = store.get_job(_id(1))
-    assert failed.error == JobError(13, "too many attempts: the worker crashed 2 times", "TOO_MANY_ATTEMPTS")
+    assert failed.error is not None
+    assert (failed.error.code, failed.error.reason) == (13, "TOO_MANY_ATTEMPTS")
+    assert "2 times in a row" in failed.error.message
+    assert "file:///d/1.npz" in failed.error.message  # names the dataset...
+    assert "while it loaded the dataset" in failed.error.message  # ...and where the server died
     assert failed.attempts == 2
+
+
+def test_crashes_count_only_when_the_job_got_no_further(store: JobStore) -> None:
+    store.create_job(_id(1), JobSpec("file:///d/1.npz", None, {}), 1.0, max_queued=10)
+    now = 2.0
+    for epoch in range(1, 6):  # five crashes, each after one more epoch than the attempt before
+        store.start_job(_id(1), now)
+        store.record_progress(_id(1), Progress(Stage.PRETRAINING, epoch=epoch, epochs_total=9), now)
+        assert store.recover(now + 0.5, max_attempts=2).queued == [_id(1)]
+        now += 1.0
+    row = store.db.connection().execute("SELECT crashes FROM jobs WHERE job_id = ?", (_id(1),)).fetchone()
+    assert row[0] == 0
+    store.start_job(_id(1), now)  # resumed from epoch 4's checkpoint, dies at the same epoch 5
+    store.record_progress(_id(1), Progress(Stage.PRETRAINING, epoch=5, epochs_total=9), now)
+    assert store.recover(now + 0.5, max_attempts=2).queued == [_id(1)]
+    store.start_job(_id(1), now + 1)
+    store.record_progress(_id(1), Progress(Stage.PRETRAINING, epoch=5, epochs_total=9), now + 1)
+    recovery = store.recover(now + 1.5, max_attempts=2)
+    assert recovery.finished == [JobState.FAILED]
+    failed = store.get_job(_id(1))
+    assert failed.error is not None
+    assert "in stage 1 (pre-training) after epoch 5 of 9" in failed.error.message
 
 
 def test_the_state_dir_is_locked_and_reopens_with_its_secret(tmp_path: Path) -> None:
