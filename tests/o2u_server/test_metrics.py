@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -144,7 +145,19 @@ def test_made_up_method_names_share_one_label_value(
             assert error.code is grpc.StatusCode.UNAUTHENTICATED
         other = channel.unary_unary("/evil.Service/Check", None, None)  # a known short name elsewhere
         call_error(lambda: other(b"", timeout=10))
-        samples = _samples(running.scrape())
+        # A call is counted just after its status is sent: wait for the last one to be counted.
+        deadline = time.monotonic() + 10
+        while (
+            _value(
+                samples := _samples(running.scrape()),
+                "o2u_grpc_requests_total",
+                method="unknown",
+                code="UNAUTHENTICATED",
+            )
+            < 301
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
     methods = {dict(labels).get("method") for name, labels in samples if name == "o2u_grpc_requests_total"}
     known = set(pb.DESCRIPTOR.services_by_name["ScoringService"].methods_by_name) | {
         "Check",
