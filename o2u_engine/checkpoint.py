@@ -6,12 +6,15 @@ directory and moved into place with `os.replace`, so a crash leaves either the p
 checkpoint or the new one, never half of one, and read back with `torch.load(weights_only=True)`:
 the file holds state dicts, generator states and numbers only, so loading it cannot run code. A
 fingerprint of the resolved configuration and the labels guards against resuming a different run.
+A checkpoint that cannot be written (a full disk) is logged and skipped: training goes on, and a
+crash would resume from the last checkpoint that was written.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import os
 import pickle
 import tempfile
@@ -26,6 +29,8 @@ from torch import nn
 from o2u_engine.config import ResolvedConfig
 from o2u_engine.errors import ConfigError
 from o2u_engine.statistics import CyclicStatistics
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1  # bump when the stored state changes: older checkpoints are then refused
 # Knobs that change where data lives, not what is computed; a retry may pick another placement.
@@ -153,6 +158,7 @@ class Checkpoints:
         self.path, self.fingerprint, self.interval_seconds = path, fingerprint, interval_seconds
         self._last_write = time.monotonic()
         self._kept: dict[str, Any] | None = None
+        self.failed_writes = 0  # checkpoints that could not be written (e.g. no space left)
 
     def load(self) -> dict[str, Any] | None:
         """The last state written, None when there is none yet; see `load_checkpoint`."""
@@ -166,5 +172,11 @@ class Checkpoints:
     def flush(self) -> None:
         if self._kept is not None:
             self._last_write = time.monotonic()
-            save_checkpoint(self.path, self._kept)
+            try:
+                save_checkpoint(self.path, self._kept)
+            except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+                self.failed_writes += 1
+                logger.warning(
+                    "could not write the checkpoint %s; training goes on without it: %s", self.path, error
+                )
             self._kept = None

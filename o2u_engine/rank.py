@@ -6,14 +6,20 @@ samples keep a high loss, clean ones a low one. Losses are skewed (a long tail o
 clean samples), so the mixture is fitted to the cube root of the shifted scores, the
 Wilson-Hilferty transform that makes gamma-like positive values close to Gaussian: on the
 scikit-learn digits with 5-40% injected noise the rate estimate's error fell from 0.05-0.12 (raw
-scores) to 0.00-0.08. The suggested label is the class the network predicted most often over the cyclic
-epochs.
+scores) to 0.00-0.08. When the fit puts most samples in its high-score group, its weight is no
+noise rate (noise would be the majority; under-trained runs and long-trained clean sets fit that
+way): the estimate is then flagged `capped` and falls back to the share of samples whose given
+label is not the class the network predicted most over the cyclic epochs (on the digits: 0.00,
+0.05 and 0.20 for 0, 5 and 20% injected noise), with probabilities that fit that disagreement,
+non-decreasing in the score. The suggested label is the class the network predicted most often
+over the cyclic epochs.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,6 +27,7 @@ MAX_ESTIMATED_NOISE_RATE = 0.5  # beyond this "noise" would be the majority and 
 EM_MAX_ITERATIONS = 500
 EM_TOLERANCE = 1e-9  # change in mean log-likelihood per sample
 EM_MAX_FIT_SAMPLES = 200_000  # a strided subsample pins five parameters; EM on millions only costs time
+FALLBACK_BINS = 1000  # score bins of the capped estimate's probability fit
 
 
 @dataclass(frozen=True)
@@ -117,17 +124,64 @@ def _monotone_noise_probability(values: np.ndarray, mixture: GaussianMixture1D) 
     return clipped
 
 
-def estimate_noise(scores: np.ndarray) -> tuple[np.ndarray, float]:
-    """Per-sample probability of a wrong label and the estimated noise rate in [0, 0.5]."""
+class NoiseEstimate(NamedTuple):
+    probability: np.ndarray  # (N,) float64 in [0, 1], non-decreasing in the score
+    rate: float  # in [0, MAX_ESTIMATED_NOISE_RATE]
+    capped: bool  # the mixture's high group held more than the cap: rate and probability are the fallback
+
+
+def _pool_adjacent_violators(means: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to `means` (weighted by `sizes`): isotonic regression."""
+    pooled: list[tuple[float, float, int]] = []  # (mean, weight, count of inputs)
+    for mean, size in zip(means.tolist(), sizes.tolist(), strict=True):
+        pooled.append((mean, size, 1))
+        while len(pooled) > 1 and pooled[-2][0] > pooled[-1][0]:
+            (m1, w1, c1), (m2, w2, c2) = pooled[-2], pooled.pop()
+            pooled[-1] = ((m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, c1 + c2)
+    fitted: np.ndarray = np.repeat([mean for mean, _, _ in pooled], [count for _, _, count in pooled])
+    return fitted
+
+
+def _disagreement_fallback(scores: np.ndarray, disagrees: np.ndarray) -> tuple[np.ndarray, float]:
+    """(probability, rate) from the samples the network disagrees with: the rate is their share,
+    the probability the isotonic fit of disagreement against the score (in FALLBACK_BINS bins)."""
+    count = scores.shape[0]
+    bins = min(FALLBACK_BINS, count)
+    order = np.argsort(scores, kind="stable")
+    bin_of = np.empty(count, dtype=np.int64)
+    bin_of[order] = np.arange(count) * bins // count  # equal-count bins, lowest scores first
+    sizes = np.bincount(bin_of, minlength=bins).astype(np.float64)
+    means = np.bincount(bin_of, weights=disagrees.astype(np.float64), minlength=bins) / np.maximum(sizes, 1)
+    probability: np.ndarray = np.clip(_pool_adjacent_violators(means, sizes)[bin_of], 0.0, 1.0)
+    return probability, min(float(disagrees.mean()), MAX_ESTIMATED_NOISE_RATE)
+
+
+def estimate_noise(scores: np.ndarray, disagrees: np.ndarray | None = None) -> NoiseEstimate:
+    """Per-sample probability of a wrong label, the estimated noise rate in [0, 0.5], and whether
+    the mixture's estimate passed the cap. `disagrees` (N,) bool marks the samples whose given label
+    is not the one the network predicted most (`label_disagreement`); a capped estimate falls back
+    to them, or, without them, stays at the cap."""
     scores = np.asarray(scores, dtype=np.float64)
     transformed = np.cbrt(scores - scores.min()) if scores.size else scores
     stride = max(1, -(-transformed.size // EM_MAX_FIT_SAMPLES))
     mixture = fit_two_gaussians(transformed[::stride])
     if mixture is None:
-        return np.zeros_like(scores), 0.0
+        return NoiseEstimate(np.zeros_like(scores), 0.0, False)
+    weight = float(np.nan_to_num(mixture.weights[1], nan=0.0))
+    if weight > MAX_ESTIMATED_NOISE_RATE and disagrees is not None:
+        probability, rate = _disagreement_fallback(scores, np.asarray(disagrees, dtype=bool))
+        return NoiseEstimate(probability, rate, True)
     probability = _monotone_noise_probability(transformed, mixture)
-    rate = float(np.clip(np.nan_to_num(mixture.weights[1], nan=0.0), 0.0, MAX_ESTIMATED_NOISE_RATE))
-    return probability, rate
+    rate = float(np.clip(weight, 0.0, MAX_ESTIMATED_NOISE_RATE))
+    return NoiseEstimate(probability, rate, weight > MAX_ESTIMATED_NOISE_RATE)
+
+
+def label_disagreement(prediction_counts: np.ndarray, labels: np.ndarray, epochs: int) -> np.ndarray:
+    """(N,) bool: the given label is not the suggested one (the class predicted most, see
+    `suggest_labels`)."""
+    suggested, _ = suggest_labels(prediction_counts, labels, epochs)
+    disagrees: np.ndarray = suggested != labels
+    return disagrees
 
 
 def rank_scores(scores: np.ndarray) -> np.ndarray:
@@ -161,16 +215,18 @@ class SuspectedSet:
     estimated_noise_rate: float  # in [0, 0.5]
     noise_rate_used: float  # the given noise rate, else the estimated one
     suspected: np.ndarray  # (N,) bool, the top round(noise_rate_used * N) ranks
+    noise_rate_capped: bool = False  # the estimate is estimate_noise's fallback
 
 
-def suspected_set(scores: np.ndarray, noise_rate: float) -> SuspectedSet:
-    """The suspects among noise scores (N,) at `noise_rate`, or at the estimated rate when it is 0.
+def suspected_set(scores: np.ndarray, noise_rate: float, disagrees: np.ndarray | None = None) -> SuspectedSet:
+    """The suspects among noise scores (N,) at `noise_rate`, or at the estimated rate when it is 0
+    (`disagrees`: see estimate_noise).
 
-    Stage 3 removes exactly the set the report names, so both call this."""
-    probability, estimated = estimate_noise(scores)
+    Stage 3 removes exactly the set the report names, so both call this, with the same arguments."""
+    probability, estimated, capped = estimate_noise(scores, disagrees)
     used = float(noise_rate) if noise_rate else estimated
     ranks = rank_scores(scores)
-    return SuspectedSet(ranks, probability, estimated, used, suspected_mask(ranks, used))
+    return SuspectedSet(ranks, probability, estimated, used, suspected_mask(ranks, used), capped)
 
 
 def suggest_labels(
@@ -229,8 +285,8 @@ def noise_ranking(
     """Everything the report holds per sample and per class; `noise_rate` 0 means estimate it."""
     scores = noise_scores(mean)
     variance = np.nan_to_num(np.maximum(np.asarray(variance, dtype=np.float64), 0.0), nan=0.0, posinf=0.0)
-    suspects = suspected_set(scores, noise_rate)
     suggested, confidence = suggest_labels(prediction_counts, labels, cyclic_epochs)
+    suspects = suspected_set(scores, noise_rate, suggested != labels)
     class_counts = np.bincount(labels, minlength=num_classes).astype(np.int64)
     class_suspected = np.bincount(labels[suspects.suspected], minlength=num_classes).astype(np.int64)
     class_rates = class_suspected / np.maximum(class_counts, 1)

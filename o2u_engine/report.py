@@ -69,6 +69,9 @@ class NoiseReport:
     torch_version: str
     device: str  # e.g. "cpu", "cuda:0"
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, and "total"
+    # The score mixture put most samples in its high group: estimated_noise_rate is the outlier
+    # fallback of rank.estimate_noise, not the mixture's weight
+    noise_rate_capped: bool = False
 
     @property
     def num_samples(self) -> int:

@@ -209,4 +209,5 @@ def _report(
         torch_version=torch.__version__,
         device=str(device),
         timings=timings,
+        noise_rate_capped=suspects.noise_rate_capped,
     )

@@ -43,7 +43,7 @@ from o2u_engine.phases import (
     retraining_samples,
     stage_epoch,
 )
-from o2u_engine.rank import noise_scores, suspected_set
+from o2u_engine.rank import label_disagreement, noise_scores, suspected_set
 from o2u_engine.report import CleanRetrainingResult, ProgressEvent
 from o2u_engine.statistics import CyclicStatistics
 
@@ -273,7 +273,11 @@ class Trainer:
     def _retraining_samples(self) -> RetrainingSamples:
         """Stage 3's samples, for exactly the suspects the report will name (stage 2 is over)."""
         scores = noise_scores(self.statistics.mean.cpu().numpy())
-        return retraining_samples(self.split, suspected_set(scores, self.config.noise_rate).suspected)
+        counts = self.statistics.prediction_counts.cpu().numpy()
+        disagrees = label_disagreement(counts, self.labels.cpu().numpy(), self.statistics.epochs)
+        return retraining_samples(
+            self.split, suspected_set(scores, self.config.noise_rate, disagrees).suspected
+        )
 
     # ---------------------------------------------------------------------------------------------
     # Checkpoints

@@ -37,6 +37,7 @@ from o2u_server.jobs.manager import JobManager
 from o2u_server.jobs.notifications import Listener
 from o2u_server.jobs.paging import PageTokens
 from o2u_server.jobs.runner import JobRunner
+from o2u_server.jobs.state_volume import StateVolume
 from o2u_server.jobs.store import JobStore, Recovery
 from o2u_server.metrics import MetricsServer, ServerMetrics
 from o2u_server.settings import Settings
@@ -79,6 +80,7 @@ class O2UServer:
         self.store = JobStore(database_url(settings), retry_seconds=settings.lease_seconds)
         self.storage = Storage(settings)
         self.checkpoints = checkpoint_store(settings, self.storage.object_store)
+        self.volume = StateVolume.of_server(settings, self.store.db, self.checkpoints)
         # Names this process in leases and job events: the pod's name, and the process within it.
         self.replica = f"{socket.gethostname()}/{os.getpid()}"
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lack aio
@@ -93,6 +95,7 @@ class O2UServer:
         self._manager: JobManager | None = None
         self._listener: Listener | None = None
         self._store_open = False
+        self.stopped_cleanly = True  # False after a stop that left a worker running
 
     @property
     def metrics_port(self) -> int:
@@ -106,6 +109,7 @@ class O2UServer:
             store=self.store,
             storage=self.storage,
             checkpoints=self.checkpoints,
+            volume=self.volume,
             metrics=self.metrics,
             hub=hub,
             devices=self.devices,
@@ -118,6 +122,7 @@ class O2UServer:
             store=self.store,
             storage=self.storage,
             checkpoints=self.checkpoints,
+            volume=self.volume,
             runner=self._runner,
             hub=hub,
             metrics=self.metrics,
@@ -173,7 +178,10 @@ class O2UServer:
         health and reflection."""
         limit = self.settings.max_message_bytes
         server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.metrics), *auth_interceptors(self.settings)],
+            interceptors=[
+                ServiceInterceptor(self.metrics, max_message_bytes=limit),
+                *auth_interceptors(self.settings),
+            ],
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
@@ -207,8 +215,8 @@ class O2UServer:
             )
         else:
             recovery = self.store.claims.recover(time.time(), max_attempts=self.settings.max_job_attempts)
-        self.metrics.count_jobs(self.store.state_counts())
-        self.metrics.count_queue(*self.store.queue_stats(), now=time.time())
+        self.metrics.count_jobs(self.store.state_counts)
+        self.metrics.count_queue(self.store.queue_stats)
         if recovery.queued:
             logger.info("resuming %d unfinished jobs", len(recovery.queued))
         return recovery, self.store.page_token_secret
@@ -244,6 +252,7 @@ class O2UServer:
         await asyncio.to_thread(self._metrics_server.stop)
         if not runner_stopped:
             # A worker still inside a batch holds its connection; leave the store to process exit.
+            self.stopped_cleanly = False
             logger.warning("a job did not stop within %.1f s; it resumes from its last checkpoint", grace)
         elif self._store_open:
             self.store.close()

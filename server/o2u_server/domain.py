@@ -122,6 +122,8 @@ class Progress:
     learning_rate: float = 0.0
     samples_per_second: float = 0.0
     eta_seconds: float = 0.0
+    bytes_read: int = 0  # LOADING: dataset bytes read so far by this attempt
+    files_read: int = 0  # LOADING: files or objects read so far by this attempt
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ class RunInfo:
     resolved_config_json: str
     server_version: str
     model: str
+    dataset_digest: str = ""  # SHA-256 of the data trained on (datasets.content_digest)
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,7 @@ class DatasetSummary:
     confused_pairs: list[ConfusedPair]
     clean_retraining: CleanRetrainingInfo = field(default_factory=CleanRetrainingInfo)
     run_info: RunInfo | None = None
+    noise_rate_capped: bool = False  # the mixture's estimate was unusable; the rate is a fallback
 
     @property
     def estimated_label_accuracy(self) -> float:

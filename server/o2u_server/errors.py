@@ -25,6 +25,7 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "ServiceError",
+    "StateStoreFull",
     "Unauthenticated",
     "Unavailable",
 ]
@@ -93,6 +94,20 @@ class ResourceExhausted(ServiceError):
     """A limit was reached (queue full, too many streams, dataset too large, device memory)."""
 
     code = Code.RESOURCE_EXHAUSTED
+
+
+class StateStoreFull(ResourceExhausted):
+    """Where the server keeps job state has no room left: its state volume (STATE_DISK_FULL), or
+    the PostgreSQL job database (DATABASE_FULL). New work waits; reads keep working."""
+
+    def __init__(self, message: str = "", *, reason: str = "STATE_DISK_FULL") -> None:
+        super().__init__(
+            message
+            or "the server's state volume is full, so it accepts no new jobs until space is freed; "
+            "retry later",
+            reason=reason,
+            retry_after_seconds=60.0,
+        )
 
 
 class PermissionDenied(ServiceError):

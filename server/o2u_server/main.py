@@ -2,7 +2,9 @@
 
 On SIGTERM or SIGINT the server reports NOT_SERVING, refuses new jobs with UNAVAILABLE, asks the
 running job to checkpoint and stop (it stays in the store and resumes on the next start) and exits
-within `shutdown_grace_seconds`. A second signal during the drain exits at once.
+within `shutdown_grace_seconds`: a worker that has not stopped by then is not waited for (the
+process ends, which releases the state-directory lock for the next server). A second signal during
+the drain exits at once.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def configure_logging(level: str) -> None:
     root.setLevel(level)
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings) -> tuple[int, bool]:
+    """Serve until SIGTERM/SIGINT; returns (exit status, whether every worker stopped in time)."""
     # Imported here, after logging is set up: these import torch, which takes a few seconds.
     from o2u_engine import configure_cpu_threads
     from o2u_server.app import create_server
@@ -86,7 +89,7 @@ async def _serve(settings: Settings) -> int:
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_DFL)
     await server.stop(settings.shutdown_grace_seconds)
-    return 0
+    return 0, server.stopped_cleanly
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,10 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level)
     try:
-        return asyncio.run(_serve(settings))
+        code, clean = asyncio.run(_serve(settings))
     except Exception:
         logger.exception("o2u-server failed")
         return 1
+    if not clean:
+        # Interpreter exit would wait for the stuck worker's threads; the grace is over, so end now.
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ per-sample labels, which would grow without bound.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from wsgiref.simple_server import WSGIServer
 
 import torch
@@ -22,7 +23,20 @@ from prometheus_client.registry import Collector
 from o2u.v1 import scoring_pb2
 from o2u_server.domain import JobState, Progress, Stage
 
-__all__ = ["MetricsServer", "ServerMetrics"]
+__all__ = ["METHOD_LABELS", "UNKNOWN_METHOD", "MetricsServer", "ServerMetrics"]
+
+# The `method` label of the request metrics, by full gRPC method name: a closed set, so a caller
+# inventing method names cannot grow /metrics (every other name is UNKNOWN_METHOD).
+_SERVICES = {
+    "o2u.v1.ScoringService": tuple(scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].methods_by_name),
+    "grpc.health.v1.Health": ("Check", "Watch"),
+    "grpc.reflection.v1alpha.ServerReflection": ("ServerReflectionInfo",),
+    "grpc.reflection.v1.ServerReflection": ("ServerReflectionInfo",),
+}
+METHOD_LABELS: dict[str, str] = {
+    f"/{service}/{method}": method for service, methods in _SERVICES.items() for method in methods
+}
+UNKNOWN_METHOD = "unknown"
 
 _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 _JOB_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
@@ -46,6 +60,7 @@ class ServerMetrics:
 
     def __init__(self, *, version: str, device: str) -> None:
         self.registry = CollectorRegistry()
+        self._count_lock = threading.Lock()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         if torch.cuda.is_available():
@@ -140,10 +155,15 @@ class ServerMetrics:
         for source in ("s3", "file"):
             self.dataset_bytes_read.labels(source=source)
 
-    def count_jobs(self, counts: Mapping[JobState, int]) -> None:
-        """Set the queued and running gauges from the store's count of jobs per state."""
-        self.jobs_queued.set(counts[JobState.QUEUED])
-        self.jobs_running.set(counts[JobState.RUNNING])
+    def count_jobs(self, read_counts: Callable[[], Mapping[JobState, int]]) -> None:
+        """Set the queued and running gauges from the store's count of jobs per state.
+
+        Reading and setting happen under one lock: two threads refreshing at once could otherwise
+        leave the older count in the gauges."""
+        with self._count_lock:
+            counts = read_counts()
+            self.jobs_queued.set(counts[JobState.QUEUED])
+            self.jobs_running.set(counts[JobState.RUNNING])
 
     def count_epoch(self, progress: Progress, seconds: float, num_samples: int) -> None:
         """Account for one finished epoch of `seconds` on a dataset of `num_samples`."""
@@ -159,10 +179,16 @@ class ServerMetrics:
         self.training_samples.labels(stage=stage).inc(round(trained))
         self.samples_per_second.set(progress.samples_per_second)
 
-    def count_queue(self, queued: int, oldest_create_time: float | None, *, now: float) -> None:
-        """Set the oldest-queued age from the store's queue (its size and oldest job's create time)."""
-        self.jobs_queued.set(queued)
-        self.queue_oldest_age.set(0.0 if oldest_create_time is None else max(0.0, now - oldest_create_time))
+    def count_queue(self, read_stats: Callable[[], tuple[int, float | None]]) -> None:
+        """Set the queued gauge and the oldest-queued age from the store's queue (its size and the
+        oldest job's create time), read under count_jobs's lock for the same reason."""
+        with self._count_lock:
+            queued, oldest_create_time = read_stats()
+            now = time.time()
+            self.jobs_queued.set(queued)
+            self.queue_oldest_age.set(
+                0.0 if oldest_create_time is None else max(0.0, now - oldest_create_time)
+            )
 
 
 class MetricsServer:

@@ -11,11 +11,21 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 GIB = 1024**3
 MIB = 1024**2
+
+
+# Class names and sample keys are at most this long (characters); datasets with longer ones are refused.
+MAX_CLASS_NAME_CHARS = 256
+
+
+def summary_bytes(num_classes: int) -> int:
+    """An upper bound on the encoded size of a dataset summary with `num_classes` classes: the
+    K x K transition matrix (8 bytes each), a class entry and a name per class, and the rest."""
+    return 8 * num_classes * num_classes + num_classes * (2 * 4 * MAX_CLASS_NAME_CHARS + 64) + 16 * 1024
 
 
 class Settings(BaseSettings):
@@ -30,7 +40,7 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     """Port of the Prometheus /metrics HTTP server (0 picks a free port)."""
     data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
-    """Folders that `file://` dataset and export URIs may point into; nothing outside is read."""
+    """Folders that `file://` dataset URIs may point into; nothing outside is read."""
     s3_endpoint: str | None = None
     """host:port of the S3-compatible object store (MinIO); requests cannot override it."""
     s3_access_key: SecretStr | None = None
@@ -42,7 +52,7 @@ class Settings(BaseSettings):
     s3_region: str | None = None
     """Object store region, if it needs one."""
     s3_allowed_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """Buckets jobs may read from and export to; empty allows every bucket the credentials reach."""
+    """Buckets jobs may read datasets from; empty allows every bucket the credentials reach."""
     state_dir: Path = Path(".o2u")
     """Folder of the SQLite job store (jobs.sqlite3) and of local training checkpoints; must be
     durable storage unless both live elsewhere (database_url and an s3:// checkpoint_uri)."""
@@ -73,6 +83,14 @@ class Settings(BaseSettings):
     """Largest dataset (sum of object sizes) a job may read, in bytes."""
     max_samples: int = Field(default=5_000_000, ge=1)
     """Largest number of samples in one dataset."""
+    max_classes: int = Field(default=1000, ge=2)
+    """Largest number of classes in one dataset (K; integer labels mean K = the largest label + 1),
+    checked before any per-class list or K x K matrix is built. A summary carries K x K numbers,
+    so max_message_bytes must hold about 8 K^2 bytes (checked at start)."""
+    max_decoded_bytes: int = Field(default=8 * GIB, ge=1)
+    """Largest in-memory size of a dataset once decoded (inflated .npz arrays, decoded images, and
+    stage 2's per-sample class counts of 4 x N x K bytes), in bytes; checked from the headers
+    before anything is inflated or decoded."""
     max_image_pixels: int = Field(default=16_777_216, ge=1)
     """Largest width x height of one image, checked before decoding (decompression bombs)."""
     default_page_size: int = Field(default=100, ge=1)
@@ -87,7 +105,17 @@ class Settings(BaseSettings):
     """Least time between two training checkpoints, in seconds (0 = every epoch); a stage's end and a
     requested stop always checkpoint. A crash repeats at most this much training."""
     max_job_attempts: int = Field(default=3, ge=1)
-    """A job whose worker crashed this many times is marked FAILED instead of resumed."""
+    """A job is marked FAILED instead of resumed once the server running it crashed (or, with
+    replicas, stopped renewing its lease) this many times in a row without the job getting further
+    in training than before (a crash after which the job trained past its earlier furthest epoch
+    does not count)."""
+    export_uris: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Where ExportNoiseScores may write: `file:///folder` or `s3://bucket/prefix` locations; empty
+    disables exports. Existing files and objects are never replaced."""
+    min_free_state_bytes: int = Field(default=256 * MIB, ge=0)
+    """Free space the state volume must keep (state_dir, the SQLite store's folder and the local
+    checkpoint folder, whichever is fullest): below it CreateScoringJob answers RESOURCE_EXHAUSTED
+    and this server claims no queued job, until space is freed; in bytes."""
     tls_cert_file: Path | None = None
     """PEM server certificate; with tls_key_file enables TLS."""
     tls_key_file: Path | None = None
@@ -108,7 +136,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"database_url must start with postgresql:// or sqlite:///, not {scheme}://")
         return value
 
-    @field_validator("data_roots", "s3_allowed_buckets", mode="before")
+    @field_validator("data_roots", "s3_allowed_buckets", "export_uris", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         # Environment variables carry lists as comma-separated strings (JSON lists work too).
@@ -118,6 +146,28 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [item.strip() for item in text.split(",") if item.strip()]
         return value
+
+    @field_validator("export_uris")
+    @classmethod
+    def _check_export_uris(cls, value: list[str]) -> list[str]:
+        for uri in value:
+            scheme, separator, rest = uri.partition("://")
+            if scheme not in ("file", "s3") or not separator or not rest.strip("/"):
+                raise ValueError(f"export_uris: {uri!r} is not a file:///folder or s3://bucket[/prefix] URI")
+            if scheme == "file" and not rest.startswith("/"):
+                raise ValueError(f"export_uris: {uri!r} must name an absolute folder: file:///folder")
+        return value
+
+    @model_validator(mode="after")
+    def _summary_fits_a_message(self) -> Settings:
+        needed = summary_bytes(self.max_classes)
+        if needed > self.max_message_bytes:
+            raise ValueError(
+                f"max_classes={self.max_classes} allows dataset summaries of up to {needed} bytes, more "
+                f"than max_message_bytes={self.max_message_bytes}: lower max_classes or raise "
+                "max_message_bytes"
+            )
+        return self
 
     @property
     def store_path(self) -> Path:

@@ -138,7 +138,8 @@ def _example(go_build: GoBuild, *args: str) -> subprocess.CompletedProcess[str]:
 # Stages without epochs (loading, ranking) print only the fraction done.
 PROGRESS = re.compile(
     r"^progress seq=(?P<seq>\d+) stage=(?P<stage>\w+)(?: epoch=(?P<epoch>\d+)/(?P<total>\d+))? "
-    r"done=(?P<done>[\d.]+)%(?: loss=\S+ lr=\S+ samples/s=\S+ eta=\S+s)?$"
+    r"done=(?P<done>[\d.]+)%(?: loss=\S+ lr=\S+ samples/s=\S+ eta=\S+s)?"
+    r"(?: read=(?P<bytes>\d+)B files=(?P<files>\d+))?$"
 )
 STATE = re.compile(r"^state seq=(?P<seq>\d+) (?P<state>[A-Z]+)")
 STAGES = ["loading", "pretraining", "cyclic", "clean_retraining", "ranking"]
@@ -168,6 +169,9 @@ def test_example_scores_a_dataset(
     assert sequences == sorted(set(sequences)), sequences
     assert sequences[0] == 1
     progress = [m for _, m in events if m.re is PROGRESS]
+    loading = [m for m in progress if m["stage"] == "loading"]
+    assert loading, "LOADING progress reaches Go callers"
+    assert (int(loading[-1]["files"]), int(loading[-1]["bytes"]) > 0) == (1, True)
     stage_epochs = [(STAGES.index(m["stage"]), int(m["epoch"] or 0)) for m in progress]
     assert stage_epochs == sorted(stage_epochs), "stages and epochs must arrive in order"
     trained = [(m["stage"], int(m["epoch"]), int(m["total"])) for m in progress if m["total"] is not None]
@@ -184,6 +188,7 @@ def test_example_scores_a_dataset(
     assert any(
         re.match(r"400 samples, 10 classes, model mlp on cpu; estimated noise rate", line) for line in lines
     )
+    assert any(re.fullmatch(r"dataset digest [0-9a-f]{64}", line) for line in lines)
     table_start = lines.index("top 5 suspects:")
     assert lines[table_start + 1].split() == [
         "rank", "sample", "key", "given", "suggested", "confidence", "score", "p(noise)"

@@ -30,7 +30,11 @@ def dataset_uri(data_root: Path) -> str:
 @pytest.fixture(scope="session")
 def server(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """The server shared by most client tests."""
-    settings = test_settings(state_dir=tmp_path_factory.mktemp("client-state"), data_roots=[data_root])
+    settings = test_settings(
+        state_dir=tmp_path_factory.mktemp("client-state"),
+        data_roots=[data_root],
+        export_uris=[f"file://{data_root}/exports"],
+    )
     with running_server(settings) as running:
         yield running
 

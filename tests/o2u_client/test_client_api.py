@@ -110,7 +110,7 @@ def test_summary(client: Client, finished_job: Job) -> None:
     assert summary.num_suspected == len(suspected)
 
 
-def test_export_to_a_file_under_the_data_root(client: Client, finished_job: Job, data_root: Path) -> None:
+def test_export_to_a_file_in_the_export_folder(client: Client, finished_job: Job, data_root: Path) -> None:
     destination = data_root / "exports" / f"{uuid.uuid4().hex}.jsonl"
     result = client.export(finished_job.job_id, destination.as_uri())
     assert result.rows_written == NUM_SAMPLES

@@ -131,7 +131,7 @@ def test_read_commands_with_json(
     assert status == 0
     assert json_lines(out)[-1]["state"] == "SUCCEEDED"
 
-    destination = data_root / "cli-exports" / "scores.csv"
+    destination = data_root / "exports" / "cli" / "scores.csv"
     status, out, _ = run(capsys, *target, "export", finished_job.job_id, destination.as_uri())
     assert status == 0
     assert json.loads(out)["rows_written"] == NUM_SAMPLES

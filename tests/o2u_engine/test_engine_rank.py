@@ -8,6 +8,7 @@ import pytest
 from o2u_engine.rank import (
     estimate_noise,
     fit_two_gaussians,
+    label_disagreement,
     noise_ranking,
     noise_scores,
     rank_scores,
@@ -43,7 +44,7 @@ def test_em_recovers_a_known_mixture(weight: float) -> None:
     ],
 )
 def test_degenerate_scores_never_give_nan(scores: np.ndarray) -> None:
-    probability, rate = estimate_noise(scores)
+    probability, rate, _ = estimate_noise(scores)
     assert probability.shape == scores.shape
     assert np.all(np.isfinite(probability))
     assert np.all((probability >= 0) & (probability <= 1))
@@ -51,21 +52,71 @@ def test_degenerate_scores_never_give_nan(scores: np.ndarray) -> None:
 
 
 def test_all_equal_scores_mean_no_noise() -> None:
-    probability, rate = estimate_noise(np.full(100, -0.5))
+    probability, rate, capped = estimate_noise(np.full(100, -0.5))
     assert rate == 0.0
     assert not probability.any()
+    assert not capped
 
 
-def test_rate_is_clipped_to_one_half() -> None:
+def _majority_high_scores() -> np.ndarray:
+    """Scores whose mixture puts most samples in the high group: a cluster of easy samples at the
+    bottom, the bulk above it (an under-trained run, or a clean set trained long, fit like this)."""
     rng = np.random.default_rng(1)
     scores = np.concatenate([rng.normal(0, 0.1, 200), rng.normal(3, 0.1, 800)])
-    assert estimate_noise(scores)[1] == 0.5
+    mixture = fit_two_gaussians(np.cbrt(scores - scores.min()))
+    assert mixture is not None
+    assert mixture.weights[1] > 0.5
+    return scores
+
+
+def test_a_capped_estimate_falls_back_to_the_labels_the_network_disagrees_with() -> None:
+    scores = _majority_high_scores()
+    disagrees = np.zeros(1000, dtype=bool)
+    disagrees[np.argsort(-scores)[:30]] = True  # the network disagrees with the 30 highest scores
+    disagrees[np.argsort(scores)[500]] = True  # ...and with one in the middle
+    probability, rate, capped = estimate_noise(scores, disagrees)
+    assert capped
+    assert rate == pytest.approx(31 / 1000)
+    order = np.argsort(scores, kind="stable")
+    assert np.all(np.diff(probability[order]) >= 0)  # still non-decreasing in the score
+    assert probability.mean() == pytest.approx(rate)  # the isotonic fit keeps the disagreement's mean
+    assert probability[order[-1]] == 1.0
+    assert probability[order[0]] == 0.0
+    suspects = suspected_set(scores, 0.0, disagrees)
+    assert (suspects.noise_rate_capped, int(suspects.suspected.sum())) == (True, 31)
+
+
+def test_a_capped_clean_set_is_not_reported_half_wrong() -> None:
+    scores = _majority_high_scores()
+    agreed = np.zeros(1000, dtype=bool)  # a clean set trained long: the network agrees with every label
+    suspects = suspected_set(scores, 0.0, agreed)
+    assert (suspects.noise_rate_capped, suspects.estimated_noise_rate, int(suspects.suspected.sum())) == (
+        True,
+        0.0,
+        0,
+    )
+    assert not suspects.noise_probability.any()
+    # Without the predictions the estimate stays at the cap, flagged.
+    assert estimate_noise(scores)[1:] == (0.5, True)
+
+
+def test_label_disagreement_follows_the_suggested_labels() -> None:
+    counts = np.array([[3, 3, 0], [0, 1, 5], [4, 0, 0]], dtype=np.int32)
+    assert label_disagreement(counts, np.array([1, 1, 0]), 6).tolist() == [False, True, False]
+
+
+def test_a_minority_high_group_is_not_capped() -> None:
+    rng = np.random.default_rng(5)
+    scores = np.concatenate([rng.normal(0, 0.1, 700), rng.normal(3, 0.1, 300)])
+    _, rate, capped = estimate_noise(scores)
+    assert not capped
+    assert rate == pytest.approx(0.3, abs=0.02)
 
 
 def test_noise_probability_is_monotone_in_the_score() -> None:
     rng = np.random.default_rng(2)
     scores = np.concatenate([rng.gamma(1.0, 0.05, 900), rng.normal(2.0, 0.8, 100)])
-    probability, rate = estimate_noise(scores)
+    probability, rate, _ = estimate_noise(scores)
     order = np.argsort(scores)
     assert np.all(np.diff(probability[order]) >= 0)
     assert probability[np.argmax(scores)] > 0.99

@@ -72,6 +72,7 @@ def server(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     settings = test_settings(
         state_dir=tmp_path_factory.mktemp("state"),
         data_roots=[data_root],
+        export_uris=[f"file://{data_root}/exports"],
         default_page_size=100,
         max_page_size=150,
     )

@@ -23,8 +23,14 @@ BUCKET = "datasets"
 
 
 def make_storage(root: Path, s3: S3Server) -> Storage:
-    """A Storage reading under `root` and from the `datasets` bucket only, with quick retries."""
-    settings = Settings(data_roots=[root], s3_allowed_buckets=[BUCKET], **s3.settings_kwargs())
+    """A Storage reading under `root` and from the `datasets` bucket only, exporting under their
+    `exports` folder, with quick retries."""
+    settings = Settings(
+        data_roots=[root],
+        s3_allowed_buckets=[BUCKET],
+        export_uris=[f"file://{root}/exports", f"s3://{BUCKET}/exports"],
+        **s3.settings_kwargs(),
+    )
     return Storage(settings, retry=RetryPolicy(attempts=2, base_delay_seconds=0.05))
 
 

@@ -1,5 +1,5 @@
 """The server's packages import in one direction (docs/architecture.md): api -> jobs -> datasets ->
-storage -> the top-level settings, domain and errors. Only jobs/engine.py (and main.py, for the CPU
+storage -> the top-level settings, domain, errors and text. Only jobs/engine.py (and main.py, for the CPU
 threads) imports the engine, and only the api package, app.py and healthcheck.py import grpc."""
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import o2u_server
 ROOT = Path(o2u_server.__file__).parent
 # Which rooms a room may import from (a room: a sub-package, or a top-level module).
 ALLOWED = {
-    "storage": {"errors", "settings"},
-    "datasets": {"errors", "settings", "domain", "storage"},
-    "jobs": {"errors", "settings", "domain", "metrics", "storage", "datasets"},
-    "api": {"errors", "settings", "domain", "metrics", "jobs"},
+    "storage": {"errors", "settings", "text"},
+    "datasets": {"errors", "settings", "domain", "storage", "text"},
+    "jobs": {"errors", "settings", "domain", "metrics", "storage", "datasets", "text"},
+    "api": {"errors", "settings", "domain", "metrics", "jobs", "text"},
     "__init__": set(),
     "errors": set(),
+    "text": set(),
     "domain": set(),
     "settings": set(),
     "metrics": {"domain"},

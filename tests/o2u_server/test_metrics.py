@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -127,3 +129,41 @@ def test_refused_and_aborted_calls_are_counted_by_code(
     assert _value(samples, "o2u_grpc_requests_total", method="ListScoringJobs", code="UNAUTHENTICATED") == 1
     assert _value(samples, "o2u_grpc_requests_total", method="ListScoringJobs", code="OK") == 1
     assert _value(samples, "o2u_grpc_requests_total", method="Check", code="NOT_FOUND") == 1
+
+
+def test_made_up_method_names_share_one_label_value(
+    start_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    running = start_server(auth_token_file=token_file)
+    size_before = len(running.scrape())
+    with running.channel() as channel:
+        for index in range(300):  # a stranger probing for methods, without a token
+            invented = channel.unary_unary(f"/o2u.v1.ScoringService/Probe{index}", None, None)
+            error = call_error(functools.partial(invented, b"", timeout=10))
+            assert error.code is grpc.StatusCode.UNAUTHENTICATED
+        other = channel.unary_unary("/evil.Service/Check", None, None)  # a known short name elsewhere
+        call_error(lambda: other(b"", timeout=10))
+        # A call is counted just after its status is sent: wait for the last one to be counted.
+        deadline = time.monotonic() + 10
+        while (
+            _value(
+                samples := _samples(running.scrape()),
+                "o2u_grpc_requests_total",
+                method="unknown",
+                code="UNAUTHENTICATED",
+            )
+            < 301
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+    methods = {dict(labels).get("method") for name, labels in samples if name == "o2u_grpc_requests_total"}
+    known = set(pb.DESCRIPTOR.services_by_name["ScoringService"].methods_by_name) | {
+        "Check",
+        "Watch",
+        "unknown",
+    }
+    assert methods <= known, methods - known
+    assert _value(samples, "o2u_grpc_requests_total", method="unknown", code="UNAUTHENTICATED") == 301
+    assert len(running.scrape()) < size_before + 5_000  # two series more, not 300

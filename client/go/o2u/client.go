@@ -27,6 +27,10 @@ type Client struct {
 	callOpts []grpc.CallOption
 }
 
+// MaxMessageBytes is the largest reply a Dial-ed client accepts (the server's own limit is its
+// max_message_bytes setting, 16 MiB by default).
+const MaxMessageBytes = 64 << 20
+
 func defaultOptions() options {
 	return options{callTimeout: DefaultCallTimeout, retry: DefaultRetryPolicy}
 }
@@ -51,7 +55,12 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	dialOpts := []grpc.DialOption{grpc.WithDefaultServiceConfig(RoundRobin)}
+	// A dataset summary of many classes carries K x K numbers (8 MB at the server's default of
+	// 1000 classes), past grpc-go's default receive limit of 4 MiB.
+	dialOpts := []grpc.DialOption{
+		grpc.WithDefaultServiceConfig(RoundRobin),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageBytes)),
+	}
 	if creds != nil {
 		dialOpts = append(dialOpts, grpc.WithTransportCredentials(creds))
 	} else {

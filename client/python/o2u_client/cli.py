@@ -27,6 +27,7 @@ from o2u_client.models import Job, JobState, to_json_dict
 from o2u_client.progress import progress_display
 from o2u_client.render import job_details, jobs_table, make_console, summary_report, suspects_table
 from o2u_client.scoring import score_dataset
+from o2u_client.text import safe_text
 
 __all__ = ["EPILOG", "EXIT_FAILED_JOB", "EXIT_USAGE", "build_parser", "main"]
 
@@ -63,7 +64,7 @@ class Output:
         self.console.print(value)
 
     def line(self, text: str) -> None:
-        self.console.print(text, markup=False)
+        self.console.print(safe_text(text), markup=False)
 
 
 Command = Callable[[argparse.Namespace, Client, Output], int]
@@ -257,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("delete", cmd_delete, "delete a finished job and its results").add_argument("job_id")
     export = command("export", cmd_export, "write a finished job's scores as JSONL or CSV")
     export.add_argument("job_id")
-    export.add_argument("destination", help="s3://bucket/key.jsonl or file:///path.csv under a data root")
+    export.add_argument(
+        "destination", help="a new s3://bucket/key.jsonl or file:///path.csv under a server export location"
+    )
     export.add_argument("--format", choices=EXPORT_FORMATS, help="default: from the extension")
     export.add_argument("--only-suspected", action="store_true")
     health = command("health", cmd_health, "check the server's health (exit 0 iff SERVING)")
@@ -266,10 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_error(error: O2UError) -> None:
-    print(f"error: {error.code.name}: {error.message}", file=sys.stderr)
+    print(f"error: {error.code.name}: {safe_text(error.message)}", file=sys.stderr)
     for violation in error.field_violations:
-        detail = "" if violation.description == error.message else f": {violation.description}"
-        print(f"  field {violation.field}{detail}", file=sys.stderr)
+        # The server repeats the message, shortened, as the violation's description.
+        repeated = error.message.startswith(violation.description.removesuffix("..."))
+        detail = "" if repeated else f": {safe_text(violation.description)}"
+        print(f"  field {safe_text(violation.field)}{detail}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -299,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(error)
         return error.exit_code
     except (ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {safe_text(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted (a submitted job keeps running on the server)", file=sys.stderr)

@@ -28,6 +28,7 @@ from o2u_client.client import Client
 from o2u_client.errors import O2UError
 from o2u_client.render import make_console
 from o2u_client.scoring import score_dataset
+from o2u_client.text import safe_text
 
 __all__ = ["main", "write_noisy_digits"]
 
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 outcome.summary.estimated_noise_rate,
             )
     except O2UError as error:
-        print(f"error: {error.code.name}: {error.message}", file=sys.stderr)
+        print(f"error: {error.code.name}: {safe_text(error.message)}", file=sys.stderr)
         return 1
     except DemoError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -99,6 +99,8 @@ class Progress:
     learning_rate: float
     samples_per_second: float
     eta_seconds: float
+    bytes_read: int = 0  # LOADING: dataset bytes read so far
+    files_read: int = 0  # LOADING: files or objects read so far
 
     @classmethod
     def from_proto(cls, proto: scoring_pb2.JobProgress) -> Progress:
@@ -111,6 +113,8 @@ class Progress:
             learning_rate=proto.learning_rate,
             samples_per_second=proto.samples_per_second,
             eta_seconds=proto.eta_seconds,
+            bytes_read=proto.bytes_read,
+            files_read=proto.files_read,
         )
 
 
@@ -142,6 +146,7 @@ class RunInfo:
     model: str
     server_version: str
     resolved_config: Mapping[str, Any]
+    dataset_digest: str = ""  # SHA-256 of the samples, labels, keys and class names trained on
 
     @classmethod
     def from_proto(cls, proto: scoring_pb2.RunInfo) -> RunInfo:
@@ -156,6 +161,7 @@ class RunInfo:
             model=proto.model,
             server_version=proto.server_version,
             resolved_config=resolved,
+            dataset_digest=proto.dataset_digest,
         )
 
 

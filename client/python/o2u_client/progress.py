@@ -12,6 +12,7 @@ from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextC
 
 from o2u_client.models import Event, EventType, JobState, Stage
 from o2u_client.models import Progress as JobProgress
+from o2u_client.text import safe_text
 
 __all__ = ["describe_event", "format_duration", "progress_display"]
 
@@ -33,8 +34,10 @@ def format_duration(seconds: float) -> str:
 
 
 def _figures(progress: JobProgress) -> str:
+    if progress.stage == Stage.LOADING and (progress.bytes_read or progress.files_read):
+        return f"{progress.bytes_read / 1e6:,.1f} MB, {progress.files_read:,} files read"
     if not progress.epochs_total:
-        return ""  # loading and ranking have no epochs, loss or throughput to show
+        return ""  # ranking has no epochs, loss or throughput to show
     parts = [f"epoch {progress.epoch}/{progress.epochs_total}"]
     parts.append(f"loss {progress.mean_loss:.4f}")
     parts.append(f"lr {progress.learning_rate:.5f}")
@@ -51,13 +54,15 @@ def describe_event(event: Event) -> str:
         figures = _figures(progress)
         if not figures:
             return f"[{progress.fraction_done:4.0%}] {stage}"
+        if not progress.epochs_total:
+            return f"[{progress.fraction_done:4.0%}] {stage:<16} {figures}"
         return f"[{progress.fraction_done:4.0%}] {stage:<16} {figures}  ETA {eta}"
     line = f"state {event.state.value}"
     if event.message:
         line += f": {event.message}"
     if event.error is not None:
         line += f" ({event.error.code} {event.error.reason}: {event.error.message})"
-    return line
+    return safe_text(line)
 
 
 class _LiveBar:

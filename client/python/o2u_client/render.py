@@ -1,6 +1,8 @@
 """Human-readable views of results for the CLI and the demo: tables of suspects and jobs, the
 dataset health line and the summary report. Everything returns rich renderables or strings;
-printing (and choosing JSON instead) is the caller's business."""
+printing (and choosing JSON instead) is the caller's business. Text from the server (names, keys,
+URIs, messages) goes through `safe_text` and into `Text` (never markup), so it cannot style or
+steer the terminal."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from rich.text import Text
 from o2u_client.models import Job
 from o2u_client.progress import STAGE_NAMES, format_duration
 from o2u_client.results import DatasetSummary, NoiseScore
+from o2u_client.text import safe_text
 
 __all__ = [
     "health_line",
@@ -39,7 +42,7 @@ def make_console() -> Console:
 
 def label_text(label: int, name: str) -> str:
     """`cat (3)` when the class has a name, else `3`."""
-    return f"{name} ({label})" if name and name != str(label) else str(label)
+    return f"{safe_text(name)} ({label})" if name and name != str(label) else str(label)
 
 
 def suspects_table(scores: Iterable[NoiseScore], title: str = "Top suspects") -> Table:
@@ -55,7 +58,7 @@ def suspects_table(scores: Iterable[NoiseScore], title: str = "Top suspects") ->
         table.add_row(
             str(score.rank),
             str(score.sample_id),
-            Text(score.key),
+            Text(safe_text(score.key)),
             Text(label_text(score.given_label, score.given_label_name)),
             Text(f"{suggested} ({score.suggested_label_confidence:.0%})"),
             f"{score.score:.4f}",
@@ -73,6 +76,11 @@ def health_line(summary: DatasetSummary) -> str:
     )
     if abs(summary.noise_rate_used - summary.estimated_noise_rate) > 1e-9:
         line += f" at noise rate {summary.noise_rate_used:.1%}"
+    if summary.noise_rate_capped:
+        line += (
+            " (the scores did not separate into a clean majority and a noisy minority: the rate is the "
+            "share of labels the network disagreed with; check the training length)"
+        )
     return line
 
 
@@ -151,10 +159,10 @@ def jobs_table(jobs: Sequence[Job]) -> Table:
     for job in jobs:
         created = job.create_time.strftime("%Y-%m-%d %H:%M:%S") if job.create_time else ""
         table.add_row(
-            job.job_id,
+            Text(safe_text(job.job_id)),
             job.state.value,
-            Text(job.display_name),
-            Text(job.dataset_uri),
+            Text(safe_text(job.display_name)),
+            Text(safe_text(job.dataset_uri)),
             created,
             _progress_text(job),
         )
@@ -193,5 +201,5 @@ def job_details(job: Job) -> Table:
         rows.append(("error", f"{job.error.code} {job.error.reason}: {job.error.message}"))
     for key, value in rows:
         if value:
-            grid.add_row(key, Text(value))
+            grid.add_row(key, Text(safe_text(value)))
     return grid

@@ -98,6 +98,9 @@ class DatasetSummary:
     clean_retraining: CleanRetraining | None
     run_info: RunInfo | None
     raw: scoring_pb2.DatasetSummary = field(repr=False, compare=False)
+    # The score mixture could not give the noise rate (its high group held most samples):
+    # estimated_noise_rate is the share of labels the network disagreed with instead
+    noise_rate_capped: bool = False
 
     @classmethod
     def from_proto(cls, proto: scoring_pb2.DatasetSummary) -> DatasetSummary:
@@ -131,6 +134,7 @@ class DatasetSummary:
             ),
             run_info=RunInfo.from_proto(proto.run_info) if proto.HasField("run_info") else None,
             raw=proto,
+            noise_rate_capped=proto.noise_rate_capped,
         )
 
 

@@ -14,6 +14,7 @@ from o2u_client.models import Job, JobState
 from o2u_client.progress import progress_display
 from o2u_client.render import health_line, suspects_table
 from o2u_client.results import DatasetSummary, NoiseScore
+from o2u_client.text import safe_text
 
 __all__ = ["ScoreOutcome", "score_dataset"]
 
@@ -46,7 +47,7 @@ def score_dataset(
     `console` is None (then it runs silently, e.g. for `--json`)."""
     job = client.submit(uri, config=config, format=format, display_name=display_name, request_id=request_id)
     if console is not None:
-        console.print(f"submitted {job.job_id} for {uri}", markup=False, highlight=False)
+        console.print(safe_text(f"submitted {job.job_id} for {uri}"), markup=False, highlight=False)
         with progress_display(console) as show:
             for event in client.watch(job.job_id):
                 show(event)
@@ -57,7 +58,9 @@ def score_dataset(
     if job.state != JobState.SUCCEEDED:
         if console is not None:
             reason = f": {job.error.code} {job.error.reason}: {job.error.message}" if job.error else ""
-            console.print(f"job {job.job_id} {job.state.value}{reason}", markup=False, highlight=False)
+            console.print(
+                safe_text(f"job {job.job_id} {job.state.value}{reason}"), markup=False, highlight=False
+            )
         return ScoreOutcome(job, None, [])
     summary = client.summary(job.job_id)
     top_suspects = list(client.scores(job.job_id, top_k=top, page_size=max(1, top))) if top > 0 else []

@@ -1,12 +1,13 @@
 """Conversions between the o2u.v1 protobuf messages and the server's domain dataclasses.
 
 The servicer is the only caller: requests become domain values here, and domain values become
-response messages here, so the job manager, store and runner never touch a protobuf.
+response messages here, so the job manager, store and runner never touch a protobuf. An enum number
+this server does not know is INVALID_ARGUMENT naming the field, never silently "unspecified".
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import timestamp_pb2
 
@@ -27,6 +28,7 @@ from o2u_server.domain import (
     ScoreFilter,
     Stage,
 )
+from o2u_server.errors import InvalidArgument
 
 __all__ = [
     "config_message",
@@ -40,6 +42,8 @@ __all__ = [
     "score_message",
     "summary_message",
 ]
+
+T = TypeVar("T")
 
 _STATES = {state: pb.JobState.Value(f"JOB_STATE_{state.name}") for state in JobState}
 _STATES_BACK: dict[pb.JobState.ValueType, JobState] = {value: state for state, value in _STATES.items()}
@@ -70,10 +74,25 @@ def scoring_config(config: pb.ScoringConfig) -> dict[str, Any]:
     return {field.name: value for field, value in config.ListFields() if field.name != "initial_weights_uri"}
 
 
+def _known(value: int, known: dict[Any, T], enum_name: str, field: str) -> T | None:
+    """The domain value of a proto enum number; None for 0 (UNSPECIFIED); InvalidArgument naming
+    `field` for a number this server does not know (proto3 enums are open: a newer client, or a
+    forged request, can send any number)."""
+    if value == 0:
+        return None
+    if value not in known:
+        names = ", ".join(str(number) for number in sorted(known))
+        raise InvalidArgument(
+            f"{field} {value} is not a {enum_name} this server knows (0 or one of {names})",
+            reason="UNKNOWN_ENUM_VALUE",
+            field=field,
+        )
+    return known[value]
+
+
 def dataset_format(value: pb.DatasetFormat.ValueType) -> DatasetFormat | None:
-    """The dataset format; None (UNSPECIFIED, or a number this server does not know) means inferred
-    from the URI."""
-    return _DATASET_FORMATS_BACK.get(value)
+    """The dataset format; None (UNSPECIFIED) means inferred from the URI."""
+    return _known(value, _DATASET_FORMATS_BACK, "DatasetFormat", "dataset.format")
 
 
 def job_spec(request: pb.CreateScoringJobRequest) -> JobSpec:
@@ -88,13 +107,13 @@ def job_spec(request: pb.CreateScoringJobRequest) -> JobSpec:
 
 
 def job_state(value: pb.JobState.ValueType) -> JobState | None:
-    """A state filter; UNSPECIFIED (or an unknown number) means no filter."""
-    return _STATES_BACK.get(value)
+    """A state filter; UNSPECIFIED means no filter."""
+    return _known(value, _STATES_BACK, "JobState", "state")
 
 
 def export_format(value: pb.ExportFormat.ValueType) -> ExportFormat | None:
-    """The export format; None (UNSPECIFIED or unknown) means inferred from the destination."""
-    return _EXPORT_FORMATS_BACK.get(value)
+    """The export format; None (UNSPECIFIED) means inferred from the destination."""
+    return _known(value, _EXPORT_FORMATS_BACK, "ExportFormat", "format")
 
 
 def score_filter(request: pb.ListNoiseScoresRequest) -> ScoreFilter:
@@ -124,6 +143,8 @@ def _progress(progress: Progress | None) -> pb.JobProgress | None:
         learning_rate=progress.learning_rate,
         samples_per_second=progress.samples_per_second,
         eta_seconds=progress.eta_seconds,
+        bytes_read=progress.bytes_read,
+        files_read=progress.files_read,
     )
 
 
@@ -144,6 +165,7 @@ def _run_info(info: RunInfo | None) -> pb.RunInfo | None:
         resolved_config_json=info.resolved_config_json,
         server_version=info.server_version,
         model=info.model,
+        dataset_digest=info.dataset_digest,
     )
 
 
@@ -232,4 +254,5 @@ def summary_message(summary: DatasetSummary) -> pb.DatasetSummary:
             removed=retraining.removed,
         ),
         run_info=_run_info(summary.run_info),
+        noise_rate_capped=summary.noise_rate_capped,
     )

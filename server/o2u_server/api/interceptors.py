@@ -1,11 +1,15 @@
 """Where exceptions become gRPC statuses and where every call is measured, for every method.
 
-`ServiceInterceptor` wraps each method handler (unary and streaming alike): a `ServiceError` raised
-below the servicer is turned into its status with google.rpc details (`o2u_server.api.status`) and
-sent with `abort_with_status`; any other exception is logged with the job id and becomes INTERNAL. The
-final code of every call, including aborts by other interceptors and client cancellations, is
-counted in o2u_grpc_requests_total{method,code} and its duration observed in
-o2u_grpc_request_duration_seconds{method}.
+`ServiceInterceptor` wraps each method handler (unary and streaming alike): it parses the request
+itself, so bytes that are not the method's message are INVALID_ARGUMENT (gRPC would answer UNKNOWN),
+refuses a reply larger than max_message_bytes with RESOURCE_EXHAUSTED before sending it (instead of
+a transport error after the call counted as OK), and turns a `ServiceError` raised below the
+servicer into its status with google.rpc details (`o2u_server.api.status`), sent with
+`abort_with_status`; any other exception is logged with the job id and becomes INTERNAL. The final
+code of every call, including aborts by other interceptors and client cancellations, is counted in
+o2u_grpc_requests_total{method,code} and its duration observed in
+o2u_grpc_request_duration_seconds{method}, where `method` comes from a closed set: the methods this
+server serves, and `unknown` for any other name a caller makes up.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from typing import Any, NoReturn, TypeAlias
 import grpc
 
 from o2u_server.api.status import grpc_code, grpc_status
-from o2u_server.errors import Internal, ServiceError
-from o2u_server.metrics import ServerMetrics
+from o2u_server.errors import Internal, InvalidArgument, ResourceExhausted, ServiceError
+from o2u_server.metrics import METHOD_LABELS, UNKNOWN_METHOD, ServerMetrics
 
 __all__ = ["ServiceInterceptor"]
 
@@ -76,11 +80,42 @@ class _Call:
         raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 
-class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Maps errors to statuses and records request metrics for every method of the server."""
+Deserializer = Callable[[bytes], Any] | None
 
-    def __init__(self, metrics: ServerMetrics) -> None:
+
+def _parse(deserialize: Deserializer, raw: Any, method: str) -> Any:
+    """The request message of `raw` bytes; InvalidArgument if they are not one."""
+    if deserialize is None:
+        return raw  # a streaming request, or a handler that takes bytes
+    try:
+        return deserialize(raw)
+    except Exception as error:  # DecodeError, or whatever a deserializer raises on garbage
+        raise InvalidArgument(
+            f"the request body is not a valid {method} request message ({type(error).__name__})",
+            reason="MALFORMED_REQUEST",
+        ) from error
+
+
+def _checked(response: Any, limit: int) -> Any:
+    """`response`, once it is known to fit in one message of `limit` bytes."""
+    size = response.ByteSize() if hasattr(response, "ByteSize") else 0
+    if size > limit:
+        raise ResourceExhausted(
+            f"the reply would take {size} bytes, more than max_message_bytes (O2U_MAX_MESSAGE_BYTES) = "
+            f"{limit}; ask for less at once (a smaller page_size)",
+            reason="RESPONSE_TOO_LARGE",
+            metadata={"limit": "max_message_bytes"},
+        )
+    return response
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Parses requests, bounds replies, maps errors to statuses and records request metrics for
+    every method of the server."""
+
+    def __init__(self, metrics: ServerMetrics, *, max_message_bytes: int) -> None:
         self._metrics = metrics
+        self._limit = max_message_bytes
 
     async def intercept_service(
         self,
@@ -89,56 +124,62 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> Handler:
         handler = await continuation(handler_call_details)
         if handler is None:
-            return handler  # unknown method: gRPC answers UNIMPLEMENTED; not counted (unbounded names)
-        method = (handler_call_details.method or "").rsplit("/", 1)[-1]
-        metrics = self._metrics
-        serializers = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
+            return handler  # unknown method: gRPC answers UNIMPLEMENTED before any handler runs
+        method = METHOD_LABELS.get(handler_call_details.method or "", UNKNOWN_METHOD)
+        metrics, limit = self._metrics, self._limit
+        deserialize = handler.request_deserializer
+        serializer = {"response_serializer": handler.response_serializer}
 
         if handler.unary_unary is not None:
             unary = handler.unary_unary
 
-            async def unary_unary(request: Any, context: Context) -> Any:
+            async def unary_unary(raw: Any, context: Context) -> Any:
                 call = _Call(metrics, method)
+                request = None
                 try:
-                    return await unary(request, context)
+                    request = _parse(deserialize, raw, method)
+                    return _checked(await unary(request, context), limit)
                 except BaseException as exc:
                     await call.fail(exc, request, context)
                 finally:
                     call.finish(context)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, **serializers)
+            return grpc.unary_unary_rpc_method_handler(unary_unary, **serializer)
 
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _streaming(metrics, method, handler.unary_stream),
-                **serializers,
+                _streaming(metrics, method, handler.unary_stream, deserialize, limit), **serializer
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                _streaming(metrics, method, handler.stream_stream),
-                **serializers,
+                _streaming(metrics, method, handler.stream_stream, None, limit),
+                request_deserializer=deserialize,
+                **serializer,
             )
         return handler  # stream-unary: this server has none
 
 
 def _streaming(
-    metrics: ServerMetrics, method: str, behavior: Callable[[Any, Context], Any]
+    metrics: ServerMetrics,
+    method: str,
+    behavior: Callable[[Any, Context], Any],
+    deserialize: Deserializer,
+    limit: int,
 ) -> Callable[[Any, Context], AsyncIterator[Any]]:
     """Wrap a response-streaming behavior: an async generator, or a coroutine that uses context.write."""
 
-    async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+    async def stream(raw: Any, context: Context) -> AsyncIterator[Any]:
         call = _Call(metrics, method)
+        request = None
         try:
+            request = _parse(deserialize, raw, method)
             result = behavior(request, context)
             if hasattr(result, "__aiter__"):
                 # aclosing: the inner generator's cleanup (e.g. the watch-stream count) runs now,
                 # not whenever it is garbage collected.
                 async with aclosing(result) as responses:
                     async for response in responses:
-                        yield response
+                        yield _checked(response, limit)
             else:
                 await result
         except BaseException as exc:

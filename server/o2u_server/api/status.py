@@ -3,7 +3,9 @@
 `to_status` turns a `ServiceError` into a `google.rpc.Status` carrying an `ErrorInfo` (reason + domain)
 and, where the error has them, `BadRequest`, `ResourceInfo` and `RetryInfo`; `grpc_status` wraps it
 for `context.abort_with_status`. The interceptor and the bearer-token check are its only callers, so
-no other code in the server chooses a status code.
+no other code in the server chooses a status code. Status and details travel in gRPC trailers,
+which clients cap (8 KiB by default), so the message is cut at MAX_MESSAGE_BYTES and the texts
+repeated in details at MAX_DETAIL_BYTES: an error can never fail to reach the caller for its size.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from o2u_server.errors import Code, ServiceError
 __all__ = ["DOMAIN", "grpc_code", "grpc_status", "to_status"]
 
 DOMAIN = "o2u.dev"  # ErrorInfo.domain of every error this service raises
+MAX_MESSAGE_BYTES = 1024  # UTF-8 bytes of a status message
+MAX_DETAIL_BYTES = 256  # UTF-8 bytes of each text repeated in the details
 
 _GRPC_CODES: dict[Code, grpc.StatusCode] = {code: grpc.StatusCode[code.name] for code in Code}
 
@@ -32,19 +36,27 @@ def _pack(message: object) -> any_pb2.Any:
     return packed
 
 
+def _cut(text: str, limit: int) -> str:
+    """`text` in at most `limit` UTF-8 bytes, ending in "..." when it was cut."""
+    encoded = text.encode("utf-8", "replace")
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
 def to_status(error: ServiceError) -> status_pb2.Status:
     """The google.rpc.Status for an error, with ErrorInfo and the details that apply."""
-    details = [
-        _pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=dict(error.metadata)))
-    ]
+    metadata = {_cut(key, 64): _cut(value, MAX_DETAIL_BYTES) for key, value in error.metadata.items()}
+    details = [_pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata))]
+    description = _cut(error.message, MAX_DETAIL_BYTES)
     if error.field is not None:
-        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=description)
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
     if error.resource_type is not None:
         info = error_details_pb2.ResourceInfo(
             resource_type=error.resource_type,
-            resource_name=error.resource_name or "",
-            description=error.message,
+            resource_name=_cut(error.resource_name or "", MAX_DETAIL_BYTES),
+            description=description,
         )
         details.append(_pack(info))
     if error.retry_after_seconds is not None:
@@ -53,7 +65,7 @@ def to_status(error: ServiceError) -> status_pb2.Status:
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     code_value = int(error.code)
     assert code_value in code_pb2.Code.values()
-    return status_pb2.Status(code=code_value, message=error.message, details=details)
+    return status_pb2.Status(code=code_value, message=_cut(error.message, MAX_MESSAGE_BYTES), details=details)
 
 
 def grpc_status(error: ServiceError) -> grpc.Status:

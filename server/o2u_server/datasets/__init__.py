@@ -6,8 +6,11 @@ format (`npz`, `image_folder`, `csv_manifest`, `jsonl_manifest`). Nothing outsid
 format names. Every limit is checked as early as the information exists: object sizes from the
 listing or stat before anything is downloaded (`max_dataset_bytes`), the sample count from the
 `.npz` header or the manifest/listing (`max_samples`), image dimensions from each header before
-decoding (`max_image_pixels`). Errors are the service's classes and name the URI, key, field or
-limit at fault. Exports of score rows (JSONL, CSV) are `datasets.exports`.
+decoding (`max_image_pixels`), the class count before any per-class list (`max_classes`), decoded
+sizes from headers before inflating or decoding (`max_decoded_bytes`). `load_dataset` then checks
+what every format returns (`dataset.check_loaded`) and records its content digest. Errors are the
+service's classes and name the URI (as the caller sent it), key, field or limit at fault. Exports
+of score rows (JSONL, CSV) are `datasets.exports`.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from o2u_server.datasets.csv_manifest import load_csv_manifest
-from o2u_server.datasets.dataset import DatasetLimits, LoadedDataset, Loader
+from o2u_server.datasets.dataset import DatasetLimits, LoadedDataset, Loader, check_loaded, content_digest
 from o2u_server.datasets.image_folder import load_image_folder
 from o2u_server.datasets.jsonl_manifest import load_jsonl_manifest
 from o2u_server.datasets.npz import load_npz
 from o2u_server.domain import DatasetFormat
 from o2u_server.errors import NotFound
 from o2u_server.storage import Storage
+from o2u_server.text import shown
 
 __all__ = [
     "FOLDER_FORMAT",
@@ -84,11 +88,11 @@ def check_dataset_exists(
     getattr(objects, "close", lambda: None)()  # end the listing after its first entry
     if first is None:
         raise NotFound(
-            f"{field} {uri!r} names a folder with no files in it",
+            f"{field} {shown(uri)!r} names a folder with no files in it",
             reason="DATASET_NOT_FOUND",
             field=field,
             resource_type="object",
-            resource_name=uri,
+            resource_name=shown(uri),
         )
 
 
@@ -100,12 +104,16 @@ def load_dataset(
     *,
     field: str = "dataset.uri",
 ) -> LoadedDataset:
-    """Read, check and decode the dataset at `uri` (`dataset_format` None: inferred from the URI).
+    """Read, check and decode the dataset at `uri` (`dataset_format` None: inferred from the URI),
+    with its content digest set.
 
-    Raises InvalidArgument, PermissionDenied, NotFound, ResourceExhausted (limits) or Unavailable.
+    Raises InvalidArgument, PermissionDenied, NotFound, ResourceExhausted (limits) or Unavailable,
+    and storage.Stopped when the storage's job is asked to stop.
     """
     spec = _spec(uri, dataset_format)
     reference = storage.parse(uri, field=field, allow_prefix=spec.prefix)
     dataset = spec.load(uri, storage, limits, field)
     dataset.source = reference.scheme
+    check_loaded(dataset, uri, limits)
+    dataset.digest = content_digest(dataset, storage.reads.check)
     return dataset

@@ -1,38 +1,63 @@
 """What every dataset format shares: the limits a loader checks, the arrays it returns, and the
-errors that name the dataset, the limit and its setting."""
+errors that name the dataset, the limit and its setting.
+
+`check_loaded` is the last check of every loaded dataset, whatever its format: the decoded size and
+stage 2's N x K class counts against `max_decoded_bytes`, and every key and class name against
+the text rules (`o2u_server.text`). `content_digest` is what the job remembers of the data it
+trained on, so a resumed job notices when the dataset changed in between.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
 from o2u_server.errors import InvalidArgument, ResourceExhausted
-from o2u_server.settings import Settings
+from o2u_server.settings import MAX_CLASS_NAME_CHARS, Settings
 from o2u_server.storage import Storage
+from o2u_server.text import shown, text_problem
 
 __all__ = [
+    "MAX_CLASS_NAME_CHARS",
+    "MAX_KEY_CHARS",
     "DatasetLimits",
     "LoadedDataset",
     "Loader",
+    "check_loaded",
+    "content_digest",
     "empty_dataset",
     "invalid_dataset",
     "too_large",
+    "too_many_classes",
     "too_many_samples",
+    "too_much_decoded",
 ]
+
+MAX_KEY_CHARS = 1024  # a sample key (file path, manifest key or `ids` entry), in characters
+_DIGEST_CHUNK = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class DatasetLimits:
-    max_bytes: int  # sum of the dataset's object sizes (and of its decoded images)
+    max_bytes: int  # sum of the dataset's object sizes
     max_samples: int
     max_image_pixels: int  # width x height of one image
+    max_classes: int = 1000
+    max_decoded_bytes: int = 8 * 1024**3  # decoded arrays, and stage 2's N x K class counts
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DatasetLimits:
-        return cls(settings.max_dataset_bytes, settings.max_samples, settings.max_image_pixels)
+        return cls(
+            settings.max_dataset_bytes,
+            settings.max_samples,
+            settings.max_image_pixels,
+            settings.max_classes,
+            settings.max_decoded_bytes,
+        )
 
 
 @dataclass
@@ -43,6 +68,8 @@ class LoadedDataset:
     class_names: list[str]  # K names
     bytes_read: int  # from storage, for o2u_dataset_bytes_read_total
     source: Literal["s3", "file"]
+    files_read: int = 0  # files or objects read from storage
+    digest: str = ""  # content_digest, set by load_dataset
 
 
 # A format's loader: (uri, storage, limits, field) -> the dataset, every limit checked as early as
@@ -75,3 +102,71 @@ def too_many_samples(what: str, count: int, limits: DatasetLimits) -> ResourceEx
         reason="TOO_MANY_SAMPLES",
         metadata={"limit": "max_samples"},
     )
+
+
+def too_many_classes(where: str, count: int, limits: DatasetLimits, detail: str = "") -> ResourceExhausted:
+    return ResourceExhausted(
+        f"{where} has {count} classes{detail}, more than max_classes (O2U_MAX_CLASSES) = "
+        f"{limits.max_classes}",
+        reason="TOO_MANY_CLASSES",
+        metadata={"limit": "max_classes"},
+    )
+
+
+def too_much_decoded(what: str, size: int, limits: DatasetLimits) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"{what} takes {size} bytes in memory, more than max_decoded_bytes (O2U_MAX_DECODED_BYTES) = "
+        f"{limits.max_decoded_bytes}",
+        reason="DATASET_TOO_LARGE",
+        metadata={"limit": "max_decoded_bytes"},
+    )
+
+
+def _check_strings(values: Sequence[str], *, what: str, max_chars: int, uri: str) -> None:
+    for index, value in enumerate(values):
+        problem = text_problem(value, max_chars=max_chars)
+        if problem is not None:
+            raise invalid_dataset(f"{shown(uri)}: {what} {shown(value, 80)!r} (number {index}) {problem}")
+
+
+def check_loaded(dataset: LoadedDataset, uri: str, limits: DatasetLimits) -> None:
+    """The checks every format's result gets: sizes in memory, classes, keys and class names."""
+    num_samples, num_classes = len(dataset.labels), len(dataset.class_names)
+    if num_classes > limits.max_classes:
+        raise too_many_classes(shown(uri), num_classes, limits)
+    if dataset.features.nbytes > limits.max_decoded_bytes:
+        raise too_much_decoded(f"{shown(uri)} (decoded)", dataset.features.nbytes, limits)
+    counts = 4 * num_samples * num_classes  # stage 2 counts each sample's predicted classes (int32)
+    if counts > limits.max_decoded_bytes:
+        raise too_much_decoded(
+            f"{shown(uri)}: stage 2's class counts for {num_samples} samples x {num_classes} classes",
+            counts,
+            limits,
+        )
+    _check_strings(dataset.class_names, what="class name", max_chars=MAX_CLASS_NAME_CHARS, uri=uri)
+    _check_strings(dataset.keys, what="sample key", max_chars=MAX_KEY_CHARS, uri=uri)
+
+
+def _update(digest: Any, array: np.ndarray[Any, Any], should_stop: Callable[[], None]) -> None:
+    digest.update(repr((array.dtype.str, array.shape)).encode())
+    if not array.flags.c_contiguous:
+        # A Fortran-ordered array is hashed in its memory order (its transpose is C-ordered), so
+        # neither needs a copy; anything else is copied.
+        array = array.T if array.flags.f_contiguous else np.ascontiguousarray(array)
+    flat = array.reshape(-1).view(np.uint8).data
+    for start in range(0, len(flat), _DIGEST_CHUNK):
+        should_stop()
+        digest.update(flat[start : start + _DIGEST_CHUNK])
+
+
+def content_digest(dataset: LoadedDataset, should_stop: Callable[[], None] = lambda: None) -> str:
+    """SHA-256 of what the engine trains on: the samples, labels, keys and class names."""
+    digest = hashlib.sha256()
+    _update(digest, dataset.features, should_stop)
+    _update(digest, np.ascontiguousarray(dataset.labels, dtype=np.int64), should_stop)
+    for strings in (dataset.keys, dataset.class_names):
+        digest.update(len(strings).to_bytes(8, "little"))
+        for value in strings:
+            encoded = value.encode("utf-8", "surrogatepass")
+            digest.update(len(encoded).to_bytes(8, "little") + encoded)
+    return digest.hexdigest()

@@ -1,9 +1,11 @@
-"""Writing score rows as JSON Lines or CSV to an `s3://` object or a `file://` path under a data root.
+"""Writing score rows as JSON Lines or CSV to a new `s3://` object or `file://` file under one of
+the server's export locations (`export_uris`).
 
 Rows are dictionaries of plain values (NumPy scalars are accepted). JSONL writes one compact JSON
 object per row; CSV writes a header of the first row's keys (or the given columns) and one line per
 row, with booleans as `true`/`false` and missing values empty. The whole file is built in memory and
-written in one call, so a file destination is replaced atomically and an object appears complete.
+written in one call, so it appears complete or not at all; an existing file or object is never
+replaced (ALREADY_EXISTS), so an export cannot overwrite a dataset or anyone's earlier export.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from o2u_server.domain import ExportFormat
 from o2u_server.errors import InvalidArgument
 from o2u_server.storage import Storage
+from o2u_server.text import shown
 
 __all__ = ["EXPORT_COLUMNS", "infer_export_format", "write_export"]
 
@@ -48,7 +51,8 @@ def infer_export_format(uri: str, *, field: str = "format") -> ExportFormat:
         if lowered.endswith(suffixes):
             return export_format
     raise InvalidArgument(
-        f"cannot tell the export format from {uri!r}: set {field} or end the destination in .jsonl or .csv",
+        f"cannot tell the export format from {shown(uri)!r}: set {field} or end the destination in .jsonl "
+        "or .csv",
         reason="INVALID_FORMAT",
         field=field,
     )
@@ -110,9 +114,9 @@ def write_export(
     columns: Sequence[str] | None = None,
 ) -> tuple[int, int]:
     """Write `rows` to `uri` as `export_format`; returns (rows written, bytes written)."""
-    storage.parse(uri, field=field)  # refuse a bad destination before building the file
+    storage.parse_export(uri, field=field)  # refuse a bad destination before building the file
     buffer = io.StringIO()
     count = _WRITERS[export_format](rows, buffer, columns)
     data = buffer.getvalue().encode("utf-8")
-    written = storage.write_bytes(uri, data, field=field, content_type=_CONTENT_TYPES[export_format])
+    written = storage.create_export(uri, data, field=field, content_type=_CONTENT_TYPES[export_format])
     return count, written

@@ -2,8 +2,8 @@
 
 Images are read concurrently (a small thread pool with a bounded window of requests in flight) and
 each one's header is parsed as soon as it arrives, so an image whose declared width x height passes
-`max_image_pixels` - a decompression bomb - is refused before a single pixel is decoded. Then every
-image is decoded into one preallocated array:
+`max_image_pixels` - a decompression bomb - is refused before a single pixel is decoded. Then, once
+the decoded size has passed `max_decoded_bytes`, every image is decoded into one preallocated array:
 
 - mode: the majority of the images' modes, grayscale (`L`) or colour (`RGB`; ties go to colour);
   the minority is converted;
@@ -136,7 +136,7 @@ def load_images(
     *,
     field: str,
     max_pixels: int,
-    max_bytes: int,
+    max_decoded_bytes: int,
 ) -> tuple[np.ndarray[Any, np.dtype[np.uint8]], int]:
     """All images as one array (see the module docstring) and the bytes read from storage."""
 
@@ -158,17 +158,17 @@ def load_images(
         size = Counter((header.width, header.height) for header in headers).most_common(1)[0][0]
         shape = (len(items), size[1], size[0]) + ((3,) if mode == "RGB" else ())
         decoded_bytes = int(np.prod(shape))
-        if decoded_bytes > max_bytes:
+        if decoded_bytes > max_decoded_bytes:
             raise ResourceExhausted(
                 f"{len(items)} images decoded at {size[0]}x{size[1]} {mode} would take {decoded_bytes} "
-                "bytes, "
-                f"more than max_dataset_bytes (O2U_MAX_DATASET_BYTES) = {max_bytes}",
+                f"bytes, more than max_decoded_bytes (O2U_MAX_DECODED_BYTES) = {max_decoded_bytes}",
                 reason="DATASET_TOO_LARGE",
-                metadata={"limit": "max_dataset_bytes"},
+                metadata={"limit": "max_decoded_bytes"},
             )
         images = np.empty(shape, dtype=np.uint8)
 
         def decode(index: int) -> None:
+            storage.reads.check()  # a cancelled job stops decoding too
             images[index] = decode_image(
                 blobs[index], items[index].key, field=field, max_pixels=max_pixels, mode=mode, size=size
             )

@@ -2,7 +2,8 @@
 
 Labels arrive as integers or as strings. Integer labels are kept: K = max + 1 classes named "0".."K-1"
 (or the names given alongside them). String labels become indices into their sorted unique values,
-which are the class names. Errors name the dataset and the first offending index.
+which are the class names. K is checked against `max_classes` before any list of K names is built,
+so a label of 2**63 costs nothing. Errors name the dataset and the first offending index.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from o2u_server.datasets.dataset import invalid_dataset
+from o2u_server.datasets.dataset import DatasetLimits, invalid_dataset, too_many_classes
 
 __all__ = ["encode_labels"]
 
@@ -22,8 +23,13 @@ def encode_labels(
     *,
     class_names: Sequence[str] | None,
     where: str,
+    limits: DatasetLimits,
 ) -> tuple[np.ndarray[Any, np.dtype[np.int64]], list[str]]:
-    """(labels as int64 in [0, K), the K class names); `where` names the dataset in errors."""
+    """(labels as int64 in [0, K), the K class names); `where` names the dataset in errors.
+
+    ResourceExhausted (TOO_MANY_CLASSES) when K would exceed `limits.max_classes`."""
+    if class_names is not None and len(class_names) > limits.max_classes:
+        raise too_many_classes(where, len(class_names), limits, " (in class_names)")
     values = np.asarray(labels)
     if values.ndim != 1:
         raise invalid_dataset(f"{where}: labels must be one-dimensional, got shape {values.shape}")
@@ -33,14 +39,14 @@ def encode_labels(
         except UnicodeDecodeError as error:
             raise invalid_dataset(f"{where}: byte-string labels are not UTF-8: {error}") from error
     if values.dtype.kind in "iu":
-        return _integer_labels(values, class_names=class_names, where=where)
+        return _integer_labels(values, class_names=class_names, where=where, limits=limits)
     if values.dtype.kind == "U":
-        return _string_labels(values, class_names=class_names, where=where)
+        return _string_labels(values, class_names=class_names, where=where, limits=limits)
     raise invalid_dataset(f"{where}: labels must be integers or strings, got dtype {values.dtype}")
 
 
 def _integer_labels(
-    values: np.ndarray[Any, Any], *, class_names: Sequence[str] | None, where: str
+    values: np.ndarray[Any, Any], *, class_names: Sequence[str] | None, where: str, limits: DatasetLimits
 ) -> tuple[np.ndarray[Any, np.dtype[np.int64]], list[str]]:
     if values.size and int(values.min()) < 0:
         index = int(np.argmax(values < 0))
@@ -49,6 +55,15 @@ def _integer_labels(
         )
     top = int(values.max()) if values.size else -1
     if class_names is None:
+        if top + 1 > limits.max_classes:
+            index = int(np.argmax(values == values.max()))
+            raise too_many_classes(
+                where,
+                top + 1,
+                limits,
+                f" (label {top} at index {index}; integer labels are class indices 0..K-1, so K is "
+                "the largest label + 1)",
+            )
         names = [str(i) for i in range(top + 1)]
     else:
         names = list(class_names)
@@ -62,10 +77,12 @@ def _integer_labels(
 
 
 def _string_labels(
-    values: np.ndarray[Any, Any], *, class_names: Sequence[str] | None, where: str
+    values: np.ndarray[Any, Any], *, class_names: Sequence[str] | None, where: str, limits: DatasetLimits
 ) -> tuple[np.ndarray[Any, np.dtype[np.int64]], list[str]]:
     if class_names is None:
         names, inverse = np.unique(values, return_inverse=True)
+        if len(names) > limits.max_classes:
+            raise too_many_classes(where, len(names), limits, " (distinct labels)")
         return inverse.astype(np.int64).reshape(-1), [str(name) for name in names]
     index_of = {name: i for i, name in enumerate(class_names)}
     encoded = np.empty(len(values), dtype=np.int64)

@@ -2,13 +2,16 @@
 (labels) and optional `ids` (sample keys) and `class_names`.
 
 The size comes from the file's stat or the object's listing before anything is downloaded, the sample
-count and image size from the `.npy` headers before any array is loaded (`npz_archive`). A local
-file is memory-mapped; an object is downloaded into one buffer that the arrays view in place.
+count, image size and decoded size from the `.npy` headers before any array is loaded or inflated
+(`npz_archive`), the class count before any list of class names is built (`labels`). A local file is
+read into owned memory (never mapped); an object is downloaded into one buffer that the arrays
+view in place.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
+import os
 from typing import Any
 
 import numpy as np
@@ -19,39 +22,46 @@ from o2u_server.datasets.dataset import (
     empty_dataset,
     invalid_dataset,
     too_large,
+    too_many_classes,
     too_many_samples,
+    too_much_decoded,
 )
 from o2u_server.datasets.labels import encode_labels
 from o2u_server.datasets.npz_archive import NpzArchive, NpzMember
 from o2u_server.errors import ResourceExhausted
 from o2u_server.storage import Storage
+from o2u_server.text import shown
 
 __all__ = ["load_npz"]
 
 
 def load_npz(uri: str, storage: Storage, limits: DatasetLimits, field: str) -> LoadedDataset:
-    path = storage.open_local(uri, field=field)
-    source: Path | bytearray
-    if path is not None:
-        size = path.stat().st_size
+    handle = storage.open_local(uri, field=field)
+    source: io.BufferedIOBase | bytearray
+    if handle is not None:
+        size = os.fstat(handle.fileno()).st_size
         if size > limits.max_bytes:
-            raise too_large(uri, size, limits)
-        source = path
+            handle.close()
+            raise too_large(shown(uri), size, limits)
+        source = handle
     else:
         size = storage.stat(uri, field=field).size
         if size > limits.max_bytes:
-            raise too_large(uri, size, limits)
+            raise too_large(shown(uri), size, limits)
         source = storage.read_buffer(uri, field=field, max_bytes=limits.max_bytes)
-    with NpzArchive(source, uri=uri, field=field) as archive:
-        count = _check_members(uri, archive.members, limits)
+    where = shown(uri)
+    with NpzArchive(source, uri=uri, field=field, reads=storage.reads) as archive:
+        count = _check_members(where, archive.members, limits)
         class_names = None
         if "class_names" in archive.members:
-            class_names = _strings(archive.load("class_names"), uri=uri, name="class_names")
-        labels, names = encode_labels(archive.load("y"), class_names=class_names, where=uri)
-        keys = _strings(archive.load("ids"), uri=uri, name="ids") if "ids" in archive.members else None
+            class_names = _strings(archive.load("class_names"), uri=where, name="class_names")
+        labels, names = encode_labels(archive.load("y"), class_names=class_names, where=where, limits=limits)
+        keys = _strings(archive.load("ids"), uri=where, name="ids") if "ids" in archive.members else None
         if keys is not None and len(set(keys)) != len(keys):
-            raise invalid_dataset(f"{uri}: ids must be unique")
+            raise invalid_dataset(f"{where}: ids must be unique")
         features = archive.load("x")
+    if handle is not None:
+        storage.reads.add(0, files=1)  # a download counted itself
     return LoadedDataset(
         features=features,
         labels=labels,
@@ -59,6 +69,7 @@ def load_npz(uri: str, storage: Storage, limits: DatasetLimits, field: str) -> L
         class_names=names,
         bytes_read=size,
         source="file",
+        files_read=1,
     )
 
 
@@ -87,9 +98,12 @@ def _check_members(uri: str, members: dict[str, NpzMember], limits: DatasetLimit
             raise invalid_dataset(
                 f"{uri}: {name} must have shape ({count},) to match x, got {members[name].shape}"
             )
-    inflated = sum(member.stored_bytes for member in members.values())
-    if inflated > limits.max_bytes:
-        raise too_large(f"{uri} (uncompressed)", inflated, limits)
+    names = members["class_names"].shape if "class_names" in members else ()
+    if len(names) == 1 and names[0] > limits.max_classes:
+        raise too_many_classes(uri, names[0], limits, " (in class_names)")
+    decoded = sum(member.nbytes for member in members.values())
+    if decoded > limits.max_decoded_bytes:
+        raise too_much_decoded(f"{uri} (its arrays, decoded)", decoded, limits)
     return count
 
 

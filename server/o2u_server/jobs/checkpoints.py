@@ -11,8 +11,9 @@ that lost its lease can never overwrite the checkpoint of the attempt that took 
 newest attempt's copy is what the next attempt resumes from. `delete` removes every copy when the
 job ends. An object store that does not answer never fails a job: a checkpoint is a shortcut (a
 resumed run and a fresh one score alike), so a failed upload is logged and tried again after the
-next epoch, and a failed download starts the attempt from the beginning. Without a checkpoint URI
-(or with a local path) the engine writes straight into the folder, which only one process uses.
+next epoch, and a failed download (or one with no room to stage it) starts the attempt from the
+beginning. Without a checkpoint URI (or with a local path) the engine writes straight into the
+folder, which only one process uses.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class CheckpointStore(Protocol):
     """What the runner and the manager use; see LocalCheckpoints for each method."""
 
     shared: bool  # every replica reads it
+    directory: Path  # the local folder the engine writes to (part of the state volume)
 
     def path(self, job_id: str) -> Path: ...
     def open(self) -> None: ...
@@ -114,10 +116,10 @@ class ObjectCheckpoints(LocalCheckpoints):
         path.unlink(missing_ok=True)
         try:
             self._download_newest(lease, path)
-        except ServiceError as error:
+        except (ServiceError, OSError) as error:  # OSError: no room to stage it (a full state volume)
             logger.warning(
                 "could not read the job's checkpoints; the attempt starts from the beginning: %s",
-                error.message,
+                error,
                 extra={"job_id": lease.job_id},
             )
         signature = self._signature(path)
@@ -140,9 +142,12 @@ class ObjectCheckpoints(LocalCheckpoints):
             except NotFound:  # removed by the attempt that wrote it, once it lost its lease
                 continue
             handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=self.directory)
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(data)
-            os.replace(temporary, path)
+            try:
+                with os.fdopen(handle, "wb") as stream:
+                    stream.write(data)
+                os.replace(temporary, path)
+            finally:
+                Path(temporary).unlink(missing_ok=True)  # left only when the write failed
             return
 
     def sync(self, lease: Lease) -> None:

@@ -10,7 +10,8 @@ cut off past its lease can so never overwrite what the new owner writes.
 
 A lease that expires (its replica crashed, or stopped renewing) makes the job an orphan:
 `requeue_expired`, run by every replica now and then, puts it back in the queue as a crash of that
-attempt (FAILED after `max_attempts`, CANCELLED if a cancel was pending), and the next claim
+attempt (`jobs.crashes`: counted only when the attempt got no further than an earlier one; FAILED
+after `max_attempts` counted in a row, CANCELLED if a cancel was pending), and the next claim
 resumes it from its last checkpoint under the next attempt number.
 """
 
@@ -33,8 +34,8 @@ from o2u_server.domain import (
     ScoreTuple,
     Stage,
 )
-from o2u_server.errors import Code
 from o2u_server.jobs import records
+from o2u_server.jobs.crashes import requeue_crashed
 from o2u_server.jobs.database import Database
 from o2u_server.jobs.event_log import EventLog
 from o2u_server.jobs.results import ResultsStore
@@ -262,61 +263,46 @@ class ClaimStore:
         return self._db.retry(lambda: self._requeue(now, max_attempts, expired_only=True))
 
     def _requeue(self, now: float, max_attempts: int, *, expired_only: bool) -> Recovery:
-        """A crash counts against `max_attempts`; after that many the job is FAILED. Jobs whose
-        cancellation was requested are CANCELLED instead."""
+        """Requeue each orphan as a crash of its attempt (`jobs.crashes`: it counts against the job
+        only when the attempt got no further than an earlier one; FAILED after `max_attempts` such
+        crashes in a row). Jobs whose cancellation was requested are CANCELLED instead."""
         recovery = Recovery()
         orphans = or_(jobs.c.state == JobState.RUNNING.value, jobs.c.cancel_requested.is_(True))
         if expired_only:
             lapsed = or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < self._db.clock())
             orphans = and_(jobs.c.state == JobState.RUNNING.value, lapsed)
         query = (
-            select(jobs.c.job_id, jobs.c.crashes, jobs.c.cancel_requested, jobs.c.lease_owner)
+            select(jobs)
             .where(jobs.c.state.in_((JobState.QUEUED.value, JobState.RUNNING.value)), orphans)
             .order_by(jobs.c.seq)
             .with_for_update(skip_locked=True)  # another replica requeueing the same job skips it
         )
         with self._db.write(durable=True) as conn:
-            for job_id, crashes, cancel_requested, owner in conn.execute(query).all():
-                if cancel_requested:
+            for row in conn.execute(query).mappings().all():
+                job_id, owner = row["job_id"], row["lease_owner"]
+                if row["cancel_requested"]:
                     event = transition(
                         conn, self._log, job_id, JobState.CANCELLED, now, message="cancelled before a restart"
                     )
                 else:
-                    cause = (
-                        f"{owner or 'its replica'} stopped renewing its lease"
+                    event = requeue_crashed(
+                        conn,
+                        self._log,
+                        job_id,
+                        crashes=row["crashes"],
+                        dataset_uri=row["dataset_uri"],
+                        progress=records.decode_progress(row["progress_json"]),
+                        cause=f"{owner or 'its replica'} stopped renewing its lease"
                         if expired_only
-                        else "the server stopped during the job"
+                        else "the server stopped during the job",
+                        now=now,
+                        max_attempts=max_attempts,
                     )
-                    event = self._crashed(conn, job_id, crashes + 1, cause, now, max_attempts)
                 assert event is not None
                 if event.state is JobState.QUEUED:
                     self._db.notify(conn, f"queued {job_id}")
-                recovery.events.append(event)
-                if event.state is JobState.QUEUED:
                     recovery.queued.append(job_id)
                 else:
                     recovery.finished.append(event.state)
+                recovery.events.append(event)
         return recovery
-
-    def _crashed(
-        self, conn: Connection, job_id: str, crashes: int, cause: str, now: float, max_attempts: int
-    ) -> JobEvent | None:
-        if crashes >= max_attempts:
-            times = "time" if crashes == 1 else "times"
-            message = f"too many attempts: the worker crashed {crashes} {times}"
-            error = JobError(int(Code.INTERNAL), message, "TOO_MANY_ATTEMPTS")
-            return transition(
-                conn, self._log, job_id, JobState.FAILED, now, error=error, message=message, crashes=crashes
-            )
-        return transition(
-            conn,
-            self._log,
-            job_id,
-            JobState.QUEUED,
-            now,
-            message=f"{cause} (crash {crashes} of {max_attempts} allowed); it resumes from its last "
-            "checkpoint",
-            crashes=crashes,
-            lease_owner=None,
-            lease_expires_at=None,
-        )

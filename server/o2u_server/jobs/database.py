@@ -6,7 +6,12 @@ by one lock and `BEGIN IMMEDIATE`, a write that must survive power loss commits 
 `synchronous=FULL`, and an exclusive lock file keeps a second server off the same state directory.
 PostgreSQL commits durably anyway; replicas migrate one at a time under an advisory lock, reads that
 span several SELECTs see one snapshot (REPEATABLE READ), and a lost connection (a database restart
-or fail-over) is retried for up to `retry_seconds` before a call answers UNAVAILABLE.
+or fail-over) is retried for up to `retry_seconds` before a call answers UNAVAILABLE
+(DATABASE_UNAVAILABLE, with RetryInfo). A write that finds no room - SQLite's volume full, or a
+PostgreSQL server out of disk (SQLSTATE 53100) - raises StateStoreFull (RESOURCE_EXHAUSTED with
+RetryInfo: STATE_DISK_FULL or DATABASE_FULL) at once instead of being retried here; the transaction
+is rolled back, the connection stays usable, reads keep working, and the same write succeeds again
+as soon as space is freed (`jobs.state_volume` retries the runner's writes).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from sqlalchemy import select as sql_select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from o2u_server.errors import Unavailable
+from o2u_server.errors import StateStoreFull, Unavailable
 from o2u_server.jobs import migrate
 from o2u_server.jobs.tables import meta
 from o2u_server.settings import Settings
@@ -40,6 +45,8 @@ T = TypeVar("T")
 # pg_advisory_lock keys: the schema migration at start-up, and job admission (the queue limit).
 MIGRATION_LOCK = 0x6F32_7501
 ADMISSION_LOCK = 0x6F32_7502
+_SQLITE_FULL = 13  # SQLite's result code of a write that found the disk (or quota) full
+_POSTGRESQL_DISK_FULL = "53100"  # SQLSTATE disk_full
 # The LISTEN/NOTIFY channel that carries "event <job> <sequence>", "cancel <job>" and "queued <job>".
 NOTIFY_CHANNEL = "o2u_jobs"
 
@@ -63,6 +70,14 @@ def database_url(settings: Settings) -> URL:
 
 def _transient(error: DBAPIError) -> bool:
     return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
+
+
+def _disk_full(error: BaseException) -> bool:
+    # A driver's own error where SQLAlchemy does not wrap it (COPY runs on psycopg's connection).
+    original = error.orig if isinstance(error, DBAPIError) else error
+    if getattr(original, "sqlstate", None) == _POSTGRESQL_DISK_FULL:
+        return True
+    return int(getattr(original, "sqlite_errorcode", 0)) & 0xFF == _SQLITE_FULL
 
 
 class Database:
@@ -164,7 +179,25 @@ class Database:
 
     @contextmanager
     def write(self, *, durable: bool = False) -> Iterator[Connection]:
-        """One write transaction; `durable` (SQLite) fsyncs the WAL at commit."""
+        """One write transaction; `durable` (SQLite) fsyncs the WAL at commit. StateStoreFull if the
+        database has no room for it (rolled back; see the module docstring)."""
+        try:
+            with self._transaction(durable) as conn:
+                yield conn
+        except Exception as error:
+            if not _disk_full(error):
+                raise
+            logger.error("the job database %s is out of space: %s", self.description, error)
+            if self.postgresql:
+                raise StateStoreFull(
+                    "the server's job database is out of disk space, so the server accepts no new jobs "
+                    "until its operator frees space; retry later",
+                    reason="DATABASE_FULL",
+                ) from error
+            raise StateStoreFull() from error
+
+    @contextmanager
+    def _transaction(self, durable: bool) -> Iterator[Connection]:
         if self.postgresql:
             with self.engine.begin() as conn:
                 yield conn

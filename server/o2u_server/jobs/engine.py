@@ -4,8 +4,11 @@ translated here, so the rest of the server speaks only its own domain types.
 - Requests: a job's requested ScoringConfig fields become the engine's O2UConfig (`engine_config`).
   CreateScoringJob calls it too, so a bad value is INVALID_ARGUMENT naming the field before anything
   is queued.
-- Running: `Engine.resolve` fills the config's `auto` fields for the loaded dataset and device;
-  `Engine.score` trains and ranks, handing every epoch's ProgressEvent on as a domain Progress.
+- Running: `Engine.resolve` checks that the loaded dataset is one the engine can score (enough
+  samples, two classes present: INVALID_ARGUMENT naming the dataset) and fills the config's `auto`
+  fields for it and the device; `Engine.score` trains and ranks, handing every epoch's
+  ProgressEvent on as a domain Progress. A checkpoint the engine cannot resume (unreadable, or
+  written by another engine version) is deleted and the run starts over: the result is the same.
 - Results: `run_info` describes a run by its resolved config (one serialization, recorded before
   training and again, with the report's own figures, when it succeeds); `job_results` turns the
   NoiseReport into the ranked score rows, dataset summary and RunInfo the store keeps.
@@ -16,12 +19,14 @@ translated here, so the rest of the server speaks only its own domain types.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import o2u_engine
@@ -34,6 +39,7 @@ from o2u_engine import (
     ResolvedConfig,
 )
 from o2u_engine.config import validate_config
+from o2u_engine.validate import MIN_SAMPLES
 from o2u_server.datasets import LoadedDataset
 from o2u_server.domain import (
     ClassNoise,
@@ -46,6 +52,7 @@ from o2u_server.domain import (
     Stage,
 )
 from o2u_server.errors import Internal, InvalidArgument, ResourceExhausted, ServiceError
+from o2u_server.text import shown
 
 __all__ = [
     "MAX_CONFUSED_PAIRS",
@@ -59,6 +66,7 @@ __all__ = [
 ]
 
 MAX_CONFUSED_PAIRS = 20
+logger = logging.getLogger(__name__)
 
 # ---- requests -------------------------------------------------------------------------------------
 
@@ -106,8 +114,11 @@ class Engine:
     score_noise: Callable[..., o2u_engine.NoiseReport] = o2u_engine.score_noise
     resolve_config: Callable[..., ResolvedConfig] = o2u_engine.resolve_config
 
-    def resolve(self, requested: Mapping[str, Any], dataset: LoadedDataset, device: str) -> ResolvedConfig:
+    def resolve(
+        self, requested: Mapping[str, Any], dataset: LoadedDataset, device: str, *, uri: str = "the dataset"
+    ) -> ResolvedConfig:
         """The config that will run: the requested fields, every `auto` one chosen for this data."""
+        check_scorable(dataset, uri)
         return self.resolve_config(
             engine_config(requested),
             num_samples=len(dataset.labels),
@@ -131,17 +142,49 @@ class Engine:
         """Train and rank; `progress` receives one Progress per epoch, from the calling thread.
 
         Raises Cancelled when `should_cancel` turns true (the checkpoint is kept)."""
-        return self.score_noise(
-            dataset.features,
-            dataset.labels,
-            config=config,
-            num_classes=len(dataset.class_names),
-            device=device,
-            progress=lambda update: progress(_progress(update)),
-            should_cancel=should_cancel,
-            checkpoint_path=checkpoint_path,
-            checkpoint_interval_seconds=checkpoint_interval_seconds,
-            initial_weights=initial_weights,
+
+        def run() -> o2u_engine.NoiseReport:
+            return self.score_noise(
+                dataset.features,
+                dataset.labels,
+                config=config,
+                num_classes=len(dataset.class_names),
+                device=device,
+                progress=lambda update: progress(_progress(update)),
+                should_cancel=should_cancel,
+                checkpoint_path=checkpoint_path,
+                checkpoint_interval_seconds=checkpoint_interval_seconds,
+                initial_weights=initial_weights,
+            )
+
+        try:
+            return run()
+        except ConfigError as error:
+            if getattr(error, "field", None) != "checkpoint_path":
+                raise
+            # The server's own file, not the caller's problem: start over (same seed, same scores).
+            logger.warning("discarding a checkpoint that cannot be resumed: %s", error)
+            checkpoint_path.unlink(missing_ok=True)
+            return run()
+
+
+def check_scorable(dataset: LoadedDataset, uri: str) -> None:
+    """InvalidArgument (INVALID_DATASET) unless the engine can score `dataset`: at least
+    MIN_SAMPLES samples and two classes present (the engine would report these as its own
+    num_samples/num_classes settings)."""
+    count = len(dataset.labels)
+    if count < MIN_SAMPLES:
+        raise InvalidArgument(
+            f"{shown(uri)} holds {count} sample{'s' if count != 1 else ''}; scoring needs at least "
+            f"{MIN_SAMPLES}",
+            reason="INVALID_DATASET",
+            field="dataset",
+        )
+    if np.count_nonzero(np.bincount(dataset.labels)) < 2:
+        raise InvalidArgument(
+            f"{shown(uri)}: every sample has the same label; scoring needs at least 2 classes present",
+            reason="INVALID_DATASET",
+            field="dataset",
         )
 
 
@@ -173,6 +216,7 @@ def run_info(
     num_samples: int,
     num_classes: int,
     server_version: str,
+    dataset_digest: str = "",
     engine_version: str = o2u_engine.__version__,
     torch_version: str = torch.__version__,
 ) -> RunInfo:
@@ -187,6 +231,7 @@ def run_info(
         resolved_config_json=config.to_json(),
         server_version=server_version,
         model=config.model,
+        dataset_digest=dataset_digest,
     )
 
 
@@ -208,6 +253,7 @@ def job_results(
         num_samples=report.num_samples,
         num_classes=report.num_classes,
         server_version=server_version,
+        dataset_digest=dataset.digest,
         engine_version=report.engine_version,
         torch_version=report.torch_version,
     )
@@ -298,4 +344,5 @@ def _summary(
         confused_pairs=_confused_pairs(report),
         clean_retraining=retraining,
         run_info=info,
+        noise_rate_capped=bool(report.noise_rate_capped),
     )

@@ -6,6 +6,10 @@ merges replayed and live events for watchers. Every method answers from the shar
 replica answers for any job, wherever it runs. It speaks domain types only and raises
 `o2u_server.errors` exceptions, which the interceptor maps to status codes.
 
+New work needs room on this replica's state volume (`jobs.state_volume`): below
+`min_free_state_bytes` free, CreateScoringJob is RESOURCE_EXHAUSTED (STATE_DISK_FULL) while every
+read keeps working, until space is freed (another replica with room may accept the job meanwhile).
+
 Where a bad dataset shows up: CreateScoringJob checks the URI's form and permissions and that the
 object exists (`datasets.check_dataset_exists`: one `stat`, or one listing page for a folder), so a
 typo gets NOT_FOUND at once; a dataset that disappears or turns out malformed after acceptance fails
@@ -35,12 +39,19 @@ from o2u_server.domain import (
     ScoreFilter,
     ScorePage,
 )
-from o2u_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from o2u_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    StateStoreFull,
+    Unavailable,
+)
 from o2u_server.jobs.checkpoints import CheckpointStore
 from o2u_server.jobs.events import EventHub, follow
 from o2u_server.jobs.paging import PagePosition, PageTokens, resolve_page_size
 from o2u_server.jobs.requests import check_job_id, check_job_spec, check_score_filter, new_job_id
 from o2u_server.jobs.runner import JobRunner
+from o2u_server.jobs.state_volume import StateVolume
 from o2u_server.jobs.store import JobStore
 from o2u_server.metrics import ServerMetrics
 from o2u_server.settings import Settings
@@ -61,6 +72,7 @@ class JobManager:
         store: JobStore,
         storage: Storage,
         checkpoints: CheckpointStore,
+        volume: StateVolume,
         runner: JobRunner,
         hub: EventHub,
         metrics: ServerMetrics,
@@ -70,6 +82,7 @@ class JobManager:
         self._store = store
         self._storage = storage
         self._checkpoints = checkpoints
+        self._volume = volume
         self._runner = runner
         self._hub = hub
         self._metrics = metrics
@@ -119,6 +132,8 @@ class JobManager:
         earlier = self._store.job_for_request(spec)
         if earlier is not None:
             return earlier  # a retry: the dataset check already passed the first time
+        if not self._volume.has_room():
+            raise StateStoreFull()  # reads keep working; new work waits until space is freed
         check_dataset_exists(spec.dataset_uri, spec.dataset_format, self._storage)
         if spec.initial_weights_uri:
             self._storage.stat(spec.initial_weights_uri, field="config.initial_weights_uri")
@@ -127,7 +142,7 @@ class JobManager:
         )
         if created:
             self._runner.submit(job.job_id)
-            self._metrics.count_jobs(self._store.state_counts())
+            self._metrics.count_jobs(self._store.state_counts)
         return job
 
     async def get(self, job_id: str) -> Job:
@@ -156,7 +171,7 @@ class JobManager:
         job, event = await self._blocking(self._store.request_cancel, check_job_id(job_id), time.time())
         if event is not None:
             self._metrics.jobs_finished.labels(state=JobState.CANCELLED.value).inc()
-            self._metrics.count_jobs(await self._blocking(self._store.state_counts))
+            await self._blocking(self._metrics.count_jobs, self._store.state_counts)
             self._hub.publish(event)
         elif job.state is JobState.RUNNING:
             self._runner.cancel(job_id)
@@ -256,7 +271,7 @@ class JobManager:
         """Write the job's scores to `destination_uri`; returns (rows, bytes) written."""
         self._ready()
         check_job_id(job_id)
-        self._storage.parse(destination_uri, field="destination_uri")
+        self._storage.parse_export(destination_uri, field="destination_uri")
         if export_format is None:
             export_format = infer_export_format(destination_uri)
         await self._succeeded(job_id)

@@ -1,7 +1,8 @@
 """Checks of request fields that need nothing but the request (and the storage rules for URIs), made
 before the store is touched. Each failure is InvalidArgument (or PermissionDenied for a URI outside
 what the server may read) naming the field, so a caller can fix the request; whether a dataset
-actually exists is the manager's check, made once per new job.
+actually exists is the manager's check, made once per new job. A display name is shown to other
+people (the CLI, dashboards), so it may hold no control or bidirectional-override characters.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from o2u_server.domain import JobSpec, ScoreFilter
 from o2u_server.errors import InvalidArgument
 from o2u_server.jobs.engine import engine_config
 from o2u_server.storage import Storage
+from o2u_server.text import text_problem
 
 __all__ = ["MAX_DISPLAY_NAME", "check_job_id", "check_job_spec", "check_score_filter", "new_job_id"]
 
@@ -46,10 +48,9 @@ def check_job_spec(spec: JobSpec, storage: Storage) -> None:
             reason="INVALID_REQUEST_ID",
             field="request_id",
         )
-    if len(spec.display_name) > MAX_DISPLAY_NAME:
-        raise InvalidArgument(
-            f"display_name is longer than {MAX_DISPLAY_NAME} characters", field="display_name"
-        )
+    problem = text_problem(spec.display_name, max_chars=MAX_DISPLAY_NAME)
+    if problem is not None:
+        raise InvalidArgument(f"display_name {problem}", reason="INVALID_DISPLAY_NAME", field="display_name")
     engine_config(spec.config)  # INVALID_ARGUMENT naming the field, before anything is stored
     check_dataset_uri(spec.dataset_uri, spec.dataset_format, storage)
     if spec.initial_weights_uri:

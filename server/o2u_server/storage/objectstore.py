@@ -21,13 +21,22 @@ import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
-from o2u_server.errors import NotFound, PermissionDenied, ResourceExhausted, ServiceError, Unavailable
+from o2u_server.errors import (
+    AlreadyExists,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from o2u_server.storage.uris import s3_uri
+from o2u_server.text import shown
 
 __all__ = ["ObjectStore", "RetryPolicy"]
 
 T = TypeVar("T")
 MIB = 1024 * 1024
+MAX_SINGLE_PUT_BYTES = 5 * 1024**3  # S3's limit for one PUT
 _RETRYABLE_CODES = {
     "SlowDown",
     "ServiceUnavailable",
@@ -90,19 +99,30 @@ class ObjectStore:
         found = self._call(lambda: self._client.stat_object(bucket, key), uri=s3_uri(bucket, key))
         return int(found.size or 0), found.etag or ""
 
-    def read(self, bucket: str, key: str, *, max_bytes: int | None) -> bytearray:
-        """The whole object; ResourceExhausted as soon as more than `max_bytes` have arrived."""
+    def read(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        max_bytes: int | None,
+        on_chunk: Callable[[int], None] = lambda size: None,
+    ) -> bytearray:
+        """The whole object; ResourceExhausted as soon as more than `max_bytes` have arrived.
+
+        `on_chunk` sees the size of every chunk that arrives (and may raise to stop)."""
         uri = s3_uri(bucket, key)
 
         def download() -> bytearray:
+            on_chunk(0)  # a stopped job makes no new attempt
             response = self._client.get_object(bucket, key)
             try:
                 data = bytearray()
                 for chunk in response.stream(MIB):
                     data += chunk
+                    on_chunk(len(chunk))
                     if max_bytes is not None and len(data) > max_bytes:
                         raise ResourceExhausted(
-                            f"{uri} is larger than the {max_bytes} bytes left under max_dataset_bytes "
+                            f"{shown(uri)} is larger than the {max_bytes} bytes left under max_dataset_bytes "
                             "(O2U_MAX_DATASET_BYTES)",
                             reason="DATASET_TOO_LARGE",
                             metadata={"limit": "max_dataset_bytes"},
@@ -148,6 +168,24 @@ class ObjectStore:
         """Delete one object (S3 answers success for a key that does not exist)."""
         self._call(lambda: self._client.remove_object(bucket, key), uri=s3_uri(bucket, key))
 
+    def create(self, bucket: str, key: str, data: bytes, *, content_type: str) -> None:
+        """Store a new object in one PUT with `If-None-Match: *`: AlreadyExists if the key is taken.
+
+        The SDK's put_object turns unknown headers into user metadata and splits large bodies into
+        multipart uploads, so this sends the single conditional PUT itself (S3, MinIO)."""
+        uri = s3_uri(bucket, key)
+        if len(data) > MAX_SINGLE_PUT_BYTES:
+            raise ResourceExhausted(
+                f"the export for {shown(uri)} holds {len(data)} bytes, more than one upload may "
+                f"({MAX_SINGLE_PUT_BYTES}); export only the suspected samples",
+                reason="EXPORT_TOO_LARGE",
+            )
+        headers: dict[str, str | list[str] | tuple[str]] = {
+            "Content-Type": content_type,
+            "If-None-Match": "*",
+        }
+        self._call(lambda: self._client._put_object(bucket, key, data, headers), uri=uri)
+
     def _call(self, operation: Callable[[], T], *, uri: str) -> T:
         failures = 0
         while True:
@@ -166,7 +204,7 @@ class ObjectStore:
         failures += 1
         if failures >= self.retry.attempts:
             raise Unavailable(
-                f"object store {self.endpoint} did not answer for {uri} after {failures} tries "
+                f"object store {self.endpoint} did not answer for {shown(uri)} after {failures} tries "
                 f"({type(error).__name__}: {error}); retry later or check O2U_S3_ENDPOINT",
                 reason="OBJECT_STORE_UNAVAILABLE",
                 resource_type="object_store",
@@ -178,6 +216,14 @@ class ObjectStore:
 
     @staticmethod
     def _s3_error(error: S3Error, uri: str) -> ServiceError:
+        uri = shown(uri)
+        if error.code in ("PreconditionFailed", "ConditionalRequestConflict"):  # If-None-Match: *
+            return AlreadyExists(
+                f"{uri} already exists; exports never replace an object: choose a new name",
+                reason="DESTINATION_EXISTS",
+                resource_type="object",
+                resource_name=uri,
+            )
         if error.code in ("NoSuchKey", "NoSuchObject"):
             return NotFound(
                 f"object {uri} does not exist",

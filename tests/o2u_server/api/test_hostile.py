@@ -75,6 +75,7 @@ def server(root: Path, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -
         data_roots=[root],
         s3_allowed_buckets=[BUCKET],
         max_message_bytes=MAX_MESSAGE_BYTES,
+        max_classes=50,  # the largest whose summaries fit in MAX_MESSAGE_BYTES
         max_page_size=50,
         **s3.settings_kwargs(),
     )

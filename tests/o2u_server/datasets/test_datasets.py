@@ -54,15 +54,25 @@ def test_npz_images_round_trip(store: Store, compressed: bool) -> None:
     assert dataset.features.flags.writeable  # torch.from_numpy must not warn about read-only memory
 
 
-def test_uncompressed_local_npz_is_memory_mapped(root: Path, storage: Storage) -> None:
-    x = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)
-    np.savez(root / "features.npz", x=x, y=np.array([0, 1, 0, 1]))
-    dataset = load_dataset(f"file://{root}/features.npz", DatasetFormat.NPZ, storage, LIMITS)
+@pytest.mark.parametrize("fortran", [False, True])
+def test_a_local_npz_is_read_into_owned_memory_that_a_rewrite_cannot_touch(
+    root: Path, storage: Storage, fortran: bool
+) -> None:
+    x = np.arange(400 * 3, dtype=np.float32).reshape(400, 3)
+    x = np.asfortranarray(x) if fortran else x
+    path = root / f"owned-{fortran}.npz"
+    np.savez(path, x=x, y=np.arange(400) % 2)
+    dataset = load_dataset(path.as_uri(), DatasetFormat.NPZ, storage, LIMITS)
     base = dataset.features
-    while base.base is not None and not isinstance(base, np.memmap):
+    while base.base is not None:
         base = base.base
-    assert isinstance(base, np.memmap)
+    assert not isinstance(base, np.memmap)
+    assert dataset.features.flags.owndata or isinstance(base, np.ndarray)
+    digest = dataset.digest
+    np.savez(path, x=x + 1, y=np.arange(400) % 2)  # the owner re-saves the file in place...
+    path.write_bytes(path.read_bytes()[:100])  # ...or truncates it: the loaded data does not change
     np.testing.assert_array_equal(dataset.features, x)
+    assert len(digest) == 64
 
 
 def test_npz_features_with_string_labels_ids_and_class_names(store: Store) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from o2u_server.datasets.exports import EXPORT_COLUMNS, infer_export_format, write_export
 from o2u_server.domain import ExportFormat, NoiseScoreRow
-from o2u_server.errors import InvalidArgument, PermissionDenied
+from o2u_server.errors import AlreadyExists, InvalidArgument, PermissionDenied
 from o2u_server.storage import Storage
 from tests.o2u_server.dataset_files import Store, make_storage
 from tests.s3_server import S3Server
@@ -58,12 +58,25 @@ def test_exports_round_trip(store: Store, s3: S3Server, root: Path) -> None:
     }
 
 
-def test_export_outside_roots_is_denied(storage: Storage, root: Path) -> None:
-    with pytest.raises(PermissionDenied):
-        write_export(ROWS, f"file://{root.parent}/scores.csv", ExportFormat.CSV, storage)
+def test_export_outside_the_export_locations_is_denied(storage: Storage, root: Path) -> None:
+    for uri in (
+        f"file://{root.parent}/scores.csv",
+        f"file://{root}/scores.csv",  # a data root, but not an export location
+        "s3://not-allowed/scores.csv",
+        "s3://datasets/scores.csv",  # an allowed bucket, outside the export prefix
+    ):
+        with pytest.raises(PermissionDenied) as caught:
+            write_export(ROWS, uri, ExportFormat.CSV, storage)
+        assert caught.value.reason == "EXPORT_NOT_ALLOWED", uri
     assert not (root.parent / "scores.csv").exists()
-    with pytest.raises(PermissionDenied):
-        write_export(ROWS, "s3://not-allowed/scores.csv", ExportFormat.CSV, storage)
+    assert not (root / "scores.csv").exists()
+
+
+def test_an_export_never_replaces_a_file_or_object(store: Store) -> None:
+    uri = store.put("exports/keep.csv", b"someone's file")
+    with pytest.raises(AlreadyExists):
+        write_export(ROWS, uri, ExportFormat.CSV, store.storage)
+    assert store.storage.read_bytes(uri) == b"someone's file"
 
 
 def test_destination_implies_the_format() -> None:

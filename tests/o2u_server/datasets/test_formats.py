@@ -53,10 +53,18 @@ def test_proto_values_map_both_ways(kind: DatasetFormat) -> None:
     assert converters.job_message(job).dataset.format == value
 
 
-def test_unset_or_unknown_proto_values_mean_inferred() -> None:
+def test_unset_proto_values_mean_inferred_and_unknown_ones_are_invalid() -> None:
     assert converters.dataset_format(pb.DATASET_FORMAT_UNSPECIFIED) is None
-    assert converters.dataset_format(99) is None  # type: ignore[arg-type]
     assert converters.export_format(pb.EXPORT_FORMAT_UNSPECIFIED) is None
+    assert converters.job_state(pb.JOB_STATE_UNSPECIFIED) is None
+    for convert, field in (
+        (converters.dataset_format, "dataset.format"),
+        (converters.export_format, "format"),
+        (converters.job_state, "state"),
+    ):
+        with pytest.raises(InvalidArgument) as caught:
+            convert(99)  # type: ignore[operator]
+        assert (caught.value.reason, caught.value.field) == ("UNKNOWN_ENUM_VALUE", field)
 
 
 def test_suffixes_in_the_table_decide_the_inferred_format() -> None:

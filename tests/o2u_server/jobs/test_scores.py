@@ -175,7 +175,8 @@ def test_dataset_summary(stub: Stub, finished_job: pb.ScoringJob) -> None:
 def test_export_jsonl_and_csv(
     stub: Stub, finished_job: pb.ScoringJob, data_root: Path, tmp_path: Path
 ) -> None:
-    jsonl = data_root / "exports" / "scores.jsonl"
+    folder = data_root / "exports" / finished_job.job_id
+    jsonl = folder / "scores.jsonl"
     response = stub.ExportNoiseScores(
         pb.ExportNoiseScoresRequest(job_id=finished_job.job_id, destination_uri=jsonl.as_uri())
     )
@@ -185,7 +186,14 @@ def test_export_jsonl_and_csv(
     assert [row["rank"] for row in rows] == list(range(1, DIGITS_SAMPLES + 1))
     assert set(rows[0]) >= {"sample_id", "key", "score", "suspected", "suggested_label_name"}
 
-    table = data_root / "exports" / "suspected.txt"
+    again = call_error(
+        lambda: stub.ExportNoiseScores(
+            pb.ExportNoiseScoresRequest(job_id=finished_job.job_id, destination_uri=jsonl.as_uri())
+        )
+    )
+    assert (again.code, again.reason) == (grpc.StatusCode.ALREADY_EXISTS, "DESTINATION_EXISTS")
+
+    table = folder / "suspected.txt"
     response = stub.ExportNoiseScores(
         pb.ExportNoiseScoresRequest(
             job_id=finished_job.job_id,
@@ -202,7 +210,7 @@ def test_export_jsonl_and_csv(
     unknown = call_error(
         lambda: stub.ExportNoiseScores(
             pb.ExportNoiseScoresRequest(
-                job_id=finished_job.job_id, destination_uri=(data_root / "x.bin").as_uri()
+                job_id=finished_job.job_id, destination_uri=(folder / "x.bin").as_uri()
             )
         )
     )
@@ -215,3 +223,14 @@ def test_export_jsonl_and_csv(
         )
     )
     assert outside.code is grpc.StatusCode.PERMISSION_DENIED
+    dataset = data_root / "digits.npz"  # readable under a data root, but no export location
+    before = dataset.read_bytes()
+    onto = call_error(
+        lambda: stub.ExportNoiseScores(
+            pb.ExportNoiseScoresRequest(
+                job_id=finished_job.job_id, destination_uri=dataset.as_uri(), format=pb.EXPORT_FORMAT_CSV
+            )
+        )
+    )
+    assert (onto.code, onto.reason) == (grpc.StatusCode.PERMISSION_DENIED, "EXPORT_NOT_ALLOWED")
+    assert dataset.read_bytes() == before

@@ -7,11 +7,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
-from o2u_server.domain import EventType, JobError, JobSpec, JobState, Progress, ScoreFilter, Stage
+from o2u_server.domain import EventType, JobSpec, JobState, Progress, ScoreFilter, Stage
 from o2u_server.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from o2u_server.jobs.database import StateDirLockedError
-from o2u_server.jobs.store import JobStore, LeaseLost
+from o2u_server.jobs.store import JobStore, LeaseLost, Recovery
+from o2u_server.jobs.tables import jobs
 from tests.o2u_server.jobs.store_testing import INFO, SPEC, claim, job_id, score_rows, summary
 from tests.server_testing import sqlite_integrity
 
@@ -180,14 +182,60 @@ def test_recovery_requeues_counts_crashes_and_honours_cancels(store: JobStore) -
     assert [event.state for event in recovery.events] == [JobState.QUEUED, JobState.CANCELLED]
     assert store.get_job(job_id(2)).state is JobState.CANCELLED
 
-    lease, _, _ = claim(store)  # job 1 again (older than job 3), and it crashes again
+    lease, _, _ = claim(store)  # job 1 again (older than job 3), and it crashes again, no further
     assert (lease.job_id, lease.attempt) == (job_id(1), 2)
     recovery = store.claims.recover(9.0, max_attempts=2)
     assert (recovery.queued, recovery.finished) == ([], [JobState.FAILED])
     failed = store.get_job(job_id(1))
-    assert failed.error == JobError(13, "too many attempts: the worker crashed 2 times", "TOO_MANY_ATTEMPTS")
+    assert failed.error is not None
+    assert (failed.error.code, failed.error.reason) == (13, "TOO_MANY_ATTEMPTS")
+    assert "2 times in a row" in failed.error.message
+    assert "file:///d/1.npz" in failed.error.message  # names the dataset...
+    assert "while it loaded the dataset" in failed.error.message  # ...and where the server died
     assert failed.attempts == 2
     assert store.get_job(job_id(3)).state is JobState.QUEUED
+
+
+def _crashes(store: JobStore, job: str) -> int:
+    with store.db.read() as conn:
+        return int(conn.execute(select(jobs.c.crashes).where(jobs.c.job_id == job)).scalar_one())
+
+
+@pytest.mark.parametrize("crash", ["restart", "lease"])
+def test_crashes_count_only_when_the_job_got_no_further(store: JobStore, crash: str) -> None:
+    """The same rule for a server that died (recovered at start) and for a lease that expired and
+    was reclaimed by another replica."""
+
+    def crashed(now: float) -> Recovery:
+        if crash == "restart":
+            return store.claims.recover(now, max_attempts=2)
+        return store.claims.requeue_expired(now, max_attempts=2)
+
+    lease_seconds = 60.0 if crash == "restart" else -1.0  # -1: expired as soon as it is granted
+    store.create_job(job_id(1), JobSpec("file:///d/1.npz", None, {}), 1.0, max_queued=10)
+    now = 2.0
+    for epoch in range(1, 6):  # five crashes, each after one more epoch than the attempt before
+        lease, _, _ = claim(store, f"replica-{epoch}", now=now, lease_seconds=60.0)
+        store.claims.record_progress(lease, Progress(Stage.PRETRAINING, epoch=epoch, epochs_total=9), now)
+        if crash == "lease":  # the replica froze: its lease runs out, another replica requeues it
+            store.claims.renew_lease(lease, lease_seconds)
+        recovery = crashed(now + 0.5)
+        assert recovery.queued == [job_id(1)]
+        assert "does not count against it" in (recovery.events[0].message or "")
+        now += 1.0
+    assert _crashes(store, job_id(1)) == 0
+    for _ in (1, 2):  # resumed from epoch 4's checkpoint, it dies at the same epoch 5 twice
+        lease, _, _ = claim(store, now=now, lease_seconds=60.0)
+        store.claims.record_progress(lease, Progress(Stage.PRETRAINING, epoch=5, epochs_total=9), now)
+        if crash == "lease":
+            store.claims.renew_lease(lease, lease_seconds)
+        recovery = crashed(now + 0.5)
+        now += 1.0
+    assert recovery.finished == [JobState.FAILED]
+    failed = store.get_job(job_id(1))
+    assert failed.error is not None
+    assert "in stage 1 (pre-training) after epoch 5 of 9" in failed.error.message
+    assert (failed.attempts, _crashes(store, job_id(1))) == (7, 2)
 
 
 def test_the_state_dir_is_locked_and_reopens_with_its_secret(tmp_path: Path) -> None:

@@ -28,6 +28,9 @@ def test_watch_streams_every_event_in_order_until_the_end(stub: Stub, digits_uri
     assert (events[1].type, events[1].state) == (pb.JOB_EVENT_TYPE_STATE_CHANGED, pb.JOB_STATE_RUNNING)
     assert (events[-1].type, events[-1].state) == (pb.JOB_EVENT_TYPE_STATE_CHANGED, pb.JOB_STATE_SUCCEEDED)
     progress = [event.progress for event in events if event.type == pb.JOB_EVENT_TYPE_PROGRESS]
+    loading = progress.pop(0)  # what loading read: the one .npz file
+    assert (loading.stage, loading.files_read) == (pb.STAGE_LOADING, 1)
+    assert loading.bytes_read > 0
     stages = [p.stage for p in progress]
     # TINY_CONFIG: 2 pretraining epochs, then one cycle of 2 epochs, then ranking.
     assert stages == [pb.STAGE_PRETRAINING] * 2 + [pb.STAGE_CYCLIC] * 2 + [pb.STAGE_RANKING]

@@ -11,9 +11,16 @@ from typing import Any
 
 import pytest
 
-from o2u_server.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
+from o2u_server.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from o2u_server.settings import Settings
-from o2u_server.storage import RetryPolicy, Storage
+from o2u_server.storage import RetryPolicy, Stopped, Storage
 from tests.s3_server import S3Server, running_s3_server
 
 FAST_RETRY = RetryPolicy(
@@ -40,7 +47,12 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def storage(root: Path, s3: S3Server) -> Storage:
-    settings = Settings(data_roots=[root], s3_allowed_buckets=["datasets", "exports"], **s3.settings_kwargs())
+    settings = Settings(
+        data_roots=[root],
+        s3_allowed_buckets=["datasets", "exports"],
+        export_uris=[f"file://{root}/exports", "s3://exports/run"],
+        **s3.settings_kwargs(),
+    )
     return Storage(settings, retry=FAST_RETRY)
 
 
@@ -117,7 +129,7 @@ def test_traversal_is_denied_and_nothing_outside_is_opened(
             attempt(uri)
         assert caught.value.field == "dataset.uri"
     with pytest.raises(PermissionDenied):
-        storage.write_bytes(uri, b"overwrite")
+        storage.create_export(uri, b"overwrite")
     assert not any("outside" in path or path == "/etc/passwd" for path in opened_paths), opened_paths
     assert (root.parent / "outside" / "secret.txt").read_bytes() == b"secret"
 
@@ -178,15 +190,103 @@ def test_read_limit_is_enforced(storage: Storage, root: Path, s3: S3Server) -> N
             storage.read_bytes(uri, max_bytes=9)
 
 
-def test_writes_files_atomically_creating_folders_inside_roots(storage: Storage, root: Path) -> None:
+def test_exports_create_new_files_inside_the_export_folders_and_never_replace_one(
+    storage: Storage, root: Path
+) -> None:
     uri = f"file://{root}/exports/2024/scores.jsonl"
-    assert storage.write_bytes(uri, b'{"a":1}\n') == 8
-    assert storage.write_bytes(uri, b'{"a":2}\n') == 8
-    assert (root / "exports" / "2024" / "scores.jsonl").read_bytes() == b'{"a":2}\n'
+    assert storage.create_export(uri, b'{"a":1}\n') == 8
+    with pytest.raises(AlreadyExists) as caught:
+        storage.create_export(uri, b'{"a":2}\n')
+    assert caught.value.reason == "DESTINATION_EXISTS"
+    assert (root / "exports" / "2024" / "scores.jsonl").read_bytes() == b'{"a":1}\n'
     assert os.listdir(root / "exports" / "2024") == ["scores.jsonl"]  # no temporary file left
-    with pytest.raises(PermissionDenied):
-        storage.write_bytes(f"file://{root.parent}/new-folder/x.csv", b"x")
-    assert not (root.parent / "new-folder").exists()
+    (root / "exports" / "dataset.npz").write_bytes(b"a dataset someone keeps here")
+    with pytest.raises(AlreadyExists):
+        storage.create_export(f"file://{root}/exports/dataset.npz", b"scores")
+    assert (root / "exports" / "dataset.npz").read_bytes() == b"a dataset someone keeps here"
+    for outside in (f"file://{root}/data/hello.txt", f"file://{root}/data/new.csv", f"file://{root}-x/a.csv"):
+        with pytest.raises(PermissionDenied) as denied:
+            storage.create_export(outside, b"x")
+        assert denied.value.reason == "EXPORT_NOT_ALLOWED"
+    assert (root / "data" / "hello.txt").read_bytes() == b"hello"
+    assert not (root / "data" / "new.csv").exists()
+
+
+def test_export_destinations_that_cannot_be_files_are_invalid_not_unavailable(
+    storage: Storage, root: Path
+) -> None:
+    (root / "exports").mkdir(exist_ok=True)
+    (root / "exports" / "a-file").write_bytes(b"x")
+    with pytest.raises(InvalidArgument) as caught:
+        storage.create_export(f"file://{root}/exports/a-file/scores.csv", b"x")
+    assert caught.value.reason == "NOT_A_FOLDER"
+    with pytest.raises(InvalidArgument) as caught:
+        storage.create_export(f"file://{root}/exports/{'n' * 300}.csv", b"x")
+    assert caught.value.reason == "NAME_TOO_LONG"
+    with pytest.raises(InvalidArgument) as caught:
+        storage.read_bytes(f"file://{root}/data/{'n' * 300}.npz")
+    assert caught.value.reason == "NAME_TOO_LONG"
+
+
+def test_no_export_locations_means_no_exports(root: Path) -> None:
+    storage = Storage(Settings(data_roots=[root]))
+    with pytest.raises(PermissionDenied) as caught:
+        storage.create_export(f"file://{root}/data/scores.csv", b"x")
+    assert caught.value.reason == "EXPORTS_DISABLED"
+    assert not (root / "data" / "scores.csv").exists()
+
+
+def test_a_fifo_is_refused_at_once_never_waited_on(storage: Storage, root: Path) -> None:
+    os.mkfifo(root / "data" / "pipe.npz")  # no writer will ever open it: a blocking open would hang
+    uri = f"file://{root}/data/pipe.npz"
+    for attempt in (storage.read_bytes, storage.open_local, storage.stat):
+        with pytest.raises(InvalidArgument) as caught:
+            attempt(uri)
+        assert caught.value.reason == "NOT_A_FILE"
+    assert [info.relative_key for info in storage.iter_objects(f"file://{root}/data")] == ["hello.txt"]
+
+
+def test_job_reads_are_counted_and_stop_when_asked(storage: Storage, root: Path, s3: S3Server) -> None:
+    (root / "data" / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    s3.put("datasets", "reads/big.bin", (root / "data" / "big.bin").read_bytes())
+    seen: list[tuple[int, int]] = []
+    job = storage.for_job(lambda: False, lambda size, files: seen.append((size, files)))
+    for uri in (f"file://{root}/data/big.bin", "s3://datasets/reads/big.bin"):
+        assert len(job.read_bytes(uri)) == 3 * 1024 * 1024
+    assert seen[-1] == (6 * 1024 * 1024, 2)
+    assert (job.reads.bytes_read, job.reads.files_read) == (6 * 1024 * 1024, 2)
+    assert storage.reads.bytes_read == 0  # the shared storage counts nothing
+    stopped = storage.for_job(lambda: True)
+    for uri in (f"file://{root}/data/big.bin", "s3://datasets/reads/big.bin", f"file://{root}/data"):
+        with pytest.raises(Stopped):
+            list(stopped.iter_objects(uri)) if uri.endswith("data") else stopped.read_bytes(uri)
+    assert stopped.reads.bytes_read <= 2 * 1024 * 1024  # one chunk of each file, not all of it
+
+
+def test_messages_name_the_uri_the_caller_sent_not_the_resolved_path(storage: Storage, root: Path) -> None:
+    (root / "alias").symlink_to(root / "data")
+    uri = f"file://{root}/alias/missing.npz"
+    with pytest.raises(NotFound) as caught:
+        storage.read_bytes(uri)
+    assert f"{root}/alias/missing.npz" in caught.value.message
+    assert f"{root}/data" not in caught.value.message
+    long_uri = f"file://{root}/data/" + "x" * 5000
+    with pytest.raises(InvalidArgument) as too_long:
+        storage.read_bytes(long_uri)
+    assert (too_long.value.reason, len(too_long.value.message) < 300) == ("URI_TOO_LONG", True)
+
+
+def test_non_utf8_names_are_invalid_arguments(storage: Storage, root: Path) -> None:
+    (root / "data" / "cats").mkdir()
+    with open(os.path.join(os.fsencode(root / "data" / "cats"), b"\xff\xfe.png"), "wb") as handle:
+        handle.write(b"x")
+    with pytest.raises(InvalidArgument) as caught:
+        list(storage.iter_objects(f"file://{root}/data"))
+    assert caught.value.reason == "INVALID_FILE_NAME"
+    caught.value.message.encode("utf-8")  # the message itself is valid text
+    with pytest.raises(InvalidArgument) as uri_error:
+        storage.read_bytes(f"file://{root}/data/%FF.npz")
+    assert uri_error.value.reason == "INVALID_URI"
 
 
 # ---- the object store --------------------------------------------------------------------------
@@ -210,7 +310,7 @@ def test_bucket_outside_the_allow_list_is_denied(storage: Storage, s3: S3Server)
     with pytest.raises(PermissionDenied, match="O2U_S3_ALLOWED_BUCKETS"):
         storage.read_bytes("s3://other-bucket/data.npz")
     with pytest.raises(PermissionDenied):
-        storage.write_bytes("s3://other-bucket/scores.csv", b"x")
+        storage.create_export("s3://other-bucket/scores.csv", b"x")
 
 
 def test_missing_object_and_bucket_are_not_found(s3: S3Server) -> None:
@@ -233,9 +333,19 @@ def test_s3_uri_without_a_configured_store_is_invalid(root: Path) -> None:
         storage.read_bytes("s3://datasets/data.npz")
 
 
-def test_writes_objects(storage: Storage, s3: S3Server) -> None:
-    assert storage.write_bytes("s3://exports/run/scores.csv", b"key,score\n") == 10
+def test_exports_create_objects_under_the_export_prefix_and_never_replace_one(
+    storage: Storage, s3: S3Server
+) -> None:
+    assert storage.create_export("s3://exports/run/scores.csv", b"key,score\n") == 10
     assert s3.get("exports", "run/scores.csv") == b"key,score\n"
+    with pytest.raises(AlreadyExists) as caught:
+        storage.create_export("s3://exports/run/scores.csv", b"other")
+    assert caught.value.reason == "DESTINATION_EXISTS"
+    assert s3.get("exports", "run/scores.csv") == b"key,score\n"
+    for outside in ("s3://exports/run-old/x.csv", "s3://exports/x.csv", "s3://datasets/run/x.csv"):
+        with pytest.raises(PermissionDenied) as denied:
+            storage.create_export(outside, b"x")
+        assert denied.value.reason == "EXPORT_NOT_ALLOWED"
 
 
 def test_cache_serves_unchanged_objects_and_notices_changes(storage: Storage, s3: S3Server) -> None:
@@ -252,13 +362,14 @@ def test_cache_serves_unchanged_objects_and_notices_changes(storage: Storage, s3
 def test_unreachable_store_is_unavailable_within_bounded_time(root: Path) -> None:
     with running_s3_server() as server:
         server.make_bucket("datasets")
-        storage = Storage(Settings(data_roots=[root], **server.settings_kwargs()), retry=FAST_RETRY)
-        assert storage.write_bytes("s3://datasets/x.csv", b"x") == 1
+        settings = Settings(data_roots=[root], export_uris=["s3://datasets"], **server.settings_kwargs())
+        storage = Storage(settings, retry=FAST_RETRY)
+        assert storage.create_export("s3://datasets/x.csv", b"x") == 1
         server.stop()
         for attempt in (
             lambda: storage.read_bytes("s3://datasets/data.npz"),
             lambda: list(storage.iter_objects("s3://datasets/")),
-            lambda: storage.write_bytes("s3://datasets/x.csv", b"x"),
+            lambda: storage.create_export("s3://datasets/y.csv", b"x"),
         ):
             started = time.monotonic()
             with pytest.raises(Unavailable) as caught:

@@ -224,9 +224,14 @@ func printResults(ctx context.Context, client *o2u.Client, c *config, jobID stri
 		return err
 	}
 	run := summary.GetRunInfo()
-	fmt.Fprintf(stdout, "%d samples, %d classes, model %s on %s; estimated noise rate %.1f%%, %d suspected\n",
+	capped := ""
+	if summary.GetNoiseRateCapped() {
+		capped = " (capped: the share of labels the network disagreed with)"
+	}
+	fmt.Fprintf(stdout, "%d samples, %d classes, model %s on %s; estimated noise rate %.1f%%%s, %d suspected\n",
 		summary.GetNumSamples(), summary.GetNumClasses(), run.GetModel(), run.GetDevice(),
-		100*summary.GetEstimatedNoiseRate(), summary.GetNumSuspected())
+		100*summary.GetEstimatedNoiseRate(), capped, summary.GetNumSuspected())
+	fmt.Fprintf(stdout, "dataset digest %s\n", run.GetDatasetDigest())
 	if c.top == 0 {
 		return nil
 	}
@@ -252,7 +257,11 @@ func formatEvent(e *o2uv1.JobEvent) string {
 		line := fmt.Sprintf("progress seq=%d stage=%s", e.GetSequence(), stageName(p.GetStage()))
 		if p.GetEpochsTotal() == 0 {
 			// Loading and ranking have no epochs, so no loss or throughput either.
-			return line + fmt.Sprintf(" done=%.1f%%", 100*p.GetFractionDone())
+			line += fmt.Sprintf(" done=%.1f%%", 100*p.GetFractionDone())
+			if p.GetStage() == o2uv1.Stage_STAGE_LOADING {
+				line += fmt.Sprintf(" read=%dB files=%d", p.GetBytesRead(), p.GetFilesRead())
+			}
+			return line
 		}
 		return line + fmt.Sprintf(" epoch=%d/%d done=%.1f%% loss=%.4f lr=%.5f samples/s=%.0f eta=%.1fs",
 			p.GetEpoch(), p.GetEpochsTotal(), 100*p.GetFractionDone(),

@@ -401,6 +401,8 @@ class JobProgress(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _builtins.int
     SAMPLES_PER_SECOND_FIELD_NUMBER: _builtins.int
     ETA_SECONDS_FIELD_NUMBER: _builtins.int
+    BYTES_READ_FIELD_NUMBER: _builtins.int
+    FILES_READ_FIELD_NUMBER: _builtins.int
     stage: Global___Stage.ValueType
     epoch: _builtins.int
     """Epoch within the stage, 1-based."""
@@ -416,6 +418,10 @@ class JobProgress(_message.Message):
     """Training throughput of the last epoch, in samples per second."""
     eta_seconds: _builtins.float
     """Estimated time to finish the job, in seconds."""
+    bytes_read: _builtins.int
+    """LOADING: dataset bytes read from storage so far by this attempt."""
+    files_read: _builtins.int
+    """LOADING: files or objects read from storage so far by this attempt."""
     def __init__(
         self,
         *,
@@ -427,10 +433,12 @@ class JobProgress(_message.Message):
         learning_rate: _builtins.float = ...,
         samples_per_second: _builtins.float = ...,
         eta_seconds: _builtins.float = ...,
+        bytes_read: _builtins.int = ...,
+        files_read: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "epochs_total", b"epochs_total", "eta_seconds", b"eta_seconds", "fraction_done", b"fraction_done", "learning_rate", b"learning_rate", "mean_loss", b"mean_loss", "samples_per_second", b"samples_per_second", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_read", b"bytes_read", "epoch", b"epoch", "epochs_total", b"epochs_total", "eta_seconds", b"eta_seconds", "files_read", b"files_read", "fraction_done", b"fraction_done", "learning_rate", b"learning_rate", "mean_loss", b"mean_loss", "samples_per_second", b"samples_per_second", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -451,6 +459,7 @@ class RunInfo(_message.Message):
     RESOLVED_CONFIG_JSON_FIELD_NUMBER: _builtins.int
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    DATASET_DIGEST_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     engine_version: _builtins.str
     torch_version: _builtins.str
@@ -463,6 +472,10 @@ class RunInfo(_message.Message):
     server_version: _builtins.str
     model: _builtins.str
     """The model that ran, after resolving `auto`."""
+    dataset_digest: _builtins.str
+    """SHA-256 (hex) of the samples, labels, keys and class names the job trained on; a resumed
+    job whose dataset no longer matches it fails with FAILED_PRECONDITION (DATASET_CHANGED).
+    """
     def __init__(
         self,
         *,
@@ -475,10 +488,11 @@ class RunInfo(_message.Message):
         resolved_config_json: _builtins.str = ...,
         server_version: _builtins.str = ...,
         model: _builtins.str = ...,
+        dataset_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "engine_version", b"engine_version", "model", b"model", "num_classes", b"num_classes", "num_samples", b"num_samples", "resolved_config_json", b"resolved_config_json", "seed", b"seed", "server_version", b"server_version", "torch_version", b"torch_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_digest", b"dataset_digest", "device", b"device", "engine_version", b"engine_version", "model", b"model", "num_classes", b"num_classes", "num_samples", b"num_samples", "resolved_config_json", b"resolved_config_json", "seed", b"seed", "server_version", b"server_version", "torch_version", b"torch_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -785,16 +799,22 @@ class DatasetSummary(_message.Message):
     CONFUSED_PAIRS_FIELD_NUMBER: _builtins.int
     CLEAN_RETRAINING_FIELD_NUMBER: _builtins.int
     RUN_INFO_FIELD_NUMBER: _builtins.int
+    NOISE_RATE_CAPPED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     num_samples: _builtins.int
     num_classes: _builtins.int
     estimated_noise_rate: _builtins.float
-    """Noise rate estimated from the scores."""
+    """Noise rate estimated from the scores; see noise_rate_capped."""
     noise_rate_used: _builtins.float
     """Noise rate used for the suspected set (given, else estimated)."""
     num_suspected: _builtins.int
     estimated_label_accuracy: _builtins.float
     """1 - estimated_noise_rate."""
+    noise_rate_capped: _builtins.bool
+    """The mixture fitted to the scores put most samples in its high-score group, which the estimate
+    may not report (noise would be the majority, and the labels meaningless): estimated_noise_rate
+    is then a fallback (the share of outlying scores), not the fit, and deserves a second look.
+    """
     @_builtins.property
     def class_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -830,10 +850,11 @@ class DatasetSummary(_message.Message):
         confused_pairs: _abc.Iterable[Global___ConfusedPair] | None = ...,
         clean_retraining: Global___CleanRetraining | None = ...,
         run_info: Global___RunInfo | None = ...,
+        noise_rate_capped: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["clean_retraining", b"clean_retraining", "run_info", b"run_info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "classes", b"classes", "clean_retraining", b"clean_retraining", "confused_pairs", b"confused_pairs", "estimated_label_accuracy", b"estimated_label_accuracy", "estimated_noise_rate", b"estimated_noise_rate", "job_id", b"job_id", "noise_rate_used", b"noise_rate_used", "num_classes", b"num_classes", "num_samples", b"num_samples", "num_suspected", b"num_suspected", "run_info", b"run_info", "transition_matrix", b"transition_matrix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "classes", b"classes", "clean_retraining", b"clean_retraining", "confused_pairs", b"confused_pairs", "estimated_label_accuracy", b"estimated_label_accuracy", "estimated_noise_rate", b"estimated_noise_rate", "job_id", b"job_id", "noise_rate_capped", b"noise_rate_capped", "noise_rate_used", b"noise_rate_used", "num_classes", b"num_classes", "num_samples", b"num_samples", "num_suspected", b"num_suspected", "run_info", b"run_info", "transition_matrix", b"transition_matrix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
