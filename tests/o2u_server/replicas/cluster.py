@@ -1,5 +1,6 @@
 """Three `o2u-server` replicas as real processes on loopback, sharing one PostgreSQL database (the
-job queue) and one S3 bucket (checkpoints), for the multi-replica tests.
+job queue), one S3 bucket (checkpoints) and two export locations (a prefix of another bucket, and
+a folder all three can write: a shared volume), for the multi-replica tests.
 
 Leases are short (LEASE_SECONDS) so takeovers happen within seconds, checkpoints are written after
 every epoch (so a takeover resumes from inside stage 2), and each replica trains on one CPU thread
@@ -26,6 +27,7 @@ from tests.server_process import ServerProcess
 
 __all__ = [
     "CHECKPOINT_BUCKET",
+    "EXPORT_BUCKET",
     "LEASE_SECONDS",
     "Cluster",
     "Stub",
@@ -40,6 +42,7 @@ __all__ = [
 Stub = scoring_pb2_grpc.ScoringServiceStub
 LEASE_SECONDS = 4.0
 CHECKPOINT_BUCKET = "checkpoints"
+EXPORT_BUCKET = "exports"
 REPLICAS = 3
 
 
@@ -49,6 +52,7 @@ class Cluster:
     postgres: PostgresServer
     database_url: str
     s3: S3Server
+    export_folder: Path  # exports may go here, and under s3://EXPORT_BUCKET/o2u
 
     @contextmanager
     def stub(self, replica: ServerProcess) -> Iterator[Stub]:
@@ -102,6 +106,9 @@ class Cluster:
 def start_cluster(tmp: Path, data_root: Path, postgres: PostgresServer, s3: S3Server) -> Cluster:
     url = postgres.new_database()
     s3.make_bucket(CHECKPOINT_BUCKET)
+    s3.make_bucket(EXPORT_BUCKET)
+    export_folder = tmp / "exports"
+    export_folder.mkdir()
     settings = {
         "O2U_DATABASE_URL": url,
         "O2U_CHECKPOINT_URI": f"s3://{CHECKPOINT_BUCKET}/o2u",
@@ -115,9 +122,10 @@ def start_cluster(tmp: Path, data_root: Path, postgres: PostgresServer, s3: S3Se
         "O2U_MAX_JOB_ATTEMPTS": "6",
         "O2U_CPU_THREADS": "1",
         "O2U_SHUTDOWN_GRACE_SECONDS": "5",
+        "O2U_EXPORT_URIS": f"s3://{EXPORT_BUCKET}/o2u,{export_folder.as_uri()}",
     }
     replicas = [ServerProcess(tmp / f"replica-{n}", data_root, **settings) for n in range(REPLICAS)]
-    cluster = Cluster(replicas, postgres, url, s3)
+    cluster = Cluster(replicas, postgres, url, s3, export_folder)
     try:
         cluster.revive()
     except BaseException:
