@@ -215,8 +215,8 @@ func (c *Client) Summary(ctx context.Context, jobID string) (*o2uv1.DatasetSumma
 	return resp.GetSummary(), nil
 }
 
-// Export writes a finished job's scores to destinationURI (s3:// or file:// under a server
-// data root) as JSONL or CSV.
+// Export writes a finished job's scores to a new destinationURI (s3:// or file:// under one of
+// the server's export locations) as JSONL or CSV.
 func (c *Client) Export(ctx context.Context, req *o2uv1.ExportNoiseScoresRequest) (*o2uv1.ExportNoiseScoresResponse, error) {
 	callCtx, cancel := c.unary(ctx)
 	defer cancel()

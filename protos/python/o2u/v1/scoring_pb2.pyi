@@ -1232,7 +1232,9 @@ class ExportNoiseScoresRequest(_message.Message):
     ONLY_SUSPECTED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     destination_uri: _builtins.str
-    """`s3://bucket/key` or `file:///path` under a data root."""
+    """A new `s3://bucket/key` or `file:///path` under one of the server's export locations
+    (its `export_uris` setting); an existing file or object is never replaced.
+    """
     format: Global___ExportFormat.ValueType
     only_suspected: _builtins.bool
     def __init__(

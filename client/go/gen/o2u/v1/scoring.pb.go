@@ -2565,7 +2565,8 @@ type ExportNoiseScoresRequest struct {
 	unknownFields protoimpl.UnknownFields
 
 	JobId string `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
-	// `s3://bucket/key` or `file:///path` under a data root.
+	// A new `s3://bucket/key` or `file:///path` under one of the server's export locations
+	// (its `export_uris` setting); an existing file or object is never replaced.
 	DestinationUri string       `protobuf:"bytes,2,opt,name=destination_uri,json=destinationUri,proto3" json:"destination_uri,omitempty"`
 	Format         ExportFormat `protobuf:"varint,3,opt,name=format,proto3,enum=o2u.v1.ExportFormat" json:"format,omitempty"`
 	OnlySuspected  bool         `protobuf:"varint,4,opt,name=only_suspected,json=onlySuspected,proto3" json:"only_suspected,omitempty"`
