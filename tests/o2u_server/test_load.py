@@ -1,5 +1,6 @@
 """A short run of bench/load.py: 50 watch streams and 200 unary calls per second for a few seconds
-against a server process while a job trains. No call may fail and health must answer throughout."""
+against a server process while a job trains. No call may fail, few may be skipped for want of an
+answer, and health must answer throughout."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ def test_short_load_has_no_errors_and_health_answers_throughout(tmp_path: Path) 
         report = asyncio.run(run_load(address, dataset_uri, pid=pid, duration_s=DURATION_S))
     print("\n".join(report.lines()))
     assert report.errors == 0, report.lines()
+    # A call is skipped when 64 are already in flight: the server fell behind for a moment on a busy
+    # machine, which the schedule check below bounds; a skip is never a failed call.
+    assert report.skipped <= 0.05 * DURATION_S * 200, report.lines()
     assert report.health_failures == 0
     assert report.health_checks >= 2 * DURATION_S, "health was checked about four times a second"
     assert report.duration_s < DURATION_S + 6  # bounded: in-flight calls get at most their timeout
