@@ -42,6 +42,7 @@ def score_noise(
     checkpoint_interval_seconds: float = 0.0,
     initial_weights: str | os.PathLike[str] | None = None,
     _fault_hook: FaultHook | None = None,
+    _trainer: type[Trainer] = Trainer,
 ) -> NoiseReport:
     """Score every sample's label with O2U-Net; higher scores mean more likely mislabeled.
 
@@ -86,6 +87,7 @@ def score_noise(
         checkpoint_interval_seconds=checkpoint_interval_seconds,
         initial_state=initial_state,
         fault_hook=_fault_hook,
+        trainer_class=_trainer,
     )
 
 
@@ -128,6 +130,7 @@ def _score_noise(
     checkpoint_interval_seconds: float,
     initial_state: dict[str, torch.Tensor] | None,
     fault_hook: FaultHook | None,
+    trainer_class: type[Trainer] = Trainer,
 ) -> NoiseReport:
     started = time.perf_counter()
     data = PreparedData(
@@ -147,7 +150,7 @@ def _score_noise(
             config, inputs.labels, tuple(inputs.samples.shape[1:]), inputs.num_classes, __version__
         )
         checkpoints = checkpoint.Checkpoints(checkpoint_path, fingerprint, checkpoint_interval_seconds)
-    trainer = Trainer(
+    trainer = trainer_class(
         data,
         inputs.labels,
         inputs.num_classes,

@@ -1,0 +1,168 @@
+"""Data-parallel training of one run over `world_size` workers with torch.distributed.
+
+Every worker holds all of the resident data and the same seeded generator, so every worker draws
+the same permutation and the same augmentation of each global batch; worker `r` of `W` runs the
+forward and backward pass on its contiguous shard (`shard_bounds`) of that batch only. The rule:
+
+- The global batch is the configured batch size, as with one worker, so the schedule, the number
+  of optimizer steps per epoch and the ranking quality do not depend on the worker count.
+- Each worker backpropagates the sum of its shard's losses divided by the global batch size, and
+  the gradients are summed over the workers (one all-reduce of all gradients, as DDP does): the
+  step is the gradient of the global batch's mean loss, at the configured learning rate.
+- Per-sample losses and logits of the whole batch reach every worker (one all-reduce of a buffer
+  each worker fills at its shard's rows), so `CyclicStatistics` records every sample exactly once
+  per epoch on every worker and all workers rank identically.
+- BatchNorm: on CUDA the model's BatchNorm layers become SyncBatchNorm (statistics of the global
+  batch). Gloo has no SyncBatchNorm, so on the CPU each worker normalizes by its shard's
+  statistics; the running statistics are averaged over the workers at every epoch's end.
+- Cancellation and out-of-memory are agreed on: `should_cancel` is one all-reduce (max) per batch,
+  and a batch that ran out of memory on any worker is retried at half the batch size by all.
+
+Parameters stay identical on every worker (same start, same summed gradient), so a run is
+deterministic for a given world size and seed. Worker 0 alone reports progress and writes
+checkpoints; every worker resumes from the same file, whose fingerprint includes the world size.
+Every collective has the process group's timeout, so a worker that dies stops the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from o2u_engine import checkpoint
+from o2u_engine.augment import random_crop_flip
+from o2u_engine.data import Batch
+from o2u_engine.network import Network
+from o2u_engine.phases import Phase
+from o2u_engine.train import Trainer
+
+
+def shard_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows [start, stop) of a batch of `size` that worker `rank` trains on (near-equal shards)."""
+    base, extra = divmod(size, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class _WorkerCheckpoints(checkpoint.Checkpoints):
+    """The run's checkpoint as one worker sees it: every worker reads it, worker 0 writes it."""
+
+    def __init__(self, source: checkpoint.Checkpoints, world_size: int, *, writes: bool) -> None:
+        tagged = hashlib.sha256(f"{source.fingerprint}/world_size={world_size}".encode()).hexdigest()
+        super().__init__(source.path, tagged, source.interval_seconds)
+        self.writes = writes
+
+    def keep(self, state: dict[str, Any], *, force: bool) -> None:
+        if self.writes:
+            super().keep(state, force=force)
+
+    def flush(self) -> None:
+        if self.writes:
+            super().flush()
+
+
+class DistributedTrainer(Trainer):
+    """A Trainer that is one of `world_size` workers of a run (the process group is initialized)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        local_cancel = self.should_cancel
+        self.should_cancel = lambda: self._any(local_cancel is not None and local_cancel())
+        if self.rank != 0:
+            self.progress = None
+        if self.checkpoints is not None:
+            self.checkpoints = _WorkerCheckpoints(self.checkpoints, self.world_size, writes=self.rank == 0)
+        self.sync_batch_norm = self.device.type == "cuda"
+
+    def _any(self, flag: bool) -> bool:
+        """Whether `flag` is true on any worker (one all-reduce)."""
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def _new_model(self) -> nn.Module:
+        model = super()._new_model()
+        if not self.sync_batch_norm:
+            return model
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call,no-any-return]
+
+    def _train_epoch(self, network: Network, phase: Phase, indices: torch.Tensor, stage_epoch: int) -> float:
+        mean_loss = super()._train_epoch(network, phase, indices, stage_epoch)
+        self._average_buffers(network.model)
+        return mean_loss
+
+    def _average_buffers(self, model: nn.Module) -> None:
+        """BatchNorm's running statistics, averaged over the workers (identical afterwards)."""
+        buffers = [b for b in model.buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        flat = torch.cat([b.reshape(-1).to(torch.float64) for b in buffers]) / self.world_size
+        dist.all_reduce(flat)
+        for buffer, values in zip(buffers, torch.split(flat, [b.numel() for b in buffers]), strict=True):
+            buffer.copy_(values.view_as(buffer))
+
+    def _step(self, network: Network, phase: Phase, batch: Batch) -> torch.Tensor:
+        """One optimizer step on this worker's shard of the global `batch`; returns the sum of the
+        whole batch's losses, on the device (the same on every worker)."""
+        size = batch.indices.shape[0]
+        if self.fault_hook is not None:
+            self.fault_hook(phase.stage, size)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
+        stored = batch.stored
+        if self.config.augment:  # the whole batch, so every worker's generator stays in step
+            stored = random_crop_flip(stored, self.padding, self.generator)
+        start, stop = shard_bounds(size, self.rank, self.world_size)
+        # [out of memory flag, losses (B,), logits (B, K)], each worker filling its own rows
+        outputs = torch.zeros(1 + size * (1 + self.num_classes), dtype=torch.float32, device=self.device)
+        network.optimizer.zero_grad(set_to_none=True)
+        try:
+            if stop > start:
+                self._shard_pass(network, batch.indices[start:stop], stored[start:stop], outputs, size)
+        except torch.OutOfMemoryError:
+            outputs.zero_()
+            outputs[0] = 1.0
+        dist.all_reduce(outputs)
+        if outputs[0].item() > 0:
+            network.optimizer.zero_grad(set_to_none=True)
+            raise torch.OutOfMemoryError("a worker ran out of memory")
+        self._all_reduce_gradients(network.model)
+        network.optimizer.step()
+        losses = outputs[1 : 1 + size]
+        if phase.records_losses:
+            self.statistics.record(batch.indices, losses, outputs[1 + size :].view(size, self.num_classes))
+        return losses.sum(dtype=torch.float64)
+
+    def _shard_pass(
+        self, network: Network, indices: torch.Tensor, stored: torch.Tensor, outputs: torch.Tensor, size: int
+    ) -> None:
+        """Forward and backward on one shard; its losses and logits go to their rows of `outputs`."""
+        labels = self.labels[indices]  # (b,)
+        inputs = self.data.normalize(stored)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = network.forward(inputs)  # (b, K)
+        losses = F.cross_entropy(logits.float(), labels, reduction="none")  # (b,)
+        torch.autograd.backward(losses.sum() / size)
+        start, _ = shard_bounds(size, self.rank, self.world_size)
+        stop = start + losses.shape[0]
+        outputs[1 + start : 1 + stop] = losses.detach()
+        rows = outputs[1 + size :].view(size, self.num_classes)
+        rows[start:stop] = logits.detach().float()
+
+    def _all_reduce_gradients(self, model: nn.Module) -> None:
+        """Sum every parameter's gradient over the workers, in one flat all-reduce."""
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        for parameter in parameters:
+            if parameter.grad is None:  # an empty shard: this worker adds nothing
+                parameter.grad = torch.zeros_like(parameter)
+        grads = [p.grad for p in parameters if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for grad, values in zip(grads, torch.split(flat, [g.numel() for g in grads]), strict=True):
+            grad.copy_(values.view(grad.shape))

@@ -1,0 +1,215 @@
+"""`score_noise_workers`: `score_noise` over `world_size` worker processes of this machine.
+
+The calling process starts the workers (torch.multiprocessing, `spawn`: no state of the caller is
+inherited), which meet at a free loopback port (gloo on the CPU, NCCL with one GPU each from
+`first_gpu` on) and train as `distributed.DistributedTrainer`. The samples go to the workers
+through shared memory, not a copy each. The caller's thread stays in charge: it relays worker 0's
+progress events to `progress`, polls `should_cancel` every `POLL_SECONDS` and tells the workers
+(they agree to stop at the next batch), and watches the processes: a worker that exits without a
+result stops the others and raises `WorkerFailed`, whatever the others were waiting for. Engine
+errors raised in the workers (Cancelled, ConfigError, TrainingDiverged, DeviceOutOfMemory,
+DataValidationError) are raised again in the caller with their message and field. With
+`world_size` 1 it is `score_noise` in the calling process.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from o2u_engine.config import O2UConfig
+from o2u_engine.errors import Cancelled, ConfigError, DataValidationError, DeviceOutOfMemory, TrainingDiverged
+from o2u_engine.report import NoiseReport, ProgressEvent
+from o2u_engine.runtime import available_cpu_count
+from o2u_engine.score import score_noise
+
+POLL_SECONDS = 0.1  # how often the caller checks cancellation and the workers' health
+EXIT_GRACE_SECONDS = 10.0  # workers are given this long to exit after a result or an error
+_ERRORS: dict[str, type[Exception]] = {
+    cls.__name__: cls
+    for cls in (Cancelled, ConfigError, TrainingDiverged, DeviceOutOfMemory, DataValidationError)
+}
+
+
+class WorkerFailed(RuntimeError):
+    """A training worker exited without a result (killed, crashed, or a collective timed out)."""
+
+
+@dataclass(frozen=True)
+class _WorkerJob:
+    features: torch.Tensor  # shared memory
+    labels: torch.Tensor
+    options: dict[str, Any]  # score_noise's keyword arguments, less device and callbacks
+    world_size: int
+    port: int
+    gpu: int | None  # the first GPU, None on the CPU
+    threads: int
+    timeout_seconds: float
+
+
+def free_port() -> int:
+    """A loopback TCP port free now, for the workers' rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def score_noise_workers(
+    features: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    *,
+    world_size: int,
+    device: str = "cpu",
+    progress: Callable[[ProgressEvent], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    collective_timeout_seconds: float = 300.0,
+    config: O2UConfig = O2UConfig(),  # noqa: B008 - frozen
+    **options: Any,
+) -> NoiseReport:
+    """`score_noise(features, labels, config=config, **options)` on `world_size` workers; `device`
+    is "cpu" or the first GPU ("cuda:N", workers on cuda:N..N+world_size-1)."""
+    if world_size < 1:
+        raise ConfigError(f"world_size: got {world_size}, expected >= 1", field="world_size")
+    if world_size == 1:
+        return score_noise(
+            features,
+            labels,
+            config=config,
+            device=device,
+            progress=progress,
+            should_cancel=should_cancel,
+            **options,
+        )
+    gpu = None if torch.device(device).type == "cpu" else (torch.device(device).index or 0)
+    job = _WorkerJob(
+        features=torch.as_tensor(np.asarray(features)).share_memory_(),  # type: ignore[no-untyped-call]
+        labels=torch.as_tensor(np.asarray(labels), dtype=torch.int64).share_memory_(),  # type: ignore[no-untyped-call]
+        options={"config": config, **options},
+        world_size=world_size,
+        port=free_port(),
+        gpu=gpu,
+        threads=max(1, available_cpu_count() // world_size),
+        timeout_seconds=collective_timeout_seconds,
+    )
+    context = mp.get_context("spawn")
+    events = context.Queue()
+    cancel = context.Event()
+    processes = [
+        context.Process(target=_worker, args=(rank, job, events, cancel), daemon=True)
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        return _supervise(processes, events, cancel, progress, should_cancel)
+    finally:
+        for process in processes:
+            process.join(EXIT_GRACE_SECONDS)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def _supervise(
+    processes: list[Any],
+    events: Any,
+    cancel: Any,
+    progress: Callable[[ProgressEvent], None] | None,
+    should_cancel: Callable[[], bool] | None,
+) -> NoiseReport:
+    """Relay events until worker 0's report or the first error; raise for a worker that died."""
+    while True:
+        if should_cancel is not None and should_cancel():
+            cancel.set()
+        try:
+            kind, payload = events.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            _check_alive(processes)
+            if all(process.exitcode == 0 for process in processes):
+                kind, payload = _last_event(events)
+            else:
+                continue
+        if kind == "progress" and progress is not None:
+            progress(payload)
+        elif kind == "report":
+            return payload  # type: ignore[no-any-return]
+        elif kind == "error":
+            for process in processes:  # a worker that died is the cause, not the others' timeouts
+                process.join(EXIT_GRACE_SECONDS)
+            _check_alive(processes)
+            raise _error(*payload)
+
+
+def _last_event(events: Any) -> tuple[str, Any]:
+    """What the workers left in the queue after all of them exited cleanly."""
+    try:
+        return events.get(timeout=EXIT_GRACE_SECONDS)  # type: ignore[no-any-return]
+    except queue.Empty:
+        raise WorkerFailed("the training workers exited without a result") from None
+
+
+def _check_alive(processes: list[Any]) -> None:
+    for rank, process in enumerate(processes):
+        code = process.exitcode
+        if code is not None and code != 0:
+            for other in processes:
+                if other.is_alive():
+                    other.kill()
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            raise WorkerFailed(
+                f"training worker {rank} of {len(processes)} {how} before the run ended; the other "
+                "workers were stopped (see the server log for the worker's output)"
+            )
+
+
+def _error(name: str, message: str, field: str | None) -> Exception:
+    cls = _ERRORS.get(name)
+    if cls is None:
+        return WorkerFailed(f"a training worker failed: {name}: {message}")
+    if issubclass(cls, (ConfigError, DataValidationError)):
+        return cls(message, field=field or "config")
+    return cls(message)
+
+
+def _worker(rank: int, job: _WorkerJob, events: Any, cancel: Any) -> None:
+    """One worker: join the group, train its shards, and report (worker 0) or fail."""
+    from o2u_engine.distributed import DistributedTrainer  # after spawn: torch is imported here
+
+    torch.set_num_threads(job.threads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    device = "cpu" if job.gpu is None else f"cuda:{job.gpu + rank}"
+    if job.gpu is not None:
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        "gloo" if job.gpu is None else "nccl",
+        init_method=f"tcp://127.0.0.1:{job.port}",
+        rank=rank,
+        world_size=job.world_size,
+        timeout=timedelta(seconds=job.timeout_seconds),
+    )
+    try:
+        report = score_noise(
+            job.features,
+            job.labels,
+            device=device,
+            progress=(lambda event: events.put(("progress", event))) if rank == 0 else None,
+            should_cancel=cancel.is_set,
+            _trainer=DistributedTrainer,
+            **job.options,
+        )
+        if rank == 0:
+            events.put(("report", report))
+    except Exception as error:
+        events.put(("error", (type(error).__name__, str(error), getattr(error, "field", None))))
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,126 @@
+"""Data-parallel training over 2 gloo workers on the CPU: the scores agree with one worker's,
+repeat exactly for the same world size, resume bit-identically from a checkpoint, and a cancel or
+a killed worker ends the run cleanly instead of hanging it."""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.metrics import roc_auc_score
+
+from o2u_engine import Cancelled, O2UConfig
+from o2u_engine.distributed import shard_bounds
+from o2u_engine.launch import WorkerFailed, score_noise_workers
+from tests.o2u_engine.engine_testing import flip_labels
+
+CONFIG = O2UConfig(seed=0, model="small_cnn", pretrain_epochs=2, cycle_length_epochs=2, num_cycles=1)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    features, true_labels = load_digits(return_X_y=True)
+    images = features.reshape(-1, 8, 8).astype(np.float32)
+    return images, flip_labels(true_labels, 10, 0.2, seed=0), true_labels
+
+
+def test_shards_cover_the_batch_once() -> None:
+    for size in (1, 2, 7, 64):
+        bounds = [shard_bounds(size, rank, 3) for rank in range(3)]
+        assert bounds[0][0] == 0
+        assert bounds[-1][1] == size
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+
+
+def test_two_workers_match_one_and_repeat(digits: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    images, labels, true_labels = digits
+    one = score_noise_workers(images, labels, world_size=1, config=CONFIG, num_classes=10)
+    two = score_noise_workers(images, labels, world_size=2, config=CONFIG, num_classes=10)
+    again = score_noise_workers(images, labels, world_size=2, config=CONFIG, num_classes=10)
+    noisy = labels != true_labels
+    auroc_one = roc_auc_score(noisy, one.noise_scores)
+    auroc_two = roc_auc_score(noisy, two.noise_scores)
+    assert auroc_two > 0.9
+    assert abs(auroc_one - auroc_two) < 0.01
+    np.testing.assert_array_equal(two.noise_scores, again.noise_scores)
+    assert not np.array_equal(one.noise_scores, two.noise_scores)  # really two workers
+
+
+def test_resume_gives_the_uninterrupted_scores(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    images, labels, _ = digits
+    whole = score_noise_workers(images, labels, world_size=2, config=CONFIG, num_classes=10)
+    path = tmp_path / "run.pt"
+    seen: list[int] = []
+
+    def stop_in_cyclic() -> bool:
+        return len(seen) >= 3  # after stage 1 and the first cyclic epoch
+
+    with pytest.raises(Cancelled):
+        score_noise_workers(
+            images,
+            labels,
+            world_size=2,
+            config=CONFIG,
+            num_classes=10,
+            checkpoint_path=path,
+            progress=lambda event: seen.append(event.epoch),
+            should_cancel=stop_in_cyclic,
+        )
+    assert path.exists()
+    assert len(seen) == 3
+    resumed_events: list[str] = []
+    resumed = score_noise_workers(
+        images,
+        labels,
+        world_size=2,
+        config=CONFIG,
+        num_classes=10,
+        checkpoint_path=path,
+        progress=lambda event: resumed_events.append(event.stage),
+    )
+    assert resumed_events == ["cyclic"]  # only the last cyclic epoch ran again
+    np.testing.assert_array_equal(resumed.noise_scores, whole.noise_scores)
+
+
+def test_a_killed_worker_fails_the_run(digits: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    images, labels, _ = digits
+    events: list[int] = []
+    killed: list[int] = []
+
+    def kill_worker_1_after_first_epoch() -> bool:  # polled by the caller's thread
+        workers = multiprocessing.active_children()
+        if events and not killed and len(workers) == 2:
+            killed.append(max(worker.pid for worker in workers if worker.pid is not None))
+            os.kill(killed[0], signal.SIGKILL)
+        return False
+
+    with pytest.raises(WorkerFailed, match="killed by signal 9"):
+        score_noise_workers(
+            images,
+            labels,
+            world_size=2,
+            config=CONFIG,
+            num_classes=10,
+            progress=lambda event: events.append(event.epoch),
+            should_cancel=kill_worker_1_after_first_epoch,
+        )
+    assert killed
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_two_gpus_match_one(digits: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    images, labels, true_labels = digits
+    one = score_noise_workers(images, labels, world_size=1, device="cuda:0", config=CONFIG, num_classes=10)
+    two = score_noise_workers(images, labels, world_size=2, device="cuda:0", config=CONFIG, num_classes=10)
+    noisy = labels != true_labels
+    assert abs(roc_auc_score(noisy, one.noise_scores) - roc_auc_score(noisy, two.noise_scores)) < 0.01
