@@ -14,8 +14,10 @@ DataValidationError) are raised again in the caller with their message and field
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from o2u_engine.score import score_noise
 
 POLL_SECONDS = 0.1  # how often the caller checks cancellation and the workers' health
 EXIT_GRACE_SECONDS = 10.0  # workers are given this long to exit after a result or an error
+_PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent exits
 _ERRORS: dict[str, type[Exception]] = {
     cls.__name__: cls
     for cls in (Cancelled, ConfigError, TrainingDiverged, DeviceOutOfMemory, DataValidationError)
@@ -55,6 +58,19 @@ class _WorkerJob:
     gpu: int | None  # the first GPU, None on the CPU
     threads: int
     timeout_seconds: float
+    parent: int  # the caller's process id
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this worker when the caller exits (Linux), so a crashed caller
+    leaves no training behind; exit at once if it is already gone."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the collectives' timeout ends the worker
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def free_port() -> int:
@@ -100,6 +116,7 @@ def score_noise_workers(
         gpu=gpu,
         threads=max(1, available_cpu_count() // world_size),
         timeout_seconds=collective_timeout_seconds,
+        parent=os.getpid(),
     )
     context = mp.get_context("spawn")
     events = context.Queue()
@@ -185,8 +202,8 @@ def _worker(rank: int, job: _WorkerJob, events: Any, cancel: Any) -> None:
     """One worker: join the group, train its shards, and report (worker 0) or fail."""
     from o2u_engine.distributed import DistributedTrainer  # after spawn: torch is imported here
 
+    _die_with_parent(job.parent)
     torch.set_num_threads(job.threads)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     device = "cpu" if job.gpu is None else f"cuda:{job.gpu + rank}"
     if job.gpu is not None:
         torch.cuda.set_device(device)

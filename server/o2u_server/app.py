@@ -39,6 +39,7 @@ from o2u_server.jobs.paging import PageTokens
 from o2u_server.jobs.runner import JobRunner
 from o2u_server.jobs.state_volume import StateVolume
 from o2u_server.jobs.store import JobStore, Recovery
+from o2u_server.jobs.workers import slot_devices
 from o2u_server.metrics import MetricsServer, ServerMetrics
 from o2u_server.settings import Settings
 from o2u_server.storage import Storage
@@ -64,10 +65,7 @@ def resolve_devices(settings: Settings) -> list[str]:
     cuda = torch.cuda.is_available()
     if settings.device == "cuda" and not cuda:
         raise RuntimeError("O2U_DEVICE=cuda but torch sees no CUDA device; use auto or cpu")
-    if settings.device == "cpu" or not cuda:
-        return ["cpu"] * (settings.max_concurrent_jobs or 1)
-    count = torch.cuda.device_count()
-    return [f"cuda:{index % count}" for index in range(settings.max_concurrent_jobs or count)]
+    return slot_devices(settings)
 
 
 class O2UServer:

@@ -138,6 +138,7 @@ class RunInfo:
     server_version: str
     model: str
     dataset_digest: str = ""  # SHA-256 of the data trained on (datasets.content_digest)
+    world_size: int = 1  # workers (GPUs, or CPU processes) that trained the job together
 
 
 @dataclass(frozen=True)

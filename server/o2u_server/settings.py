@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     Database outages shorter than this are retried."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Torch device for training: `auto` uses CUDA when available."""
+    gpus_per_job: int | None = Field(default=None, ge=1)
+    """Workers that train one job together (torch.distributed, data-parallel): GPUs on a GPU server
+    (default all visible ones), worker processes on the CPU (default 1; more runs gloo workers)."""
     max_concurrent_jobs: int | None = Field(default=None, ge=1)
     """Jobs trained at once; default one per visible GPU, or 1 on a CPU."""
     cpu_threads: int | None = Field(default=None, ge=1)

@@ -166,6 +166,7 @@ def _run_info(info: RunInfo | None) -> pb.RunInfo | None:
         server_version=info.server_version,
         model=info.model,
         dataset_digest=info.dataset_digest,
+        world_size=info.world_size,
     )
 
 

@@ -39,6 +39,7 @@ from o2u_engine import (
     ResolvedConfig,
 )
 from o2u_engine.config import validate_config
+from o2u_engine.launch import WorkerFailed
 from o2u_engine.validate import MIN_SAMPLES
 from o2u_server.datasets import LoadedDataset
 from o2u_server.domain import (
@@ -113,6 +114,7 @@ class Engine:
 
     score_noise: Callable[..., o2u_engine.NoiseReport] = o2u_engine.score_noise
     resolve_config: Callable[..., ResolvedConfig] = o2u_engine.resolve_config
+    world_size: int = 1  # workers that train one job (`jobs.workers`)
 
     def resolve(
         self, requested: Mapping[str, Any], dataset: LoadedDataset, device: str, *, uri: str = "the dataset"
@@ -199,6 +201,8 @@ def service_error(exc: Exception) -> ServiceError:
             "pretrain_batch_size/cyclic_batch_size or image_size, or choose a smaller model",
             reason="DEVICE_OUT_OF_MEMORY",
         )
+    if isinstance(exc, WorkerFailed):
+        return Internal(f"{exc}; the job can be submitted again", reason="TRAINING_WORKER_FAILED")
     if isinstance(exc, DataValidationError):
         return InvalidArgument(str(exc), reason="INVALID_DATASET", field="dataset")
     if isinstance(exc, ConfigError):
@@ -219,6 +223,7 @@ def run_info(
     dataset_digest: str = "",
     engine_version: str = o2u_engine.__version__,
     torch_version: str = torch.__version__,
+    world_size: int = 1,
 ) -> RunInfo:
     """What runs (or ran), enough to reproduce it: the resolved config, its seed, versions, device."""
     return RunInfo(
@@ -232,6 +237,7 @@ def run_info(
         server_version=server_version,
         model=config.model,
         dataset_digest=dataset_digest,
+        world_size=world_size,
     )
 
 
@@ -245,7 +251,12 @@ class JobResults:
 
 
 def job_results(
-    report: o2u_engine.NoiseReport, dataset: LoadedDataset, *, job_id: str, server_version: str
+    report: o2u_engine.NoiseReport,
+    dataset: LoadedDataset,
+    *,
+    job_id: str,
+    server_version: str,
+    world_size: int = 1,
 ) -> JobResults:
     info = run_info(
         report.config,
@@ -256,6 +267,7 @@ def job_results(
         dataset_digest=dataset.digest,
         engine_version=report.engine_version,
         torch_version=report.torch_version,
+        world_size=world_size,
     )
     summary = _summary(report, job_id=job_id, class_names=dataset.class_names, info=info)
     return JobResults(_ScoreRows(report, dataset.keys), summary, info)

@@ -217,6 +217,7 @@ class Execution:
             num_classes=len(dataset.class_names),
             server_version=self._server_version,
             dataset_digest=dataset.digest,
+            world_size=self._engine.world_size,
         )
         self._persist(lambda: self._claims.set_run_info(lease, planned, time.time()))
         checkpoint = self._checkpoints.prepare(lease)
@@ -236,7 +237,13 @@ class Execution:
             if weights is not None:
                 weights.unlink(missing_ok=True)
         self._record_progress(lease, Progress(Stage.RANKING, fraction_done=1.0))
-        results = job_results(report, dataset, job_id=lease.job_id, server_version=self._server_version)
+        results = job_results(
+            report,
+            dataset,
+            job_id=lease.job_id,
+            server_version=self._server_version,
+            world_size=self._engine.world_size,
+        )
         event = self._persist(
             lambda: self._claims.save_results(  # the score rows are re-read on every try
                 lease, results.scores, dataset.class_names, results.summary, results.run_info, time.time()

@@ -28,6 +28,7 @@ from o2u_server.jobs.execution import Execution
 from o2u_server.jobs.leases import Attempts, LeaseKeeper
 from o2u_server.jobs.state_volume import StateVolume
 from o2u_server.jobs.store import JobStore, Lease, Recovery
+from o2u_server.jobs.workers import job_engine
 from o2u_server.metrics import ServerMetrics
 from o2u_server.settings import Settings
 from o2u_server.storage import Storage
@@ -75,7 +76,7 @@ class JobRunner:
             metrics=metrics,
             hub=hub,
             server_version=server_version,
-            engine=engine or Engine(),
+            engine=engine or job_engine(settings),
             closing=self._closing,
         )
         self._keeper = LeaseKeeper(

@@ -460,6 +460,7 @@ class RunInfo(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     DATASET_DIGEST_FIELD_NUMBER: _builtins.int
+    WORLD_SIZE_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     engine_version: _builtins.str
     torch_version: _builtins.str
@@ -476,6 +477,10 @@ class RunInfo(_message.Message):
     """SHA-256 (hex) of the samples, labels, keys and class names the job trained on; a resumed
     job whose dataset no longer matches it fails with FAILED_PRECONDITION (DATASET_CHANGED).
     """
+    world_size: _builtins.int
+    """How many data-parallel workers (GPUs, or processes on a CPU server) trained the job together;
+    the scores are deterministic for a given world size and seed.
+    """
     def __init__(
         self,
         *,
@@ -489,10 +494,11 @@ class RunInfo(_message.Message):
         server_version: _builtins.str = ...,
         model: _builtins.str = ...,
         dataset_digest: _builtins.str = ...,
+        world_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_digest", b"dataset_digest", "device", b"device", "engine_version", b"engine_version", "model", b"model", "num_classes", b"num_classes", "num_samples", b"num_samples", "resolved_config_json", b"resolved_config_json", "seed", b"seed", "server_version", b"server_version", "torch_version", b"torch_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_digest", b"dataset_digest", "device", b"device", "engine_version", b"engine_version", "model", b"model", "num_classes", b"num_classes", "num_samples", b"num_samples", "resolved_config_json", b"resolved_config_json", "seed", b"seed", "server_version", b"server_version", "torch_version", b"torch_version", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
