@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     """Workers that train one job together (torch.distributed, data-parallel): GPUs on a GPU server
     (default all visible ones), worker processes on the CPU (default 1; more runs gloo workers)."""
     max_concurrent_jobs: int | None = Field(default=None, ge=1)
-    """Jobs trained at once; default one per visible GPU, or 1 on a CPU."""
+    """Jobs trained at once; default one per group of gpus_per_job visible GPUs, or 1 on a CPU."""
     cpu_threads: int | None = Field(default=None, ge=1)
     """Torch threads for training on the CPU; default one per CPU this process may use (affinity and
     cgroup quota). On a host whose cores are busy with other work, 1 is often several times faster."""
