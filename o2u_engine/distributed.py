@@ -12,9 +12,9 @@ forward and backward pass on its contiguous shard (`shard_bounds`) of that batch
 - Per-sample losses and logits of the whole batch reach every worker (one all-reduce of a buffer
   each worker fills at its shard's rows), so `CyclicStatistics` records every sample exactly once
   per epoch on every worker and all workers rank identically.
-- BatchNorm: on CUDA the model's BatchNorm layers become SyncBatchNorm (statistics of the global
-  batch). Gloo has no SyncBatchNorm, so on the CPU each worker normalizes by its shard's
-  statistics; the running statistics are averaged over the workers at every epoch's end.
+- BatchNorm follows the global batch: the model's BatchNorm layers become
+  `syncnorm.WorkerBatchNorm` (the global batch's mean and variance, on gloo and NCCL alike), so
+  the running statistics too are the same on every worker.
 - Cancellation and out-of-memory are agreed on: `should_cancel` is one all-reduce (max) per batch,
   and a batch that ran out of memory on any worker is retried at half the batch size by all.
 
@@ -27,6 +27,7 @@ Every collective has the process group's timeout, so a worker that dies stops th
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from o2u_engine.augment import random_crop_flip
 from o2u_engine.data import Batch
 from o2u_engine.network import Network
 from o2u_engine.phases import Phase
+from o2u_engine.syncnorm import convert_batch_norm
 from o2u_engine.train import Trainer
 
 
@@ -78,34 +80,25 @@ class DistributedTrainer(Trainer):
             self.progress = None
         if self.checkpoints is not None:
             self.checkpoints = _WorkerCheckpoints(self.checkpoints, self.world_size, writes=self.rank == 0)
-        self.sync_batch_norm = self.device.type == "cuda"
 
     def _any(self, flag: bool) -> bool:
         """Whether `flag` is true on any worker (one all-reduce)."""
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        self._all_reduce(value, dist.ReduceOp.MAX)
         return bool(value.item() > 0)
 
+    def _all_reduce(self, tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> None:
+        """All-reduce in place, counted in the run's timings: "communication" (seconds spent in
+        collectives, waiting for the slowest worker included) and "communication_bytes"."""
+        started = time.perf_counter()
+        dist.all_reduce(tensor, op=op)
+        timings = self.state.timings
+        timings["communication"] = timings.get("communication", 0.0) + time.perf_counter() - started
+        size = float(tensor.numel() * tensor.element_size())
+        timings["communication_bytes"] = timings.get("communication_bytes", 0.0) + size
+
     def _new_model(self) -> nn.Module:
-        model = super()._new_model()
-        if not self.sync_batch_norm:
-            return model
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call,no-any-return]
-
-    def _train_epoch(self, network: Network, phase: Phase, indices: torch.Tensor, stage_epoch: int) -> float:
-        mean_loss = super()._train_epoch(network, phase, indices, stage_epoch)
-        self._average_buffers(network.model)
-        return mean_loss
-
-    def _average_buffers(self, model: nn.Module) -> None:
-        """BatchNorm's running statistics, averaged over the workers (identical afterwards)."""
-        buffers = [b for b in model.buffers() if b.is_floating_point()]
-        if not buffers:
-            return
-        flat = torch.cat([b.reshape(-1).to(torch.float64) for b in buffers]) / self.world_size
-        dist.all_reduce(flat)
-        for buffer, values in zip(buffers, torch.split(flat, [b.numel() for b in buffers]), strict=True):
-            buffer.copy_(values.view_as(buffer))
+        return convert_batch_norm(super()._new_model(), self._all_reduce)
 
     def _step(self, network: Network, phase: Phase, batch: Batch) -> torch.Tensor:
         """One optimizer step on this worker's shard of the global `batch`; returns the sum of the
@@ -122,13 +115,12 @@ class DistributedTrainer(Trainer):
         # [out of memory flag, losses (B,), logits (B, K)], each worker filling its own rows
         outputs = torch.zeros(1 + size * (1 + self.num_classes), dtype=torch.float32, device=self.device)
         network.optimizer.zero_grad(set_to_none=True)
-        try:
-            if stop > start:
-                self._shard_pass(network, batch.indices[start:stop], stored[start:stop], outputs, size)
+        try:  # an empty shard runs too: the layers' collectives must match on every worker
+            self._shard_pass(network, batch.indices[start:stop], stored[start:stop], outputs, size)
         except torch.OutOfMemoryError:
             outputs.zero_()
             outputs[0] = 1.0
-        dist.all_reduce(outputs)
+        self._all_reduce(outputs)
         if outputs[0].item() > 0:
             network.optimizer.zero_grad(set_to_none=True)
             raise torch.OutOfMemoryError("a worker ran out of memory")
@@ -163,6 +155,6 @@ class DistributedTrainer(Trainer):
                 parameter.grad = torch.zeros_like(parameter)
         grads = [p.grad for p in parameters if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
+        self._all_reduce(flat)
         for grad, values in zip(grads, torch.split(flat, [g.numel() for g in grads]), strict=True):
             grad.copy_(values.view(grad.shape))
