@@ -16,7 +16,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
-from o2u_engine import Cancelled, O2UConfig
+from o2u_engine import Cancelled, ConfigError, O2UConfig
 from o2u_engine.distributed import shard_bounds
 from o2u_engine.launch import WorkerFailed, score_noise_workers
 from tests.o2u_engine.engine_testing import flip_labels
@@ -77,6 +77,9 @@ def test_resume_gives_the_uninterrupted_scores(
         )
     assert path.exists()
     assert len(seen) == 3
+    with pytest.raises(ConfigError, match="different run") as refused:  # another world size
+        score_noise_workers(images, labels, world_size=1, config=CONFIG, num_classes=10, checkpoint_path=path)
+    assert refused.value.field == "checkpoint_path"
     resumed_events: list[str] = []
     resumed = score_noise_workers(
         images,

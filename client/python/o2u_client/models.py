@@ -147,6 +147,7 @@ class RunInfo:
     server_version: str
     resolved_config: Mapping[str, Any]
     dataset_digest: str = ""  # SHA-256 of the samples, labels, keys and class names trained on
+    world_size: int = 1  # data-parallel workers that trained the job together
 
     @classmethod
     def from_proto(cls, proto: scoring_pb2.RunInfo) -> RunInfo:
@@ -162,6 +163,7 @@ class RunInfo:
             server_version=proto.server_version,
             resolved_config=resolved,
             dataset_digest=proto.dataset_digest,
+            world_size=proto.world_size or 1,
         )
 
 

@@ -39,7 +39,7 @@ from o2u_engine import (
     ResolvedConfig,
 )
 from o2u_engine.config import validate_config
-from o2u_engine.launch import WorkerFailed
+from o2u_engine.launch import WorkerFailed, score_noise_workers
 from o2u_engine.validate import MIN_SAMPLES
 from o2u_server.datasets import LoadedDataset
 from o2u_server.domain import (
@@ -63,6 +63,7 @@ __all__ = [
     "engine_config",
     "job_results",
     "run_info",
+    "score_noise_workers",
     "service_error",
 ]
 

@@ -23,8 +23,7 @@ from functools import partial
 
 import torch
 
-from o2u_engine.launch import score_noise_workers
-from o2u_server.jobs.engine import Engine
+from o2u_server.jobs.engine import Engine, score_noise_workers
 from o2u_server.settings import Settings
 
 __all__ = ["COLLECTIVE_TIMEOUT_SECONDS", "job_engine", "slot_devices", "world_size"]
