@@ -16,7 +16,9 @@ forward and backward pass on its contiguous shard (`shard_bounds`) of that batch
   `syncnorm.WorkerBatchNorm` (the global batch's mean and variance, on gloo and NCCL alike), so
   the running statistics too are the same on every worker.
 - Cancellation and out-of-memory are agreed on: `should_cancel` is one all-reduce (max) per batch,
-  and a batch that ran out of memory on any worker is retried at half the batch size by all.
+  and a batch that ran out of memory on any worker is retried at half the batch size by all (the
+  worker that ran out completes the step's BatchNorm collectives with zeros, and every worker
+  restores the running statistics from before the step).
 
 Parameters stay identical on every worker (same start, same summed gradient), so a run is
 deterministic for a given world size and seed. Worker 0 alone reports progress and writes
@@ -40,7 +42,7 @@ from o2u_engine.augment import random_crop_flip
 from o2u_engine.data import Batch
 from o2u_engine.network import Network
 from o2u_engine.phases import Phase
-from o2u_engine.syncnorm import convert_batch_norm
+from o2u_engine.syncnorm import WorkerBatchNorm, convert_batch_norm
 from o2u_engine.train import Trainer
 
 
@@ -74,6 +76,7 @@ class DistributedTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.step_collectives = 0  # collectives of the current step's forward and backward pass
         local_cancel = self.should_cancel
         self.should_cancel = lambda: self._any(local_cancel is not None and local_cancel())
         if self.rank != 0:
@@ -91,6 +94,7 @@ class DistributedTrainer(Trainer):
         """All-reduce in place, counted in the run's timings: "communication" (seconds spent in
         collectives, waiting for the slowest worker included) and "communication_bytes"."""
         started = time.perf_counter()
+        self.step_collectives += 1
         dist.all_reduce(tensor, op=op)
         timings = self.state.timings
         timings["communication"] = timings.get("communication", 0.0) + time.perf_counter() - started
@@ -104,8 +108,6 @@ class DistributedTrainer(Trainer):
         """One optimizer step on this worker's shard of the global `batch`; returns the sum of the
         whole batch's losses, on the device (the same on every worker)."""
         size = batch.indices.shape[0]
-        if self.fault_hook is not None:
-            self.fault_hook(phase.stage, size)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
         stored = batch.stored
@@ -115,14 +117,25 @@ class DistributedTrainer(Trainer):
         # [out of memory flag, losses (B,), logits (B, K)], each worker filling its own rows
         outputs = torch.zeros(1 + size * (1 + self.num_classes), dtype=torch.float32, device=self.device)
         network.optimizer.zero_grad(set_to_none=True)
+        norms = [m for m in network.model.modules() if isinstance(m, WorkerBatchNorm)]
+        running = [
+            {k: v.clone() for k, v in m.state_dict().items() if k.startswith(("running", "num_batches"))}
+            for m in norms
+        ]
+        self.step_collectives = 0
         try:  # an empty shard runs too: the layers' collectives must match on every worker
+            if self.fault_hook is not None:
+                self.fault_hook(phase.stage, size)
             self._shard_pass(network, batch.indices[start:stop], stored[start:stop], outputs, size)
         except torch.OutOfMemoryError:
             outputs.zero_()
             outputs[0] = 1.0
+            self._finish_norm_collectives(norms)
         self._all_reduce(outputs)
-        if outputs[0].item() > 0:
+        if outputs[0].item() > 0:  # every worker retries the batch at half the size
             network.optimizer.zero_grad(set_to_none=True)
+            for module, state in zip(norms, running, strict=True):
+                module.load_state_dict(state, strict=False)
             raise torch.OutOfMemoryError("a worker ran out of memory")
         self._all_reduce_gradients(network.model)
         network.optimizer.step()
@@ -130,6 +143,14 @@ class DistributedTrainer(Trainer):
         if phase.records_losses:
             self.statistics.record(batch.indices, losses, outputs[1 + size :].view(size, self.num_classes))
         return losses.sum(dtype=torch.float64)
+
+    def _finish_norm_collectives(self, norms: list[WorkerBatchNorm]) -> None:
+        """After an out-of-memory error inside the shard's pass, take part in the BatchNorm
+        collectives the other workers still run in this step (each layer's statistics forward in
+        module order, then its gradient sums backward in reverse order), with zeros."""
+        sizes = [2 * m.num_features + 1 for m in norms] + [2 * m.num_features for m in reversed(norms)]
+        for size in sizes[self.step_collectives :]:
+            self._all_reduce(torch.zeros(size, dtype=torch.float64, device=self.device))
 
     def _shard_pass(
         self, network: Network, indices: torch.Tensor, stored: torch.Tensor, outputs: torch.Tensor, size: int

@@ -4,6 +4,7 @@ a killed worker ends the run cleanly instead of hanging it."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import multiprocessing
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
@@ -118,6 +120,28 @@ def test_a_killed_worker_fails_the_run(digits: tuple[np.ndarray, np.ndarray, np.
         )
     assert killed
     assert multiprocessing.active_children() == []
+
+
+def _oom_on_worker_1(stage: str, batch_size: int) -> None:
+    """A fault hook (run in the workers): worker 1 alone runs out of memory at stage 2's batch size."""
+    if dist.get_rank() == 1 and stage == "cyclic" and batch_size > CONFIG_OOM_BATCH // 2:
+        raise torch.OutOfMemoryError("injected on worker 1")
+
+
+CONFIG_OOM_BATCH = 32
+
+
+def test_out_of_memory_on_one_worker_halves_the_batch_on_all(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    images, labels, true_labels = digits
+    config = dataclasses.replace(CONFIG, cyclic_batch_size=CONFIG_OOM_BATCH)
+    report = score_noise_workers(
+        images, labels, world_size=2, config=config, num_classes=10, _fault_hook=_oom_on_worker_1
+    )
+    assert roc_auc_score(labels != true_labels, report.noise_scores) > 0.9
+    plain = score_noise_workers(images, labels, world_size=2, config=config, num_classes=10)
+    assert not np.array_equal(report.noise_scores, plain.noise_scores)  # stage 2 ran at half the batch
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
