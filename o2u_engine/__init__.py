@@ -21,6 +21,9 @@ Public API:
 - `ProgressEvent` (one per epoch), `CleanRetrainingResult`.
 - Errors: `DataValidationError`, `ConfigError` (and its `TrainingDiverged`), `Cancelled`,
   `DeviceOutOfMemory`.
+- Data-parallel training: `o2u_engine.launch.score_noise_workers(features, labels, world_size=,
+  device=, ...)` runs `score_noise` on `world_size` torch.distributed workers (gloo on the CPU,
+  NCCL on GPUs; `o2u_engine.distributed` states the rule) and raises `WorkerFailed` when one dies.
 - Utilities: `configure_cpu_threads()` (call it once in a CPU service), `cyclic_lr`, `build_model`,
   `prepare_images`, `prepare_features`.
 

@@ -58,7 +58,8 @@ def score_noise(
     the end of every stage, and when `should_cancel` stops an epoch (the last boundary, kept in
     memory, is written before Cancelled is raised).
     `initial_weights` is a state dict file for the resolved model, read with
-    `torch.load(weights_only=True)`.
+    `torch.load(weights_only=True)`. `_trainer` is the trainer class: `DistributedTrainer` in a
+    worker of `o2u_engine.launch.score_noise_workers`.
     """
     if not math.isfinite(checkpoint_interval_seconds) or checkpoint_interval_seconds < 0:
         raise ConfigError(

@@ -1,6 +1,7 @@
 """Data-parallel training over 2 gloo workers on the CPU: the scores agree with one worker's,
-repeat exactly for the same world size, resume bit-identically from a checkpoint, and a cancel or
-a killed worker ends the run cleanly instead of hanging it."""
+repeat exactly for the same world size, resume bit-identically from a checkpoint (never from
+another world size's), an out-of-memory error on one worker halves the batch on both, and a cancel
+or a killed worker ends the run cleanly instead of hanging it."""
 
 from __future__ import annotations
 
