@@ -61,7 +61,8 @@ MIN_CLIENT_PING_INTERVAL_MS = 20_000
 
 
 def resolve_devices(settings: Settings) -> list[str]:
-    """The torch device of each worker slot: one per visible GPU by default, else one CPU slot."""
+    """The first torch device of each worker slot: one slot per group of gpus_per_job visible GPUs
+    (by default one slot with all of them), else one CPU slot (`jobs.workers.slot_devices`)."""
     cuda = torch.cuda.is_available()
     if settings.device == "cuda" and not cuda:
         raise RuntimeError("O2U_DEVICE=cuda but torch sees no CUDA device; use auto or cpu")
