@@ -1,0 +1,261 @@
+"""Completion webhooks against a real HTTP receiver on loopback: the signed CloudEvent of a
+succeeded, failed and cancelled job, retries after 500s and timeouts, giving up, the allow-list
+checked at submit, and a delivery that waits across a server restart."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.server
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from o2u.v1 import scoring_pb2 as pb
+from o2u.v1 import scoring_pb2_grpc
+from tests.server_testing import (
+    SLOW_CONFIG,
+    call_error,
+    create_job,
+    running_server,
+    test_settings,
+    wait_for_job,
+)
+
+Stub = scoring_pb2_grpc.ScoringServiceStub
+SECRET = b"webhook-test-secret"
+
+
+@dataclass
+class Receiver:
+    """An HTTP server that answers each POST with the next planned answer (a status, or "hang")."""
+
+    plan: list[Any] = field(default_factory=list)
+    default: Any = 200
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/o2u"
+
+    def answer(self) -> Any:
+        return self.plan.pop(0) if self.plan else self.default
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            answer = state.answer()
+            state.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            if answer == "hang":
+                time.sleep(2.0)
+                answer = 200
+            self.send_response(answer)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    state.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def _settings(tmp_path: Path, data_root: Path, receiver: Receiver, **overrides: Any) -> Any:
+    secret = tmp_path / "webhook-secret"
+    secret.write_bytes(SECRET + b"\n")
+    values: dict[str, Any] = {
+        "webhook_allowed_urls": [f"http://127.0.0.1:{receiver.port}/hooks/"],
+        "webhook_secret_file": secret,
+        "webhook_allow_http_loopback": True,
+        "webhook_timeout_seconds": 0.5,
+        "webhook_retry_seconds": 0.1,
+        **overrides,
+    }
+    return test_settings(state_dir=tmp_path / "state", data_roots=[data_root], **values)
+
+
+def verify(secret: bytes, signature: str, body: bytes, tolerance: float = 300) -> bool:
+    """The receiver's check, as docs/api.md shows it."""
+    fields = dict(item.split("=", 1) for item in signature.split(","))
+    timestamp = int(fields["t"])
+    expected = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return abs(time.time() - timestamp) <= tolerance and hmac.compare_digest(expected, fields["v1"])
+
+
+def _wait_attempts(stub: Stub, job_id: str, count: int, timeout: float = 30) -> pb.ScoringJob:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = stub.GetScoringJob(pb.GetScoringJobRequest(job_id=job_id)).job
+        if len(job.webhook_deliveries) >= count and job.webhook_deliveries[-1].final:
+            return job
+        assert time.monotonic() < deadline, f"{len(job.webhook_deliveries)} attempts so far"
+        time.sleep(0.05)
+
+
+def _webhook(receiver: Receiver) -> pb.WebhookTarget:
+    return pb.WebhookTarget(url=receiver.url)
+
+
+def test_a_succeeded_job_posts_a_signed_cloudevent(
+    tmp_path: Path, data_root: Path, digits_uri: str, receiver: Receiver
+) -> None:
+    settings = _settings(tmp_path, data_root, receiver)
+    with running_server(settings) as server, server.channel() as channel:
+        stub = Stub(channel)
+        created = create_job(stub, digits_uri, display_name="nightly", webhook=_webhook(receiver))
+        assert created.webhook_url == receiver.url
+        job = _wait_attempts(stub, created.job_id, 1)
+        assert job.state == pb.JOB_STATE_SUCCEEDED
+        [delivery] = job.webhook_deliveries
+        assert (delivery.attempt, delivery.outcome, delivery.http_status) == (
+            1,
+            pb.WEBHOOK_OUTCOME_DELIVERED,
+            200,
+        )
+        assert delivery.final
+        assert delivery.time.seconds > 0
+        assert 'o2u_webhook_deliveries_total{outcome="delivered"} 1.0' in server.scrape()
+    [(headers, body)] = receiver.received
+    assert headers["content-type"] == "application/cloudevents+json"
+    assert verify(SECRET, headers["o2u-signature"], body)
+    assert not verify(b"another secret", headers["o2u-signature"], body)
+    assert not verify(SECRET, headers["o2u-signature"], body.replace(b"nightly", b"nightlx"))
+    event = json.loads(body)
+    assert event["specversion"] == "1.0"
+    assert event["type"] == "io.o2u.scoring.job.succeeded"
+    assert event["subject"] == job.job_id
+    assert event["datacontenttype"] == "application/json"
+    assert event["id"]
+    assert event["source"]
+    assert event["time"].endswith("Z")
+    data = event["data"]
+    assert (data["job_id"], data["state"], data["display_name"]) == (job.job_id, "SUCCEEDED", "nightly")
+    assert data["summary"]["num_samples"] == 400
+    assert data["summary"]["num_suspected"] > 0
+
+
+def test_deliveries_are_retried_after_500s_and_timeouts_then_given_up(
+    tmp_path: Path, data_root: Path, digits_uri: str, receiver: Receiver
+) -> None:
+    receiver.plan = [500, "hang", 200]
+    settings = _settings(tmp_path, data_root, receiver)
+    with running_server(settings) as server, server.channel() as channel:
+        stub = Stub(channel)
+        job = _wait_attempts(stub, create_job(stub, digits_uri, webhook=_webhook(receiver)).job_id, 3)
+        outcomes = [(d.attempt, d.outcome, d.http_status, d.final) for d in job.webhook_deliveries]
+        assert outcomes == [
+            (1, pb.WEBHOOK_OUTCOME_HTTP_ERROR, 500, False),
+            (2, pb.WEBHOOK_OUTCOME_TIMEOUT, 0, False),
+            (3, pb.WEBHOOK_OUTCOME_DELIVERED, 200, True),
+        ]
+        # Every attempt carries the same event (one id), each freshly signed.
+        ids = {json.loads(body)["id"] for _, body in receiver.received}
+        assert len(ids) == 1
+        assert len(receiver.received) == 3
+        assert all(verify(SECRET, headers["o2u-signature"], body) for headers, body in receiver.received)
+        # The receiver keeps failing: the delivery is given up after webhook_max_attempts.
+        receiver.default = 503
+    with running_server(settings.model_copy(update={"webhook_max_attempts": 2})) as server:
+        with server.channel() as channel:
+            stub = Stub(channel)
+            failing = create_job(stub, digits_uri, webhook=_webhook(receiver))
+            job = _wait_attempts(stub, failing.job_id, 2)
+            assert job.state == pb.JOB_STATE_SUCCEEDED  # the result stands, whatever the receiver says
+            assert [(d.outcome, d.final) for d in job.webhook_deliveries] == [
+                (pb.WEBHOOK_OUTCOME_HTTP_ERROR, False),
+                (pb.WEBHOOK_OUTCOME_HTTP_ERROR, True),
+            ]
+            text = server.scrape()
+            assert 'o2u_webhook_deliveries_total{outcome="http_error"} 2.0' in text
+            assert 'o2u_webhook_deliveries_total{outcome="network_error"} 0.0' in text
+
+
+def test_failed_and_cancelled_jobs_post_their_events(
+    tmp_path: Path, data_root: Path, digits_uri: str, receiver: Receiver
+) -> None:
+    (data_root / "broken-hook.npz").write_bytes(b"this is not a zip archive")
+    settings = _settings(tmp_path, data_root, receiver)
+    with running_server(settings) as server, server.channel() as channel:
+        stub = Stub(channel)
+        broken = create_job(stub, (data_root / "broken-hook.npz").as_uri(), webhook=_webhook(receiver))
+        failed = _wait_attempts(stub, broken.job_id, 1)
+        assert failed.state == pb.JOB_STATE_FAILED
+        slow = create_job(stub, digits_uri, config=SLOW_CONFIG, webhook=_webhook(receiver))
+        stub.CancelScoringJob(pb.CancelScoringJobRequest(job_id=slow.job_id))
+        cancelled = _wait_attempts(stub, slow.job_id, 1)
+        assert cancelled.state == pb.JOB_STATE_CANCELLED
+    events = {json.loads(body)["subject"]: json.loads(body) for _, body in receiver.received}
+    assert events[failed.job_id]["type"] == "io.o2u.scoring.job.failed"
+    assert events[failed.job_id]["data"]["state"] == "FAILED"
+    assert events[failed.job_id]["data"]["error"]["reason"] == failed.error.reason
+    assert events[cancelled.job_id]["type"] == "io.o2u.scoring.job.cancelled"
+    assert "summary" not in events[cancelled.job_id]["data"]
+
+
+def test_a_delivery_pending_at_a_restart_is_sent_after_it(
+    tmp_path: Path, data_root: Path, digits_uri: str, receiver: Receiver
+) -> None:
+    receiver.default = 503  # the receiver is down while the job ends
+    settings = _settings(tmp_path, data_root, receiver, webhook_retry_seconds=0.2)
+    with running_server(settings) as server, server.channel() as channel:
+        stub = Stub(channel)
+        job = wait_for_job(stub, create_job(stub, digits_uri, webhook=_webhook(receiver)).job_id)
+        deadline = time.monotonic() + 30
+        while not stub.GetScoringJob(pb.GetScoringJobRequest(job_id=job.job_id)).job.webhook_deliveries:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    before = len(receiver.received)
+    receiver.default = 200
+    with running_server(settings) as server, server.channel() as channel:
+        stub = Stub(channel)
+        again = _wait_attempts(stub, job.job_id, before + 1)
+        assert again.webhook_deliveries[-1].outcome == pb.WEBHOOK_OUTCOME_DELIVERED
+        assert all(d.outcome == pb.WEBHOOK_OUTCOME_HTTP_ERROR for d in again.webhook_deliveries[:-1])
+    assert json.loads(receiver.received[-1][1])["subject"] == job.job_id
+
+
+def test_a_webhook_outside_the_allow_list_is_refused_at_submit(
+    tmp_path: Path, data_root: Path, digits_uri: str, receiver: Receiver
+) -> None:
+    settings = _settings(tmp_path, data_root, receiver)
+    with running_server(settings) as server, server.channel() as channel:
+        stub = Stub(channel)
+        for url, reason in [
+            ("https://attacker.example.com/hooks/", "WEBHOOK_URL_NOT_ALLOWED"),
+            (f"http://127.0.0.1:{receiver.port}/other", "WEBHOOK_URL_NOT_ALLOWED"),
+            ("http://169.254.169.254/latest/meta-data/", "INVALID_WEBHOOK_URL"),
+            ("ftp://127.0.0.1/hooks/", "INVALID_WEBHOOK_URL"),
+            (f"http://user:pw@127.0.0.1:{receiver.port}/hooks/", "INVALID_WEBHOOK_URL"),
+            ("", "INVALID_WEBHOOK_URL"),
+        ]:
+            error = call_error(lambda: create_job(stub, digits_uri, webhook=pb.WebhookTarget(url=url)))
+            assert (error.code, error.reason, error.fields) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                reason,
+                ["webhook.url"],
+            ), url
+        assert not stub.ListScoringJobs(pb.ListScoringJobsRequest()).jobs
+    disabled = test_settings(state_dir=tmp_path / "other", data_roots=[data_root])
+    with running_server(disabled) as server, server.channel() as channel:
+        error = call_error(lambda: create_job(Stub(channel), digits_uri, webhook=_webhook(receiver)))
+        assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "WEBHOOKS_DISABLED")
+    assert not receiver.received
