@@ -174,19 +174,19 @@ def test_deliveries_are_retried_after_500s_and_timeouts_then_given_up(
         assert all(verify(SECRET, headers["o2u-signature"], body) for headers, body in receiver.received)
         # The receiver keeps failing: the delivery is given up after webhook_max_attempts.
         receiver.default = 503
-    with running_server(settings.model_copy(update={"webhook_max_attempts": 2})) as server:
-        with server.channel() as channel:
-            stub = Stub(channel)
-            failing = create_job(stub, digits_uri, webhook=_webhook(receiver))
-            job = _wait_attempts(stub, failing.job_id, 2)
-            assert job.state == pb.JOB_STATE_SUCCEEDED  # the result stands, whatever the receiver says
-            assert [(d.outcome, d.final) for d in job.webhook_deliveries] == [
-                (pb.WEBHOOK_OUTCOME_HTTP_ERROR, False),
-                (pb.WEBHOOK_OUTCOME_HTTP_ERROR, True),
-            ]
-            text = server.scrape()
-            assert 'o2u_webhook_deliveries_total{outcome="http_error"} 2.0' in text
-            assert 'o2u_webhook_deliveries_total{outcome="network_error"} 0.0' in text
+    limited = _settings(tmp_path, data_root, receiver, webhook_max_attempts=2)
+    with running_server(limited) as server, server.channel() as channel:
+        stub = Stub(channel)
+        failing = create_job(stub, digits_uri, webhook=_webhook(receiver))
+        job = _wait_attempts(stub, failing.job_id, 2)
+        assert job.state == pb.JOB_STATE_SUCCEEDED  # the result stands, whatever the receiver says
+        assert [(d.outcome, d.final) for d in job.webhook_deliveries] == [
+            (pb.WEBHOOK_OUTCOME_HTTP_ERROR, False),
+            (pb.WEBHOOK_OUTCOME_HTTP_ERROR, True),
+        ]
+        text = server.scrape()
+        assert 'o2u_webhook_deliveries_total{outcome="http_error"} 2.0' in text
+        assert 'o2u_webhook_deliveries_total{outcome="network_error"} 0.0' in text
 
 
 def test_failed_and_cancelled_jobs_post_their_events(
@@ -247,7 +247,8 @@ def test_a_webhook_outside_the_allow_list_is_refused_at_submit(
             (f"http://user:pw@127.0.0.1:{receiver.port}/hooks/", "INVALID_WEBHOOK_URL"),
             ("", "INVALID_WEBHOOK_URL"),
         ]:
-            error = call_error(lambda: create_job(stub, digits_uri, webhook=pb.WebhookTarget(url=url)))
+            target = pb.WebhookTarget(url=url)
+            error = call_error(lambda target=target: create_job(stub, digits_uri, webhook=target))
             assert (error.code, error.reason, error.fields) == (
                 grpc.StatusCode.INVALID_ARGUMENT,
                 reason,
