@@ -4,19 +4,12 @@ checked at submit, and a delivery that waits across a server restart."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import http.server
 import json
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
@@ -28,55 +21,9 @@ from tests.server_testing import (
     test_settings,
     wait_for_job,
 )
+from tests.webhook_receiver import SECRET, Receiver, verify
 
 Stub = scoring_pb2_grpc.ScoringServiceStub
-SECRET = b"webhook-test-secret"
-
-
-@dataclass
-class Receiver:
-    """An HTTP server that answers each POST with the next planned answer (a status, or "hang")."""
-
-    plan: list[Any] = field(default_factory=list)
-    default: Any = 200
-    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks/o2u"
-
-    def answer(self) -> Any:
-        return self.plan.pop(0) if self.plan else self.default
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    state = Receiver()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            answer = state.answer()
-            state.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-            if answer == "hang":
-                time.sleep(2.0)
-                answer = 200
-            self.send_response(answer)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
 
 
 def _settings(tmp_path: Path, data_root: Path, receiver: Receiver, **overrides: Any) -> Any:
@@ -91,14 +38,6 @@ def _settings(tmp_path: Path, data_root: Path, receiver: Receiver, **overrides: 
         **overrides,
     }
     return test_settings(state_dir=tmp_path / "state", data_roots=[data_root], **values)
-
-
-def verify(secret: bytes, signature: str, body: bytes, tolerance: float = 300) -> bool:
-    """The receiver's check, as docs/api.md shows it."""
-    fields = dict(item.split("=", 1) for item in signature.split(","))
-    timestamp = int(fields["t"])
-    expected = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return abs(time.time() - timestamp) <= tolerance and hmac.compare_digest(expected, fields["v1"])
 
 
 def _wait_attempts(stub: Stub, job_id: str, count: int, timeout: float = 30) -> pb.ScoringJob:
