@@ -26,7 +26,7 @@ import logging
 import ssl
 import threading
 import time
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from o2u_server.domain import WebhookAttempt
 from o2u_server.errors import FailedPrecondition, InvalidArgument
@@ -35,7 +35,14 @@ from o2u_server.jobs.webhook_store import Due
 from o2u_server.metrics import ServerMetrics
 from o2u_server.settings import Settings
 
-__all__ = ["MAX_URL_CHARS", "OUTCOMES", "WebhookDeliverer", "check_webhook_url", "sign"]
+__all__ = [
+    "MAX_URL_CHARS",
+    "OUTCOMES",
+    "WebhookDeliverer",
+    "check_webhook_url",
+    "read_webhook_secret",
+    "sign",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +64,25 @@ def _is_loopback(host: str) -> bool:
 
 
 def _allowed(url: str, host: str, allow_list: list[str]) -> bool:
+    """Whether `url` matches an entry: the same scheme, host and port and a path under the entry's
+    path for a URL prefix (so `https://a.example` never matches `https://a.example.evil/`), or the
+    same host for a host name."""
+    parts = urlsplit(url)
     for entry in allow_list:
-        if "://" in entry:
-            if url.startswith(entry):
+        if "://" not in entry:
+            if host == entry.lower():
                 return True
-        elif host == entry.lower():
+            continue
+        allowed = urlsplit(entry)
+        if (parts.scheme, parts.netloc.lower()) != (allowed.scheme, allowed.netloc.lower()):
+            continue
+        if (parts.path or "/").startswith(allowed.path or "/"):
             return True
     return False
+
+
+def _has_dot_segments(path: str) -> bool:
+    return any(segment in (".", "..") for segment in unquote(path).split("/"))
 
 
 def check_webhook_url(url: str, settings: Settings) -> None:
@@ -83,12 +102,23 @@ def check_webhook_url(url: str, settings: Settings) -> None:
         )
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
+    try:
+        parts.port  # noqa: B018  (raises for a port that is not a number)
+    except ValueError:
+        host = ""
     secure = parts.scheme == "https" or (
         parts.scheme == "http" and settings.webhook_allow_http_loopback and _is_loopback(host)
     )
-    if not secure or not host or parts.username is not None or parts.password is not None:
+    if (
+        not secure
+        or not host
+        or parts.username is not None
+        or parts.password is not None
+        or _has_dot_segments(parts.path)
+    ):
         raise InvalidArgument(
-            "webhook.url must be an https:// URL with a host and no user name or password",
+            "webhook.url must be an https:// URL with a host, no user name or password and no '.' or "
+            "'..' path segments",
             reason="INVALID_WEBHOOK_URL",
             field=field,
         )
@@ -99,6 +129,20 @@ def check_webhook_url(url: str, settings: Settings) -> None:
             reason="WEBHOOK_URL_NOT_ALLOWED",
             field=field,
         )
+
+
+def read_webhook_secret(settings: Settings) -> bytes | None:
+    """The signing key (None when webhooks are off); ValueError naming the setting if unusable."""
+    path = settings.webhook_secret_file
+    if not settings.webhook_allowed_urls or path is None:
+        return None
+    try:
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise ValueError(f"webhook_secret_file {path}: cannot read it ({exc.strerror})") from None
+    if not secret:
+        raise ValueError(f"webhook_secret_file {path} is empty")
+    return secret
 
 
 def sign(secret: bytes, timestamp: int, body: bytes) -> str:
@@ -123,11 +167,10 @@ class WebhookDeliverer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if not self._settings.webhook_allowed_urls or self._settings.webhook_secret_file is None:
+        secret = read_webhook_secret(self._settings)
+        if secret is None:
             return
-        self._secret = self._settings.webhook_secret_file.read_bytes().strip()
-        if not self._secret:
-            raise RuntimeError("the webhook secret file is empty")
+        self._secret = secret
         self._thread = threading.Thread(target=self._run, name="o2u-webhooks", daemon=True)
         self._thread.start()
 

@@ -184,6 +184,10 @@ def test_a_webhook_outside_the_allow_list_is_refused_at_submit(
             ("http://169.254.169.254/latest/meta-data/", "INVALID_WEBHOOK_URL"),
             ("ftp://127.0.0.1/hooks/", "INVALID_WEBHOOK_URL"),
             (f"http://user:pw@127.0.0.1:{receiver.port}/hooks/", "INVALID_WEBHOOK_URL"),
+            (f"http://127.0.0.1:{receiver.port}/hooks/../admin", "INVALID_WEBHOOK_URL"),
+            (f"http://127.0.0.1:{receiver.port}/hooks/%2e%2e/admin", "INVALID_WEBHOOK_URL"),
+            (f"http://127.0.0.1:{receiver.port + 1}/hooks/", "WEBHOOK_URL_NOT_ALLOWED"),
+            (f"http://127.0.0.1:{receiver.port}.evil.example/hooks/", "INVALID_WEBHOOK_URL"),
             ("", "INVALID_WEBHOOK_URL"),
         ]:
             target = pb.WebhookTarget(url=url)
