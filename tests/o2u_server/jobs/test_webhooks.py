@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
+from o2u_server.main import main
 from tests.server_testing import (
     SLOW_CONFIG,
     call_error,
@@ -203,3 +205,23 @@ def test_a_webhook_outside_the_allow_list_is_refused_at_submit(
         error = call_error(lambda: create_job(Stub(channel), digits_uri, webhook=_webhook(receiver)))
         assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "WEBHOOKS_DISABLED")
     assert not receiver.received
+
+
+def test_o2u_server_refuses_to_start_without_a_usable_signing_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty-secret"
+    empty.write_bytes(b"\n")
+    monkeypatch.setenv("O2U_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("O2U_WEBHOOK_ALLOWED_URLS", "https://hooks.example.com/o2u/")
+    for secret, expected in [
+        (None, "needs webhook_secret_file"),
+        (empty, "is empty"),
+        (tmp_path / "none", ""),
+    ]:
+        if secret is None:
+            monkeypatch.delenv("O2U_WEBHOOK_SECRET_FILE", raising=False)
+        else:
+            monkeypatch.setenv("O2U_WEBHOOK_SECRET_FILE", str(secret))
+        assert main([]) == 2
+        assert expected in capsys.readouterr().err
