@@ -6,15 +6,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.server
+import ssl
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-__all__ = ["SECRET", "Receiver", "receiver", "verify"]
+__all__ = ["SECRET", "Receiver", "receiver", "serve_receiver", "verify"]
 
 SECRET = b"webhook-test-secret"
 
@@ -27,10 +29,11 @@ class Receiver:
     default: Any = 200
     received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     port: int = 0
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks/o2u"
+        return f"{self.scheme}://127.0.0.1:{self.port}/hooks/o2u"
 
     def answer(self) -> Any:
         return self.plan.pop(0) if self.plan else self.default
@@ -38,7 +41,14 @@ class Receiver:
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    state = Receiver()
+    with serve_receiver() as state:
+        yield state
+
+
+@contextmanager
+def serve_receiver(tls: ssl.SSLContext | None = None) -> Iterator[Receiver]:
+    """A receiver on a free loopback port; https with `tls` (a server-side context)."""
+    state = Receiver(scheme="http" if tls is None else "https")
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -57,12 +67,16 @@ def receiver() -> Iterator[Receiver]:
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     state.port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def verify(secret: bytes, signature: str, body: bytes, tolerance: float = 300) -> bool:

@@ -5,6 +5,7 @@ checked at submit, and a delivery that waits across a server restart."""
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
 from o2u_server.main import main
+from tests.o2u_server.tls_material import make_pki
 from tests.server_testing import (
     SLOW_CONFIG,
     call_error,
@@ -23,7 +25,7 @@ from tests.server_testing import (
     test_settings,
     wait_for_job,
 )
-from tests.webhook_receiver import SECRET, Receiver, verify
+from tests.webhook_receiver import SECRET, Receiver, serve_receiver, verify
 
 Stub = scoring_pb2_grpc.ScoringServiceStub
 
@@ -32,7 +34,7 @@ def _settings(tmp_path: Path, data_root: Path, receiver: Receiver, **overrides: 
     secret = tmp_path / "webhook-secret"
     secret.write_bytes(SECRET + b"\n")
     values: dict[str, Any] = {
-        "webhook_allowed_urls": [f"http://127.0.0.1:{receiver.port}/hooks/"],
+        "webhook_allowed_urls": [f"{receiver.scheme}://127.0.0.1:{receiver.port}/hooks/"],
         "webhook_secret_file": secret,
         "webhook_allow_http_loopback": True,
         "webhook_timeout_seconds": 0.5,
@@ -225,3 +227,32 @@ def test_o2u_server_refuses_to_start_without_a_usable_signing_key(
             monkeypatch.setenv("O2U_WEBHOOK_SECRET_FILE", str(secret))
         assert main([]) == 2
         assert expected in capsys.readouterr().err
+
+
+def test_https_receivers_must_present_a_trusted_certificate(
+    tmp_path: Path, data_root: Path, digits_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(pki.server_cert, pki.server_key)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    with serve_receiver(tls) as receiver:
+        settings = _settings(
+            tmp_path, data_root, receiver, webhook_allow_http_loopback=False, webhook_max_attempts=1
+        )
+        assert settings.webhook_allowed_urls == [f"https://127.0.0.1:{receiver.port}/hooks/"]
+        with running_server(settings) as server, server.channel() as channel:
+            stub = Stub(channel)
+            untrusted = _wait_attempts(
+                stub, create_job(stub, digits_uri, webhook=_webhook(receiver)).job_id, 1
+            )
+            [attempt] = untrusted.webhook_deliveries
+            assert (attempt.outcome, attempt.http_status) == (pb.WEBHOOK_OUTCOME_NETWORK_ERROR, 0)
+            assert "SSL" in attempt.error
+            assert not receiver.received
+            # Trusting the test CA (OpenSSL reads SSL_CERT_FILE for its default roots) delivers.
+            monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_cert))
+            trusted = _wait_attempts(stub, create_job(stub, digits_uri, webhook=_webhook(receiver)).job_id, 1)
+            assert trusted.webhook_deliveries[0].outcome == pb.WEBHOOK_OUTCOME_DELIVERED
+        [(headers, body)] = receiver.received
+        assert verify(SECRET, headers["o2u-signature"], body)
