@@ -151,7 +151,7 @@ class WebhookAttempt:
     attempt: int  # 1 for the first
     time: float
     http_status: int  # 0 when the receiver never answered
-    outcome: str  # delivered, http_error, timeout, network_error (jobs/webhooks.py OUTCOMES)
+    outcome: str  # delivered, http_error, timeout, network_error, not_allowed (webhooks.OUTCOMES)
     error: str = ""
     final: bool = False  # delivered, or the last attempt allowed
 

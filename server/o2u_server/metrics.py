@@ -86,11 +86,11 @@ class ServerMetrics:
         )
         self.webhook_deliveries = Counter(
             "o2u_webhook_deliveries",
-            "Completion webhook delivery attempts by outcome (delivered, http_error, timeout, network_error)",
+            "Completion webhook delivery attempts by outcome",
             ["outcome"],
             registry=registry,
         )
-        for outcome in ("delivered", "http_error", "timeout", "network_error"):
+        for outcome in ("delivered", "http_error", "timeout", "network_error", "not_allowed"):
             self.webhook_deliveries.labels(outcome=outcome)
         self.job_claims = Counter(
             "o2u_job_claims", "Job attempts this replica claimed from the queue", registry=registry

@@ -205,6 +205,7 @@ _WEBHOOK_OUTCOMES = {
     "http_error": pb.WEBHOOK_OUTCOME_HTTP_ERROR,
     "timeout": pb.WEBHOOK_OUTCOME_TIMEOUT,
     "network_error": pb.WEBHOOK_OUTCOME_NETWORK_ERROR,
+    "not_allowed": pb.WEBHOOK_OUTCOME_NOT_ALLOWED,
 }
 
 

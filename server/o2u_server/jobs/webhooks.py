@@ -29,7 +29,7 @@ import time
 from urllib.parse import unquote, urlsplit
 
 from o2u_server.domain import WebhookAttempt
-from o2u_server.errors import FailedPrecondition, InvalidArgument
+from o2u_server.errors import FailedPrecondition, InvalidArgument, ServiceError
 from o2u_server.jobs.store import JobStore
 from o2u_server.jobs.webhook_store import Due
 from o2u_server.metrics import ServerMetrics
@@ -47,7 +47,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MAX_URL_CHARS = 2048
-OUTCOMES = ("delivered", "http_error", "timeout", "network_error")
+OUTCOMES = ("delivered", "http_error", "timeout", "network_error", "not_allowed")
 SIGNATURE_HEADER = "O2U-Signature"
 EVENT_SOURCE = "o2u-server"
 _POLL_SECONDS = 0.5
@@ -195,10 +195,14 @@ class WebhookDeliverer:
         due = self._store.webhooks.claim(time.time(), hold)
         if due is None:
             return False
-        body = self._event(due)
-        status, outcome, error = self._send(due.url, body)
+        try:
+            check_webhook_url(due.url, self._settings)  # the allow-list may have shrunk since submit
+        except ServiceError:
+            status, outcome, error = 0, "not_allowed", "the URL is no longer on this server's allow-list"
+        else:
+            status, outcome, error = self._send(due.url, self._event(due))
         now = time.time()
-        final = outcome == "delivered" or due.attempt >= self._settings.webhook_max_attempts
+        final = outcome in ("delivered", "not_allowed") or due.attempt >= self._settings.webhook_max_attempts
         retry_at = None
         if not final:
             backoff = self._settings.webhook_retry_seconds * 2 ** (due.attempt - 1)

@@ -256,3 +256,30 @@ def test_https_receivers_must_present_a_trusted_certificate(
             assert trusted.webhook_deliveries[0].outcome == pb.WEBHOOK_OUTCOME_DELIVERED
         [(headers, body)] = receiver.received
         assert verify(SECRET, headers["o2u-signature"], body)
+
+
+def test_a_url_removed_from_the_allow_list_is_not_sent_after_a_restart(
+    tmp_path: Path, data_root: Path, digits_uri: str, receiver: Receiver
+) -> None:
+    receiver.default = 503
+    settings = _settings(tmp_path, data_root, receiver, webhook_retry_seconds=0.2)
+    with running_server(settings) as server, server.channel() as channel:
+        stub = Stub(channel)
+        job = _wait_attempts_started(stub, create_job(stub, digits_uri, webhook=_webhook(receiver)).job_id)
+    sent = len(receiver.received)
+    narrowed = _settings(tmp_path, data_root, receiver, webhook_allowed_urls=["https://elsewhere.example/"])
+    with running_server(narrowed) as server, server.channel() as channel:
+        stub = Stub(channel)
+        again = _wait_attempts(stub, job, sent + 1)
+        last = again.webhook_deliveries[-1]
+        assert (last.outcome, last.http_status, last.final) == (pb.WEBHOOK_OUTCOME_NOT_ALLOWED, 0, True)
+        assert 'o2u_webhook_deliveries_total{outcome="not_allowed"} 1.0' in server.scrape()
+    assert len(receiver.received) == sent
+
+
+def _wait_attempts_started(stub: Stub, job_id: str) -> str:
+    deadline = time.monotonic() + 60
+    while not stub.GetScoringJob(pb.GetScoringJobRequest(job_id=job_id)).job.webhook_deliveries:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return job_id

@@ -183,6 +183,8 @@ class _WebhookOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Webhoo
     """No answer within the server's timeout; retried."""
     WEBHOOK_OUTCOME_NETWORK_ERROR: _WebhookOutcome.ValueType  # 4
     """The receiver could not be reached (DNS, connection, TLS); retried."""
+    WEBHOOK_OUTCOME_NOT_ALLOWED: _WebhookOutcome.ValueType  # 5
+    """Not sent: the URL is no longer on the server's allow-list; final."""
 
 class WebhookOutcome(_WebhookOutcome, metaclass=_WebhookOutcomeEnumTypeWrapper):
     """WebhookOutcome is the result of one delivery attempt."""
@@ -196,6 +198,8 @@ WEBHOOK_OUTCOME_TIMEOUT: WebhookOutcome.ValueType  # 3
 """No answer within the server's timeout; retried."""
 WEBHOOK_OUTCOME_NETWORK_ERROR: WebhookOutcome.ValueType  # 4
 """The receiver could not be reached (DNS, connection, TLS); retried."""
+WEBHOOK_OUTCOME_NOT_ALLOWED: WebhookOutcome.ValueType  # 5
+"""Not sent: the URL is no longer on the server's allow-list; final."""
 Global___WebhookOutcome: _TypeAlias = WebhookOutcome  # noqa: Y015
 
 @_typing.final
