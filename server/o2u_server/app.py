@@ -2,11 +2,11 @@
 reflection, interceptors and metrics, wired in one place.
 
 Lifecycle: `start()` serves health (NOT_SERVING) at once, then opens the store (migrating its schema),
-requeues unfinished jobs, starts the workers, the lease keeper and (on PostgreSQL) the listener for
-the other replicas' notices, and only then reports SERVING. `stop(grace)` drains: health goes
-NOT_SERVING, new jobs are refused with UNAVAILABLE, watch streams end with UNAVAILABLE, running jobs
-are asked to checkpoint and stop (they stay in the store and resume on the next start), and in-flight
-calls get up to `grace` seconds before the server closes.
+requeues unfinished jobs, starts the workers, the webhook deliverer, the lease keeper and (on
+PostgreSQL) the listener for the other replicas' notices, and only then reports SERVING.
+`stop(grace)` drains: health goes NOT_SERVING, new jobs are refused with UNAVAILABLE, watch streams
+end with UNAVAILABLE, running jobs are asked to checkpoint and stop (they stay in the store and
+resume on the next start), and in-flight calls get up to `grace` seconds before the server closes.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from o2u_server.jobs.paging import PageTokens
 from o2u_server.jobs.runner import JobRunner
 from o2u_server.jobs.state_volume import StateVolume
 from o2u_server.jobs.store import JobStore, Recovery
+from o2u_server.jobs.webhooks import WebhookDeliverer
 from o2u_server.jobs.workers import slot_devices
 from o2u_server.metrics import MetricsServer, ServerMetrics
 from o2u_server.settings import Settings
@@ -93,6 +94,7 @@ class O2UServer:
         self._runner: JobRunner | None = None
         self._manager: JobManager | None = None
         self._listener: Listener | None = None
+        self._webhooks = WebhookDeliverer(settings, self.store, self.metrics)
         self._store_open = False
         self.stopped_cleanly = True  # False after a stop that left a worker running
 
@@ -157,6 +159,7 @@ class O2UServer:
         for state in recovery.finished:
             self.metrics.jobs_finished.labels(state=state.value).inc()
         self._runner.start()
+        self._webhooks.start()
         self._manager.serve(PageTokens(secret))
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -245,6 +248,7 @@ class O2UServer:
         for result in await asyncio.gather(*stops):
             if result is False:
                 runner_stopped = False
+        await asyncio.to_thread(self._webhooks.stop)
         if self._listener is not None:
             await asyncio.to_thread(self._listener.stop)
         await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)

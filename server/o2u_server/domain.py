@@ -33,6 +33,7 @@ __all__ = [
     "ScorePage",
     "ScoreTuple",
     "Stage",
+    "WebhookAttempt",
 ]
 
 # One stored score in the store's column order: (rank, sample_id, key, given_label, score,
@@ -92,6 +93,7 @@ class JobSpec:
     initial_weights_uri: str | None = None
     display_name: str = ""
     request_id: str | None = None
+    webhook_url: str | None = None  # completion webhook (jobs/webhooks.py)
 
     def fingerprint(self) -> str:
         """Digest of the payload, used to tell a retry (same request) from a reused request_id."""
@@ -102,6 +104,8 @@ class JobSpec:
             "initial_weights_uri": self.initial_weights_uri,
             "display_name": self.display_name,
         }
+        if self.webhook_url:
+            payload["webhook_url"] = self.webhook_url
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -142,6 +146,18 @@ class RunInfo:
 
 
 @dataclass(frozen=True)
+class WebhookAttempt:
+    """One attempt to deliver a job's completion webhook."""
+
+    attempt: int  # 1 for the first
+    time: float
+    http_status: int  # 0 when the receiver never answered
+    outcome: str  # delivered, http_error, timeout, network_error, not_allowed (webhooks.OUTCOMES)
+    error: str = ""
+    final: bool = False  # delivered, or the last attempt allowed
+
+
+@dataclass(frozen=True)
 class Job:
     job_id: str
     spec: JobSpec
@@ -155,6 +171,7 @@ class Job:
     run_info: RunInfo | None = None
     attempts: int = 0
     last_sequence: int = 0
+    webhook_deliveries: tuple[WebhookAttempt, ...] = ()
 
     @property
     def finished(self) -> bool:

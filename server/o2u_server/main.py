@@ -92,6 +92,13 @@ async def _serve(settings: Settings) -> tuple[int, bool]:
     return 0, server.stopped_cleanly
 
 
+def _check_webhook_secret(settings: Settings) -> None:
+    """The webhook signing key must be readable and non-empty when webhooks are on."""
+    path = settings.webhook_secret_file
+    if settings.webhook_allowed_urls and path is not None and not path.read_bytes().strip():
+        raise ValueError(f"webhook_secret_file {path} is empty")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="o2u-server",
@@ -106,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
         check_security_files(settings)  # SecurityConfigError is a ValueError naming the setting
+        _check_webhook_secret(settings)  # an unreadable file is an OSError
     except (ValidationError, ValueError, OSError) as exc:
         print(f"o2u-server: invalid settings: {exc}", file=sys.stderr)
         return 2

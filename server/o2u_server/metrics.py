@@ -84,6 +84,14 @@ class ServerMetrics:
         self.worker_slots = Gauge(
             "o2u_replica_worker_slots", "Jobs this replica can run at once (its workers)", registry=registry
         )
+        self.webhook_deliveries = Counter(
+            "o2u_webhook_deliveries",
+            "Completion webhook delivery attempts by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("delivered", "http_error", "timeout", "network_error", "not_allowed"):
+            self.webhook_deliveries.labels(outcome=outcome)
         self.job_claims = Counter(
             "o2u_job_claims", "Job attempts this replica claimed from the queue", registry=registry
         )

@@ -119,6 +119,20 @@ class Settings(BaseSettings):
     """Free space the state volume must keep (state_dir, the SQLite store's folder and the local
     checkpoint folder, whichever is fullest): below it CreateScoringJob answers RESOURCE_EXHAUSTED
     and this server claims no queued job, until space is freed; in bytes."""
+    webhook_allowed_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Where completion webhooks may go: URL prefixes (`https://hooks.example.com/o2u/`) or host names
+    (`hooks.example.com`); empty disables webhooks. Needs webhook_secret_file."""
+    webhook_secret_file: Path | None = None
+    """File holding the secret that signs webhook events (HMAC-SHA256; a mounted Secret)."""
+    webhook_allow_http_loopback: bool = False
+    """Also allow plain http:// webhooks to loopback addresses (tests and local development only)."""
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    """How long one webhook delivery attempt waits for the receiver's answer, in seconds."""
+    webhook_max_attempts: int = Field(default=10, ge=1)
+    """Delivery attempts per webhook event before it is given up."""
+    webhook_retry_seconds: float = Field(default=5.0, ge=0)
+    """Wait before the first retry of a webhook, in seconds; it doubles with each further attempt
+    (at most an hour)."""
     tls_cert_file: Path | None = None
     """PEM server certificate; with tls_key_file enables TLS."""
     tls_key_file: Path | None = None
@@ -139,7 +153,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"database_url must start with postgresql:// or sqlite:///, not {scheme}://")
         return value
 
-    @field_validator("data_roots", "s3_allowed_buckets", "export_uris", mode="before")
+    @field_validator("data_roots", "s3_allowed_buckets", "export_uris", "webhook_allowed_urls", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         # Environment variables carry lists as comma-separated strings (JSON lists work too).
@@ -160,6 +174,12 @@ class Settings(BaseSettings):
             if scheme == "file" and not rest.startswith("/"):
                 raise ValueError(f"export_uris: {uri!r} must name an absolute folder: file:///folder")
         return value
+
+    @model_validator(mode="after")
+    def _webhooks_are_signed(self) -> Settings:
+        if self.webhook_allowed_urls and self.webhook_secret_file is None:
+            raise ValueError("webhook_allowed_urls needs webhook_secret_file: every webhook event is signed")
+        return self
 
     @model_validator(mode="after")
     def _summary_fits_a_message(self) -> Settings:

@@ -8,10 +8,12 @@ Without a Go toolchain the tests skip, except in CI (CI=true), where they fail.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ import pytest
 
 from tests.o2u_server.tls_material import Pki, make_pki
 from tests.server_testing import RunningServer, running_server, test_settings, write_noisy_digits
+from tests.webhook_receiver import SECRET, Receiver, verify
 
 ROOT = Path(__file__).resolve().parents[2]
 GO_MODULE_DIR = ROOT / "client" / "go"
@@ -282,3 +285,39 @@ def test_example_speaks_mutual_tls_with_a_token(
     )
     assert plaintext.returncode == 1
     assert "bearer token needs TLS" in plaintext.stderr
+
+
+def test_example_submits_a_completion_webhook(
+    go_build: GoBuild,
+    server: RunningServer,
+    data_root: Path,
+    digits_flipped: np.ndarray,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    uri = (data_root / "digits.npz").as_uri()
+    tiny = ("-model", "mlp", "-seed", "0", "-pretrain-epochs", "2", "-cycle-length", "2", "-num-cycles", "1")
+    disabled = _example(go_build, "-target", server.address, "-uri", uri, *tiny, "-webhook", receiver.url)
+    assert disabled.returncode == 1
+    assert "error: code=FailedPrecondition reason=WEBHOOKS_DISABLED" in disabled.stderr
+    secret = tmp_path / "webhook-secret"
+    secret.write_bytes(SECRET)
+    settings = test_settings(
+        state_dir=tmp_path / "state",
+        data_roots=[data_root],
+        webhook_allowed_urls=[receiver.url],
+        webhook_secret_file=secret,
+        webhook_allow_http_loopback=True,
+    )
+    with running_server(settings) as hooked:
+        result = _example(go_build, "-target", hooked.address, "-uri", uri, *tiny, "-webhook", receiver.url)
+        assert result.returncode == 0, result.stdout + result.stderr
+        submitted = re.match(r"submitted job (job-[0-9a-f]{32})", result.stdout)
+        assert submitted is not None
+        deadline = time.monotonic() + 30
+        while not receiver.received:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    headers, body = receiver.received[0]
+    assert verify(SECRET, headers["o2u-signature"], body)
+    assert json.loads(body)["subject"] == submitted.group(1)

@@ -49,6 +49,8 @@ CHART_MANAGED = {
     "database_url",
     "database_password_file",
     "checkpoint_uri",
+    "webhook_allowed_urls",
+    "webhook_secret_file",
 }
 SCORING_SERVICE = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
 

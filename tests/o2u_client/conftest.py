@@ -13,6 +13,7 @@ import pytest
 
 from o2u_client import Client, Job
 from tests.server_testing import TINY_CONFIG, RunningServer, running_server, test_settings, write_noisy_digits
+from tests.webhook_receiver import receiver  # noqa: F401  (a fixture for the webhook tests)
 
 
 @pytest.fixture(scope="session")

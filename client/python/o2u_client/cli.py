@@ -92,7 +92,12 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_score(args: argparse.Namespace, client: Client, out: Output) -> int:
-    options = {"format": args.format, "display_name": args.display_name, "request_id": args.request_id}
+    options = {
+        "format": args.format,
+        "display_name": args.display_name,
+        "request_id": args.request_id,
+        "webhook_url": args.webhook,
+    }
     if args.no_wait:
         job = client.submit(args.uri, config=_config(args), **options)
         if out.json_mode:
@@ -229,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--format", choices=DATASET_FORMATS)
     score.add_argument("--display-name", default="")
     score.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    score.add_argument(
+        "--webhook", metavar="URL", help="https URL (on the server's allow-list) to notify when the job ends"
+    )
     score.add_argument("--top", type=int, default=10, metavar="N", help="suspects to print (default 10)")
     score.add_argument("--no-wait", action="store_true", help="submit and print the job id without waiting")
     score.add_argument(

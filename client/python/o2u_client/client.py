@@ -134,12 +134,14 @@ class Client:
         format: str | None = None,
         request_id: str | None = None,
         display_name: str = "",
+        webhook_url: str | None = None,
         **config_fields: Any,
     ) -> Job:
         """Create a scoring job for the dataset at `uri` (`s3://...` or `file:///...`).
 
         `config` and keyword arguments set ScoringConfig fields (e.g. `model="mlp", seed=1`).
         A fresh request_id (uuid4) is used unless given, so retries never create a second job.
+        `webhook_url` (an https URL on the server's allow-list) gets a signed event when the job ends.
         """
         request = scoring_pb2.CreateScoringJobRequest(
             dataset=scoring_pb2.DatasetRef(
@@ -149,6 +151,7 @@ class Client:
             config=build_config(config, **config_fields),
             request_id=request_id or str(uuid.uuid4()),
             display_name=display_name,
+            webhook=scoring_pb2.WebhookTarget(url=webhook_url) if webhook_url is not None else None,
         )
         return Job.from_proto(self._unary(self._stub.CreateScoringJob, request, idempotent=True).job)
 

@@ -31,6 +31,7 @@ __all__ = [
     "Progress",
     "RunInfo",
     "Stage",
+    "WebhookDelivery",
     "to_json_dict",
 ]
 
@@ -173,6 +174,29 @@ def config_to_dict(config: scoring_pb2.ScoringConfig) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class WebhookDelivery:
+    """One attempt to deliver a job's completion webhook (WebhookDelivery)."""
+
+    attempt: int
+    time: datetime | None
+    http_status: int  # 0 when the receiver never answered
+    outcome: str  # DELIVERED, HTTP_ERROR, TIMEOUT or NETWORK_ERROR
+    error: str
+    final: bool
+
+    @classmethod
+    def from_proto(cls, proto: scoring_pb2.WebhookDelivery) -> WebhookDelivery:
+        return cls(
+            attempt=proto.attempt,
+            time=_time(proto, "time"),
+            http_status=proto.http_status,
+            outcome=scoring_pb2.WebhookOutcome.Name(proto.outcome).removeprefix("WEBHOOK_OUTCOME_"),
+            error=proto.error,
+            final=proto.final,
+        )
+
+
+@dataclass(frozen=True)
 class Job:
     """One scoring job (ScoringJob)."""
 
@@ -192,6 +216,8 @@ class Job:
     end_time: datetime | None
     update_time: datetime | None
     raw: scoring_pb2.ScoringJob = field(repr=False, compare=False)
+    webhook_url: str = ""
+    webhook_deliveries: tuple[WebhookDelivery, ...] = ()
 
     @property
     def done(self) -> bool:
@@ -219,6 +245,8 @@ class Job:
             end_time=_time(proto, "end_time"),
             update_time=_time(proto, "update_time"),
             raw=proto,
+            webhook_url=proto.webhook_url,
+            webhook_deliveries=tuple(WebhookDelivery.from_proto(d) for d in proto.webhook_deliveries),
         )
 
 

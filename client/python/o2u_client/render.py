@@ -188,6 +188,11 @@ def job_details(job: Job) -> Table:
         ("started", job.start_time.isoformat() if job.start_time else ""),
         ("ended", job.end_time.isoformat() if job.end_time else ""),
     ]
+    if job.webhook_url:
+        rows.append(("webhook", job.webhook_url))
+        for delivery in job.webhook_deliveries:
+            answer = f"HTTP {delivery.http_status}" if delivery.http_status else delivery.error
+            rows.append((f"  attempt {delivery.attempt}", f"{delivery.outcome.lower()} ({answer})"))
     if job.config:
         rows.append(("config", ", ".join(f"{key}={value}" for key, value in job.config.items())))
     if job.progress is not None and not job.done:

@@ -42,10 +42,18 @@ def score_dataset(
     display_name: str = "",
     request_id: str | None = None,
     top: int = 10,
+    webhook_url: str | None = None,
 ) -> ScoreOutcome:
     """Submit, watch to the end and fetch results; prints progress and a report unless
     `console` is None (then it runs silently, e.g. for `--json`)."""
-    job = client.submit(uri, config=config, format=format, display_name=display_name, request_id=request_id)
+    job = client.submit(
+        uri,
+        config=config,
+        format=format,
+        display_name=display_name,
+        request_id=request_id,
+        webhook_url=webhook_url,
+    )
     if console is not None:
         console.print(safe_text(f"submitted {job.job_id} for {uri}"), markup=False, highlight=False)
         with progress_display(console) as show:

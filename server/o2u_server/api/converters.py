@@ -27,6 +27,7 @@ from o2u_server.domain import (
     RunInfo,
     ScoreFilter,
     Stage,
+    WebhookAttempt,
 )
 from o2u_server.errors import InvalidArgument
 
@@ -103,6 +104,7 @@ def job_spec(request: pb.CreateScoringJobRequest) -> JobSpec:
         initial_weights_uri=request.config.initial_weights_uri or None,
         display_name=request.display_name,
         request_id=request.request_id or None,
+        webhook_url=request.webhook.url if request.HasField("webhook") else None,
     )
 
 
@@ -194,6 +196,28 @@ def job_message(job: Job) -> pb.ScoringJob:
         error=_error(job.error),
         run_info=_run_info(job.run_info),
         attempts=job.attempts,
+        webhook_url=spec.webhook_url or "",
+        webhook_deliveries=[_webhook_delivery(attempt) for attempt in job.webhook_deliveries],
+    )
+
+
+_WEBHOOK_OUTCOMES = {
+    "delivered": pb.WEBHOOK_OUTCOME_DELIVERED,
+    "http_error": pb.WEBHOOK_OUTCOME_HTTP_ERROR,
+    "timeout": pb.WEBHOOK_OUTCOME_TIMEOUT,
+    "network_error": pb.WEBHOOK_OUTCOME_NETWORK_ERROR,
+    "not_allowed": pb.WEBHOOK_OUTCOME_NOT_ALLOWED,
+}
+
+
+def _webhook_delivery(attempt: WebhookAttempt) -> pb.WebhookDelivery:
+    return pb.WebhookDelivery(
+        attempt=attempt.attempt,
+        time=_timestamp(attempt.time),
+        http_status=attempt.http_status,
+        outcome=_WEBHOOK_OUTCOMES.get(attempt.outcome, pb.WEBHOOK_OUTCOME_UNSPECIFIED),
+        error=attempt.error,
+        final=attempt.final,
     )
 
 

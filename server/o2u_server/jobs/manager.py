@@ -53,6 +53,7 @@ from o2u_server.jobs.requests import check_job_id, check_job_spec, check_score_f
 from o2u_server.jobs.runner import JobRunner
 from o2u_server.jobs.state_volume import StateVolume
 from o2u_server.jobs.store import JobStore
+from o2u_server.jobs.webhooks import check_webhook_url
 from o2u_server.metrics import ServerMetrics
 from o2u_server.settings import Settings
 from o2u_server.storage import Storage
@@ -126,6 +127,8 @@ class JobManager:
                 retry_after_seconds=5,
             )
         check_job_spec(spec, self._storage)
+        if spec.webhook_url is not None:
+            check_webhook_url(spec.webhook_url, self._settings)
         return await self._blocking(self._create, spec)
 
     def _create(self, spec: JobSpec) -> Job:

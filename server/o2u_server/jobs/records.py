@@ -88,6 +88,7 @@ def new_job_row(job_id: str, spec: JobSpec, now: float) -> dict[str, object]:
         "dataset_format": spec.dataset_format.value if spec.dataset_format else None,
         "config_json": json.dumps(spec.config, sort_keys=True),
         "initial_weights_uri": spec.initial_weights_uri,
+        "webhook_url": spec.webhook_url,
         "state": JobState.QUEUED.value,
         "create_time": now,
         "update_time": now,
@@ -102,6 +103,7 @@ def job_from_row(row: Mapping[Any, Any]) -> Job:
         initial_weights_uri=row["initial_weights_uri"],
         display_name=row["display_name"],
         request_id=row["request_id"],
+        webhook_url=row["webhook_url"],
     )
     return Job(
         job_id=row["job_id"],

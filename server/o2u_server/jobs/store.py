@@ -12,6 +12,7 @@ blocking; the job manager calls them from worker threads, never the event loop.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from sqlalchemy import URL, Connection, delete, func, select, update
@@ -24,8 +25,9 @@ from o2u_server.jobs.claims import ClaimStore, Lease, LeaseLost, Recovery
 from o2u_server.jobs.database import Database
 from o2u_server.jobs.event_log import EventLog
 from o2u_server.jobs.results import ResultsStore
-from o2u_server.jobs.tables import class_names, events, jobs, meta, scores, summaries
+from o2u_server.jobs.tables import class_names, events, jobs, meta, scores, summaries, webhook_deliveries
 from o2u_server.jobs.transitions import job_row, transition
+from o2u_server.jobs.webhook_store import WebhookStore, job_attempts
 
 __all__ = ["JobStore", "Lease", "LeaseLost", "QueueStats", "Recovery"]
 
@@ -40,6 +42,7 @@ class JobStore:
         self.events = EventLog(self.db)
         self.results = ResultsStore(self.db)
         self.claims = ClaimStore(self.db, self.events, self.results)
+        self.webhooks = WebhookStore(self.db)
 
     def open(self) -> None:
         self.db.open()
@@ -145,7 +148,7 @@ class JobStore:
                         resource_type="scoring_job",
                         resource_name=job_id,
                     )
-                for table in (events, scores, class_names, summaries, jobs):
+                for table in (events, scores, class_names, summaries, webhook_deliveries, jobs):
                     conn.execute(delete(table).where(table.c.job_id == job_id))
 
         self.db.retry(remove)
@@ -155,7 +158,8 @@ class JobStore:
     def get_job(self, job_id: str) -> Job:
         def read() -> Job:
             with self.db.read() as conn:
-                return records.job_from_row(job_row(conn, job_id))
+                job = records.job_from_row(job_row(conn, job_id))
+                return dataclasses.replace(job, webhook_deliveries=job_attempts(conn, job_id))
 
         return self.db.retry(read)
 

@@ -23,7 +23,7 @@ from sqlalchemy import (
     text,
 )
 
-__all__ = ["class_names", "events", "jobs", "meta", "metadata", "scores", "summaries"]
+__all__ = ["class_names", "events", "jobs", "meta", "metadata", "scores", "summaries", "webhook_deliveries"]
 
 metadata = MetaData(
     naming_convention={
@@ -71,6 +71,7 @@ jobs = Table(
     # The replica that holds the running attempt, and until when (database clock, Unix seconds).
     Column("lease_owner", Text),
     Column("lease_expires_at", Double),
+    Column("webhook_url", Text),
     Index("jobs_by_state", "state", "seq"),
     sqlite_autoincrement=True,
 )
@@ -120,4 +121,21 @@ summaries = Table(
     metadata,
     Column("job_id", Text, primary_key=True),
     Column("summary_json", Text, nullable=False),
+)
+
+# A job's completion webhook: written with the job's final state, sent by `jobs/webhooks.py`.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("delivery_id", Text, primary_key=True),
+    Column("job_id", Text, nullable=False),
+    Column("url", Text, nullable=False),
+    Column("event_type", Text, nullable=False),
+    Column("state", Text, nullable=False),  # pending, delivered, failed
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", Double, nullable=False),
+    Column("create_time", Double, nullable=False),
+    Column("attempts_json", Text, nullable=False, server_default=text("'[]'")),
+    Index("webhook_deliveries_due", "state", "next_attempt_at"),
+    Index("webhook_deliveries_by_job", "job_id"),
 )

@@ -1,5 +1,6 @@
 """The two steps every job write shares: reading the job's row, and changing its state together with
-the event that reports it (one UPDATE and one appended event, in the caller's transaction)."""
+the event that reports it (one UPDATE and one appended event, in the caller's transaction), and for
+a final state the job's completion webhook delivery."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from o2u_server.errors import NotFound
 from o2u_server.jobs import records
 from o2u_server.jobs.event_log import EventLog
 from o2u_server.jobs.tables import jobs
+from o2u_server.jobs.webhook_store import enqueue
 
 __all__ = ["job_row", "not_found", "transition"]
 
@@ -57,7 +59,7 @@ def transition(
         changes.update(end_time=now, lease_expires_at=None)
     if error is not None:
         changes["error_json"] = records.encode(error)
-    return log.append(
+    event = log.append(
         conn,
         job_id,
         now,
@@ -68,3 +70,6 @@ def transition(
         where=where,
         changes=changes,
     )
+    if event is not None and state in TERMINAL_STATES:
+        enqueue(conn, job_id, state, now)  # the completion webhook, in the same transaction
+    return event

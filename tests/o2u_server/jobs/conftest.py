@@ -11,6 +11,7 @@ import pytest
 
 from o2u_server.jobs.store import JobStore
 from tests.server_testing import sqlite_integrity
+from tests.webhook_receiver import receiver  # noqa: F401  (a fixture for the webhook tests)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -28,19 +28,19 @@ import (
 )
 
 type config struct {
-	target, uri, format, job, name, requestID string
-	top, pageSize, retries                    int
-	tls                                       bool
-	ca, cert, key, serverName, tokenFile      string
-	plaintextToken                            bool
-	timeout                                   time.Duration
-	model                                     string
-	seed                                      int64
-	pretrainEpochs, cycleLength, numCycles    int
-	batchSize                                 int
-	noiseRate                                 float64
-	classAware                                bool
-	set                                       map[string]bool
+	target, uri, format, job, name, requestID, webhook string
+	top, pageSize, retries                             int
+	tls                                                bool
+	ca, cert, key, serverName, tokenFile               string
+	plaintextToken                                     bool
+	timeout                                            time.Duration
+	model                                              string
+	seed                                               int64
+	pretrainEpochs, cycleLength, numCycles             int
+	batchSize                                          int
+	noiseRate                                          float64
+	classAware                                         bool
+	set                                                map[string]bool
 }
 
 func parseFlags(args []string, stderr io.Writer) (*config, error) {
@@ -53,6 +53,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.StringVar(&c.job, "job", "", "follow this existing job instead of submitting one")
 	fs.StringVar(&c.name, "name", "", "display name of the job")
 	fs.StringVar(&c.requestID, "request-id", "", "idempotency key (UUID); a fresh one when empty")
+	fs.StringVar(&c.webhook, "webhook", "", "https URL on the server's allow-list to notify when the job ends")
 	fs.IntVar(&c.top, "top", 10, "number of suspects to print")
 	fs.IntVar(&c.pageSize, "page-size", 0, "scores fetched per call (0: server default)")
 	fs.BoolVar(&c.tls, "tls", false, "use TLS (system roots unless -ca)")
@@ -146,12 +147,16 @@ func (c *config) request() (*o2uv1.CreateScoringJobRequest, error) {
 	if c.set["class-aware"] {
 		cfg.ClassAwareNormalization = proto.Bool(c.classAware)
 	}
-	return &o2uv1.CreateScoringJobRequest{
+	req := &o2uv1.CreateScoringJobRequest{
 		Dataset:     &o2uv1.DatasetRef{Uri: c.uri, Format: format},
 		Config:      cfg,
 		RequestId:   c.requestID,
 		DisplayName: c.name,
-	}, nil
+	}
+	if c.webhook != "" {
+		req.Webhook = &o2uv1.WebhookTarget{Url: c.webhook}
+	}
+	return req, nil
 }
 
 func main() {

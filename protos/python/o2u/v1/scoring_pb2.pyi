@@ -168,6 +168,40 @@ JOB_EVENT_TYPE_PROGRESS: JobEventType.ValueType  # 2
 """An epoch finished; `progress` holds its figures."""
 Global___JobEventType: _TypeAlias = JobEventType  # noqa: Y015
 
+class _WebhookOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_OUTCOME_UNSPECIFIED: _WebhookOutcome.ValueType  # 0
+    WEBHOOK_OUTCOME_DELIVERED: _WebhookOutcome.ValueType  # 1
+    """The receiver answered 2xx."""
+    WEBHOOK_OUTCOME_HTTP_ERROR: _WebhookOutcome.ValueType  # 2
+    """The receiver answered with another HTTP status; retried."""
+    WEBHOOK_OUTCOME_TIMEOUT: _WebhookOutcome.ValueType  # 3
+    """No answer within the server's timeout; retried."""
+    WEBHOOK_OUTCOME_NETWORK_ERROR: _WebhookOutcome.ValueType  # 4
+    """The receiver could not be reached (DNS, connection, TLS); retried."""
+    WEBHOOK_OUTCOME_NOT_ALLOWED: _WebhookOutcome.ValueType  # 5
+    """Not sent: the URL is no longer on the server's allow-list; final."""
+
+class WebhookOutcome(_WebhookOutcome, metaclass=_WebhookOutcomeEnumTypeWrapper):
+    """WebhookOutcome is the result of one delivery attempt."""
+
+WEBHOOK_OUTCOME_UNSPECIFIED: WebhookOutcome.ValueType  # 0
+WEBHOOK_OUTCOME_DELIVERED: WebhookOutcome.ValueType  # 1
+"""The receiver answered 2xx."""
+WEBHOOK_OUTCOME_HTTP_ERROR: WebhookOutcome.ValueType  # 2
+"""The receiver answered with another HTTP status; retried."""
+WEBHOOK_OUTCOME_TIMEOUT: WebhookOutcome.ValueType  # 3
+"""No answer within the server's timeout; retried."""
+WEBHOOK_OUTCOME_NETWORK_ERROR: WebhookOutcome.ValueType  # 4
+"""The receiver could not be reached (DNS, connection, TLS); retried."""
+WEBHOOK_OUTCOME_NOT_ALLOWED: WebhookOutcome.ValueType  # 5
+"""Not sent: the URL is no longer on the server's allow-list; final."""
+Global___WebhookOutcome: _TypeAlias = WebhookOutcome  # noqa: Y015
+
 @_typing.final
 class DatasetRef(_message.Message):
     """DatasetRef points at a dataset; the server reads it with its own credentials."""
@@ -524,6 +558,8 @@ class ScoringJob(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     RUN_INFO_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URL_FIELD_NUMBER: _builtins.int
+    WEBHOOK_DELIVERIES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Server-assigned identifier, e.g. `job-0f3c...`."""
     request_id: _builtins.str
@@ -532,6 +568,8 @@ class ScoringJob(_message.Message):
     state: Global___JobState.ValueType
     attempts: _builtins.int
     """How many times a worker has started this job (more than one after a restart)."""
+    webhook_url: _builtins.str
+    """The completion webhook's URL, if the job has one."""
     @_builtins.property
     def dataset(self) -> Global___DatasetRef: ...
     @_builtins.property
@@ -556,6 +594,10 @@ class ScoringJob(_message.Message):
     def run_info(self) -> Global___RunInfo:
         """Set once the dataset is loaded and the configuration resolved."""
 
+    @_builtins.property
+    def webhook_deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookDelivery]:
+        """Each delivery attempt of the completion webhook, oldest first."""
+
     def __init__(
         self,
         *,
@@ -573,10 +615,12 @@ class ScoringJob(_message.Message):
         error: Global___JobError | None = ...,
         run_info: Global___RunInfo | None = ...,
         attempts: _builtins.int = ...,
+        webhook_url: _builtins.str = ...,
+        webhook_deliveries: _abc.Iterable[Global___WebhookDelivery] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "dataset", b"dataset", "end_time", b"end_time", "error", b"error", "progress", b"progress", "run_info", b"run_info", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "config", b"config", "create_time", b"create_time", "dataset", b"dataset", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "job_id", b"job_id", "progress", b"progress", "request_id", b"request_id", "run_info", b"run_info", "start_time", b"start_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "config", b"config", "create_time", b"create_time", "dataset", b"dataset", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "job_id", b"job_id", "progress", b"progress", "request_id", b"request_id", "run_info", b"run_info", "start_time", b"start_time", "state", b"state", "update_time", b"update_time", "webhook_deliveries", b"webhook_deliveries", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -874,6 +918,7 @@ class CreateScoringJobRequest(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    WEBHOOK_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key (AIP-155): a UUID chosen by the caller; optional."""
     display_name: _builtins.str
@@ -881,6 +926,12 @@ class CreateScoringJobRequest(_message.Message):
     def dataset(self) -> Global___DatasetRef: ...
     @_builtins.property
     def config(self) -> Global___ScoringConfig: ...
+    @_builtins.property
+    def webhook(self) -> Global___WebhookTarget:
+        """Optional: where to POST a signed CloudEvent when the job ends (succeeded, failed or cancelled).
+        The URL must be https and allowed by the server's webhook allow-list.
+        """
+
     def __init__(
         self,
         *,
@@ -888,14 +939,78 @@ class CreateScoringJobRequest(_message.Message):
         config: Global___ScoringConfig | None = ...,
         request_id: _builtins.str = ...,
         display_name: _builtins.str = ...,
+        webhook: Global___WebhookTarget | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "dataset", b"dataset"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "dataset", b"dataset", "webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "dataset", b"dataset", "display_name", b"display_name", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "dataset", b"dataset", "display_name", b"display_name", "request_id", b"request_id", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateScoringJobRequest: _TypeAlias = CreateScoringJobRequest  # noqa: Y015
+
+@_typing.final
+class WebhookTarget(_message.Message):
+    """WebhookTarget is a job's completion webhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """An https URL on the server's allow-list (O2U_WEBHOOK_ALLOWED_URLS); at most 2048 characters."""
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookTarget: _TypeAlias = WebhookTarget  # noqa: Y015
+
+@_typing.final
+class WebhookDelivery(_message.Message):
+    """WebhookDelivery is one attempt to deliver a job's completion event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    """1 for the first attempt."""
+    http_status: _builtins.int
+    """The HTTP status the receiver answered; 0 when there was none."""
+    outcome: Global___WebhookOutcome.ValueType
+    error: _builtins.str
+    """What went wrong, for attempts that were not delivered."""
+    final: _builtins.bool
+    """True on the last attempt: delivered, or no more retries."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        http_status: _builtins.int = ...,
+        outcome: Global___WebhookOutcome.ValueType = ...,
+        error: _builtins.str = ...,
+        final: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "final", b"final", "http_status", b"http_status", "outcome", b"outcome", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015
 
 @_typing.final
 class CreateScoringJobResponse(_message.Message):

@@ -1,0 +1,279 @@
+"""Completion webhooks: the submit-time check of a job's webhook URL, the signed CloudEvent a
+finished job sends, and the deliverer thread that sends the queued events (`webhook_store`).
+
+A webhook URL must be https (plain http only to a loopback address, when the operator allows it for
+tests) and must match the server's allow-list (`webhook_allowed_urls`: URL prefixes or host names);
+an empty list disables webhooks. The server so never posts to an address a caller picked alone.
+
+Each event is a CloudEvents 1.0 structured-mode JSON document, POSTed with
+`Content-Type: application/cloudevents+json` and `O2U-Signature: t=<unix seconds>,v1=<hex>`, where
+the hex is HMAC-SHA256 under the server's webhook secret of `<t>.<body>` (docs/api.md shows how a
+receiver checks it). Redirects are not followed and https certificates are verified. A 2xx answer
+delivers the event; anything else (another status, a timeout, no connection) is retried with
+exponential backoff up to `webhook_max_attempts`, each attempt recorded on the job. Sending runs
+on its own thread, so a receiver that is down never slows a job, and the queue is in the job store,
+so deliveries pending at a restart resume after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import ipaddress
+import json
+import logging
+import ssl
+import threading
+import time
+from urllib.parse import unquote, urlsplit
+
+from o2u_server.domain import WebhookAttempt
+from o2u_server.errors import FailedPrecondition, InvalidArgument, ServiceError
+from o2u_server.jobs.store import JobStore
+from o2u_server.jobs.webhook_store import Due
+from o2u_server.metrics import ServerMetrics
+from o2u_server.settings import Settings
+
+__all__ = [
+    "MAX_URL_CHARS",
+    "OUTCOMES",
+    "WebhookDeliverer",
+    "check_webhook_url",
+    "read_webhook_secret",
+    "sign",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_URL_CHARS = 2048
+OUTCOMES = ("delivered", "http_error", "timeout", "network_error", "not_allowed")
+SIGNATURE_HEADER = "O2U-Signature"
+EVENT_SOURCE = "o2u-server"
+_POLL_SECONDS = 0.5
+_MAX_BACKOFF_SECONDS = 3600.0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _allowed(url: str, host: str, allow_list: list[str]) -> bool:
+    """Whether `url` matches an entry: the same scheme, host and port and a path under the entry's
+    path for a URL prefix (so `https://a.example` never matches `https://a.example.evil/`), or the
+    same host for a host name."""
+    parts = urlsplit(url)
+    for entry in allow_list:
+        if "://" not in entry:
+            if host == entry.lower():
+                return True
+            continue
+        allowed = urlsplit(entry)
+        if (parts.scheme, parts.netloc.lower()) != (allowed.scheme, allowed.netloc.lower()):
+            continue
+        if (parts.path or "/").startswith(allowed.path or "/"):
+            return True
+    return False
+
+
+def _has_dot_segments(path: str) -> bool:
+    return any(segment in (".", "..") for segment in unquote(path).split("/"))
+
+
+def check_webhook_url(url: str, settings: Settings) -> None:
+    """FAILED_PRECONDITION when webhooks are disabled; INVALID_ARGUMENT for a URL not allowed."""
+    field = "webhook.url"
+    if not settings.webhook_allowed_urls:
+        raise FailedPrecondition(
+            "this server sends no webhooks (its webhook allow-list is empty); submit without webhook "
+            "or ask the operator to allow your receiver",
+            reason="WEBHOOKS_DISABLED",
+        )
+    if len(url) > MAX_URL_CHARS or any(ch.isspace() or ord(ch) < 32 for ch in url):
+        raise InvalidArgument(
+            f"webhook.url must be at most {MAX_URL_CHARS} characters without spaces or control characters",
+            reason="INVALID_WEBHOOK_URL",
+            field=field,
+        )
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    try:
+        parts.port  # noqa: B018  (raises for a port that is not a number)
+    except ValueError:
+        host = ""
+    secure = parts.scheme == "https" or (
+        parts.scheme == "http" and settings.webhook_allow_http_loopback and _is_loopback(host)
+    )
+    if (
+        not secure
+        or not host
+        or parts.username is not None
+        or parts.password is not None
+        or _has_dot_segments(parts.path)
+    ):
+        raise InvalidArgument(
+            "webhook.url must be an https:// URL with a host, no user name or password and no '.' or "
+            "'..' path segments",
+            reason="INVALID_WEBHOOK_URL",
+            field=field,
+        )
+    if not _allowed(url, host, settings.webhook_allowed_urls):
+        raise InvalidArgument(
+            "webhook.url is not on this server's webhook allow-list; use an allowed receiver or ask the "
+            "operator to add yours",
+            reason="WEBHOOK_URL_NOT_ALLOWED",
+            field=field,
+        )
+
+
+def read_webhook_secret(settings: Settings) -> bytes | None:
+    """The signing key (None when webhooks are off); ValueError naming the setting if unusable."""
+    path = settings.webhook_secret_file
+    if not settings.webhook_allowed_urls or path is None:
+        return None
+    try:
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise ValueError(f"webhook_secret_file {path}: cannot read it ({exc.strerror})") from None
+    if not secret:
+        raise ValueError(f"webhook_secret_file {path} is empty")
+    return secret
+
+
+def sign(secret: bytes, timestamp: int, body: bytes) -> str:
+    """The O2U-Signature header value of `body` sent at `timestamp`."""
+    digest = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def _rfc3339(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1e6):06d}Z"
+
+
+class WebhookDeliverer:
+    """The background thread that sends this replica's share of the queued webhook events."""
+
+    def __init__(self, settings: Settings, store: JobStore, metrics: ServerMetrics) -> None:
+        self._settings = settings
+        self._store = store
+        self._metrics = metrics
+        self._secret = b""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        secret = read_webhook_secret(self._settings)
+        if secret is None:
+            return
+        self._secret = secret
+        self._thread = threading.Thread(target=self._run, name="o2u-webhooks", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._settings.webhook_timeout_seconds + 5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sent = self.deliver_one()
+            except Exception:
+                logger.exception("webhook delivery loop error; retrying")
+                sent = False
+            if not sent:
+                self._stop.wait(_POLL_SECONDS)
+
+    def deliver_one(self) -> bool:
+        """Claim and attempt one due delivery; False when none was due."""
+        hold = self._settings.webhook_timeout_seconds + 30
+        due = self._store.webhooks.claim(time.time(), hold)
+        if due is None:
+            return False
+        try:
+            check_webhook_url(due.url, self._settings)  # the allow-list may have shrunk since submit
+        except ServiceError:
+            status, outcome, error = 0, "not_allowed", "the URL is no longer on this server's allow-list"
+        else:
+            status, outcome, error = self._send(due.url, self._event(due))
+        now = time.time()
+        final = outcome in ("delivered", "not_allowed") or due.attempt >= self._settings.webhook_max_attempts
+        retry_at = None
+        if not final:
+            backoff = self._settings.webhook_retry_seconds * 2 ** (due.attempt - 1)
+            retry_at = now + min(backoff, _MAX_BACKOFF_SECONDS)
+        attempt = WebhookAttempt(due.attempt, now, status, outcome, error, final)
+        self._store.webhooks.record(due, attempt, retry_at)
+        self._metrics.webhook_deliveries.labels(outcome=outcome).inc()
+        logger.info(
+            "webhook attempt",
+            extra={"job_id": due.job_id, "attempt": due.attempt, "outcome": outcome, "http_status": status},
+        )
+        return True
+
+    def _event(self, due: Due) -> bytes:
+        """The CloudEvent of the delivery's job, as sent (the same id on every attempt)."""
+        job = self._store.get_job(due.job_id)
+        data: dict[str, object] = {
+            "job_id": job.job_id,
+            "state": job.state.value.upper(),
+            "display_name": job.spec.display_name,
+        }
+        if job.error is not None:
+            data["error"] = {"reason": job.error.reason, "message": job.error.message}
+        if job.state.value == "succeeded":
+            summary = self._store.results.summary(job.job_id)
+            data["summary"] = {
+                "num_samples": summary.num_samples,
+                "num_classes": summary.num_classes,
+                "num_suspected": summary.num_suspected,
+                "estimated_noise_rate": summary.estimated_noise_rate,
+            }
+        event = {
+            "specversion": "1.0",
+            "id": due.delivery_id,
+            "source": EVENT_SOURCE,
+            "type": due.event_type,
+            "subject": job.job_id,
+            "time": _rfc3339(job.end_time or due.create_time),
+            "datacontenttype": "application/json",
+            "data": data,
+        }
+        return json.dumps(event, sort_keys=True).encode()
+
+    def _send(self, url: str, body: bytes) -> tuple[int, str, str]:
+        """POST the event once: (HTTP status or 0, outcome, error text)."""
+        parts = urlsplit(url)
+        timeout = self._settings.webhook_timeout_seconds
+        connection: http.client.HTTPConnection
+        if parts.scheme == "https":
+            context = ssl.create_default_context()  # verifies the certificate and the host name
+            connection = http.client.HTTPSConnection(parts.netloc, timeout=timeout, context=context)
+        else:
+            connection = http.client.HTTPConnection(parts.netloc, timeout=timeout)
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        headers = {
+            "Content-Type": "application/cloudevents+json",
+            SIGNATURE_HEADER: sign(self._secret, int(time.time()), body),
+            "User-Agent": "o2u-server-webhooks",
+        }
+        try:
+            connection.request("POST", path, body=body, headers=headers)
+            response = connection.getresponse()
+            response.read(64 * 1024)
+        except TimeoutError:
+            return 0, "timeout", f"no answer within {timeout:g} s"
+        except (OSError, http.client.HTTPException) as exc:
+            return 0, "network_error", type(exc).__name__
+        finally:
+            connection.close()
+        if 200 <= response.status < 300:
+            return response.status, "delivered", ""
+        return response.status, "http_error", f"HTTP {response.status}"

@@ -1,0 +1,71 @@
+"""The webhook delivery queue in the job store, on SQLite and PostgreSQL: a job with a webhook gets
+one delivery row with its final state (none without a webhook), a claimed delivery is held from
+other replicas, a row another replica has locked is skipped rather than waited for, and recorded
+attempts show on the job and close or reschedule the delivery."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from sqlalchemy import select
+
+from o2u_server.domain import JobState, WebhookAttempt
+from o2u_server.jobs.store import JobStore
+from o2u_server.jobs.tables import webhook_deliveries
+from tests.o2u_server.jobs.store_testing import SPEC, job_id
+
+HOOKED = dataclasses.replace(SPEC, request_id=None, webhook_url="https://hooks.example.com/o2u")
+
+
+def _cancelled(store: JobStore, n: int, spec: object = HOOKED) -> str:
+    store.create_job(job_id(n), spec, 10.0 + n, max_queued=100)  # type: ignore[arg-type]
+    store.request_cancel(job_id(n), 20.0 + n)
+    return job_id(n)
+
+
+def test_a_final_state_queues_one_delivery(store: JobStore, second: JobStore) -> None:
+    hooked = _cancelled(store, 1)
+    _cancelled(store, 2, dataclasses.replace(SPEC, request_id=None))  # no webhook: nothing queued
+    due = store.webhooks.claim(100.0, hold_seconds=40.0)
+    assert due is not None
+    assert (due.job_id, due.url, due.event_type, due.attempt) == (
+        hooked,
+        "https://hooks.example.com/o2u",
+        "io.o2u.scoring.job.cancelled",
+        1,
+    )
+    assert second.webhooks.claim(100.0, hold_seconds=40.0) is None  # held by the first claim
+    assert store.webhooks.claim(139.0, hold_seconds=40.0) is None
+    store.webhooks.record(due, WebhookAttempt(1, 101.0, 500, "http_error", "HTTP 500"), retry_at=105.0)
+    assert second.webhooks.claim(104.0, hold_seconds=40.0) is None
+    again = second.webhooks.claim(105.0, hold_seconds=40.0)
+    assert again is not None
+    assert (again.delivery_id, again.attempt) == (due.delivery_id, 2)
+    second.webhooks.record(again, WebhookAttempt(2, 106.0, 200, "delivered", final=True), retry_at=None)
+    assert store.webhooks.claim(10_000.0, hold_seconds=40.0) is None  # delivered: closed
+    attempts = store.get_job(hooked).webhook_deliveries
+    assert [(a.attempt, a.outcome, a.http_status, a.final) for a in attempts] == [
+        (1, "http_error", 500, False),
+        (2, "delivered", 200, True),
+    ]
+    assert store.get_job(hooked).state is JobState.CANCELLED
+    store.delete_job(hooked)
+    with store.db.read() as conn:
+        assert conn.execute(select(webhook_deliveries)).first() is None
+
+
+def test_a_locked_delivery_is_skipped_not_waited_for(
+    store: JobStore, second: JobStore, database: str | Path
+) -> None:
+    if isinstance(database, Path):
+        return  # one SQLite file has one writer; the skip is PostgreSQL's FOR UPDATE SKIP LOCKED
+    first, other = _cancelled(store, 1), _cancelled(store, 2)
+    with store.db.write() as conn:
+        locked = conn.execute(
+            select(webhook_deliveries.c.job_id).where(webhook_deliveries.c.job_id == first).with_for_update()
+        ).scalar_one()
+        assert locked == first
+        due = second.webhooks.claim(100.0, hold_seconds=40.0)  # would block without SKIP LOCKED
+        assert due is not None
+        assert due.job_id == other
