@@ -92,6 +92,7 @@ class JobSpec:
     initial_weights_uri: str | None = None
     display_name: str = ""
     request_id: str | None = None
+    owner: str = "default"  # the principal that created the job (o2u_server.principals)
 
     def fingerprint(self) -> str:
         """Digest of the payload, used to tell a retry (same request) from a reused request_id."""

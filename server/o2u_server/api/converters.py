@@ -193,6 +193,7 @@ def job_message(job: Job) -> pb.ScoringJob:
         error=_error(job.error),
         run_info=_run_info(job.run_info),
         attempts=job.attempts,
+        owner=job.spec.owner,
     )
 
 
