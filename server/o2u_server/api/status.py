@@ -3,9 +3,9 @@
 `to_status` turns a `ServiceError` into a `google.rpc.Status` carrying an `ErrorInfo` (reason + domain)
 and, where the error has them, `BadRequest`, `ResourceInfo`, `QuotaFailure` and `RetryInfo`;
 `grpc_status` wraps it for `context.abort_with_status`. The interceptor and the credential checks are
-its only callers, so no other code in the server chooses a status code. Status and details travel in gRPC trailers,
-which clients cap (8 KiB by default), so the message is cut at MAX_MESSAGE_BYTES and the texts
-repeated in details at MAX_DETAIL_BYTES: an error can never fail to reach the caller for its size.
+its only callers, so no other code in the server chooses a status code. Status and details travel in
+gRPC trailers, which clients cap (8 KiB by default), so the message is cut at MAX_MESSAGE_BYTES and
+the texts repeated in details at MAX_DETAIL_BYTES: an error can never fail to reach the caller.
 """
 
 from __future__ import annotations
