@@ -16,10 +16,18 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_PRINCIPAL", "PRINCIPAL_NAME", "Principal", "acting_as", "current_principal"]
+__all__ = [
+    "DEFAULT_PRINCIPAL",
+    "PRINCIPAL_NAME",
+    "PRINCIPAL_RULE",
+    "Principal",
+    "acting_as",
+    "current_principal",
+]
 
 DEFAULT_PRINCIPAL = "default"  # the single token's, and everyone's without authentication
-PRINCIPAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+PRINCIPAL_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9 ._@-]{0,126}[A-Za-z0-9._@-])?")
+PRINCIPAL_RULE = "1-128 characters of A-Z, a-z, 0-9, '.', '_', '@', '-' and inner spaces"
 
 
 @dataclass(frozen=True)

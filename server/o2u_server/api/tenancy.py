@@ -30,7 +30,7 @@ from o2u_server.api.security import (
     read_token_file,
 )
 from o2u_server.errors import Unauthenticated
-from o2u_server.principals import DEFAULT_PRINCIPAL, PRINCIPAL_NAME, Principal, acting_as
+from o2u_server.principals import DEFAULT_PRINCIPAL, PRINCIPAL_NAME, PRINCIPAL_RULE, Principal, acting_as
 from o2u_server.settings import Settings
 
 __all__ = ["PrincipalInterceptor", "principal_interceptors", "read_tokens_file"]
@@ -57,8 +57,7 @@ def read_tokens_file(path: Path) -> dict[str, str]:
         name, sep, token = (part.strip() for part in line.partition(":"))
         if not sep or not PRINCIPAL_NAME.fullmatch(name):
             raise SecurityConfigError(
-                f"{setting}: line {number} is not 'principal: token' with a principal of 1-128 characters "
-                "of A-Z, a-z, 0-9, '.', '_', '@' or '-'"
+                f"{setting}: line {number} is not 'principal: token' with a principal of {PRINCIPAL_RULE}"
             )
         if not token or not all(0x21 <= ord(c) <= 0x7E for c in token) or len(token) > 4096:
             raise SecurityConfigError(
@@ -136,7 +135,7 @@ class PrincipalInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             if name is None:
                 raise Unauthenticated(
                     "the client certificate names no principal: its subject needs one common name (CN) "
-                    "of A-Z, a-z, 0-9, '.', '_', '@' or '-'",
+                    f"of {PRINCIPAL_RULE}",
                     reason="INVALID_CREDENTIALS",
                 )
         name = name or DEFAULT_PRINCIPAL

@@ -10,7 +10,7 @@ from __future__ import annotations
 from o2u_server.domain import Job
 from o2u_server.errors import InvalidArgument
 from o2u_server.jobs.transitions import not_found
-from o2u_server.principals import PRINCIPAL_NAME, Principal
+from o2u_server.principals import PRINCIPAL_NAME, PRINCIPAL_RULE, Principal
 
 __all__ = ["listing_owner", "visible"]
 
@@ -30,7 +30,7 @@ def listing_owner(caller: Principal, requested: str) -> str | None:
     """
     if requested and not PRINCIPAL_NAME.fullmatch(requested):
         raise InvalidArgument(
-            "owner must be a principal name: 1-128 characters of A-Z, a-z, 0-9, '.', '_', '@' or '-'",
+            f"owner must be a principal name: {PRINCIPAL_RULE}",
             reason="INVALID_OWNER",
             field="owner",
         )
