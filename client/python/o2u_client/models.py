@@ -190,6 +190,7 @@ class Job:
     end_time: datetime | None
     update_time: datetime | None
     raw: scoring_pb2.ScoringJob = field(repr=False, compare=False)
+    owner: str = ""  # the principal that created the job
 
     @property
     def done(self) -> bool:
@@ -216,6 +217,7 @@ class Job:
             start_time=_time(proto, "start_time"),
             end_time=_time(proto, "end_time"),
             update_time=_time(proto, "update_time"),
+            owner=proto.owner,
             raw=proto,
         )
 
