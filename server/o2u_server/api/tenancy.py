@@ -163,7 +163,16 @@ class PrincipalInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                         yield response
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, **serializers)
-        return handler  # stream-stream and stream-unary: this service has none
+        if handler.stream_stream is not None:
+            bidirectional = handler.stream_stream
+
+            async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
+                with acting_as(self._principal(name, context)):
+                    async for response in bidirectional(requests, context):
+                        yield response
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, **serializers)
+        raise TypeError("client-streaming methods are not served")  # this service has none
 
 
 def principal_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
