@@ -239,3 +239,26 @@ def test_tokens_file_errors_name_the_line_and_never_the_token(tmp_path: Path) ->
     assert "secret-one" not in str(raised.value)
     path.write_text("# comment\n\nalice: a-token\n")
     assert read_tokens_file(path) == {"a-token": "alice"}
+
+
+def test_the_single_token_is_the_default_principal_beside_the_tokens_file(
+    tmp_path_factory: pytest.TempPathFactory, data_root: Path, exports: Path, digits_uri: str
+) -> None:
+    secrets = tmp_path_factory.mktemp("secrets")
+    (secrets / "tokens").write_text(f"alice: {TOKENS['alice']}\n")
+    (secrets / "token").write_text("the-single-shared-token\n")
+    settings = _settings(
+        tmp_path_factory,
+        data_root,
+        exports,
+        tokens_file=secrets / "tokens",
+        auth_token_file=secrets / "token",
+    )
+    with running_server(settings) as server, server.channel() as channel:
+        shared, alice = Caller(channel, "the-single-shared-token"), Caller(channel, TOKENS["alice"])
+        job = _create(shared, digits_uri, SLOW_CONFIG)
+        assert job.owner == "default"
+        assert [j.job_id for j in shared.ListScoringJobs(pb.ListScoringJobsRequest()).jobs] == [job.job_id]
+        assert list(alice.ListScoringJobs(pb.ListScoringJobsRequest()).jobs) == []
+        shared.CancelScoringJob(pb.CancelScoringJobRequest(job_id=job.job_id))
+        assert _wait(shared, job.job_id).state == pb.JOB_STATE_CANCELLED
