@@ -27,8 +27,9 @@ from grpc_reflection.v1alpha import reflection
 from o2u.v1 import scoring_pb2, scoring_pb2_grpc
 from o2u_server import __version__
 from o2u_server.api.interceptors import ServiceInterceptor
-from o2u_server.api.security import auth_interceptors, server_credentials
+from o2u_server.api.security import server_credentials
 from o2u_server.api.servicer import ScoringServicer
+from o2u_server.api.tenancy import principal_interceptors
 from o2u_server.jobs.checkpoints import checkpoint_store
 from o2u_server.jobs.database import database_url
 from o2u_server.jobs.engine import Engine
@@ -182,7 +183,7 @@ class O2UServer:
         server = grpc.aio.server(
             interceptors=[
                 ServiceInterceptor(self.metrics, max_message_bytes=limit),
-                *auth_interceptors(self.settings),
+                *principal_interceptors(self.settings),
             ],
             options=[
                 ("grpc.max_send_message_length", limit),

@@ -94,6 +94,7 @@ class JobSpec:
     display_name: str = ""
     request_id: str | None = None
     webhook_url: str | None = None  # completion webhook (jobs/webhooks.py)
+    owner: str = "default"  # the principal that created the job (o2u_server.principals)
 
     def fingerprint(self) -> str:
         """Digest of the payload, used to tell a retry (same request) from a reused request_id."""

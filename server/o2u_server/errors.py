@@ -57,6 +57,7 @@ class ServiceError(Exception):
     retry_after_seconds: float | None = None
     # dataclasses.field: the `field` attribute above shadows the bare name inside the class body.
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    quota: tuple[str, str] | None = None  # (subject, description), reported as a QuotaFailure violation
     code: ClassVar[Code] = Code.INTERNAL
 
     def __post_init__(self) -> None:

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from o2u_server import __version__
 from o2u_server.api.security import check_security_files
+from o2u_server.api.tenancy import principal_interceptors
 from o2u_server.settings import Settings
 
 __all__ = ["JsonFormatter", "configure_logging", "main"]
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings()
         check_security_files(settings)  # SecurityConfigError is a ValueError naming the setting
         _check_webhook_secret(settings)  # an unreadable file is an OSError
+        principal_interceptors(settings)  # reads and checks the tokens file
     except (ValidationError, ValueError, OSError) as exc:
         print(f"o2u-server: invalid settings: {exc}", file=sys.stderr)
         return 2

@@ -141,6 +141,13 @@ class Settings(BaseSettings):
     """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
     auth_token_file: Path | None = None
     """File holding the bearer token callers must send (`authorization: Bearer <token>`)."""
+    tokens_file: Path | None = None
+    """File of `principal: token` lines, one tenant each (docs/security.md); the caller's token names
+    its principal, which owns the jobs it creates."""
+    admin_principals: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Principals (comma-separated) that see and manage every principal's jobs."""
+    max_jobs_per_principal: int = Field(default=0, ge=0)
+    """Most QUEUED plus RUNNING jobs one principal may have (all replicas together); 0: no limit."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the server's JSON logs."""
 
@@ -153,7 +160,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"database_url must start with postgresql:// or sqlite:///, not {scheme}://")
         return value
 
-    @field_validator("data_roots", "s3_allowed_buckets", "export_uris", "webhook_allowed_urls", mode="before")
+    @field_validator(
+        "data_roots",
+        "s3_allowed_buckets",
+        "export_uris",
+        "webhook_allowed_urls",
+        "admin_principals",
+        mode="before",
+    )
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         # Environment variables carry lists as comma-separated strings (JSON lists work too).

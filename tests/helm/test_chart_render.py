@@ -6,6 +6,7 @@ by promtool in tests/observability."""
 
 from __future__ import annotations
 
+import base64
 import re
 from typing import Any
 
@@ -190,7 +191,9 @@ def test_full_render_has_every_feature() -> None:
     rule = one(objects, "PrometheusRule")
     assert labels_of(rule)["release"] == "kube-prometheus-stack"
     secrets = {s["metadata"]["name"]: s for s in of_kind(objects, "Secret")}
-    assert set(secrets) == {"o2u-scoring-s3", "o2u-scoring-auth"}
+    assert set(secrets) == {"o2u-scoring-s3", "o2u-scoring-auth", "o2u-scoring-tenants"}
+    tokens = base64.b64decode(secrets["o2u-scoring-tenants"]["data"]["tokens"]).decode()
+    assert tokens == "team-a: team-a-random-token\nteam-b: team-b-random-token\n"
     spec = deployment(objects)["spec"]["template"]["spec"]
     assert spec["runtimeClassName"] == "nvidia"
     assert spec["priorityClassName"] == "ml-high"

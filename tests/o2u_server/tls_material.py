@@ -148,3 +148,33 @@ def make_pki(directory: Path) -> Pki:
         other_client_cert=_write_cert(directory / "other-client.pem", other_client_cert),
         other_client_key=_write_key(directory / "other-client-key.pem", other_client_key),
     )
+
+
+@dataclass(frozen=True)
+class TenantPki:
+    """A CA, a server certificate and one client certificate per common name (`make_tenant_pki`)."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    clients: dict[str, tuple[Path, Path]]  # common name -> (certificate, key)
+
+
+def make_tenant_pki(directory: Path, common_names: list[str]) -> TenantPki:
+    """Write a CA, a server certificate and a client certificate for each common name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    authority = _authority("o2u tenants CA")
+    server_cert, server_key = _leaf("o2u server", authority, server=True)
+    clients = {}
+    for name in common_names:
+        cert, key = _leaf(name, authority, server=False)
+        clients[name] = (
+            _write_cert(directory / f"{name}.pem", cert),
+            _write_key(directory / f"{name}-key.pem", key),
+        )
+    return TenantPki(
+        ca_cert=_write_cert(directory / "ca.pem", authority[0]),
+        server_cert=_write_cert(directory / "server.pem", server_cert),
+        server_key=_write_key(directory / "server-key.pem", server_key),
+        clients=clients,
+    )

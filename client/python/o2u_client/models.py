@@ -218,6 +218,7 @@ class Job:
     raw: scoring_pb2.ScoringJob = field(repr=False, compare=False)
     webhook_url: str = ""
     webhook_deliveries: tuple[WebhookDelivery, ...] = ()
+    owner: str = ""  # the principal that created the job
 
     @property
     def done(self) -> bool:
@@ -244,6 +245,7 @@ class Job:
             start_time=_time(proto, "start_time"),
             end_time=_time(proto, "end_time"),
             update_time=_time(proto, "update_time"),
+            owner=proto.owner,
             raw=proto,
             webhook_url=proto.webhook_url,
             webhook_deliveries=tuple(WebhookDelivery.from_proto(d) for d in proto.webhook_deliveries),

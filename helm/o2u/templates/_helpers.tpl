@@ -80,6 +80,10 @@ true
 {{- default (printf "%s-auth" (include "o2u.fullname" .)) .Values.auth.existingSecret -}}
 {{- end -}}
 
+{{- define "o2u.tenantsSecretName" -}}
+{{- default (printf "%s-tenants" (include "o2u.fullname" .)) .Values.tenants.existingSecret -}}
+{{- end -}}
+
 {{- define "o2u.clientCASecretName" -}}
 {{- default .Values.tls.secretName .Values.tls.clientCA.secretName -}}
 {{- end -}}

@@ -196,6 +196,7 @@ def job_message(job: Job) -> pb.ScoringJob:
         error=_error(job.error),
         run_info=_run_info(job.run_info),
         attempts=job.attempts,
+        owner=job.spec.owner,
         webhook_url=spec.webhook_url or "",
         webhook_deliveries=[_webhook_delivery(attempt) for attempt in job.webhook_deliveries],
     )

@@ -7,10 +7,12 @@ starts or drains, and UNAUTHENTICATED when a bearer token is configured):
 - CreateScoringJob: INVALID_ARGUMENT (malformed URI, request_id or config value, naming the field),
   PERMISSION_DENIED (path outside the data roots, bucket not allowed), NOT_FOUND (the dataset or
   initial weights do not exist at submission), ALREADY_EXISTS (request_id reused with a different
-  request), RESOURCE_EXHAUSTED (queue full, with RetryInfo). Problems found only when the job loads
+  request), RESOURCE_EXHAUSTED (queue full, with RetryInfo; or the principal's quota, with
+  QuotaFailure). Problems found only when the job loads
   its data (an object deleted after submission, a malformed file, a limit) fail the job instead:
   ScoringJob.error.code carries the same canonical code (e.g. 5 = NOT_FOUND).
-- Get/Cancel/Delete/Watch and the result RPCs: INVALID_ARGUMENT (malformed job_id), NOT_FOUND.
+- Get/Cancel/Delete/Watch and the result RPCs: INVALID_ARGUMENT (malformed job_id), NOT_FOUND (also
+  for another principal's job, with the same message as a missing id).
 - DeleteScoringJob, ListNoiseScores, GetDatasetSummary, ExportNoiseScores: FAILED_PRECONDITION
   while the job is unfinished (or, for results, did not succeed).
 - List RPCs: INVALID_ARGUMENT for a negative page_size or a page_token from another request.
@@ -58,7 +60,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         self, request: pb.ListScoringJobsRequest, context: Context
     ) -> pb.ListScoringJobsResponse:
         jobs, next_page_token = await self._manager.list_jobs(
-            request.page_size, request.page_token, converters.job_state(request.state)
+            request.page_size, request.page_token, converters.job_state(request.state), request.owner
         )
         return pb.ListScoringJobsResponse(
             jobs=[converters.job_message(job) for job in jobs], next_page_token=next_page_token

@@ -1,11 +1,11 @@
 """The one mapping from service errors to gRPC statuses with google.rpc details.
 
 `to_status` turns a `ServiceError` into a `google.rpc.Status` carrying an `ErrorInfo` (reason + domain)
-and, where the error has them, `BadRequest`, `ResourceInfo` and `RetryInfo`; `grpc_status` wraps it
-for `context.abort_with_status`. The interceptor and the bearer-token check are its only callers, so
-no other code in the server chooses a status code. Status and details travel in gRPC trailers,
-which clients cap (8 KiB by default), so the message is cut at MAX_MESSAGE_BYTES and the texts
-repeated in details at MAX_DETAIL_BYTES: an error can never fail to reach the caller for its size.
+and, where the error has them, `BadRequest`, `ResourceInfo`, `QuotaFailure` and `RetryInfo`;
+`grpc_status` wraps it for `context.abort_with_status`. The interceptor and the credential checks are
+its only callers, so no other code in the server chooses a status code. Status and details travel in
+gRPC trailers, which clients cap (8 KiB by default), so the message is cut at MAX_MESSAGE_BYTES and
+the texts repeated in details at MAX_DETAIL_BYTES: an error can never fail to reach the caller.
 """
 
 from __future__ import annotations
@@ -59,6 +59,10 @@ def to_status(error: ServiceError) -> status_pb2.Status:
             description=description,
         )
         details.append(_pack(info))
+    if error.quota is not None:
+        subject, about = (_cut(text, MAX_DETAIL_BYTES) for text in error.quota)
+        violation = error_details_pb2.QuotaFailure.Violation(subject=subject, description=about)
+        details.append(_pack(error_details_pb2.QuotaFailure(violations=[violation])))
     if error.retry_after_seconds is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_seconds * 1e9))

@@ -48,6 +48,7 @@ from o2u_server.errors import (
 )
 from o2u_server.jobs.checkpoints import CheckpointStore
 from o2u_server.jobs.events import EventHub, follow
+from o2u_server.jobs.owners import listing_owner, visible
 from o2u_server.jobs.paging import PagePosition, PageTokens, resolve_page_size
 from o2u_server.jobs.requests import check_job_id, check_job_spec, check_score_filter, new_job_id
 from o2u_server.jobs.runner import JobRunner
@@ -55,6 +56,7 @@ from o2u_server.jobs.state_volume import StateVolume
 from o2u_server.jobs.store import JobStore
 from o2u_server.jobs.webhooks import check_webhook_url
 from o2u_server.metrics import ServerMetrics
+from o2u_server.principals import current_principal
 from o2u_server.settings import Settings
 from o2u_server.storage import Storage
 
@@ -129,7 +131,7 @@ class JobManager:
         check_job_spec(spec, self._storage)
         if spec.webhook_url is not None:
             check_webhook_url(spec.webhook_url, self._settings)
-        return await self._blocking(self._create, spec)
+        return await self._blocking(self._create, dataclasses.replace(spec, owner=current_principal().name))
 
     def _create(self, spec: JobSpec) -> Job:
         earlier = self._store.job_for_request(spec)
@@ -141,7 +143,11 @@ class JobManager:
         if spec.initial_weights_uri:
             self._storage.stat(spec.initial_weights_uri, field="config.initial_weights_uri")
         job, created = self._store.create_job(
-            new_job_id(), spec, time.time(), max_queued=self._settings.max_queued_jobs
+            new_job_id(),
+            spec,
+            time.time(),
+            max_queued=self._settings.max_queued_jobs,
+            max_per_owner=self._settings.max_jobs_per_principal,
         )
         if created:
             self._runner.submit(job.job_id)
@@ -150,19 +156,25 @@ class JobManager:
 
     async def get(self, job_id: str) -> Job:
         self._ready()
-        return await self._blocking(self._store.get_job, check_job_id(job_id))
+        return await self._owned(job_id)
+
+    async def _owned(self, job_id: str) -> Job:
+        """The job, if the calling principal may see it; NotFound, as for a missing id, if not."""
+        job = await self._blocking(self._store.get_job, check_job_id(job_id))
+        return visible(job, current_principal())
 
     async def list_jobs(
-        self, page_size: int, page_token: str, state: JobState | None
+        self, page_size: int, page_token: str, state: JobState | None, owner: str = ""
     ) -> tuple[list[Job], str]:
         tokens = self._ready()
+        owner_filter = listing_owner(current_principal(), owner)
         size = resolve_page_size(
             page_size, default=self._settings.default_page_size, maximum=self._settings.max_page_size
         )
-        binding = PageTokens.binding("jobs", state=state.value if state else None)
+        binding = PageTokens.binding("jobs", state=state.value if state else None, owner=owner_filter)
         position = tokens.parse(page_token, binding)
         rows = await self._blocking(
-            self._store.list_jobs, state, position.after if position else None, size + 1
+            self._store.list_jobs, state, position.after if position else None, size + 1, owner_filter
         )
         next_token = ""
         if len(rows) > size:
@@ -171,6 +183,7 @@ class JobManager:
 
     async def cancel(self, job_id: str) -> Job:
         self._ready()
+        await self._owned(job_id)
         job, event = await self._blocking(self._store.request_cancel, check_job_id(job_id), time.time())
         if event is not None:
             self._metrics.jobs_finished.labels(state=JobState.CANCELLED.value).inc()
@@ -182,6 +195,7 @@ class JobManager:
 
     async def delete(self, job_id: str) -> None:
         self._ready()
+        await self._owned(job_id)
         await self._blocking(self._store.delete_job, check_job_id(job_id))
         await self._blocking(self._checkpoints.delete, job_id)
 
@@ -191,6 +205,7 @@ class JobManager:
         """Events after `after_sequence`: replayed from the store, then live, until the final state."""
         self._ready()
         check_job_id(job_id)
+        caller = current_principal()
         if after_sequence < 0:
             raise InvalidArgument(
                 "after_sequence must be >= 0", reason="INVALID_SEQUENCE", field="after_sequence"
@@ -207,6 +222,7 @@ class JobManager:
         self._metrics.watch_streams.inc()
         try:
             job, replay = await self._blocking(self._store.job_with_events, job_id, after_sequence)
+            visible(job, caller)
 
             async def fetch(after: int, until: int | None) -> list[JobEvent]:
                 return await self._blocking(self._store.events.after, job_id, after, until)
@@ -225,7 +241,7 @@ class JobManager:
     # -- results -------------------------------------------------------------------------------
 
     async def _succeeded(self, job_id: str) -> Job:
-        job = await self._blocking(self._store.get_job, check_job_id(job_id))
+        job = await self._owned(job_id)
         if job.state is not JobState.SUCCEEDED:
             detail = (
                 "it has not finished yet; watch it or retry after it succeeds"

@@ -82,6 +82,7 @@ def new_job_row(job_id: str, spec: JobSpec, now: float) -> dict[str, object]:
     return {
         "job_id": job_id,
         "request_id": spec.request_id or None,
+        "owner": spec.owner,
         "request_hash": spec.fingerprint(),
         "display_name": spec.display_name,
         "dataset_uri": spec.dataset_uri,
@@ -104,6 +105,7 @@ def job_from_row(row: Mapping[Any, Any]) -> Job:
         display_name=row["display_name"],
         request_id=row["request_id"],
         webhook_url=row["webhook_url"],
+        owner=row["owner"],
     )
     return Job(
         job_id=row["job_id"],

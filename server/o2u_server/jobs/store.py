@@ -24,6 +24,7 @@ from o2u_server.jobs import records
 from o2u_server.jobs.claims import ClaimStore, Lease, LeaseLost, Recovery
 from o2u_server.jobs.database import Database
 from o2u_server.jobs.event_log import EventLog
+from o2u_server.jobs.quotas import check_owner_quota
 from o2u_server.jobs.results import ResultsStore
 from o2u_server.jobs.tables import class_names, events, jobs, meta, scores, summaries, webhook_deliveries
 from o2u_server.jobs.transitions import job_row, transition
@@ -64,7 +65,8 @@ class JobStore:
         """The job an earlier request with spec's request_id created; AlreadyExists if it differs."""
         if not spec.request_id:
             return None
-        row = conn.execute(select(jobs).where(jobs.c.request_id == spec.request_id)).mappings().first()
+        query = select(jobs).where(jobs.c.owner == spec.owner, jobs.c.request_id == spec.request_id)
+        row = conn.execute(query).mappings().first()
         if row is None:
             return None
         if row["request_hash"] != spec.fingerprint():
@@ -79,14 +81,18 @@ class JobStore:
 
     # -- writes -----------------------------------------------------------------------------------
 
-    def create_job(self, job_id: str, spec: JobSpec, now: float, *, max_queued: int) -> tuple[Job, bool]:
-        """Store a new QUEUED job, or return the job an earlier identical request created.
+    def create_job(
+        self, job_id: str, spec: JobSpec, now: float, *, max_queued: int, max_per_owner: int = 0
+    ) -> tuple[Job, bool]:
+        """Store a new QUEUED job, or return the job an earlier identical request of the same owner
+        created.
 
         Returns (job, created). Raises AlreadyExists for a reused request_id with another payload and
-        ResourceExhausted when `max_queued` jobs are already waiting (on every replica together).
+        ResourceExhausted when `max_queued` jobs are already waiting, or spec's owner already has
+        `max_per_owner` (when > 0) jobs queued or running (on every replica together).
         """
         try:
-            return self.db.retry(lambda: self._create(job_id, spec, now, max_queued))
+            return self.db.retry(lambda: self._create(job_id, spec, now, max_queued, max_per_owner))
         except IntegrityError:
             # Another replica inserted the same request_id between our check and our insert.
             existing = self.job_for_request(spec)
@@ -94,7 +100,9 @@ class JobStore:
                 raise
             return existing, False
 
-    def _create(self, job_id: str, spec: JobSpec, now: float, max_queued: int) -> tuple[Job, bool]:
+    def _create(
+        self, job_id: str, spec: JobSpec, now: float, max_queued: int, max_per_owner: int
+    ) -> tuple[Job, bool]:
         with self.db.write(durable=True) as conn:
             self.db.lock_admission(conn)  # from here on, this transaction sees every earlier request
             existing = self._existing_request(conn, spec)
@@ -110,6 +118,8 @@ class JobStore:
                     reason="QUEUE_FULL",
                     retry_after_seconds=30.0,
                 )
+            if max_per_owner > 0:
+                check_owner_quota(conn, spec.owner, max_per_owner)
             conn.execute(jobs.insert().values(records.new_job_row(job_id, spec, now)))
             self.events.append(
                 conn, job_id, now, EventType.STATE_CHANGED, JobState.QUEUED, message="job accepted"
@@ -172,9 +182,14 @@ class JobStore:
 
         return self.db.retry(read)
 
-    def list_jobs(self, state: JobState | None, after_seq: int | None, limit: int) -> list[tuple[int, Job]]:
-        """Jobs newest first, as (row number, job), strictly older than `after_seq` when given."""
+    def list_jobs(
+        self, state: JobState | None, after_seq: int | None, limit: int, owner: str | None = None
+    ) -> list[tuple[int, Job]]:
+        """Jobs newest first, as (row number, job), strictly older than `after_seq` when given, only
+        `owner`'s when given."""
         query = select(jobs)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
         if after_seq is not None:
             query = query.where(jobs.c.seq < after_seq)
         if state is not None:

@@ -49,7 +49,9 @@ jobs = Table(
     metadata,
     Column("seq", _ROW_NUMBER, primary_key=True, autoincrement=True),
     Column("job_id", Text, nullable=False, unique=True),
-    Column("request_id", Text, unique=True),
+    Column("request_id", Text),
+    # The principal that created the job; a request_id names one job per owner.
+    Column("owner", Text, nullable=False, server_default=text("'default'")),
     Column("request_hash", Text, nullable=False),
     Column("display_name", Text, nullable=False),
     Column("dataset_uri", Text, nullable=False),
@@ -73,6 +75,8 @@ jobs = Table(
     Column("lease_expires_at", Double),
     Column("webhook_url", Text),
     Index("jobs_by_state", "state", "seq"),
+    Index("jobs_by_owner", "owner", "seq"),
+    Index("jobs_owner_request_id_key", "owner", "request_id", unique=True),
     sqlite_autoincrement=True,
 )
 

@@ -560,6 +560,7 @@ class ScoringJob(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     WEBHOOK_URL_FIELD_NUMBER: _builtins.int
     WEBHOOK_DELIVERIES_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Server-assigned identifier, e.g. `job-0f3c...`."""
     request_id: _builtins.str
@@ -570,6 +571,10 @@ class ScoringJob(_message.Message):
     """How many times a worker has started this job (more than one after a restart)."""
     webhook_url: _builtins.str
     """The completion webhook's URL, if the job has one."""
+    owner: _builtins.str
+    """The principal that created the job (its token's or client certificate's name; "default" on a
+    server without authentication). Other principals get NOT_FOUND for this job; admins see it.
+    """
     @_builtins.property
     def dataset(self) -> Global___DatasetRef: ...
     @_builtins.property
@@ -617,10 +622,11 @@ class ScoringJob(_message.Message):
         attempts: _builtins.int = ...,
         webhook_url: _builtins.str = ...,
         webhook_deliveries: _abc.Iterable[Global___WebhookDelivery] | None = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "dataset", b"dataset", "end_time", b"end_time", "error", b"error", "progress", b"progress", "run_info", b"run_info", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "config", b"config", "create_time", b"create_time", "dataset", b"dataset", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "job_id", b"job_id", "progress", b"progress", "request_id", b"request_id", "run_info", b"run_info", "start_time", b"start_time", "state", b"state", "update_time", b"update_time", "webhook_deliveries", b"webhook_deliveries", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "config", b"config", "create_time", b"create_time", "dataset", b"dataset", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "job_id", b"job_id", "owner", b"owner", "progress", b"progress", "request_id", b"request_id", "run_info", b"run_info", "start_time", b"start_time", "state", b"state", "update_time", b"update_time", "webhook_deliveries", b"webhook_deliveries", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1078,21 +1084,27 @@ class ListScoringJobsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum jobs to return; 0 means the server default, larger values are capped."""
     page_token: _builtins.str
     state: Global___JobState.ValueType
     """Only jobs in this state; UNSPECIFIED means all."""
+    owner: _builtins.str
+    """Admins only: list just this principal's jobs (empty: every owner's). Other callers always list
+    only their own jobs.
+    """
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         state: Global___JobState.ValueType = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
