@@ -207,12 +207,25 @@ class ScorePage:
 
 
 @dataclass(frozen=True)
+class LabelAccuracy:
+    """Expected label accuracy with its central interval (o2u_engine.accuracy)."""
+
+    mean: float
+    lower: float
+    upper: float
+    level: float
+    method: str
+    num_samples: int
+
+
+@dataclass(frozen=True)
 class ClassNoise:
     label: int
     name: str
     count: int
     suspected: int
     noise_rate: float
+    label_accuracy: LabelAccuracy | None = None  # None in summaries stored before it existed
 
 
 @dataclass(frozen=True)
@@ -245,6 +258,7 @@ class DatasetSummary:
     clean_retraining: CleanRetrainingInfo = field(default_factory=CleanRetrainingInfo)
     run_info: RunInfo | None = None
     noise_rate_capped: bool = False  # the mixture's estimate was unusable; the rate is a fallback
+    label_accuracy: LabelAccuracy | None = None  # None in summaries stored before it existed
 
     @property
     def estimated_label_accuracy(self) -> float:

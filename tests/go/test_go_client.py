@@ -282,3 +282,36 @@ def test_example_speaks_mutual_tls_with_a_token(
     )
     assert plaintext.returncode == 1
     assert "bearer token needs TLS" in plaintext.stderr
+
+
+def test_example_gates_the_batch(go_build: GoBuild, server: RunningServer, data_root: Path) -> None:
+    uri = (data_root / "digits.npz").as_uri()
+    job_flags = (
+        "-model",
+        "mlp",
+        "-seed",
+        "0",
+        "-pretrain-epochs",
+        "2",
+        "-cycle-length",
+        "2",
+        "-num-cycles",
+        "1",
+    )
+    common = ("-target", server.address, "-uri", uri, "-top", "0", *job_flags)
+    passed = _example(go_build, *common, "-max-noise-rate", "1")
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    line = passed.stdout.splitlines()[-1]
+    match = re.fullmatch(
+        r"gate PASSED: label accuracy ([\d.]+)% \(95% interval ([\d.]+)%-([\d.]+)%\), noise rate [\d.]+%",
+        line,
+    )
+    assert match is not None, line
+    accuracy, lower, upper = (float(g) for g in match.groups())
+    assert lower <= accuracy <= upper
+    failed = _example(go_build, *common, "-min-label-accuracy", "0.9999")
+    assert failed.returncode == 20, failed.stdout + failed.stderr
+    assert "gate FAILED" in failed.stdout
+    assert "is below the minimum 99.99%" in failed.stdout
+    bad = _example(go_build, *common, "-max-noise-rate", "2")
+    assert bad.returncode == 2

@@ -52,6 +52,7 @@ from o2u_server.domain import (
     Stage,
 )
 from o2u_server.errors import Internal, InvalidArgument, ResourceExhausted, ServiceError
+from o2u_server.jobs.label_accuracy import with_label_accuracy
 from o2u_server.text import shown
 
 __all__ = [
@@ -331,7 +332,7 @@ def _summary(
             accuracy_with_removal=float(result.accuracy_with_removal),
             removed=int(result.removed),
         )
-    return DatasetSummary(
+    summary = DatasetSummary(
         job_id=job_id,
         num_samples=len(report.labels),
         num_classes=report.num_classes,
@@ -346,3 +347,4 @@ def _summary(
         run_info=info,
         noise_rate_capped=bool(report.noise_rate_capped),
     )
+    return with_label_accuracy(summary, report)
