@@ -73,6 +73,7 @@ class DatasetFormat(enum.StrEnum):
     IMAGE_FOLDER = "image_folder"
     CSV_MANIFEST = "csv_manifest"
     JSONL_MANIFEST = "jsonl_manifest"
+    PARQUET = "parquet"
 
 
 class ExportFormat(enum.StrEnum):
@@ -80,6 +81,7 @@ class ExportFormat(enum.StrEnum):
 
     JSONL = "jsonl"
     CSV = "csv"
+    PARQUET = "parquet"
 
 
 @dataclass(frozen=True)

@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("summary", cmd_summary, "dataset health of a finished job").add_argument("job_id")
     command("cancel", cmd_cancel, "stop a queued or running job").add_argument("job_id")
     command("delete", cmd_delete, "delete a finished job and its results").add_argument("job_id")
-    export = command("export", cmd_export, "write a finished job's scores as JSONL or CSV")
+    export = command("export", cmd_export, "write a finished job's scores as JSONL, CSV or Parquet")
     export.add_argument("job_id")
     export.add_argument(
         "destination", help="a new s3://bucket/key.jsonl or file:///path.csv under a server export location"

@@ -1,5 +1,5 @@
-"""Writing score rows as JSON Lines or CSV to a new `s3://` object or `file://` file under one of
-the server's export locations (`export_uris`).
+"""Writing score rows as JSON Lines, CSV or Parquet (`parquet_export`) to a new `s3://` object or
+`file://` file under one of the server's export locations (`export_uris`).
 
 Rows are dictionaries of plain values (NumPy scalars are accepted). JSONL writes one compact JSON
 object per row; CSV writes a header of the first row's keys (or the given columns) and one line per
@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from o2u_server.datasets.parquet_export import parquet_export
 from o2u_server.domain import ExportFormat
 from o2u_server.errors import InvalidArgument
 from o2u_server.storage import Storage
@@ -40,8 +41,16 @@ EXPORT_COLUMNS = (
     "suggested_label_confidence",
 )
 
-_SUFFIXES = {ExportFormat.JSONL: (".jsonl", ".ndjson"), ExportFormat.CSV: (".csv",)}
-_CONTENT_TYPES = {ExportFormat.JSONL: "application/x-ndjson", ExportFormat.CSV: "text/csv; charset=utf-8"}
+_SUFFIXES = {
+    ExportFormat.JSONL: (".jsonl", ".ndjson"),
+    ExportFormat.CSV: (".csv",),
+    ExportFormat.PARQUET: (".parquet", ".pq"),
+}
+_CONTENT_TYPES = {
+    ExportFormat.JSONL: "application/x-ndjson",
+    ExportFormat.CSV: "text/csv; charset=utf-8",
+    ExportFormat.PARQUET: "application/vnd.apache.parquet",
+}
 
 
 def infer_export_format(uri: str, *, field: str = "format") -> ExportFormat:
@@ -51,8 +60,8 @@ def infer_export_format(uri: str, *, field: str = "format") -> ExportFormat:
         if lowered.endswith(suffixes):
             return export_format
     raise InvalidArgument(
-        f"cannot tell the export format from {shown(uri)!r}: set {field} or end the destination in .jsonl "
-        "or .csv",
+        f"cannot tell the export format from {shown(uri)!r}: set {field} or end the destination in .jsonl, "
+        ".csv or .parquet",
         reason="INVALID_FORMAT",
         field=field,
     )
@@ -115,8 +124,11 @@ def write_export(
 ) -> tuple[int, int]:
     """Write `rows` to `uri` as `export_format`; returns (rows written, bytes written)."""
     storage.parse_export(uri, field=field)  # refuse a bad destination before building the file
-    buffer = io.StringIO()
-    count = _WRITERS[export_format](rows, buffer, columns)
-    data = buffer.getvalue().encode("utf-8")
+    if export_format == ExportFormat.PARQUET:
+        count, data = parquet_export(rows, columns or EXPORT_COLUMNS)
+    else:
+        buffer = io.StringIO()
+        count = _WRITERS[export_format](rows, buffer, columns)
+        data = buffer.getvalue().encode("utf-8")
     written = storage.create_export(uri, data, field=field, content_type=_CONTENT_TYPES[export_format])
     return count, written

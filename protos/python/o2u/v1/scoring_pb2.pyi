@@ -101,7 +101,7 @@ class _DatasetFormat:
 class _DatasetFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DatasetFormat.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     DATASET_FORMAT_UNSPECIFIED: _DatasetFormat.ValueType  # 0
-    """Inferred from the URI: `.npz` file, `.csv`/`.jsonl` manifest, else an image folder."""
+    """Inferred from the URI: `.npz` file, `.csv`/`.jsonl` manifest, `.parquet`, else an image folder."""
     DATASET_FORMAT_NPZ: _DatasetFormat.ValueType  # 1
     """NumPy archive with `x` (images N,H,W[,C] or features N,D), `y` (labels) and optional `ids`."""
     DATASET_FORMAT_IMAGE_FOLDER: _DatasetFormat.ValueType  # 2
@@ -110,12 +110,14 @@ class _DatasetFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dataset
     """A CSV file with a `key,label` header; keys are relative to the manifest."""
     DATASET_FORMAT_JSONL_MANIFEST: _DatasetFormat.ValueType  # 4
     """A JSON Lines file of {"key": ..., "label": ...}; keys are relative to the manifest."""
+    DATASET_FORMAT_PARQUET: _DatasetFormat.ValueType  # 5
+    """A Parquet file with `label`, `features` (a list of floats per row) and optional `key` columns."""
 
 class DatasetFormat(_DatasetFormat, metaclass=_DatasetFormatEnumTypeWrapper):
     """DatasetFormat says how to read the object(s) behind a dataset URI."""
 
 DATASET_FORMAT_UNSPECIFIED: DatasetFormat.ValueType  # 0
-"""Inferred from the URI: `.npz` file, `.csv`/`.jsonl` manifest, else an image folder."""
+"""Inferred from the URI: `.npz` file, `.csv`/`.jsonl` manifest, `.parquet`, else an image folder."""
 DATASET_FORMAT_NPZ: DatasetFormat.ValueType  # 1
 """NumPy archive with `x` (images N,H,W[,C] or features N,D), `y` (labels) and optional `ids`."""
 DATASET_FORMAT_IMAGE_FOLDER: DatasetFormat.ValueType  # 2
@@ -124,6 +126,8 @@ DATASET_FORMAT_CSV_MANIFEST: DatasetFormat.ValueType  # 3
 """A CSV file with a `key,label` header; keys are relative to the manifest."""
 DATASET_FORMAT_JSONL_MANIFEST: DatasetFormat.ValueType  # 4
 """A JSON Lines file of {"key": ..., "label": ...}; keys are relative to the manifest."""
+DATASET_FORMAT_PARQUET: DatasetFormat.ValueType  # 5
+"""A Parquet file with `label`, `features` (a list of floats per row) and optional `key` columns."""
 Global___DatasetFormat: _TypeAlias = DatasetFormat  # noqa: Y015
 
 class _ExportFormat:
@@ -133,17 +137,21 @@ class _ExportFormat:
 class _ExportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportFormat.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     EXPORT_FORMAT_UNSPECIFIED: _ExportFormat.ValueType  # 0
-    """Inferred from the destination's extension (`.csv` or `.jsonl`)."""
+    """Inferred from the destination's extension (`.csv`, `.jsonl` or `.parquet`)."""
     EXPORT_FORMAT_JSONL: _ExportFormat.ValueType  # 1
     EXPORT_FORMAT_CSV: _ExportFormat.ValueType  # 2
+    EXPORT_FORMAT_PARQUET: _ExportFormat.ValueType  # 3
+    """One row per score, the JSONL fields as typed columns."""
 
 class ExportFormat(_ExportFormat, metaclass=_ExportFormatEnumTypeWrapper):
     """ExportFormat is the file format of exported scores."""
 
 EXPORT_FORMAT_UNSPECIFIED: ExportFormat.ValueType  # 0
-"""Inferred from the destination's extension (`.csv` or `.jsonl`)."""
+"""Inferred from the destination's extension (`.csv`, `.jsonl` or `.parquet`)."""
 EXPORT_FORMAT_JSONL: ExportFormat.ValueType  # 1
 EXPORT_FORMAT_CSV: ExportFormat.ValueType  # 2
+EXPORT_FORMAT_PARQUET: ExportFormat.ValueType  # 3
+"""One row per score, the JSONL fields as typed columns."""
 Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
 
 class _JobEventType:
