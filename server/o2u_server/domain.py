@@ -82,6 +82,7 @@ class ExportFormat(enum.StrEnum):
     JSONL = "jsonl"
     CSV = "csv"
     PARQUET = "parquet"
+    LABEL_STUDIO = "label_studio"
 
 
 @dataclass(frozen=True)

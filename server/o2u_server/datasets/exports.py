@@ -17,8 +17,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from o2u_server.datasets.label_studio_export import label_studio_tasks
 from o2u_server.datasets.parquet_export import parquet_export
-from o2u_server.domain import ExportFormat
+from o2u_server.domain import ExportFormat, Job
 from o2u_server.errors import InvalidArgument
 from o2u_server.storage import Storage
 from o2u_server.text import shown
@@ -45,11 +46,13 @@ _SUFFIXES = {
     ExportFormat.JSONL: (".jsonl", ".ndjson"),
     ExportFormat.CSV: (".csv",),
     ExportFormat.PARQUET: (".parquet", ".pq"),
+    ExportFormat.LABEL_STUDIO: (".json",),
 }
 _CONTENT_TYPES = {
     ExportFormat.JSONL: "application/x-ndjson",
     ExportFormat.CSV: "text/csv; charset=utf-8",
     ExportFormat.PARQUET: "application/vnd.apache.parquet",
+    ExportFormat.LABEL_STUDIO: "application/json",
 }
 
 
@@ -61,7 +64,7 @@ def infer_export_format(uri: str, *, field: str = "format") -> ExportFormat:
             return export_format
     raise InvalidArgument(
         f"cannot tell the export format from {shown(uri)!r}: set {field} or end the destination in .jsonl, "
-        ".csv or .parquet",
+        ".csv, .parquet or .json (Label Studio tasks)",
         reason="INVALID_FORMAT",
         field=field,
     )
@@ -121,10 +124,15 @@ def write_export(
     *,
     field: str = "destination_uri",
     columns: Sequence[str] | None = None,
+    job: Job | None = None,
 ) -> tuple[int, int]:
     """Write `rows` to `uri` as `export_format`; returns (rows written, bytes written)."""
     storage.parse_export(uri, field=field)  # refuse a bad destination before building the file
-    if export_format == ExportFormat.PARQUET:
+    if export_format == ExportFormat.LABEL_STUDIO:
+        if job is None:
+            raise ValueError("a Label Studio export needs the job")
+        count, data = label_studio_tasks(rows, job.job_id, job.spec)
+    elif export_format == ExportFormat.PARQUET:
         count, data = parquet_export(rows, columns or EXPORT_COLUMNS)
     else:
         buffer = io.StringIO()

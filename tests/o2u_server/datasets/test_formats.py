@@ -40,7 +40,7 @@ def test_every_format_has_a_row_a_proto_value_and_a_client_name() -> None:
     assert tuple(kind.value for kind in DatasetFormat) == client_converters.DATASET_FORMATS
     assert _choices("score") == ["npz", "image_folder", "csv_manifest", "jsonl_manifest", "parquet"]
     assert tuple(kind.value for kind in ExportFormat) == client_converters.EXPORT_FORMATS
-    assert _choices("export") == ["jsonl", "csv", "parquet"]
+    assert _choices("export") == ["jsonl", "csv", "parquet", "label_studio"]
 
 
 @pytest.mark.parametrize("kind", list(DatasetFormat))

@@ -137,21 +137,29 @@ class _ExportFormat:
 class _ExportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportFormat.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     EXPORT_FORMAT_UNSPECIFIED: _ExportFormat.ValueType  # 0
-    """Inferred from the destination's extension (`.csv`, `.jsonl` or `.parquet`)."""
+    """Inferred from the destination's extension (`.csv`, `.jsonl`, `.parquet`, or `.json` for Label Studio)."""
     EXPORT_FORMAT_JSONL: _ExportFormat.ValueType  # 1
     EXPORT_FORMAT_CSV: _ExportFormat.ValueType  # 2
     EXPORT_FORMAT_PARQUET: _ExportFormat.ValueType  # 3
     """One row per score, the JSONL fields as typed columns."""
+    EXPORT_FORMAT_LABEL_STUDIO: _ExportFormat.ValueType  # 4
+    """A JSON array of Label Studio review tasks, one per suspect, with the given label as an
+    annotation and the suggested one as a prediction (`model_version` = the job id).
+    """
 
 class ExportFormat(_ExportFormat, metaclass=_ExportFormatEnumTypeWrapper):
     """ExportFormat is the file format of exported scores."""
 
 EXPORT_FORMAT_UNSPECIFIED: ExportFormat.ValueType  # 0
-"""Inferred from the destination's extension (`.csv`, `.jsonl` or `.parquet`)."""
+"""Inferred from the destination's extension (`.csv`, `.jsonl`, `.parquet`, or `.json` for Label Studio)."""
 EXPORT_FORMAT_JSONL: ExportFormat.ValueType  # 1
 EXPORT_FORMAT_CSV: ExportFormat.ValueType  # 2
 EXPORT_FORMAT_PARQUET: ExportFormat.ValueType  # 3
 """One row per score, the JSONL fields as typed columns."""
+EXPORT_FORMAT_LABEL_STUDIO: ExportFormat.ValueType  # 4
+"""A JSON array of Label Studio review tasks, one per suspect, with the given label as an
+annotation and the suggested one as a prediction (`model_version` = the job id).
+"""
 Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
 
 class _JobEventType:
