@@ -74,6 +74,7 @@ class DatasetFormat(enum.StrEnum):
     CSV_MANIFEST = "csv_manifest"
     JSONL_MANIFEST = "jsonl_manifest"
     PARQUET = "parquet"
+    LABEL_STUDIO = "label_studio"
 
 
 class ExportFormat(enum.StrEnum):

@@ -2,7 +2,8 @@
 
 `FORMATS` is the one table of dataset formats: per `DatasetFormat`, the URI endings that imply it,
 whether the URI names a folder (a key prefix) rather than one object, and its loader - one module per
-format (`npz`, `image_folder`, `csv_manifest`, `jsonl_manifest`, `parquet`). Nothing outside the
+format (`npz`, `image_folder`, `csv_manifest`, `jsonl_manifest`, `parquet`,
+`label_studio`). Nothing outside the
 table compares format names. Every limit is checked as early as the information exists: object sizes from the
 listing or stat before anything is downloaded (`max_dataset_bytes`), the sample count from the
 `.npz` header or the manifest/listing (`max_samples`), image dimensions from each header before
@@ -21,6 +22,7 @@ from o2u_server.datasets.csv_manifest import load_csv_manifest
 from o2u_server.datasets.dataset import DatasetLimits, LoadedDataset, Loader, check_loaded, content_digest
 from o2u_server.datasets.image_folder import load_image_folder
 from o2u_server.datasets.jsonl_manifest import load_jsonl_manifest
+from o2u_server.datasets.label_studio import load_label_studio
 from o2u_server.datasets.npz import load_npz
 from o2u_server.datasets.parquet import load_parquet
 from o2u_server.domain import DatasetFormat
@@ -54,6 +56,7 @@ FORMATS: dict[DatasetFormat, FormatSpec] = {
     DatasetFormat.CSV_MANIFEST: FormatSpec((".csv",), prefix=False, load=load_csv_manifest),
     DatasetFormat.JSONL_MANIFEST: FormatSpec((".jsonl", ".ndjson"), prefix=False, load=load_jsonl_manifest),
     DatasetFormat.PARQUET: FormatSpec((".parquet", ".pq"), prefix=False, load=load_parquet),
+    DatasetFormat.LABEL_STUDIO: FormatSpec((".json",), prefix=False, load=load_label_studio),
 }
 FOLDER_FORMAT = DatasetFormat.IMAGE_FOLDER  # what a URI with none of the suffixes names
 

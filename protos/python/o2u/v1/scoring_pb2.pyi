@@ -112,6 +112,10 @@ class _DatasetFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dataset
     """A JSON Lines file of {"key": ..., "label": ...}; keys are relative to the manifest."""
     DATASET_FORMAT_PARQUET: _DatasetFormat.ValueType  # 5
     """A Parquet file with `label`, `features` (a list of floats per row) and optional `key` columns."""
+    DATASET_FORMAT_LABEL_STUDIO: _DatasetFormat.ValueType  # 6
+    """A Label Studio JSON export: tasks whose `data.image` is under the export's folder, labelled by
+    the latest annotation that is not cancelled; keys are the task ids.
+    """
 
 class DatasetFormat(_DatasetFormat, metaclass=_DatasetFormatEnumTypeWrapper):
     """DatasetFormat says how to read the object(s) behind a dataset URI."""
@@ -128,6 +132,10 @@ DATASET_FORMAT_JSONL_MANIFEST: DatasetFormat.ValueType  # 4
 """A JSON Lines file of {"key": ..., "label": ...}; keys are relative to the manifest."""
 DATASET_FORMAT_PARQUET: DatasetFormat.ValueType  # 5
 """A Parquet file with `label`, `features` (a list of floats per row) and optional `key` columns."""
+DATASET_FORMAT_LABEL_STUDIO: DatasetFormat.ValueType  # 6
+"""A Label Studio JSON export: tasks whose `data.image` is under the export's folder, labelled by
+the latest annotation that is not cancelled; keys are the task ids.
+"""
 Global___DatasetFormat: _TypeAlias = DatasetFormat  # noqa: Y015
 
 class _ExportFormat:
