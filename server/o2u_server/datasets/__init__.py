@@ -1,16 +1,16 @@
 """Datasets named by URI, loaded into the arrays the engine scores, within the server's limits.
 
 `FORMATS` is the one table of dataset formats: per `DatasetFormat`, the URI endings that imply it,
-whether the URI names a folder (a key prefix) rather than one object, and its loader - one module per
-format (`npz`, `image_folder`, `csv_manifest`, `jsonl_manifest`, `parquet`, `label_studio`).
-Nothing outside the table compares format names. Every limit is checked as early as the
-information exists: object sizes from the listing or stat before anything is downloaded
-(`max_dataset_bytes`), the sample count from the `.npz` header or the manifest/listing (`max_samples`), image dimensions from each header before
-decoding (`max_image_pixels`), the class count before any per-class list (`max_classes`), decoded
-sizes from headers before inflating or decoding (`max_decoded_bytes`). `load_dataset` then checks
-what every format returns (`dataset.check_loaded`) and records its content digest. Errors are the
-service's classes and name the URI (as the caller sent it), key, field or limit at fault. Exports
-of score rows (JSONL, CSV) are `datasets.exports`.
+whether the URI names a folder (a key prefix) rather than one object, and its loader - one module
+per format (`npz`, `image_folder`, `csv_manifest`, `jsonl_manifest`, `parquet`, `label_studio`).
+Nothing outside the table compares format names. Every limit is checked as early as the information
+exists: object sizes from the listing or stat before anything is downloaded (`max_dataset_bytes`),
+the sample count from the `.npz` header or the manifest/listing (`max_samples`), image dimensions
+from each header before decoding (`max_image_pixels`), the class count before any per-class list
+(`max_classes`), decoded sizes from headers before inflating or decoding (`max_decoded_bytes`).
+`load_dataset` then checks what every format returns (`dataset.check_loaded`) and records its
+content digest. Errors are the service's classes and name the URI (as the caller sent it), key,
+field or limit at fault. Exports of score rows (JSONL, CSV) are `datasets.exports`.
 """
 
 from __future__ import annotations
