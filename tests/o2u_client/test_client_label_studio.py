@@ -14,6 +14,7 @@ import jsonschema
 from o2u_client import Client, Job
 from o2u_server.datasets.label_studio_export import label_studio_tasks
 from o2u_server.domain import DatasetFormat, JobSpec
+from tests.server_testing import TINY_CONFIG
 
 SCHEMA = json.loads(
     (
@@ -63,3 +64,39 @@ def test_image_uris_resolve_against_the_dataset() -> None:
         jsonschema.validate(tasks, SCHEMA)
         assert count == 1
         assert tasks[0]["data"]["image"] == "s3://b/batch/cat/01.png"
+
+
+def test_a_label_studio_export_round_trips_through_a_job(client: Client, data_root: Path) -> None:
+    """In: a Label Studio export (task ids, a cancelled annotation, a task without an image) scored by
+    a real server; out: its suspects as tasks whose images are the originals and whose keys are the ids."""
+    from tests.o2u_server.dataset_files import COLOURS, png, solid
+    from tests.o2u_server.datasets.test_label_studio import annotation, task
+
+    folder = data_root / f"ls-{uuid.uuid4().hex[:8]}"
+    (folder / "images").mkdir(parents=True)
+    names = list(COLOURS)
+    tasks = []
+    for i in range(30):
+        name = names[i % 3]
+        (folder / "images" / f"{i:02d}.png").write_bytes(png(solid(COLOURS[name], i % 5)))
+        given = names[(i + 1) % 3] if i in (4, 11) else name  # two wrong labels
+        anns = [annotation(500 + i, 1000 + i, given, "2026-11-30T10:05:00Z")]
+        anns.append(annotation(600 + i, 1000 + i, names[(i + 2) % 3], "2026-11-30T10:09:00Z", cancelled=True))
+        tasks.append(task(1000 + i, f"/data/local-files/?d=images/{i:02d}.png", anns))
+    tasks.append(task(1999, "", [annotation(700, 1999, "cat", "2026-11-30T10:00:00Z")]))
+    export_file = folder / "project-7-at-2026-11-30.json"
+    export_file.write_text(json.dumps(tasks))
+    job = client.wait(client.submit(export_file.as_uri(), config=TINY_CONFIG).job_id, timeout=300)
+    assert job.state == "SUCCEEDED", job.error
+    scores = list(client.scores(job.job_id))
+    assert sorted(s.key for s in scores) == sorted(str(1000 + i) for i in range(30))
+    destination = data_root / "exports" / f"{uuid.uuid4().hex}.json"
+    client.export(job.job_id, destination.as_uri(), "label_studio")
+    review = json.loads(destination.read_text())
+    jsonschema.validate(review, SCHEMA)
+    assert len(review) == sum(s.suspected for s in scores)
+    originals = {str(t["id"]): t["data"] for t in tasks}
+    assert review
+    for item in review:
+        assert item["data"]["image"] == originals[item["data"]["o2u_key"]]["image"]
+        assert item["data"]["image"].startswith("/data/local-files/?d=images/")

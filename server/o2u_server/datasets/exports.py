@@ -17,9 +17,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from o2u_server.datasets.label_studio_export import label_studio_tasks
+from o2u_server.datasets.label_studio_export import label_studio_tasks, original_data
 from o2u_server.datasets.parquet_export import parquet_export
-from o2u_server.domain import ExportFormat, Job
+from o2u_server.domain import DatasetFormat, ExportFormat, Job
 from o2u_server.errors import InvalidArgument
 from o2u_server.storage import Storage
 from o2u_server.text import shown
@@ -41,6 +41,9 @@ EXPORT_COLUMNS = (
     "suggested_label_name",
     "suggested_label_confidence",
 )
+
+# A Label Studio dataset read again for its tasks' original data is at most this large.
+MAX_ORIGINALS_BYTES = 512 * 1024 * 1024
 
 _SUFFIXES = {
     ExportFormat.JSONL: (".jsonl", ".ndjson"),
@@ -116,6 +119,22 @@ def _csv(rows: Iterable[dict[str, object]], buffer: io.StringIO, columns: Sequen
 _WRITERS = {ExportFormat.JSONL: _jsonl, ExportFormat.CSV: _csv}
 
 
+def _originals(job: Job, storage: Storage) -> dict[str, dict[str, object]] | None:
+    """A Label Studio dataset's tasks' data by id, read again from the dataset (None for others)."""
+    dataset_format = job.spec.dataset_format
+    if dataset_format is None:
+        from o2u_server.datasets import infer_format  # the package imports this module
+
+        dataset_format = infer_format(job.spec.dataset_uri)
+    if dataset_format is not DatasetFormat.LABEL_STUDIO:
+        return None
+    raw = storage.read_bytes(job.spec.dataset_uri, max_bytes=MAX_ORIGINALS_BYTES)
+    try:
+        return original_data(raw)
+    except (ValueError, RecursionError):
+        return None  # the dataset changed since it was scored; tasks keep only o2u's fields
+
+
 def write_export(
     rows: Iterable[dict[str, object]],
     uri: str,
@@ -131,7 +150,7 @@ def write_export(
     if export_format == ExportFormat.LABEL_STUDIO:
         if job is None:
             raise ValueError("a Label Studio export needs the job")
-        count, data = label_studio_tasks(rows, job.job_id, job.spec)
+        count, data = label_studio_tasks(rows, job.job_id, job.spec, _originals(job, storage))
     elif export_format == ExportFormat.PARQUET:
         count, data = parquet_export(rows, columns or EXPORT_COLUMNS)
     else:

@@ -3,6 +3,7 @@
 One task per suspected sample, most suspicious first: `data` holds the original data (`image`: the
 sample's object or file, when the dataset lists files: a folder's or manifest's key resolved
 against the dataset's URI; the `o2u_*` fields: key, sample id, rank, noise score and probability),
+for a Label Studio dataset, the task's own `data` as exported (keys are task ids);
 `annotations` the given label as a `choices` result to check, and `predictions` one entry with the
 suggested label (`result`), our confidence in it (`score`: the share of cyclic epochs that
 predicted it) and `model_version` = the job id. The result names `from_name` `label` and
@@ -13,11 +14,11 @@ are left out.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from o2u_server.domain import DatasetFormat, JobSpec
 
-__all__ = ["FROM_NAME", "TO_NAME", "label_studio_tasks"]
+__all__ = ["FROM_NAME", "TO_NAME", "label_studio_tasks", "original_data"]
 
 FROM_NAME = "label"
 TO_NAME = "image"
@@ -44,16 +45,19 @@ def _choices(label: object) -> list[dict[str, object]]:
     ]
 
 
-def _task(row: dict[str, object], job_id: str, spec: JobSpec) -> dict[str, object]:
+def _task(
+    row: dict[str, object], job_id: str, spec: JobSpec, originals: Mapping[str, dict[str, object]]
+) -> dict[str, object]:
     key = str(row["key"])
     data: dict[str, object] = {
+        **originals.get(key, {}),
         "o2u_key": key,
         "o2u_sample_id": row["sample_id"],
         "o2u_rank": row["rank"],
         "o2u_noise_score": row["score"],
         "o2u_noise_probability": row["noise_probability"],
     }
-    image = _image_uri(spec, key)
+    image = None if key in originals else _image_uri(spec, key)
     if image is not None:
         data[TO_NAME] = image
     confidence = float(str(row["suggested_label_confidence"]))
@@ -66,8 +70,24 @@ def _task(row: dict[str, object], job_id: str, spec: JobSpec) -> dict[str, objec
     }
 
 
-def label_studio_tasks(rows: Iterable[dict[str, object]], job_id: str, spec: JobSpec) -> tuple[int, bytes]:
-    """(tasks written, the JSON array's bytes) of the suspected `rows`, by rank."""
+def original_data(raw: bytes) -> dict[str, dict[str, object]]:
+    """The `data` of each task of a Label Studio export, by task id (a dataset's keys)."""
+    tasks = json.loads(raw)
+    return {
+        str(t.get("id", index)): dict(t["data"])
+        for index, t in enumerate(tasks, start=1)
+        if isinstance(t, dict) and isinstance(t.get("data"), dict)
+    }
+
+
+def label_studio_tasks(
+    rows: Iterable[dict[str, object]],
+    job_id: str,
+    spec: JobSpec,
+    originals: Mapping[str, dict[str, object]] | None = None,
+) -> tuple[int, bytes]:
+    """(tasks written, the JSON array's bytes) of the suspected `rows`, by rank; `originals` (a
+    Label Studio dataset's tasks' data by id) gives each task its original data."""
     suspects = sorted((row for row in rows if row.get("suspected")), key=lambda row: int(str(row["rank"])))
-    tasks = [_task(row, job_id, spec) for row in suspects]
+    tasks = [_task(row, job_id, spec, originals or {}) for row in suspects]
     return len(tasks), json.dumps(tasks, indent=None, separators=(",", ":")).encode("utf-8")
