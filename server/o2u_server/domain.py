@@ -74,6 +74,8 @@ class DatasetFormat(enum.StrEnum):
     IMAGE_FOLDER = "image_folder"
     CSV_MANIFEST = "csv_manifest"
     JSONL_MANIFEST = "jsonl_manifest"
+    PARQUET = "parquet"
+    LABEL_STUDIO = "label_studio"
 
 
 class ExportFormat(enum.StrEnum):
@@ -81,6 +83,8 @@ class ExportFormat(enum.StrEnum):
 
     JSONL = "jsonl"
     CSV = "csv"
+    PARQUET = "parquet"
+    LABEL_STUDIO = "label_studio"
 
 
 @dataclass(frozen=True)
@@ -226,12 +230,25 @@ class ScorePage:
 
 
 @dataclass(frozen=True)
+class LabelAccuracy:
+    """Expected label accuracy with its central interval (o2u_engine.accuracy)."""
+
+    mean: float
+    lower: float
+    upper: float
+    level: float
+    method: str
+    num_samples: int
+
+
+@dataclass(frozen=True)
 class ClassNoise:
     label: int
     name: str
     count: int
     suspected: int
     noise_rate: float
+    label_accuracy: LabelAccuracy | None = None  # None in summaries stored before it existed
 
 
 @dataclass(frozen=True)
@@ -264,6 +281,7 @@ class DatasetSummary:
     clean_retraining: CleanRetrainingInfo = field(default_factory=CleanRetrainingInfo)
     run_info: RunInfo | None = None
     noise_rate_capped: bool = False  # the mixture's estimate was unusable; the rate is a fallback
+    label_accuracy: LabelAccuracy | None = None  # None in summaries stored before it existed
 
     @property
     def estimated_label_accuracy(self) -> float:

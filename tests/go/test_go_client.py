@@ -321,3 +321,36 @@ def test_example_submits_a_completion_webhook(
     headers, body = receiver.received[0]
     assert verify(SECRET, headers["o2u-signature"], body)
     assert json.loads(body)["subject"] == submitted.group(1)
+
+
+def test_example_gates_the_batch(go_build: GoBuild, server: RunningServer, data_root: Path) -> None:
+    uri = (data_root / "digits.npz").as_uri()
+    job_flags = (
+        "-model",
+        "mlp",
+        "-seed",
+        "0",
+        "-pretrain-epochs",
+        "2",
+        "-cycle-length",
+        "2",
+        "-num-cycles",
+        "1",
+    )
+    common = ("-target", server.address, "-uri", uri, "-top", "0", *job_flags)
+    passed = _example(go_build, *common, "-max-noise-rate", "1")
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    line = passed.stdout.splitlines()[-1]
+    match = re.fullmatch(
+        r"gate PASSED: label accuracy ([\d.]+)% \(95% interval ([\d.]+)%-([\d.]+)%\), noise rate [\d.]+%",
+        line,
+    )
+    assert match is not None, line
+    accuracy, lower, upper = (float(g) for g in match.groups())
+    assert lower <= accuracy <= upper
+    failed = _example(go_build, *common, "-min-label-accuracy", "0.9999")
+    assert failed.returncode == 20, failed.stdout + failed.stderr
+    assert "gate FAILED" in failed.stdout
+    assert "is below the minimum 99.99%" in failed.stdout
+    bad = _example(go_build, *common, "-max-noise-rate", "2")
+    assert bad.returncode == 2

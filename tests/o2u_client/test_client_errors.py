@@ -97,8 +97,8 @@ def test_foreign_page_token_is_rejected(client: Client, finished_job: Job) -> No
 def test_client_side_validation(client: Client, dataset_uri: str) -> None:
     with pytest.raises(TypeError, match="unknown ScoringConfig field 'learning_rate'"):
         client.submit(dataset_uri, learning_rate=0.1)
-    with pytest.raises(ValueError, match="unknown format 'parquet'"):
-        client.submit(dataset_uri, format="parquet")
+    with pytest.raises(ValueError, match="unknown format 'hdf5'"):
+        client.submit(dataset_uri, format="hdf5")
     with pytest.raises(ValueError, match="unknown job state"):
         list(client.list(state="sleeping"))
 

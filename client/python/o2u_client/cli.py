@@ -10,6 +10,7 @@ stable so shell scripts can branch on them; see `EPILOG`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -23,9 +24,11 @@ from o2u_client.cli_options import CONFIG_OPTIONS, add_config_options, add_globa
 from o2u_client.client import Client
 from o2u_client.converters import DATASET_FORMATS, EXPORT_FORMATS
 from o2u_client.errors import EXIT_CODES, EXIT_GENERIC_ERROR, O2UError
+from o2u_client.gate import EXIT_GATE_FAILED, gate_verdict
 from o2u_client.models import Job, JobState, to_json_dict
 from o2u_client.progress import progress_display
 from o2u_client.render import job_details, jobs_table, make_console, summary_report, suspects_table
+from o2u_client.results import DatasetSummary
 from o2u_client.scoring import score_dataset
 from o2u_client.text import safe_text
 
@@ -44,6 +47,7 @@ EPILOG = (
     + "".join(
         f"  {status:<3} {code.name}\n" for code, status in sorted(EXIT_CODES.items(), key=lambda kv: kv[1])
     )
+    + f"  {EXIT_GATE_FAILED}  the batch failed the gate (score --max-noise-rate / --min-label-accuracy)\n"
     + f"  {EXIT_INTERRUPTED} interrupted (Ctrl-C); a running job keeps running\n"
     "errors are printed to stderr as `error: <CODE>: <message>`.\n"
     "environment: O2U_TARGET (default localhost:50051), O2U_TOKEN_FILE."
@@ -113,9 +117,24 @@ def cmd_score(args: argparse.Namespace, client: Client, out: Output) -> int:
         top=args.top,
         **options,
     )
+    gated = args.max_noise_rate is not None or args.min_label_accuracy is not None
+    if gated and outcome.summary is not None:
+        return _gate(args, outcome.summary, out)
     if out.json_mode:
         out.document({"job": outcome.job, "summary": outcome.summary, "top_suspects": outcome.top_suspects})
     return 0 if outcome.succeeded else EXIT_FAILED_JOB
+
+
+def _gate(args: argparse.Namespace, summary: DatasetSummary, out: Output) -> int:
+    """Print the gate's verdict (one JSON object with --json) and exit 0 or EXIT_GATE_FAILED."""
+    verdict = gate_verdict(
+        summary, max_noise_rate=args.max_noise_rate, min_label_accuracy=args.min_label_accuracy
+    )
+    if out.json_mode:
+        out.document({"job_id": summary.job_id, **dataclasses.asdict(verdict)})
+    else:
+        out.line(verdict.describe())
+    return 0 if verdict.passed else EXIT_GATE_FAILED
 
 
 def cmd_jobs(args: argparse.Namespace, client: Client, out: Output) -> int:
@@ -213,6 +232,13 @@ def cmd_health(args: argparse.Namespace, client: Client, out: Output) -> int:
     return 0 if serving else EXIT_CODES[grpc.StatusCode.UNAVAILABLE]
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="o2u",
@@ -242,6 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--config", dest="config_file", metavar="FILE", help="JSON object of ScoringConfig fields"
     )
+    score.add_argument(
+        "--max-noise-rate",
+        type=_fraction,
+        metavar="R",
+        help=f"gate: exit {EXIT_GATE_FAILED} if the noise rate is above R",
+    )
+    score.add_argument(
+        "--min-label-accuracy",
+        type=_fraction,
+        metavar="A",
+        help=f"gate: exit {EXIT_GATE_FAILED} if the label accuracy is below A",
+    )
     add_config_options(score)
 
     jobs = command("jobs", cmd_jobs, "list jobs, newest first")
@@ -264,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("summary", cmd_summary, "dataset health of a finished job").add_argument("job_id")
     command("cancel", cmd_cancel, "stop a queued or running job").add_argument("job_id")
     command("delete", cmd_delete, "delete a finished job and its results").add_argument("job_id")
-    export = command("export", cmd_export, "write a finished job's scores as JSONL or CSV")
+    export = command("export", cmd_export, "write a finished job's scores as JSONL, CSV or Parquet")
     export.add_argument("job_id")
     export.add_argument(
         "destination", help="a new s3://bucket/key.jsonl or file:///path.csv under a server export location"

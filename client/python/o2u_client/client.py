@@ -285,7 +285,7 @@ class Client:
     def export(
         self, job_id: str, destination_uri: str, format: str | None = None, *, only_suspected: bool = False
     ) -> ExportResult:
-        """Write the job's scores as JSONL or CSV (format inferred from the extension if None)."""
+        """Write the job's scores as JSONL, CSV or Parquet (format inferred from the extension if None)."""
         request = scoring_pb2.ExportNoiseScoresRequest(
             job_id=job_id,
             destination_uri=destination_uri,

@@ -16,6 +16,7 @@ __all__ = [
     "DatasetSummary",
     "ExportResult",
     "JobPage",
+    "LabelAccuracy",
     "NoiseScore",
     "ScorePage",
 ]
@@ -57,12 +58,29 @@ class NoiseScore:
 
 
 @dataclass(frozen=True)
+class LabelAccuracy:
+    """Expected label accuracy and its central interval at `level` (`method`: exact or normal)."""
+
+    mean: float
+    lower: float
+    upper: float
+    level: float
+    method: str
+    num_samples: int
+
+    @classmethod
+    def from_proto(cls, proto: scoring_pb2.LabelAccuracyEstimate) -> LabelAccuracy:
+        return cls(proto.mean, proto.lower, proto.upper, proto.level, proto.method, proto.num_samples)
+
+
+@dataclass(frozen=True)
 class ClassNoise:
     label: int
     name: str
     count: int
     suspected: int
     noise_rate: float
+    label_accuracy: LabelAccuracy | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +119,8 @@ class DatasetSummary:
     # The score mixture could not give the noise rate (its high group held most samples):
     # estimated_noise_rate is the share of labels the network disagreed with instead
     noise_rate_capped: bool = False
+    # Expected label accuracy with its 95% interval (None from servers that do not report it)
+    label_accuracy: LabelAccuracy | None = None
 
     @classmethod
     def from_proto(cls, proto: scoring_pb2.DatasetSummary) -> DatasetSummary:
@@ -117,7 +137,17 @@ class DatasetSummary:
             noise_rate_used=proto.noise_rate_used,
             num_suspected=proto.num_suspected,
             estimated_label_accuracy=proto.estimated_label_accuracy,
-            classes=[ClassNoise(c.label, c.name, c.count, c.suspected, c.noise_rate) for c in proto.classes],
+            classes=[
+                ClassNoise(
+                    c.label,
+                    c.name,
+                    c.count,
+                    c.suspected,
+                    c.noise_rate,
+                    LabelAccuracy.from_proto(c.label_accuracy) if c.HasField("label_accuracy") else None,
+                )
+                for c in proto.classes
+            ],
             transition_matrix=matrix,
             confused_pairs=[
                 ConfusedPair(p.given_label, p.suggested_label, p.count) for p in proto.confused_pairs
@@ -135,6 +165,9 @@ class DatasetSummary:
             run_info=RunInfo.from_proto(proto.run_info) if proto.HasField("run_info") else None,
             raw=proto,
             noise_rate_capped=proto.noise_rate_capped,
+            label_accuracy=(
+                LabelAccuracy.from_proto(proto.label_accuracy) if proto.HasField("label_accuracy") else None
+            ),
         )
 
 

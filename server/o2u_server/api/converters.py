@@ -22,6 +22,7 @@ from o2u_server.domain import (
     JobEvent,
     JobSpec,
     JobState,
+    LabelAccuracy,
     NoiseScoreRow,
     Progress,
     RunInfo,
@@ -264,7 +265,12 @@ def summary_message(summary: DatasetSummary) -> pb.DatasetSummary:
         estimated_label_accuracy=summary.estimated_label_accuracy,
         classes=[
             pb.ClassNoise(
-                label=c.label, name=c.name, count=c.count, suspected=c.suspected, noise_rate=c.noise_rate
+                label=c.label,
+                name=c.name,
+                count=c.count,
+                suspected=c.suspected,
+                noise_rate=c.noise_rate,
+                label_accuracy=_label_accuracy(c.label_accuracy),
             )
             for c in summary.classes
         ],
@@ -281,4 +287,18 @@ def summary_message(summary: DatasetSummary) -> pb.DatasetSummary:
         ),
         run_info=_run_info(summary.run_info),
         noise_rate_capped=summary.noise_rate_capped,
+        label_accuracy=_label_accuracy(summary.label_accuracy),
+    )
+
+
+def _label_accuracy(value: LabelAccuracy | None) -> pb.LabelAccuracyEstimate | None:
+    if value is None:
+        return None
+    return pb.LabelAccuracyEstimate(
+        mean=value.mean,
+        lower=value.lower,
+        upper=value.upper,
+        level=value.level,
+        method=value.method,
+        num_samples=value.num_samples,
     )

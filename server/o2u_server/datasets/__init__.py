@@ -1,16 +1,16 @@
 """Datasets named by URI, loaded into the arrays the engine scores, within the server's limits.
 
 `FORMATS` is the one table of dataset formats: per `DatasetFormat`, the URI endings that imply it,
-whether the URI names a folder (a key prefix) rather than one object, and its loader - one module per
-format (`npz`, `image_folder`, `csv_manifest`, `jsonl_manifest`). Nothing outside the table compares
-format names. Every limit is checked as early as the information exists: object sizes from the
-listing or stat before anything is downloaded (`max_dataset_bytes`), the sample count from the
-`.npz` header or the manifest/listing (`max_samples`), image dimensions from each header before
-decoding (`max_image_pixels`), the class count before any per-class list (`max_classes`), decoded
-sizes from headers before inflating or decoding (`max_decoded_bytes`). `load_dataset` then checks
-what every format returns (`dataset.check_loaded`) and records its content digest. Errors are the
-service's classes and name the URI (as the caller sent it), key, field or limit at fault. Exports
-of score rows (JSONL, CSV) are `datasets.exports`.
+whether the URI names a folder (a key prefix) rather than one object, and its loader - one module
+per format (`npz`, `image_folder`, `csv_manifest`, `jsonl_manifest`, `parquet`, `label_studio`).
+Nothing outside the table compares format names. Every limit is checked as early as the information
+exists: object sizes from the listing or stat before anything is downloaded (`max_dataset_bytes`),
+the sample count from the `.npz` header or the manifest/listing (`max_samples`), image dimensions
+from each header before decoding (`max_image_pixels`), the class count before any per-class list
+(`max_classes`), decoded sizes from headers before inflating or decoding (`max_decoded_bytes`).
+`load_dataset` then checks what every format returns (`dataset.check_loaded`) and records its
+content digest. Errors are the service's classes and name the URI (as the caller sent it), key,
+field or limit at fault. Exports of score rows (JSONL, CSV) are `datasets.exports`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from o2u_server.datasets.csv_manifest import load_csv_manifest
 from o2u_server.datasets.dataset import DatasetLimits, LoadedDataset, Loader, check_loaded, content_digest
 from o2u_server.datasets.image_folder import load_image_folder
 from o2u_server.datasets.jsonl_manifest import load_jsonl_manifest
+from o2u_server.datasets.label_studio import load_label_studio
 from o2u_server.datasets.npz import load_npz
+from o2u_server.datasets.parquet import load_parquet
 from o2u_server.domain import DatasetFormat
 from o2u_server.errors import NotFound
 from o2u_server.storage import Storage
@@ -52,6 +54,8 @@ FORMATS: dict[DatasetFormat, FormatSpec] = {
     DatasetFormat.IMAGE_FOLDER: FormatSpec((), prefix=True, load=load_image_folder),
     DatasetFormat.CSV_MANIFEST: FormatSpec((".csv",), prefix=False, load=load_csv_manifest),
     DatasetFormat.JSONL_MANIFEST: FormatSpec((".jsonl", ".ndjson"), prefix=False, load=load_jsonl_manifest),
+    DatasetFormat.PARQUET: FormatSpec((".parquet", ".pq"), prefix=False, load=load_parquet),
+    DatasetFormat.LABEL_STUDIO: FormatSpec((".json",), prefix=False, load=load_label_studio),
 }
 FOLDER_FORMAT = DatasetFormat.IMAGE_FOLDER  # what a URI with none of the suffixes names
 

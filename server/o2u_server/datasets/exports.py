@@ -1,5 +1,5 @@
-"""Writing score rows as JSON Lines or CSV to a new `s3://` object or `file://` file under one of
-the server's export locations (`export_uris`).
+"""Writing score rows as JSON Lines, CSV or Parquet (`parquet_export`) to a new `s3://` object or
+`file://` file under one of the server's export locations (`export_uris`).
 
 Rows are dictionaries of plain values (NumPy scalars are accepted). JSONL writes one compact JSON
 object per row; CSV writes a header of the first row's keys (or the given columns) and one line per
@@ -17,7 +17,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from o2u_server.domain import ExportFormat
+from o2u_server.datasets.label_studio_export import label_studio_tasks, original_data
+from o2u_server.datasets.parquet_export import parquet_export
+from o2u_server.domain import DatasetFormat, ExportFormat, Job
 from o2u_server.errors import InvalidArgument
 from o2u_server.storage import Storage
 from o2u_server.text import shown
@@ -40,8 +42,21 @@ EXPORT_COLUMNS = (
     "suggested_label_confidence",
 )
 
-_SUFFIXES = {ExportFormat.JSONL: (".jsonl", ".ndjson"), ExportFormat.CSV: (".csv",)}
-_CONTENT_TYPES = {ExportFormat.JSONL: "application/x-ndjson", ExportFormat.CSV: "text/csv; charset=utf-8"}
+# A Label Studio dataset read again for its tasks' original data is at most this large.
+MAX_ORIGINALS_BYTES = 512 * 1024 * 1024
+
+_SUFFIXES = {
+    ExportFormat.JSONL: (".jsonl", ".ndjson"),
+    ExportFormat.CSV: (".csv",),
+    ExportFormat.PARQUET: (".parquet", ".pq"),
+    ExportFormat.LABEL_STUDIO: (".json",),
+}
+_CONTENT_TYPES = {
+    ExportFormat.JSONL: "application/x-ndjson",
+    ExportFormat.CSV: "text/csv; charset=utf-8",
+    ExportFormat.PARQUET: "application/vnd.apache.parquet",
+    ExportFormat.LABEL_STUDIO: "application/json",
+}
 
 
 def infer_export_format(uri: str, *, field: str = "format") -> ExportFormat:
@@ -51,8 +66,8 @@ def infer_export_format(uri: str, *, field: str = "format") -> ExportFormat:
         if lowered.endswith(suffixes):
             return export_format
     raise InvalidArgument(
-        f"cannot tell the export format from {shown(uri)!r}: set {field} or end the destination in .jsonl "
-        "or .csv",
+        f"cannot tell the export format from {shown(uri)!r}: set {field} or end the destination in .jsonl, "
+        ".csv, .parquet or .json (Label Studio tasks)",
         reason="INVALID_FORMAT",
         field=field,
     )
@@ -104,6 +119,22 @@ def _csv(rows: Iterable[dict[str, object]], buffer: io.StringIO, columns: Sequen
 _WRITERS = {ExportFormat.JSONL: _jsonl, ExportFormat.CSV: _csv}
 
 
+def _originals(job: Job, storage: Storage) -> dict[str, dict[str, object]] | None:
+    """A Label Studio dataset's tasks' data by id, read again from the dataset (None for others)."""
+    dataset_format = job.spec.dataset_format
+    if dataset_format is None:
+        from o2u_server.datasets import infer_format  # the package imports this module
+
+        dataset_format = infer_format(job.spec.dataset_uri)
+    if dataset_format is not DatasetFormat.LABEL_STUDIO:
+        return None
+    raw = storage.read_bytes(job.spec.dataset_uri, max_bytes=MAX_ORIGINALS_BYTES)
+    try:
+        return original_data(raw)
+    except (ValueError, RecursionError):
+        return None  # the dataset changed since it was scored; tasks keep only o2u's fields
+
+
 def write_export(
     rows: Iterable[dict[str, object]],
     uri: str,
@@ -112,11 +143,19 @@ def write_export(
     *,
     field: str = "destination_uri",
     columns: Sequence[str] | None = None,
+    job: Job | None = None,
 ) -> tuple[int, int]:
     """Write `rows` to `uri` as `export_format`; returns (rows written, bytes written)."""
     storage.parse_export(uri, field=field)  # refuse a bad destination before building the file
-    buffer = io.StringIO()
-    count = _WRITERS[export_format](rows, buffer, columns)
-    data = buffer.getvalue().encode("utf-8")
+    if export_format == ExportFormat.LABEL_STUDIO:
+        if job is None:
+            raise ValueError("a Label Studio export needs the job")
+        count, data = label_studio_tasks(rows, job.job_id, job.spec, _originals(job, storage))
+    elif export_format == ExportFormat.PARQUET:
+        count, data = parquet_export(rows, columns or EXPORT_COLUMNS)
+    else:
+        buffer = io.StringIO()
+        count = _WRITERS[export_format](rows, buffer, columns)
+        data = buffer.getvalue().encode("utf-8")
     written = storage.create_export(uri, data, field=field, content_type=_CONTENT_TYPES[export_format])
     return count, written

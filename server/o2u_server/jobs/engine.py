@@ -38,6 +38,7 @@ from o2u_engine import (
     O2UConfig,
     ResolvedConfig,
 )
+from o2u_engine.accuracy import AccuracyEstimate, label_accuracy, per_class_label_accuracy
 from o2u_engine.config import validate_config
 from o2u_engine.launch import WorkerFailed, score_noise_workers
 from o2u_engine.validate import MIN_SAMPLES
@@ -47,6 +48,7 @@ from o2u_server.domain import (
     CleanRetrainingInfo,
     ConfusedPair,
     DatasetSummary,
+    LabelAccuracy,
     Progress,
     RunInfo,
     ScoreTuple,
@@ -344,7 +346,7 @@ def _summary(
             accuracy_with_removal=float(result.accuracy_with_removal),
             removed=int(result.removed),
         )
-    return DatasetSummary(
+    summary = DatasetSummary(
         job_id=job_id,
         num_samples=len(report.labels),
         num_classes=report.num_classes,
@@ -359,3 +361,30 @@ def _summary(
         run_info=info,
         noise_rate_capped=bool(report.noise_rate_capped),
     )
+    return with_label_accuracy(summary, report)
+
+
+# The label-accuracy estimates of a summary, overall and per class: a Poisson-binomial count of wrong
+# labels from the per-sample noise probabilities (o2u_engine.accuracy: exact up to 4096 samples, else
+# the normal approximation; a 95% central interval). Acceptance gates in the clients read these.
+def _label_accuracy(estimate: AccuracyEstimate) -> LabelAccuracy:
+    return LabelAccuracy(
+        mean=estimate.mean,
+        lower=estimate.lower,
+        upper=estimate.upper,
+        level=estimate.level,
+        method=estimate.method,
+        num_samples=estimate.num_samples,
+    )
+
+
+def with_label_accuracy(summary: DatasetSummary, report: o2u_engine.NoiseReport) -> DatasetSummary:
+    per_class = per_class_label_accuracy(report.noise_probability, report.labels, report.num_classes)
+    classes = [
+        dataclasses.replace(c, label_accuracy=_label_accuracy(per_class[c.label]))
+        if c.label < len(per_class)
+        else c
+        for c in summary.classes
+    ]
+    overall = _label_accuracy(label_accuracy(report.noise_probability))
+    return dataclasses.replace(summary, classes=classes, label_accuracy=overall)

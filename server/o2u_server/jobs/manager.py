@@ -293,16 +293,18 @@ class JobManager:
         self._storage.parse_export(destination_uri, field="destination_uri")
         if export_format is None:
             export_format = infer_export_format(destination_uri)
-        await self._succeeded(job_id)
+        job = await self._succeeded(job_id)
         return await self._blocking(
-            self._export, job_id, destination_uri, export_format, ScoreFilter(only_suspected=only_suspected)
+            self._export, job, destination_uri, export_format, ScoreFilter(only_suspected=only_suspected)
         )
 
     def _export(
-        self, job_id: str, destination_uri: str, export_format: ExportFormat, score_filter: ScoreFilter
+        self, job: Job, destination_uri: str, export_format: ExportFormat, score_filter: ScoreFilter
     ) -> tuple[int, int]:
         rows: Iterator[dict[str, object]] = (
             {column: getattr(row, column) for column in EXPORT_COLUMNS}
-            for row in self._store.results.iterate(job_id, score_filter)
+            for row in self._store.results.iterate(job.job_id, score_filter)
         )
-        return write_export(rows, destination_uri, export_format, self._storage, columns=EXPORT_COLUMNS)
+        return write_export(
+            rows, destination_uri, export_format, self._storage, columns=EXPORT_COLUMNS, job=job
+        )

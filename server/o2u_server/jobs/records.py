@@ -24,6 +24,7 @@ from o2u_server.domain import (
     JobEvent,
     JobSpec,
     JobState,
+    LabelAccuracy,
     Progress,
     RunInfo,
     Stage,
@@ -68,9 +69,16 @@ def decode_run_info(text: str | None) -> RunInfo | None:
     return None if text is None else _run_info(json.loads(text))
 
 
+def _with_accuracy(data: dict[str, Any]) -> dict[str, Any]:
+    if data.get("label_accuracy") is not None:
+        data["label_accuracy"] = LabelAccuracy(**data["label_accuracy"])
+    return data
+
+
 def decode_summary(text: str) -> DatasetSummary:
     data = json.loads(text)
-    data["classes"] = [ClassNoise(**item) for item in data["classes"]]
+    data["classes"] = [ClassNoise(**_with_accuracy(item)) for item in data["classes"]]
+    _with_accuracy(data)
     data["confused_pairs"] = [ConfusedPair(**item) for item in data["confused_pairs"]]
     data["clean_retraining"] = CleanRetrainingInfo(**data["clean_retraining"])
     data["run_info"] = _run_info(data["run_info"])

@@ -83,8 +83,9 @@ def test_destination_implies_the_format() -> None:
     assert infer_export_format("s3://b/run/scores.JSONL") is ExportFormat.JSONL
     assert infer_export_format("file:///r/scores.ndjson") is ExportFormat.JSONL
     assert infer_export_format("file:///r/scores.csv") is ExportFormat.CSV
+    assert infer_export_format("file:///r/scores.parquet") is ExportFormat.PARQUET
     with pytest.raises(InvalidArgument) as caught:
-        infer_export_format("file:///r/scores.parquet")
+        infer_export_format("file:///r/scores.xlsx")
     assert (caught.value.reason, caught.value.field) == ("INVALID_FORMAT", "format")
 
 

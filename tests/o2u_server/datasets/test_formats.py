@@ -38,9 +38,16 @@ def test_every_format_has_a_row_a_proto_value_and_a_client_name() -> None:
     proto_names = [value.name for value in pb.DatasetFormat.DESCRIPTOR.values if value.number]
     assert proto_names == [f"DATASET_FORMAT_{kind.name}" for kind in DatasetFormat]
     assert tuple(kind.value for kind in DatasetFormat) == client_converters.DATASET_FORMATS
-    assert _choices("score") == ["npz", "image_folder", "csv_manifest", "jsonl_manifest"]
+    assert _choices("score") == [
+        "npz",
+        "image_folder",
+        "csv_manifest",
+        "jsonl_manifest",
+        "parquet",
+        "label_studio",
+    ]
     assert tuple(kind.value for kind in ExportFormat) == client_converters.EXPORT_FORMATS
-    assert _choices("export") == ["jsonl", "csv"]
+    assert _choices("export") == ["jsonl", "csv", "parquet", "label_studio"]
 
 
 @pytest.mark.parametrize("kind", list(DatasetFormat))

@@ -40,6 +40,7 @@ type config struct {
 	batchSize                                          int
 	noiseRate                                          float64
 	classAware                                         bool
+	maxNoiseRate, minLabelAccuracy                     float64
 	set                                                map[string]bool
 }
 
@@ -73,6 +74,8 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.IntVar(&c.batchSize, "batch-size", 0, "batch size of stages 1 and 2")
 	fs.Float64Var(&c.noiseRate, "noise-rate", 0, "known fraction of wrong labels (default: estimated)")
 	fs.BoolVar(&c.classAware, "class-aware", false, "normalize losses within each class")
+	fs.Float64Var(&c.maxNoiseRate, "max-noise-rate", -1, "gate: exit 20 if the estimated noise rate is above this")
+	fs.Float64Var(&c.minLabelAccuracy, "min-label-accuracy", -1, "gate: exit 20 if the estimated label accuracy is below this")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -219,6 +222,35 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fmt.Fprintf(stdout, "job %s succeeded in %.1fs\n", jobID, time.Since(start).Seconds())
 	if err := printResults(ctx, client, c, jobID, stdout); err != nil {
 		return report(stderr, err)
+	}
+	return gate(ctx, client, c, jobID, stdout, stderr)
+}
+
+// gate prints the verdict when -max-noise-rate or -min-label-accuracy is set and returns 20
+// (o2u.ExitGateFailed) when the batch fails it.
+func gate(ctx context.Context, client *o2u.Client, c *config, jobID string, stdout, stderr io.Writer) int {
+	thresholds := o2u.GateThresholds{}
+	if c.set["max-noise-rate"] {
+		thresholds.MaxNoiseRate = &c.maxNoiseRate
+	}
+	if c.set["min-label-accuracy"] {
+		thresholds.MinLabelAccuracy = &c.minLabelAccuracy
+	}
+	if thresholds.MaxNoiseRate == nil && thresholds.MinLabelAccuracy == nil {
+		return 0
+	}
+	summary, err := client.Summary(ctx, jobID)
+	if err != nil {
+		return report(stderr, err)
+	}
+	verdict, err := o2u.Gate(summary, thresholds)
+	if err != nil {
+		fmt.Fprintln(stderr, "o2u-example:", err)
+		return 2
+	}
+	fmt.Fprintln(stdout, verdict)
+	if !verdict.Passed {
+		return o2u.ExitGateFailed
 	}
 	return 0
 }

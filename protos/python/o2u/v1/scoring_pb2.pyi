@@ -101,7 +101,7 @@ class _DatasetFormat:
 class _DatasetFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DatasetFormat.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     DATASET_FORMAT_UNSPECIFIED: _DatasetFormat.ValueType  # 0
-    """Inferred from the URI: `.npz` file, `.csv`/`.jsonl` manifest, else an image folder."""
+    """Inferred from the URI: `.npz` file, `.csv`/`.jsonl` manifest, `.parquet`, else an image folder."""
     DATASET_FORMAT_NPZ: _DatasetFormat.ValueType  # 1
     """NumPy archive with `x` (images N,H,W[,C] or features N,D), `y` (labels) and optional `ids`."""
     DATASET_FORMAT_IMAGE_FOLDER: _DatasetFormat.ValueType  # 2
@@ -110,12 +110,18 @@ class _DatasetFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dataset
     """A CSV file with a `key,label` header; keys are relative to the manifest."""
     DATASET_FORMAT_JSONL_MANIFEST: _DatasetFormat.ValueType  # 4
     """A JSON Lines file of {"key": ..., "label": ...}; keys are relative to the manifest."""
+    DATASET_FORMAT_PARQUET: _DatasetFormat.ValueType  # 5
+    """A Parquet file with `label`, `features` (a list of floats per row) and optional `key` columns."""
+    DATASET_FORMAT_LABEL_STUDIO: _DatasetFormat.ValueType  # 6
+    """A Label Studio JSON export: tasks whose `data.image` is under the export's folder, labelled by
+    the latest annotation that is not cancelled; keys are the task ids.
+    """
 
 class DatasetFormat(_DatasetFormat, metaclass=_DatasetFormatEnumTypeWrapper):
     """DatasetFormat says how to read the object(s) behind a dataset URI."""
 
 DATASET_FORMAT_UNSPECIFIED: DatasetFormat.ValueType  # 0
-"""Inferred from the URI: `.npz` file, `.csv`/`.jsonl` manifest, else an image folder."""
+"""Inferred from the URI: `.npz` file, `.csv`/`.jsonl` manifest, `.parquet`, else an image folder."""
 DATASET_FORMAT_NPZ: DatasetFormat.ValueType  # 1
 """NumPy archive with `x` (images N,H,W[,C] or features N,D), `y` (labels) and optional `ids`."""
 DATASET_FORMAT_IMAGE_FOLDER: DatasetFormat.ValueType  # 2
@@ -124,6 +130,12 @@ DATASET_FORMAT_CSV_MANIFEST: DatasetFormat.ValueType  # 3
 """A CSV file with a `key,label` header; keys are relative to the manifest."""
 DATASET_FORMAT_JSONL_MANIFEST: DatasetFormat.ValueType  # 4
 """A JSON Lines file of {"key": ..., "label": ...}; keys are relative to the manifest."""
+DATASET_FORMAT_PARQUET: DatasetFormat.ValueType  # 5
+"""A Parquet file with `label`, `features` (a list of floats per row) and optional `key` columns."""
+DATASET_FORMAT_LABEL_STUDIO: DatasetFormat.ValueType  # 6
+"""A Label Studio JSON export: tasks whose `data.image` is under the export's folder, labelled by
+the latest annotation that is not cancelled; keys are the task ids.
+"""
 Global___DatasetFormat: _TypeAlias = DatasetFormat  # noqa: Y015
 
 class _ExportFormat:
@@ -133,17 +145,29 @@ class _ExportFormat:
 class _ExportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportFormat.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     EXPORT_FORMAT_UNSPECIFIED: _ExportFormat.ValueType  # 0
-    """Inferred from the destination's extension (`.csv` or `.jsonl`)."""
+    """Inferred from the destination's extension (`.csv`, `.jsonl`, `.parquet`, or `.json` for Label Studio)."""
     EXPORT_FORMAT_JSONL: _ExportFormat.ValueType  # 1
     EXPORT_FORMAT_CSV: _ExportFormat.ValueType  # 2
+    EXPORT_FORMAT_PARQUET: _ExportFormat.ValueType  # 3
+    """One row per score, the JSONL fields as typed columns."""
+    EXPORT_FORMAT_LABEL_STUDIO: _ExportFormat.ValueType  # 4
+    """A JSON array of Label Studio review tasks, one per suspect, with the given label as an
+    annotation and the suggested one as a prediction (`model_version` = the job id).
+    """
 
 class ExportFormat(_ExportFormat, metaclass=_ExportFormatEnumTypeWrapper):
     """ExportFormat is the file format of exported scores."""
 
 EXPORT_FORMAT_UNSPECIFIED: ExportFormat.ValueType  # 0
-"""Inferred from the destination's extension (`.csv` or `.jsonl`)."""
+"""Inferred from the destination's extension (`.csv`, `.jsonl`, `.parquet`, or `.json` for Label Studio)."""
 EXPORT_FORMAT_JSONL: ExportFormat.ValueType  # 1
 EXPORT_FORMAT_CSV: ExportFormat.ValueType  # 2
+EXPORT_FORMAT_PARQUET: ExportFormat.ValueType  # 3
+"""One row per score, the JSONL fields as typed columns."""
+EXPORT_FORMAT_LABEL_STUDIO: ExportFormat.ValueType  # 4
+"""A JSON array of Label Studio review tasks, one per suspect, with the given label as an
+annotation and the suggested one as a prediction (`model_version` = the job id).
+"""
 Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
 
 class _JobEventType:
@@ -754,6 +778,7 @@ class ClassNoise(_message.Message):
     COUNT_FIELD_NUMBER: _builtins.int
     SUSPECTED_FIELD_NUMBER: _builtins.int
     NOISE_RATE_FIELD_NUMBER: _builtins.int
+    LABEL_ACCURACY_FIELD_NUMBER: _builtins.int
     label: _builtins.int
     name: _builtins.str
     count: _builtins.int
@@ -762,6 +787,10 @@ class ClassNoise(_message.Message):
     """Samples given this label that are suspected."""
     noise_rate: _builtins.float
     """suspected / count."""
+    @_builtins.property
+    def label_accuracy(self) -> Global___LabelAccuracyEstimate:
+        """Expected label accuracy of this class's samples, with its interval."""
+
     def __init__(
         self,
         *,
@@ -770,14 +799,56 @@ class ClassNoise(_message.Message):
         count: _builtins.int = ...,
         suspected: _builtins.int = ...,
         noise_rate: _builtins.float = ...,
+        label_accuracy: Global___LabelAccuracyEstimate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["label_accuracy", b"label_accuracy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "label", b"label", "name", b"name", "noise_rate", b"noise_rate", "suspected", b"suspected"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "label", b"label", "label_accuracy", b"label_accuracy", "name", b"name", "noise_rate", b"noise_rate", "suspected", b"suspected"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClassNoise: _TypeAlias = ClassNoise  # noqa: Y015
+
+@_typing.final
+class LabelAccuracyEstimate(_message.Message):
+    """LabelAccuracyEstimate is the expected share of correct labels with a central interval, from
+    the per-sample noise probabilities taken as independent Bernoullis (a Poisson-binomial count of
+    wrong labels): exact by dynamic programming up to 4096 samples, else the normal approximation.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEAN_FIELD_NUMBER: _builtins.int
+    LOWER_FIELD_NUMBER: _builtins.int
+    UPPER_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    NUM_SAMPLES_FIELD_NUMBER: _builtins.int
+    mean: _builtins.float
+    lower: _builtins.float
+    upper: _builtins.float
+    level: _builtins.float
+    """Confidence level of [lower, upper], 0.95."""
+    method: _builtins.str
+    """`exact` or `normal`."""
+    num_samples: _builtins.int
+    def __init__(
+        self,
+        *,
+        mean: _builtins.float = ...,
+        lower: _builtins.float = ...,
+        upper: _builtins.float = ...,
+        level: _builtins.float = ...,
+        method: _builtins.str = ...,
+        num_samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "lower", b"lower", "mean", b"mean", "method", b"method", "num_samples", b"num_samples", "upper", b"upper"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelAccuracyEstimate: _TypeAlias = LabelAccuracyEstimate  # noqa: Y015
 
 @_typing.final
 class ConfusedPair(_message.Message):
@@ -856,6 +927,7 @@ class DatasetSummary(_message.Message):
     CLEAN_RETRAINING_FIELD_NUMBER: _builtins.int
     RUN_INFO_FIELD_NUMBER: _builtins.int
     NOISE_RATE_CAPPED_FIELD_NUMBER: _builtins.int
+    LABEL_ACCURACY_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     num_samples: _builtins.int
     num_classes: _builtins.int
@@ -890,6 +962,10 @@ class DatasetSummary(_message.Message):
     def clean_retraining(self) -> Global___CleanRetraining: ...
     @_builtins.property
     def run_info(self) -> Global___RunInfo: ...
+    @_builtins.property
+    def label_accuracy(self) -> Global___LabelAccuracyEstimate:
+        """Expected label accuracy of the whole batch, with its interval (what acceptance gates read)."""
+
     def __init__(
         self,
         *,
@@ -907,10 +983,11 @@ class DatasetSummary(_message.Message):
         clean_retraining: Global___CleanRetraining | None = ...,
         run_info: Global___RunInfo | None = ...,
         noise_rate_capped: _builtins.bool = ...,
+        label_accuracy: Global___LabelAccuracyEstimate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["clean_retraining", b"clean_retraining", "run_info", b"run_info"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clean_retraining", b"clean_retraining", "label_accuracy", b"label_accuracy", "run_info", b"run_info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "classes", b"classes", "clean_retraining", b"clean_retraining", "confused_pairs", b"confused_pairs", "estimated_label_accuracy", b"estimated_label_accuracy", "estimated_noise_rate", b"estimated_noise_rate", "job_id", b"job_id", "noise_rate_capped", b"noise_rate_capped", "noise_rate_used", b"noise_rate_used", "num_classes", b"num_classes", "num_samples", b"num_samples", "num_suspected", b"num_suspected", "run_info", b"run_info", "transition_matrix", b"transition_matrix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "classes", b"classes", "clean_retraining", b"clean_retraining", "confused_pairs", b"confused_pairs", "estimated_label_accuracy", b"estimated_label_accuracy", "estimated_noise_rate", b"estimated_noise_rate", "job_id", b"job_id", "label_accuracy", b"label_accuracy", "noise_rate_capped", b"noise_rate_capped", "noise_rate_used", b"noise_rate_used", "num_classes", b"num_classes", "num_samples", b"num_samples", "num_suspected", b"num_suspected", "run_info", b"run_info", "transition_matrix", b"transition_matrix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,93 @@
+"""Suspects as Label Studio review tasks with pre-annotations (Label Studio's JSON task import).
+
+One task per suspected sample, most suspicious first: `data` holds the original data (`image`: the
+sample's object or file, when the dataset lists files: a folder's or manifest's key resolved
+against the dataset's URI; the `o2u_*` fields: key, sample id, rank, noise score and probability),
+for a Label Studio dataset, the task's own `data` as exported (keys are task ids);
+`annotations` the given label as a `choices` result to check, and `predictions` one entry with the
+suggested label (`result`), our confidence in it (`score`: the share of cyclic epochs that
+predicted it) and `model_version` = the job id. The result names `from_name` `label` and
+`to_name` `image`, the names of the labeling config `docs/pipelines.md` gives. Non-suspected rows
+are left out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+
+from o2u_server.domain import DatasetFormat, JobSpec
+
+__all__ = ["FROM_NAME", "TO_NAME", "label_studio_tasks", "original_data"]
+
+FROM_NAME = "label"
+TO_NAME = "image"
+_FOLDER_FORMATS = (DatasetFormat.IMAGE_FOLDER,)
+_MANIFEST_FORMATS = (DatasetFormat.CSV_MANIFEST, DatasetFormat.JSONL_MANIFEST)
+
+
+def _image_uri(spec: JobSpec, key: str) -> str | None:
+    from o2u_server.datasets import infer_format  # the format table imports the exports
+
+    dataset_format = spec.dataset_format or infer_format(spec.dataset_uri)
+    if "://" in key:
+        return key
+    if dataset_format in _FOLDER_FORMATS:
+        return spec.dataset_uri.rstrip("/") + "/" + key
+    if dataset_format in _MANIFEST_FORMATS:
+        return spec.dataset_uri.rsplit("/", 1)[0] + "/" + key
+    return None
+
+
+def _choices(label: object) -> list[dict[str, object]]:
+    return [
+        {"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices", "value": {"choices": [str(label)]}}
+    ]
+
+
+def _task(
+    row: dict[str, object], job_id: str, spec: JobSpec, originals: Mapping[str, dict[str, object]]
+) -> dict[str, object]:
+    key = str(row["key"])
+    data: dict[str, object] = {
+        **originals.get(key, {}),
+        "o2u_key": key,
+        "o2u_sample_id": row["sample_id"],
+        "o2u_rank": row["rank"],
+        "o2u_noise_score": row["score"],
+        "o2u_noise_probability": row["noise_probability"],
+    }
+    image = None if key in originals else _image_uri(spec, key)
+    if image is not None:
+        data[TO_NAME] = image
+    confidence = float(str(row["suggested_label_confidence"]))
+    return {
+        "data": data,
+        "annotations": [{"result": _choices(row["given_label_name"]), "ground_truth": False}],
+        "predictions": [
+            {"model_version": job_id, "score": confidence, "result": _choices(row["suggested_label_name"])}
+        ],
+    }
+
+
+def original_data(raw: bytes) -> dict[str, dict[str, object]]:
+    """The `data` of each task of a Label Studio export, by task id (a dataset's keys)."""
+    tasks = json.loads(raw)
+    return {
+        str(t.get("id", index)): dict(t["data"])
+        for index, t in enumerate(tasks, start=1)
+        if isinstance(t, dict) and isinstance(t.get("data"), dict)
+    }
+
+
+def label_studio_tasks(
+    rows: Iterable[dict[str, object]],
+    job_id: str,
+    spec: JobSpec,
+    originals: Mapping[str, dict[str, object]] | None = None,
+) -> tuple[int, bytes]:
+    """(tasks written, the JSON array's bytes) of the suspected `rows`, by rank; `originals` (a
+    Label Studio dataset's tasks' data by id) gives each task its original data."""
+    suspects = sorted((row for row in rows if row.get("suspected")), key=lambda row: int(str(row["rank"])))
+    tasks = [_task(row, job_id, spec, originals or {}) for row in suspects]
+    return len(tasks), json.dumps(tasks, indent=None, separators=(",", ":")).encode("utf-8")
