@@ -39,7 +39,11 @@ SMALL_CNN_RATES = (0.2, 0.2, 0.02)
 SMALL_CNN_PRETRAIN_EPOCHS = 16
 SMALL_CNN_SMALL_IMAGE_PRETRAIN_EPOCHS = 8
 SMALL_CNN_SMALL_IMAGE = 16  # pixels; model inputs below this side are small images
-DEFAULT_IMAGE_AUGMENTATION = "none"  # class-preserving by construction
+# Default augmentations, both class-preserving (never a flip): none from 16 px (CIFAR-10N, 1,500
+# images: AUROC 0.799 none, 0.772 crop), a crop for smaller inputs, which stage 1 fits and
+# memorizes sooner (8x8 digits, four noise settings: mean AUROC 0.879 none, 0.933 crop)
+DEFAULT_IMAGE_AUGMENTATION = "none"
+DEFAULT_SMALL_IMAGE_AUGMENTATION = "crop"
 RESIDENT_MEMORY_FRACTION = 0.5  # of free device (or host) memory the resident tensor may take
 
 
@@ -58,9 +62,10 @@ def resolve_config(
       (`small_cnn` below 28 px, which cnn9 cannot take), else `resnet18`.
     - image_size: the longer image side, capped at 32 px on CPU (so a 3,000-image CPU job trains
       in under two minutes on two cores) and 64 px on CUDA; at least 8 px, and 32 px for cnn9.
-    - augment: `none` for images and features. The reference trains with crop + flip, but a flip
-      can change a class (text, digits, symbols) and on real label noise (CIFAR-10N) no
-      augmentation ranked best, then crop, then crop + flip. True means `crop`, False `none`.
+    - augment: `none` for features and images from 16 px, `crop` for smaller images. The
+      reference trains with crop + flip, but a flip can change a class (text, digits, symbols)
+      and on real label noise (CIFAR-10N) none ranked best, then crop, then crop + flip; small
+      images (8x8 digits) gain from a crop. `crop_flip` only when asked; True means `crop`.
     - batch sizes: B1 = clamp(N // 16, 16, 128 for images or 512 for features), so even small
       datasets get at least 16 steps per epoch; B2 = B1 // 2 (O2U uses a smaller stage-2 batch).
     - learning rates: small_cnn 0.2 in stage 1, r1 = 0.2, r2 = 0.02 (a CIFAR-10N sweep); the
@@ -88,7 +93,7 @@ def resolve_config(
 
     model = _auto_model(config, layout, torch_device)
     image_size = _auto_image_size(config, layout, model, torch_device)
-    augment = _auto_augment(config, layout)
+    augment = _auto_augment(config, layout, image_size)
     pretrain_batch, cyclic_batch = _auto_batch_sizes(config, layout, num_samples)
     cycle_length, num_cycles = _auto_cycles(config, num_samples)
     sample_bytes = _stored_sample_bytes(layout, image_size)
@@ -154,10 +159,13 @@ def _auto_image_size(config: O2UConfig, layout: SampleLayout, model: str, device
     return image_size
 
 
-def _auto_augment(config: O2UConfig, layout: SampleLayout) -> str:
+def _auto_augment(config: O2UConfig, layout: SampleLayout, image_size: int) -> str:
     """The augmentation as one of AUGMENTATIONS; the legacy True is a crop, never a flip."""
     if config.augment is None:
-        return DEFAULT_IMAGE_AUGMENTATION if layout.is_images else "none"
+        if not layout.is_images:
+            return "none"
+        small = image_size < SMALL_CNN_SMALL_IMAGE
+        return DEFAULT_SMALL_IMAGE_AUGMENTATION if small else DEFAULT_IMAGE_AUGMENTATION
     augment = config.augment
     if isinstance(augment, bool):
         augment = "crop" if augment else "none"
