@@ -12,7 +12,7 @@ AUROC, AP, precision@k (k = true number of wrong labels), recall in the top 1% a
 method's own suspected set (no oracle rate), estimated vs true noise rate, wall time.
 
 Usage: `python bench/real_noise.py [--quick] [--subsample N] [--device cuda] [--data PATH]`;
-`--quick` scores only the aggregate label set on a stratified 3,000-image subsample and skips the
+`--quick` scores only the aggregate label set on a stratified 1,500-image subsample and skips the
 extra o2u_loss training. The last line
 is `summary:` over the CIFAR-10N sets.
 """
@@ -52,7 +52,7 @@ DATA_CANDIDATES = (
 DEFAULT_DATA = next((path for path in DATA_CANDIDATES if path.is_file()), DATA_CANDIDATES[0])
 LABEL_SETS = ("aggregate", "random1", "worst")
 DIGIT_SETTINGS = (NoiseSetting("symmetric", 0.2), NoiseSetting("pair", 0.3))
-QUICK_SUBSAMPLE = 3000
+QUICK_SUBSAMPLE = 1500
 NUM_CLASSES = 10
 HEADER = ["set", "method", "AUROC", "AP", "P@k", "R@1%", "R@5%", "F1", "est. rate", "true rate", "time s"]
 
@@ -156,7 +156,7 @@ def stratified_subsample(labels: np.ndarray, size: int, seed: int = 0) -> np.nda
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="aggregate labels only, 3,000-image subsample")
+    parser.add_argument("--quick", action="store_true", help="aggregate labels only, 1,500-image subsample")
     parser.add_argument("--subsample", type=int, default=0, help="images of CIFAR-10N to use (0: all)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the cifar10n_10k.npz file")
