@@ -41,7 +41,6 @@ from o2u_engine import (
 from o2u_engine.config import validate_config
 from o2u_engine.validate import MIN_SAMPLES
 from o2u_server.datasets import LoadedDataset
-from o2u_server.jobs.config_enums import engine_fields
 from o2u_server.domain import (
     ClassNoise,
     CleanRetrainingInfo,
@@ -53,6 +52,7 @@ from o2u_server.domain import (
     Stage,
 )
 from o2u_server.errors import Internal, InvalidArgument, ResourceExhausted, ServiceError
+from o2u_server.jobs.config_enums import engine_fields
 from o2u_server.text import shown
 
 __all__ = [
