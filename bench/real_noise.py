@@ -124,26 +124,34 @@ def run_set(
         f"{o2u_engine.rank.estimate_noise(report.noise_scores)[1]:.3f}), true {wrong.mean():.3f}",
         flush=True,
     )
+    show(rows[-1])
     if paper_score:
         with stopwatch() as paper_seconds:
             paper = o2u_engine.score_noise(
                 images, labels, config=O2UConfig(score="o2u_loss"), num_classes=NUM_CLASSES, device=device
             )
         rows.append(row(name, "o2u (o2u_loss)", paper.noise_scores, wrong, paper.suspected, paper_seconds[0]))
+        show(rows[-1])
     baselines = BaselineTrainer(images, labels, NUM_CLASSES, report.config, device=device)
     cleanlab = baselines.cleanlab(folds=5)
     rows.append(row(name, "cleanlab", cleanlab.suspicion, wrong, cleanlab.suspected, cleanlab.seconds))
+    show(rows[-1])
     plain = baselines.plain_run()
     rows.append(row(name, "small-loss", plain.stage1_losses, wrong, None, plain.stage1_seconds))
     rows.append(row(name, "aum", -plain.mean_margins, wrong, None, plain.seconds))
-    for r in rows:
-        d = r.detection
-        print(
-            f"    {r.method:15} auroc {d.auroc:.3f} ap {d.average_precision:.3f} "
-            f"p@k {d.precision_at_k:.3f} f1 {d.f1:.3f} est {d.estimated_noise_rate:.3f} {r.seconds:7.1f} s",
-            flush=True,
-        )
+    show(rows[-2])
+    show(rows[-1])
     return rows
+
+
+def show(r: Row) -> None:
+    """One method's figures, as soon as they are known."""
+    d = r.detection
+    print(
+        f"    {r.method:15} auroc {d.auroc:.3f} ap {d.average_precision:.3f} "
+        f"p@k {d.precision_at_k:.3f} f1 {d.f1:.3f} est {d.estimated_noise_rate:.3f} {r.seconds:7.1f} s",
+        flush=True,
+    )
 
 
 def stratified_subsample(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
