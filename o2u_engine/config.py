@@ -27,6 +27,7 @@ AUGMENTATIONS = ("none", "crop", "crop_flip")
 # The per-sample noise score: the paper's mean normalized cyclic-stage loss, or the mean margin
 # over the cyclic epochs (AUM: given-label logit minus the largest other logit), negated.
 NOISE_SCORES = ("o2u_loss", "aum")
+SCORE_CHOICES = ("auto", *NOISE_SCORES)  # auto: aum for images, o2u_loss for feature vectors
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 MIN_IMAGE_SIZE = 8  # pixels
@@ -51,7 +52,7 @@ class O2UConfig:
     # none | crop | crop_flip; None: auto (images `none`, features `none`). The legacy booleans
     # mean True -> "crop" (never a flip), False -> "none".
     augment: str | bool | None = None
-    score: str = "aum"  # aum | o2u_loss (the paper's mean normalized loss)
+    score: str = "auto"  # auto | aum | o2u_loss (the paper's); auto: images aum, features o2u_loss
     noise_rate: float | None = None  # known fraction of wrong labels in [0, 1); None/0: estimate
     class_aware_normalization: bool = False  # subtract per-class (not global) epoch mean loss
     clean_retraining: bool = False  # run stage 3
@@ -148,7 +149,7 @@ def validate_config(config: O2UConfig) -> None:
     _check_float(config, "weight_decay", 0.0, 1.0, high_open=True)
     if not isinstance(config.augment, bool) and config.augment is not None:
         _check_choice(config, "augment", AUGMENTATIONS)
-    _check_choice(config, "score", NOISE_SCORES)
+    _check_choice(config, "score", SCORE_CHOICES)
     _check_float(config, "noise_rate", 0.0, 1.0, high_open=True, optional=True)
     _check_bool(config, "class_aware_normalization")
     _check_bool(config, "clean_retraining")

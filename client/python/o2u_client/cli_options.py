@@ -114,7 +114,8 @@ CONFIG_OPTIONS = (
     ConfigOption(
         "score",
         str,
-        "noise score: aum (default, mean margin over the cyclic stage) or o2u_loss (the paper's)",
+        "noise score: aum (mean margin over the cyclic stage; images' default) or o2u_loss (the paper's; "
+        "features' default)",
         choices=("aum", "o2u_loss"),
         enum_prefix="NOISE_SCORE_KIND_",
     ),

@@ -183,7 +183,7 @@ class _NoiseScoreKind:
 class _NoiseScoreKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NoiseScoreKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     NOISE_SCORE_KIND_UNSPECIFIED: _NoiseScoreKind.ValueType  # 0
-    """The server's default: NOISE_SCORE_KIND_AUM."""
+    """The server's default: NOISE_SCORE_KIND_AUM for images, NOISE_SCORE_KIND_O2U_LOSS for features."""
     NOISE_SCORE_KIND_O2U_LOSS: _NoiseScoreKind.ValueType  # 1
     """The O2U-Net paper's score: the mean normalized loss over the cyclic stage."""
     NOISE_SCORE_KIND_AUM: _NoiseScoreKind.ValueType  # 2
@@ -195,7 +195,7 @@ class NoiseScoreKind(_NoiseScoreKind, metaclass=_NoiseScoreKindEnumTypeWrapper):
     """NoiseScoreKind says which per-sample score ranks the samples."""
 
 NOISE_SCORE_KIND_UNSPECIFIED: NoiseScoreKind.ValueType  # 0
-"""The server's default: NOISE_SCORE_KIND_AUM."""
+"""The server's default: NOISE_SCORE_KIND_AUM for images, NOISE_SCORE_KIND_O2U_LOSS for features."""
 NOISE_SCORE_KIND_O2U_LOSS: NoiseScoreKind.ValueType  # 1
 """The O2U-Net paper's score: the mean normalized loss over the cyclic stage."""
 NOISE_SCORE_KIND_AUM: NoiseScoreKind.ValueType  # 2
@@ -325,7 +325,9 @@ class ScoringConfig(_message.Message):
     augmentation: Global___Augmentation.ValueType
     """How training images are augmented; unset: the server's default (none)."""
     score: Global___NoiseScoreKind.ValueType
-    """The score that ranks the samples; unset: the server's default (aum)."""
+    """The score that ranks the samples; unset: the server's default (aum for images, o2u_loss for
+    feature vectors).
+    """
     def __init__(
         self,
         *,

@@ -330,7 +330,7 @@ func (Augmentation) EnumDescriptor() ([]byte, []int) {
 type NoiseScoreKind int32
 
 const (
-	// The server's default: NOISE_SCORE_KIND_AUM.
+	// The server's default: NOISE_SCORE_KIND_AUM for images, NOISE_SCORE_KIND_O2U_LOSS for features.
 	NoiseScoreKind_NOISE_SCORE_KIND_UNSPECIFIED NoiseScoreKind = 0
 	// The O2U-Net paper's score: the mean normalized loss over the cyclic stage.
 	NoiseScoreKind_NOISE_SCORE_KIND_O2U_LOSS NoiseScoreKind = 1
@@ -539,7 +539,8 @@ type ScoringConfig struct {
 	InitialWeightsUri string `protobuf:"bytes,19,opt,name=initial_weights_uri,json=initialWeightsUri,proto3" json:"initial_weights_uri,omitempty"`
 	// How training images are augmented; unset: the server's default (none).
 	Augmentation Augmentation `protobuf:"varint,20,opt,name=augmentation,proto3,enum=o2u.v1.Augmentation" json:"augmentation,omitempty"`
-	// The score that ranks the samples; unset: the server's default (aum).
+	// The score that ranks the samples; unset: the server's default (aum for images, o2u_loss for
+	// feature vectors).
 	Score NoiseScoreKind `protobuf:"varint,21,opt,name=score,proto3,enum=o2u.v1.NoiseScoreKind" json:"score,omitempty"`
 }
 
