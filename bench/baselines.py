@@ -26,7 +26,7 @@ from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
 from o2u_engine import ResolvedConfig, build_model
-from o2u_engine.augment import crop_padding, random_crop_flip
+from o2u_engine.augment import augment_batch, crop_padding
 from o2u_engine.data import PreparedData, split_batches
 from o2u_engine.layout import infer_layout
 from o2u_engine.phases import Phase, plan_phases
@@ -133,8 +133,7 @@ class BaselineTrainer:
                 order = subset[torch.randperm(subset.shape[0], generator=generator, device=self.device)]
                 for batch in split_batches(order, phase.batch_size):
                     stored = self.data.load(batch)
-                    if self.config.augment:
-                        stored = random_crop_flip(stored, self.padding, generator)
+                    stored = augment_batch(stored, self.config.augment, self.padding, generator)
                     logits = self._logits(model, stored)  # (B, K)
                     labels = self.labels[batch]
                     loss = F.cross_entropy(logits, labels)

@@ -21,6 +21,13 @@ MODELS = ("auto", "mlp", "small_cnn", "cnn9", "resnet18", "resnet34", "resnet50"
 PRECISIONS = ("auto", "fp32", "bf16")
 PLACEMENTS = ("auto", "resident", "streamed")
 # torch.compile modes; "reduce-overhead" replays each training step as a CUDA graph
+# Augmentations for images: none; a random crop of the zero-padded image; crop + horizontal flip.
+# A flip can change a class (text, digits, arrows: "b" <-> "d"), so it is used only when asked for.
+AUGMENTATIONS = ("none", "crop", "crop_flip")
+# The per-sample noise score: the paper's mean normalized cyclic-stage loss, or the mean margin
+# over the cyclic epochs (AUM: given-label logit minus the largest other logit), negated.
+NOISE_SCORES = ("o2u_loss", "aum")
+SCORE_CHOICES = ("auto", *NOISE_SCORES)  # auto: aum for images, o2u_loss for feature vectors
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 MIN_IMAGE_SIZE = 8  # pixels
@@ -33,16 +40,19 @@ class O2UConfig:
     model: str = "auto"  # auto | mlp | small_cnn | cnn9 | resnet18 | resnet34 | resnet50
     seed: int = 0  # same seed, data and device -> same scores
     pretrain_epochs: int | None = None  # stage 1 length, epochs
-    pretrain_learning_rate: float = 0.01  # stage 1 SGD learning rate (fixed)
+    pretrain_learning_rate: float | None = None  # stage 1 SGD rate (fixed); auto: small_cnn 0.2, else 0.01
     cycle_length_epochs: int | None = None  # stage 2 cycle length c, epochs
     num_cycles: int | None = None  # stage 2 length = c * num_cycles epochs
-    cycle_max_learning_rate: float = 0.01  # r1, rate at the start of a cycle
-    cycle_min_learning_rate: float = 0.001  # r2, rate at the end of a cycle
+    cycle_max_learning_rate: float | None = None  # r1, start of a cycle; auto: small_cnn 0.2, else 0.01
+    cycle_min_learning_rate: float | None = None  # r2, end of a cycle; auto: small_cnn 0.02, else 0.001
     pretrain_batch_size: int | None = None  # samples per step in stages 1 and 3
     cyclic_batch_size: int | None = None  # samples per step in stage 2 (smaller than stage 1)
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # SGD L2 penalty coefficient
-    augment: bool | None = None  # random crop + horizontal flip; auto: images yes, features no
+    # none | crop | crop_flip; None: auto (images `none`, features `none`). The legacy booleans
+    # mean True -> "crop" (never a flip), False -> "none".
+    augment: str | bool | None = None
+    score: str = "auto"  # auto | aum | o2u_loss (the paper's); auto: images aum, features o2u_loss
     noise_rate: float | None = None  # known fraction of wrong labels in [0, 1); None/0: estimate
     class_aware_normalization: bool = False  # subtract per-class (not global) epoch mean loss
     clean_retraining: bool = False  # run stage 3
@@ -118,12 +128,16 @@ def validate_config(config: O2UConfig) -> None:
     _check_choice(config, "model", MODELS)
     _check_int(config, "seed", 0, 2**63 - 1)
     _check_int(config, "pretrain_epochs", 0, 10_000, optional=True)
-    _check_float(config, "pretrain_learning_rate", 0.0, 10.0, low_open=True)
+    _check_float(config, "pretrain_learning_rate", 0.0, 10.0, low_open=True, optional=True)
     _check_int(config, "cycle_length_epochs", 1, 1_000, optional=True)
     _check_int(config, "num_cycles", 1, 1_000, optional=True)
-    _check_float(config, "cycle_max_learning_rate", 0.0, 10.0, low_open=True)
-    _check_float(config, "cycle_min_learning_rate", 0.0, 10.0, low_open=True)
-    if config.cycle_min_learning_rate > config.cycle_max_learning_rate:
+    _check_float(config, "cycle_max_learning_rate", 0.0, 10.0, low_open=True, optional=True)
+    _check_float(config, "cycle_min_learning_rate", 0.0, 10.0, low_open=True, optional=True)
+    if (
+        config.cycle_min_learning_rate is not None
+        and config.cycle_max_learning_rate is not None
+        and config.cycle_min_learning_rate > config.cycle_max_learning_rate
+    ):
         raise ConfigError(
             f"cycle_min_learning_rate: expected a value <= cycle_max_learning_rate "
             f"({config.cycle_max_learning_rate}), got {config.cycle_min_learning_rate}",
@@ -133,7 +147,9 @@ def validate_config(config: O2UConfig) -> None:
     _check_int(config, "cyclic_batch_size", 2, 65_536, optional=True)
     _check_float(config, "momentum", 0.0, 1.0, high_open=True)
     _check_float(config, "weight_decay", 0.0, 1.0, high_open=True)
-    _check_bool(config, "augment", optional=True)
+    if not isinstance(config.augment, bool) and config.augment is not None:
+        _check_choice(config, "augment", AUGMENTATIONS)
+    _check_choice(config, "score", SCORE_CHOICES)
     _check_float(config, "noise_rate", 0.0, 1.0, high_open=True, optional=True)
     _check_bool(config, "class_aware_normalization")
     _check_bool(config, "clean_retraining")
@@ -174,7 +190,8 @@ class ResolvedConfig(O2UConfig):
     cyclic_batch_size: int
     momentum: float
     weight_decay: float
-    augment: bool
+    augment: str  # none | crop | crop_flip
+    score: str  # aum | o2u_loss
     noise_rate: float  # 0.0: estimated from the scores
     class_aware_normalization: bool
     clean_retraining: bool

@@ -218,12 +218,29 @@ class SuspectedSet:
     noise_rate_capped: bool = False  # the estimate is estimate_noise's fallback
 
 
-def suspected_set(scores: np.ndarray, noise_rate: float, disagrees: np.ndarray | None = None) -> SuspectedSet:
+def rate_estimator(score: str) -> str:
+    """The noise-rate estimator for a score kind: the margin (`aum`) is no loss-like mixture, so
+    its rate is the share of samples the cyclic stage disagrees with (`disagreement`)."""
+    return "disagreement" if score == "aum" else "mixture"
+
+
+def suspected_set(
+    scores: np.ndarray,
+    noise_rate: float,
+    disagrees: np.ndarray | None = None,
+    *,
+    estimator: str = "mixture",
+) -> SuspectedSet:
     """The suspects among noise scores (N,) at `noise_rate`, or at the estimated rate when it is 0
-    (`disagrees`: see estimate_noise).
+    (`disagrees`: see estimate_noise; `estimator` "disagreement" takes the rate and probabilities
+    from them directly).
 
     Stage 3 removes exactly the set the report names, so both call this, with the same arguments."""
-    probability, estimated, capped = estimate_noise(scores, disagrees)
+    if estimator == "disagreement" and disagrees is not None:
+        probability, estimated = _disagreement_fallback(scores, np.asarray(disagrees, dtype=bool))
+        capped = False
+    else:
+        probability, estimated, capped = estimate_noise(scores, disagrees)
     used = float(noise_rate) if noise_rate else estimated
     ranks = rank_scores(scores)
     return SuspectedSet(ranks, probability, estimated, used, suspected_mask(ranks, used), capped)
@@ -281,12 +298,14 @@ def noise_ranking(
     num_classes: int,
     cyclic_epochs: int,
     noise_rate: float,
+    estimator: str = "mixture",
 ) -> NoiseRanking:
-    """Everything the report holds per sample and per class; `noise_rate` 0 means estimate it."""
+    """Everything the report holds per sample and per class; `noise_rate` 0 means estimate it.
+    `mean` is the per-sample noise score before cleaning (see CyclicStatistics.scores)."""
     scores = noise_scores(mean)
     variance = np.nan_to_num(np.maximum(np.asarray(variance, dtype=np.float64), 0.0), nan=0.0, posinf=0.0)
     suggested, confidence = suggest_labels(prediction_counts, labels, cyclic_epochs)
-    suspects = suspected_set(scores, noise_rate, suggested != labels)
+    suspects = suspected_set(scores, noise_rate, suggested != labels, estimator=estimator)
     class_counts = np.bincount(labels, minlength=num_classes).astype(np.int64)
     class_suspected = np.bincount(labels[suspects.suspected], minlength=num_classes).astype(np.int64)
     class_rates = class_suspected / np.maximum(class_counts, 1)

@@ -1,5 +1,6 @@
 """Running per-sample statistics of stage 2: Welford mean/variance of the normalized loss and
-counts of the predicted classes, kept on the device in O(N) (and O(N K) for predictions) memory.
+counts of the predicted classes and the summed margins (AUM), kept on the device in O(N) (and
+O(N K) for predictions) memory.
 
 Each cyclic epoch contributes one output per sample: the training steps `record` each batch's
 per-sample losses and logits into this epoch's buffers, and `end_epoch` folds the whole epoch in
@@ -34,6 +35,9 @@ class CyclicStatistics:
         # checkpoint is taken between epochs
         self.epoch_losses = torch.zeros(num_samples, dtype=torch.float32, device=device)
         self.epoch_predictions = torch.zeros(num_samples, dtype=torch.int64, device=device)
+        self.epoch_margins = torch.zeros(num_samples, dtype=torch.float32, device=device)
+        # Sum over the cyclic epochs of the margin: given-label logit minus the largest other, (N,)
+        self.margin_sum = torch.zeros(num_samples, dtype=torch.float64, device=device)
 
     def record(self, indices: torch.Tensor, losses: torch.Tensor, logits: torch.Tensor) -> None:
         """One batch's outputs: losses (B,) and logits (B, K) of the samples `indices` (B,).
@@ -41,6 +45,11 @@ class CyclicStatistics:
         Every sample is recorded exactly once per epoch, so no buffer is ever reset."""
         self.epoch_losses[indices] = losses
         self.epoch_predictions[indices] = logits.argmax(dim=1)
+        logits = logits.float()
+        given = self.labels[indices]  # (B,)
+        given_logit = logits.gather(1, given[:, None])[:, 0]  # (B,)
+        others = logits.scatter(1, given[:, None], float("-inf"))  # (B, K), the given class masked
+        self.epoch_margins[indices] = given_logit - others.max(dim=1).values
 
     def end_epoch(self) -> None:
         """Fold in the recorded epoch: count each sample's predicted class, and update the
@@ -56,6 +65,7 @@ class CyclicStatistics:
         else:
             normalized = losses - losses.mean()
         self.epochs += 1
+        self.margin_sum += self.epoch_margins.to(torch.float64)
         delta = normalized - self.mean
         self.mean += delta / self.epochs
         self.m2 += delta * (normalized - self.mean)
@@ -64,12 +74,22 @@ class CyclicStatistics:
         """Population variance of the normalized loss over the epochs folded in so far, (N,)."""
         return self.m2 / max(self.epochs, 1)
 
+    def mean_margin(self) -> torch.Tensor:
+        """Mean margin over the epochs folded in so far (AUM), (N,); low means suspicious."""
+        return self.margin_sum / max(self.epochs, 1)
+
+    def scores(self, kind: str) -> torch.Tensor:
+        """The per-sample noise score of `kind` (config.NOISE_SCORES), (N,), higher = more suspect:
+        the mean normalized loss (`o2u_loss`) or the negated mean margin (`aum`)."""
+        return self.mean if kind == "o2u_loss" else -self.mean_margin()
+
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         return {
             "epochs": self.epochs,
             "mean": self.mean.cpu(),
             "m2": self.m2.cpu(),
             "prediction_counts": self.prediction_counts.cpu(),
+            "margin_sum": self.margin_sum.cpu(),
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor | int]) -> None:
@@ -80,6 +100,7 @@ class CyclicStatistics:
             ("mean", self.mean),
             ("m2", self.m2),
             ("prediction_counts", self.prediction_counts),
+            ("margin_sum", self.margin_sum),
         ):
             source = state[name]
             assert isinstance(source, torch.Tensor)

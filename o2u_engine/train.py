@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from o2u_engine import checkpoint
-from o2u_engine.augment import crop_padding, random_crop_flip
+from o2u_engine.augment import augment_batch, crop_padding
 from o2u_engine.config import ResolvedConfig
 from o2u_engine.data import Batch, PreparedData, validation_split
 from o2u_engine.errors import Cancelled, DeviceOutOfMemory, TrainingDiverged
@@ -43,7 +43,7 @@ from o2u_engine.phases import (
     retraining_samples,
     stage_epoch,
 )
-from o2u_engine.rank import label_disagreement, noise_scores, suspected_set
+from o2u_engine.rank import label_disagreement, noise_scores, rate_estimator, suspected_set
 from o2u_engine.report import CleanRetrainingResult, ProgressEvent
 from o2u_engine.statistics import CyclicStatistics
 
@@ -223,8 +223,7 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
         labels = self.labels[batch.indices]  # (B,)
         stored = batch.stored
-        if self.config.augment:
-            stored = random_crop_flip(stored, self.padding, self.generator)  # (B, C, S, S) uint8
+        stored = augment_batch(stored, self.config.augment, self.padding, self.generator)  # (B, C, S, S)
         inputs = self.data.normalize(stored)  # (B, C, S, S) or (B, D) float32
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = network.forward(inputs)  # (B, K)
@@ -272,11 +271,14 @@ class Trainer:
 
     def _retraining_samples(self) -> RetrainingSamples:
         """Stage 3's samples, for exactly the suspects the report will name (stage 2 is over)."""
-        scores = noise_scores(self.statistics.mean.cpu().numpy())
+        scores = noise_scores(self.statistics.scores(self.config.score).cpu().numpy())
         counts = self.statistics.prediction_counts.cpu().numpy()
         disagrees = label_disagreement(counts, self.labels.cpu().numpy(), self.statistics.epochs)
         return retraining_samples(
-            self.split, suspected_set(scores, self.config.noise_rate, disagrees).suspected
+            self.split,
+            suspected_set(
+                scores, self.config.noise_rate, disagrees, estimator=rate_estimator(self.config.score)
+            ).suspected,
         )
 
     # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from o2u.v1 import scoring_pb2 as pb
 from o2u_client import Client, Job
 from o2u_client.cli import main
 from tests.server_testing import DIGITS_SAMPLES as NUM_SAMPLES
@@ -234,3 +235,17 @@ def test_score_of_a_job_that_fails_exits_1(
     assert document["job"]["state"] == "FAILED"
     assert document["job"]["error"]["code"] == "INVALID_ARGUMENT"
     assert document["summary"] is None
+
+
+def test_augment_and_score_flags_set_the_enum_fields(
+    capsys: pytest.CaptureFixture[str], server: RunningServer, dataset_uri: str
+) -> None:
+    flags = ["--target", server.address, "--json", "score", dataset_uri, *TINY_FLAGS]
+    status, out, err = run(capsys, *flags, "--augment=none", "--score=o2u_loss")
+    assert status == 0, err
+    document = json.loads(out)
+    assert document["job"]["config"]["augmentation"] == pb.AUGMENTATION_NONE  # enum numbers
+    assert document["job"]["config"]["score"] == pb.NOISE_SCORE_KIND_O2U_LOSS
+    assert document["job"]["run_info"]["resolved_config"]["score"] == "o2u_loss"
+    assert run(capsys, *flags, "--augment=flip")[0] == 2  # not a choice: a usage error
+    assert run(capsys, *flags, "--score=loss")[0] == 2

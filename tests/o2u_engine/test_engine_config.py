@@ -25,7 +25,10 @@ def resolve(config: O2UConfig = O2UConfig(), **data: Any) -> ResolvedConfig:  # 
 def test_features_get_an_mlp_without_augmentation() -> None:
     config = resolve(num_samples=1797, sample_shape=(64,))
     assert config.model == "mlp"
-    assert config.augment is False
+    assert config.augment == "none"
+    assert config.score == "o2u_loss"  # the paper's score for feature vectors
+    assert (config.pretrain_learning_rate, config.cycle_max_learning_rate) == (0.01, 0.01)
+    assert config.cycle_min_learning_rate == 0.001  # the paper's rates for models other than small_cnn
     assert config.image_size == 0  # feature vectors have no image side
     assert config.precision == "fp32"
     assert config.pretrain_batch_size == 112  # 1797 // 16
@@ -38,10 +41,13 @@ def test_cpu_images_get_a_small_cnn_at_32_px() -> None:
     config = resolve()
     assert config.model == "small_cnn"
     assert config.image_size == 32
-    assert config.augment is True
+    assert config.augment == "none"  # class-preserving; a flip only when asked for
+    assert config.score == "aum"
     assert config.pretrain_batch_size == 128
     assert config.cyclic_batch_size == 64
-    assert config.pretrain_epochs == 13  # 24 steps per epoch
+    assert config.pretrain_epochs == 16  # small_cnn's stage 1
+    assert (config.pretrain_learning_rate, config.cycle_max_learning_rate) == (0.2, 0.2)
+    assert config.cycle_min_learning_rate == 0.02
     assert config.data_placement == "resident"
 
 
@@ -119,12 +125,18 @@ def test_config_round_trips_through_json(sample_shape: tuple[int, ...]) -> None:
         ({"cycle_length_epochs": 0}, "cycle_length_epochs", "[1, 1000]"),
         ({"num_cycles": 0}, "num_cycles", "[1, 1000]"),
         ({"cycle_max_learning_rate": 11.0}, "cycle_max_learning_rate", "(0.0, 10.0]"),
-        ({"cycle_min_learning_rate": 0.05}, "cycle_min_learning_rate", "<= cycle_max_learning_rate"),
+        (
+            {"cycle_max_learning_rate": 0.01, "cycle_min_learning_rate": 0.05},
+            "cycle_min_learning_rate",
+            "<= cycle_max_learning_rate",
+        ),
         ({"pretrain_batch_size": 1}, "pretrain_batch_size", "[2, 65536]"),
         ({"cyclic_batch_size": 10**6}, "cyclic_batch_size", "[2, 65536]"),
         ({"momentum": 1.0}, "momentum", "[0.0, 1.0)"),
         ({"weight_decay": -0.1}, "weight_decay", "[0.0, 1.0)"),
-        ({"augment": "yes"}, "augment", "true or false"),
+        ({"augment": "yes"}, "augment", "none, crop, crop_flip"),
+        ({"augment": "flip"}, "augment", "none, crop, crop_flip"),
+        ({"score": "loss"}, "score", "auto, o2u_loss, aum"),
         ({"noise_rate": 1.0}, "noise_rate", "[0.0, 1.0)"),
         ({"class_aware_normalization": 1}, "class_aware_normalization", "true or false"),
         ({"clean_retraining": None}, "clean_retraining", "true or false"),

@@ -12,6 +12,7 @@ from o2u_engine.rank import (
     noise_ranking,
     noise_scores,
     rank_scores,
+    rate_estimator,
     suggest_labels,
     suspected_mask,
     suspected_set,
@@ -191,3 +192,15 @@ def test_noise_ranking_summaries() -> None:
     )
     assert fixed.suspects.noise_rate_used == 0.05
     assert fixed.suspects.suspected.sum() == 5
+
+
+def test_the_disagreement_estimator_takes_the_rate_from_the_disagreeing_labels() -> None:
+    scores = np.linspace(0.0, 1.0, 100)
+    disagrees = scores > 0.6  # the top 40 samples: a 40% rate, which no cap may cut
+    suspects = suspected_set(scores, 0.0, disagrees, estimator="disagreement")
+    assert suspects.estimated_noise_rate == pytest.approx(0.4)
+    assert not suspects.noise_rate_capped
+    assert suspects.suspected.sum() == 40
+    assert np.all(np.diff(suspects.noise_probability[np.argsort(scores)]) >= 0)
+    assert rate_estimator("aum") == "disagreement"
+    assert rate_estimator("o2u_loss") == "mixture"

@@ -45,3 +45,15 @@ def test_the_state_round_trips_between_epochs() -> None:
     assert torch.equal(restored.mean, statistics.mean)
     assert torch.equal(restored.m2, statistics.m2)
     assert torch.equal(restored.prediction_counts, statistics.prediction_counts)
+    assert torch.equal(restored.margin_sum, statistics.margin_sum)
+
+
+def test_margins_are_the_given_logit_minus_the_largest_other_averaged_over_epochs() -> None:
+    statistics = CyclicStatistics(LABELS, 2, class_aware=False)
+    record_epoch(statistics, [1.0, 1.0, 1.0, 1.0])
+    assert statistics.mean_margin().tolist() == [2.0, -1.0, 3.0, -1.0]
+    record_epoch(statistics, [1.0, 1.0, 1.0, 1.0])
+    assert statistics.mean_margin().tolist() == [2.0, -1.0, 3.0, -1.0]
+    # aum ranks the negated margin (higher = more suspect); o2u_loss the mean normalized loss
+    assert statistics.scores("aum").tolist() == [-2.0, 1.0, -3.0, 1.0]
+    assert torch.equal(statistics.scores("o2u_loss"), statistics.mean)

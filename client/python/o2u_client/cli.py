@@ -91,7 +91,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     for option in CONFIG_OPTIONS:
         value = getattr(args, option.field)
         if value is not None:
-            config[option.field] = value
+            config[option.field] = option.value(value)
     return config
 
 

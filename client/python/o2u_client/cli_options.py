@@ -74,10 +74,17 @@ class ConfigOption:
     kind: type
     help: str
     metavar: str | None = None
+    choices: tuple[str, ...] = ()  # an enum field: the lower-case names after `enum_prefix`
+    enum_prefix: str = ""  # e.g. "AUGMENTATION_": a choice c is sent as enum_prefix + c.upper()
+    flag_name: str = ""  # the flag without "--" when it is not the field's name
 
     @property
     def flag(self) -> str:
-        return "--" + self.field.replace("_", "-")
+        return "--" + (self.flag_name or self.field.replace("_", "-"))
+
+    def value(self, given: Any) -> Any:
+        """What the ScoringConfig field is set to for the parsed flag value `given`."""
+        return self.enum_prefix + given.upper() if self.enum_prefix else given
 
 
 CONFIG_OPTIONS = (
@@ -95,7 +102,23 @@ CONFIG_OPTIONS = (
     ConfigOption("cyclic_batch_size", int, "stage 2 batch size, in samples", "N"),
     ConfigOption("momentum", float, "SGD momentum"),
     ConfigOption("weight_decay", float, "SGD weight decay"),
-    ConfigOption("augment", bool, "random crop and flip for images"),
+    ConfigOption(
+        "augmentation",
+        str,
+        "image augmentation: none (default), crop, or crop_flip (only for mirror-invariant classes: "
+        "a flip changes text, digits and arrows)",
+        choices=("none", "crop", "crop_flip"),
+        enum_prefix="AUGMENTATION_",
+        flag_name="augment",
+    ),
+    ConfigOption(
+        "score",
+        str,
+        "noise score: aum (mean margin over the cyclic stage; images' default) or o2u_loss (the paper's; "
+        "features' default)",
+        choices=("aum", "o2u_loss"),
+        enum_prefix="NOISE_SCORE_KIND_",
+    ),
     ConfigOption("noise_rate", float, "known fraction of wrong labels in [0, 1); default: estimated", "RATE"),
     ConfigOption("class_aware_normalization", bool, "normalize losses within each class"),
     ConfigOption("clean_retraining", bool, "run stage 3 and report accuracy with and without cleaning"),
@@ -112,7 +135,11 @@ CONFIG_OPTIONS = (
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("scoring configuration (unset options take the server's default)")
     for option in CONFIG_OPTIONS:
-        if option.kind is bool:
+        if option.choices:
+            group.add_argument(
+                option.flag, dest=option.field, choices=option.choices, default=None, help=option.help
+            )
+        elif option.kind is bool:
             group.add_argument(
                 option.flag, action=argparse.BooleanOptionalAction, default=None, help=option.help
             )

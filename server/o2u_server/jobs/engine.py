@@ -55,6 +55,7 @@ from o2u_server.domain import (
     Stage,
 )
 from o2u_server.errors import Internal, InvalidArgument, ResourceExhausted, ServiceError
+from o2u_server.jobs.config_enums import engine_fields
 from o2u_server.text import shown
 
 __all__ = [
@@ -82,8 +83,9 @@ def _field_named_in(message: str) -> str | None:
 
 def engine_config(requested: Mapping[str, Any]) -> O2UConfig:
     """The O2UConfig for the requested fields; InvalidArgument naming `config.<field>` if invalid."""
+    fields = engine_fields(requested)  # the enum fields in the engine's terms
     try:
-        config = O2UConfig(**requested)
+        config = O2UConfig(**fields)
         validate_config(config)  # ranges only; `auto` fields are resolved once the data is loaded
         return config
     except (ConfigError, TypeError, ValueError) as exc:

@@ -91,3 +91,15 @@ def test_engine_errors_become_service_errors() -> None:
     unexpected = service_error(KeyError("x"))
     assert isinstance(unexpected, Internal)
     assert "KeyError" in unexpected.message
+
+
+def test_enum_fields_become_the_engine_values_and_the_legacy_switch_means_a_crop() -> None:
+    assert engine_config({"augmentation": 3, "score": 1}) == O2UConfig(augment="crop_flip", score="o2u_loss")
+    assert engine_config({"augment": True}).augment is True  # resolved to "crop", never a flip
+    assert engine_config({"augment": True, "augmentation": 2}).augment == "crop"
+    with pytest.raises(InvalidArgument) as conflict:
+        engine_config({"augment": True, "augmentation": 3})
+    assert (conflict.value.code, conflict.value.field) == (Code.INVALID_ARGUMENT, "config.augmentation")
+    with pytest.raises(InvalidArgument) as unknown:
+        engine_config({"score": 5})
+    assert unknown.value.field == "config.score"

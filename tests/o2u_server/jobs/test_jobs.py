@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Callable
@@ -48,6 +49,18 @@ def test_create_get_and_finish(stub: Stub, digits_uri: str) -> None:
     assert info.engine_version
     assert info.torch_version
     assert info.server_version
+
+
+def test_score_and_augmentation_are_resolved_and_recorded(stub: Stub, digits_uri: str) -> None:
+    config = {**TINY_CONFIG, "score": pb.NOISE_SCORE_KIND_O2U_LOSS, "augmentation": pb.AUGMENTATION_NONE}
+    job = create_job(stub, digits_uri, config={**config, "augment": False})  # agreeing legacy switch
+    assert (job.config.score, job.config.augmentation) == (pb.NOISE_SCORE_KIND_O2U_LOSS, pb.AUGMENTATION_NONE)
+    done = wait_for_job(stub, job.job_id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    resolved = json.loads(done.run_info.resolved_config_json)
+    assert (resolved["score"], resolved["augment"]) == ("o2u_loss", "none")
+    default = wait_for_job(stub, create_job(stub, digits_uri).job_id)
+    assert json.loads(default.run_info.resolved_config_json)["score"] == "o2u_loss"  # feature vectors
 
 
 def test_list_is_newest_first_filtered_and_paged(
@@ -123,6 +136,10 @@ def test_malformed_request_id_is_invalid(stub: Stub, digits_uri: str, request_id
         ({"model": "transformer"}, "config.model"),
         ({"pretrain_epochs": -1}, "config.pretrain_epochs"),
         ({"validation_fraction": 0.9}, "config.validation_fraction"),
+        ({"augment": True, "augmentation": pb.AUGMENTATION_CROP_FLIP}, "config.augmentation"),
+        ({"augment": False, "augmentation": pb.AUGMENTATION_CROP}, "config.augmentation"),
+        ({"augmentation": 9}, "config.augmentation"),
+        ({"score": 7}, "config.score"),
     ],
 )
 def test_bad_config_is_invalid_argument_naming_the_field(

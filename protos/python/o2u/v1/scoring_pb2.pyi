@@ -170,6 +170,64 @@ annotation and the suggested one as a prediction (`model_version` = the job id).
 """
 Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
 
+class _Augmentation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AugmentationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Augmentation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUGMENTATION_UNSPECIFIED: _Augmentation.ValueType  # 0
+    """The server's default: none (also for feature vectors), or what the legacy `augment` says."""
+    AUGMENTATION_NONE: _Augmentation.ValueType  # 1
+    """Images as given."""
+    AUGMENTATION_CROP: _Augmentation.ValueType  # 2
+    """A random crop of the zero-padded image (4 px at 32 px); never mirrored."""
+    AUGMENTATION_CROP_FLIP: _Augmentation.ValueType  # 3
+    """Random crop and a horizontal flip with probability 1/2: only for mirror-invariant classes."""
+
+class Augmentation(_Augmentation, metaclass=_AugmentationEnumTypeWrapper):
+    """Augmentation says how training images are augmented. Only AUGMENTATION_CROP_FLIP can change a
+    class (a mirror turns "b" into "d" and mirrors text), so it is used only when asked for.
+    """
+
+AUGMENTATION_UNSPECIFIED: Augmentation.ValueType  # 0
+"""The server's default: none (also for feature vectors), or what the legacy `augment` says."""
+AUGMENTATION_NONE: Augmentation.ValueType  # 1
+"""Images as given."""
+AUGMENTATION_CROP: Augmentation.ValueType  # 2
+"""A random crop of the zero-padded image (4 px at 32 px); never mirrored."""
+AUGMENTATION_CROP_FLIP: Augmentation.ValueType  # 3
+"""Random crop and a horizontal flip with probability 1/2: only for mirror-invariant classes."""
+Global___Augmentation: _TypeAlias = Augmentation  # noqa: Y015
+
+class _NoiseScoreKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NoiseScoreKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NoiseScoreKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NOISE_SCORE_KIND_UNSPECIFIED: _NoiseScoreKind.ValueType  # 0
+    """The server's default: NOISE_SCORE_KIND_AUM for images, NOISE_SCORE_KIND_O2U_LOSS for features."""
+    NOISE_SCORE_KIND_O2U_LOSS: _NoiseScoreKind.ValueType  # 1
+    """The O2U-Net paper's score: the mean normalized loss over the cyclic stage."""
+    NOISE_SCORE_KIND_AUM: _NoiseScoreKind.ValueType  # 2
+    """The negated mean margin over the cyclic stage (given-label logit minus the largest other);
+    its noise rate is the share of samples whose most predicted class is not the given label.
+    """
+
+class NoiseScoreKind(_NoiseScoreKind, metaclass=_NoiseScoreKindEnumTypeWrapper):
+    """NoiseScoreKind says which per-sample score ranks the samples."""
+
+NOISE_SCORE_KIND_UNSPECIFIED: NoiseScoreKind.ValueType  # 0
+"""The server's default: NOISE_SCORE_KIND_AUM for images, NOISE_SCORE_KIND_O2U_LOSS for features."""
+NOISE_SCORE_KIND_O2U_LOSS: NoiseScoreKind.ValueType  # 1
+"""The O2U-Net paper's score: the mean normalized loss over the cyclic stage."""
+NOISE_SCORE_KIND_AUM: NoiseScoreKind.ValueType  # 2
+"""The negated mean margin over the cyclic stage (given-label logit minus the largest other);
+its noise rate is the share of samples whose most predicted class is not the given label.
+"""
+Global___NoiseScoreKind: _TypeAlias = NoiseScoreKind  # noqa: Y015
+
 class _JobEventType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -279,6 +337,8 @@ class ScoringConfig(_message.Message):
     IMAGE_SIZE_FIELD_NUMBER: _builtins.int
     VALIDATION_FRACTION_FIELD_NUMBER: _builtins.int
     INITIAL_WEIGHTS_URI_FIELD_NUMBER: _builtins.int
+    AUGMENTATION_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """`auto` (default), `mlp`, `small_cnn`, `cnn9`, `resnet18`, `resnet34` or `resnet50`."""
     seed: _builtins.int
@@ -304,7 +364,10 @@ class ScoringConfig(_message.Message):
     weight_decay: _builtins.float
     """SGD weight decay (L2 penalty)."""
     augment: _builtins.bool
-    """Random crop and horizontal flip for images."""
+    """Legacy switch, kept working: true means AUGMENTATION_CROP (never a flip), false
+    AUGMENTATION_NONE. Set together with a different `augmentation`, the request is
+    INVALID_ARGUMENT.
+    """
     noise_rate: _builtins.float
     """Known fraction of wrong labels in [0, 1); unset or 0 means estimate it from the scores."""
     class_aware_normalization: _builtins.bool
@@ -317,6 +380,12 @@ class ScoringConfig(_message.Message):
     """Fraction of samples held out to measure accuracy in stage 3, in [0, 0.5)."""
     initial_weights_uri: _builtins.str
     """Optional initial model weights (a PyTorch state dict), `s3://` or `file://`."""
+    augmentation: Global___Augmentation.ValueType
+    """How training images are augmented; unset: the server's default (none)."""
+    score: Global___NoiseScoreKind.ValueType
+    """The score that ranks the samples; unset: the server's default (aum for images, o2u_loss for
+    feature vectors).
+    """
     def __init__(
         self,
         *,
@@ -339,10 +408,12 @@ class ScoringConfig(_message.Message):
         image_size: _builtins.int | None = ...,
         validation_fraction: _builtins.float | None = ...,
         initial_weights_uri: _builtins.str = ...,
+        augmentation: Global___Augmentation.ValueType = ...,
+        score: Global___NoiseScoreKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_augment", b"_augment", "_class_aware_normalization", b"_class_aware_normalization", "_clean_retraining", b"_clean_retraining", "_cycle_length_epochs", b"_cycle_length_epochs", "_cycle_max_learning_rate", b"_cycle_max_learning_rate", "_cycle_min_learning_rate", b"_cycle_min_learning_rate", "_cyclic_batch_size", b"_cyclic_batch_size", "_image_size", b"_image_size", "_momentum", b"_momentum", "_noise_rate", b"_noise_rate", "_num_cycles", b"_num_cycles", "_pretrain_batch_size", b"_pretrain_batch_size", "_pretrain_epochs", b"_pretrain_epochs", "_pretrain_learning_rate", b"_pretrain_learning_rate", "_seed", b"_seed", "_validation_fraction", b"_validation_fraction", "_weight_decay", b"_weight_decay", "augment", b"augment", "class_aware_normalization", b"class_aware_normalization", "clean_retraining", b"clean_retraining", "cycle_length_epochs", b"cycle_length_epochs", "cycle_max_learning_rate", b"cycle_max_learning_rate", "cycle_min_learning_rate", b"cycle_min_learning_rate", "cyclic_batch_size", b"cyclic_batch_size", "image_size", b"image_size", "momentum", b"momentum", "noise_rate", b"noise_rate", "num_cycles", b"num_cycles", "pretrain_batch_size", b"pretrain_batch_size", "pretrain_epochs", b"pretrain_epochs", "pretrain_learning_rate", b"pretrain_learning_rate", "seed", b"seed", "validation_fraction", b"validation_fraction", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_augment", b"_augment", "_class_aware_normalization", b"_class_aware_normalization", "_clean_retraining", b"_clean_retraining", "_cycle_length_epochs", b"_cycle_length_epochs", "_cycle_max_learning_rate", b"_cycle_max_learning_rate", "_cycle_min_learning_rate", b"_cycle_min_learning_rate", "_cyclic_batch_size", b"_cyclic_batch_size", "_image_size", b"_image_size", "_momentum", b"_momentum", "_noise_rate", b"_noise_rate", "_num_cycles", b"_num_cycles", "_pretrain_batch_size", b"_pretrain_batch_size", "_pretrain_epochs", b"_pretrain_epochs", "_pretrain_learning_rate", b"_pretrain_learning_rate", "_seed", b"_seed", "_validation_fraction", b"_validation_fraction", "_weight_decay", b"_weight_decay", "augment", b"augment", "class_aware_normalization", b"class_aware_normalization", "clean_retraining", b"clean_retraining", "cycle_length_epochs", b"cycle_length_epochs", "cycle_max_learning_rate", b"cycle_max_learning_rate", "cycle_min_learning_rate", b"cycle_min_learning_rate", "cyclic_batch_size", b"cyclic_batch_size", "image_size", b"image_size", "initial_weights_uri", b"initial_weights_uri", "model", b"model", "momentum", b"momentum", "noise_rate", b"noise_rate", "num_cycles", b"num_cycles", "pretrain_batch_size", b"pretrain_batch_size", "pretrain_epochs", b"pretrain_epochs", "pretrain_learning_rate", b"pretrain_learning_rate", "seed", b"seed", "validation_fraction", b"validation_fraction", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_augment", b"_augment", "_class_aware_normalization", b"_class_aware_normalization", "_clean_retraining", b"_clean_retraining", "_cycle_length_epochs", b"_cycle_length_epochs", "_cycle_max_learning_rate", b"_cycle_max_learning_rate", "_cycle_min_learning_rate", b"_cycle_min_learning_rate", "_cyclic_batch_size", b"_cyclic_batch_size", "_image_size", b"_image_size", "_momentum", b"_momentum", "_noise_rate", b"_noise_rate", "_num_cycles", b"_num_cycles", "_pretrain_batch_size", b"_pretrain_batch_size", "_pretrain_epochs", b"_pretrain_epochs", "_pretrain_learning_rate", b"_pretrain_learning_rate", "_seed", b"_seed", "_validation_fraction", b"_validation_fraction", "_weight_decay", b"_weight_decay", "augment", b"augment", "augmentation", b"augmentation", "class_aware_normalization", b"class_aware_normalization", "clean_retraining", b"clean_retraining", "cycle_length_epochs", b"cycle_length_epochs", "cycle_max_learning_rate", b"cycle_max_learning_rate", "cycle_min_learning_rate", b"cycle_min_learning_rate", "cyclic_batch_size", b"cyclic_batch_size", "image_size", b"image_size", "initial_weights_uri", b"initial_weights_uri", "model", b"model", "momentum", b"momentum", "noise_rate", b"noise_rate", "num_cycles", b"num_cycles", "pretrain_batch_size", b"pretrain_batch_size", "pretrain_epochs", b"pretrain_epochs", "pretrain_learning_rate", b"pretrain_learning_rate", "score", b"score", "seed", b"seed", "validation_fraction", b"validation_fraction", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__augment: _TypeAlias = _typing.Literal["augment"]  # noqa: Y015
     _WhichOneofArgType__augment: _TypeAlias = _typing.Literal["_augment", b"_augment"]  # noqa: Y015
