@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from o2u_engine import checkpoint
-from o2u_engine.augment import random_crop_flip
+from o2u_engine.augment import augment_batch
 from o2u_engine.data import Batch
 from o2u_engine.network import Network
 from o2u_engine.phases import Phase
@@ -111,8 +111,8 @@ class DistributedTrainer(Trainer):
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
         stored = batch.stored
-        if self.config.augment:  # the whole batch, so every worker's generator stays in step
-            stored = random_crop_flip(stored, self.padding, self.generator)
+        # the whole batch, so every worker's generator stays in step
+        stored = augment_batch(stored, self.config.augment, self.padding, self.generator)
         start, stop = shard_bounds(size, self.rank, self.world_size)
         # [out of memory flag, losses (B,), logits (B, K)], each worker filling its own rows
         outputs = torch.zeros(1 + size * (1 + self.num_classes), dtype=torch.float32, device=self.device)
