@@ -6,6 +6,7 @@ protobuf messages, so nothing below the servicer ever sees a protobuf. Times are
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
@@ -13,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "ANNOTATION_RULES",
     "TERMINAL_STATES",
     "ClassNoise",
     "CleanRetrainingInfo",
     "ConfusedPair",
     "DatasetFormat",
+    "DatasetOptions",
     "DatasetSummary",
     "EventType",
     "ExportFormat",
@@ -26,12 +29,15 @@ __all__ = [
     "JobEvent",
     "JobSpec",
     "JobState",
+    "LabelStudioOptions",
     "NoiseScoreRow",
+    "ParquetOptions",
     "Progress",
     "RunInfo",
     "ScoreFilter",
     "ScorePage",
     "ScoreTuple",
+    "SkippedRecords",
     "Stage",
     "WebhookAttempt",
 ]
@@ -88,6 +94,48 @@ class ExportFormat(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class ParquetOptions:
+    """Column names of a Parquet dataset as the caller gave them; "" takes the default
+    (`datasets.parquet`: label, key, features; no image keys)."""
+
+    label_column: str = ""
+    key_column: str = ""
+    embedding_column: str = ""
+    image_key_column: str = ""  # set: the samples are the images these object keys name
+
+
+@dataclass(frozen=True)
+class LabelStudioOptions:
+    """How a Label Studio export is read; "" takes the default (`datasets.label_studio`)."""
+
+    annotation_rule: str = ""  # "latest" or "majority" (ANNOTATION_RULES)
+    image_field: str = ""  # the `data.<field>` naming the image
+
+
+ANNOTATION_RULES = ("latest", "majority")
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    """The options of one dataset format (at most one of the two is set)."""
+
+    parquet: ParquetOptions | None = None
+    label_studio: LabelStudioOptions | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DatasetOptions:
+        data = json.loads(text)
+        parquet, label_studio = data.get("parquet"), data.get("label_studio")
+        return cls(
+            parquet=ParquetOptions(**parquet) if parquet is not None else None,
+            label_studio=LabelStudioOptions(**label_studio) if label_studio is not None else None,
+        )
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """What the caller asked for; immutable once the job exists."""
 
@@ -99,6 +147,7 @@ class JobSpec:
     request_id: str | None = None
     webhook_url: str | None = None  # completion webhook (jobs/webhooks.py)
     owner: str = "default"  # the principal that created the job (o2u_server.principals)
+    dataset_options: DatasetOptions | None = None  # None: the format's defaults
 
     def fingerprint(self) -> str:
         """Digest of the payload, used to tell a retry (same request) from a reused request_id."""
@@ -111,6 +160,8 @@ class JobSpec:
         }
         if self.webhook_url:
             payload["webhook_url"] = self.webhook_url
+        if self.dataset_options is not None:
+            payload["dataset_options"] = dataclasses.asdict(self.dataset_options)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -136,6 +187,16 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class SkippedRecords:
+    """Records of the dataset left out of the job for one reason."""
+
+    reason: str  # UPPER_SNAKE_CASE, e.g. ALL_ANNOTATIONS_CANCELLED
+    description: str
+    count: int
+    first_keys: tuple[str, ...]  # the first few skipped records' keys (Label Studio: task ids)
+
+
+@dataclass(frozen=True)
 class RunInfo:
     seed: int
     engine_version: str
@@ -148,6 +209,7 @@ class RunInfo:
     model: str
     dataset_digest: str = ""  # SHA-256 of the data trained on (datasets.content_digest)
     world_size: int = 1  # workers (GPUs, or CPU processes) that trained the job together
+    skipped: tuple[SkippedRecords, ...] = ()  # records not scored, one entry per reason
 
 
 @dataclass(frozen=True)

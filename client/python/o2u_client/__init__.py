@@ -9,7 +9,7 @@ their progress, and read back ranked noise scores and dataset health, over gRPC.
 """
 
 from o2u_client.client import Client
-from o2u_client.converters import build_config
+from o2u_client.converters import build_config, build_dataset_options
 from o2u_client.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -26,7 +26,17 @@ from o2u_client.errors import (
     UnavailableError,
     UnimplementedError,
 )
-from o2u_client.models import Event, EventType, Job, JobError, JobState, Progress, RunInfo, Stage
+from o2u_client.models import (
+    Event,
+    EventType,
+    Job,
+    JobError,
+    JobState,
+    Progress,
+    RunInfo,
+    SkippedRecords,
+    Stage,
+)
 from o2u_client.results import (
     ClassNoise,
     CleanRetraining,
@@ -68,10 +78,12 @@ __all__ = [
     "ResourceExhaustedError",
     "RunInfo",
     "ScorePage",
+    "SkippedRecords",
     "Stage",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
     "__version__",
     "build_config",
+    "build_dataset_options",
 ]

@@ -20,7 +20,14 @@ from typing import Any
 import grpc
 from rich.console import RenderableType
 
-from o2u_client.cli_options import CONFIG_OPTIONS, add_config_options, add_global_options, global_defaults
+from o2u_client.cli_options import (
+    CONFIG_OPTIONS,
+    add_config_options,
+    add_dataset_options,
+    add_global_options,
+    dataset_options,
+    global_defaults,
+)
 from o2u_client.client import Client
 from o2u_client.converters import DATASET_FORMATS, EXPORT_FORMATS
 from o2u_client.errors import EXIT_CODES, EXIT_GENERIC_ERROR, O2UError
@@ -101,6 +108,7 @@ def cmd_score(args: argparse.Namespace, client: Client, out: Output) -> int:
         "display_name": args.display_name,
         "request_id": args.request_id,
         "webhook_url": args.webhook,
+        "dataset_options": dataset_options(args),
     }
     if args.no_wait:
         job = client.submit(args.uri, config=_config(args), **options)
@@ -280,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="A",
         help=f"gate: exit {EXIT_GATE_FAILED} if the label accuracy is below A",
     )
+    add_dataset_options(score)
     add_config_options(score)
 
     jobs = command("jobs", cmd_jobs, "list jobs, newest first")

@@ -1,5 +1,5 @@
-"""Option tables of the `o2u` CLI: the connection options every subcommand accepts, and one flag
-per ScoringConfig field for `o2u score`.
+"""Option tables of the `o2u` CLI: the connection options every subcommand accepts, and for
+`o2u score` one flag per DatasetOptions field (how the dataset is read) and per ScoringConfig field.
 
 Connection options are added to the top-level parser and to every subcommand with
 `argparse.SUPPRESS` defaults, so `o2u --json jobs` and `o2u jobs --json` both work; the real
@@ -14,7 +14,16 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CONFIG_OPTIONS", "ConfigOption", "add_config_options", "add_global_options", "global_defaults"]
+__all__ = [
+    "CONFIG_OPTIONS",
+    "DATASET_OPTIONS",
+    "ConfigOption",
+    "add_config_options",
+    "add_dataset_options",
+    "add_global_options",
+    "dataset_options",
+    "global_defaults",
+]
 
 DEFAULT_TARGET = "localhost:50051"
 
@@ -147,3 +156,32 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(
                 option.flag, type=option.kind, default=None, metavar=option.metavar, help=option.help
             )
+
+
+# DatasetOptions fields as (field, help); a flag is the field with dashes.
+DATASET_OPTIONS = (
+    ("label_column", "Parquet: the column of labels (default label)"),
+    ("key_column", "Parquet: the column of sample keys (default key, else row numbers or image keys)"),
+    ("embedding_column", "Parquet: the column of embeddings (default features)"),
+    (
+        "image_key_column",
+        "Parquet: a column of image object keys relative to the file's folder, instead of embeddings",
+    ),
+    ("annotation_rule", "Label Studio: which annotation of a task counts, latest (default) or majority"),
+    ("image_field", "Label Studio: the task data field naming the image (default image)"),
+)
+
+
+def add_dataset_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("dataset options (unset options take the format's default)")
+    for name, help_text in DATASET_OPTIONS:
+        flag = "--" + name.replace("_", "-")
+        if name == "annotation_rule":
+            group.add_argument(flag, choices=("latest", "majority"), default=None, help=help_text)
+        else:
+            group.add_argument(flag, default=None, metavar="NAME", help=help_text)
+
+
+def dataset_options(args: argparse.Namespace) -> dict[str, str | None]:
+    """The dataset option flags as given (None: unset), by DatasetOptions field name."""
+    return {name: getattr(args, name) for name, _ in DATASET_OPTIONS}

@@ -23,7 +23,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from o2u.v1 import scoring_pb2, scoring_pb2_grpc
 from o2u_client.channel import Credential, TokenSource, create_channel
-from o2u_client.converters import build_config, dataset_format, export_format, job_state
+from o2u_client.converters import (
+    build_config,
+    build_dataset_options,
+    dataset_format,
+    export_format,
+    job_state,
+)
 from o2u_client.errors import O2UError, UnavailableError, error_from_rpc
 from o2u_client.models import Event, Job, JobState
 from o2u_client.results import DatasetSummary, ExportResult, JobPage, NoiseScore, ScorePage
@@ -135,6 +141,7 @@ class Client:
         request_id: str | None = None,
         display_name: str = "",
         webhook_url: str | None = None,
+        dataset_options: Mapping[str, str | None] | scoring_pb2.DatasetOptions | None = None,
         **config_fields: Any,
     ) -> Job:
         """Create a scoring job for the dataset at `uri` (`s3://...` or `file:///...`).
@@ -142,11 +149,15 @@ class Client:
         `config` and keyword arguments set ScoringConfig fields (e.g. `model="mlp", seed=1`).
         A fresh request_id (uuid4) is used unless given, so retries never create a second job.
         `webhook_url` (an https URL on the server's allow-list) gets a signed event when the job ends.
+        `dataset_options` say how the dataset is read: Parquet column names (`label_column`,
+        `key_column`, `embedding_column`, `image_key_column`) or the Label Studio `annotation_rule`
+        (`latest` or `majority`) and `image_field`; unset ones take the format's defaults.
         """
         request = scoring_pb2.CreateScoringJobRequest(
             dataset=scoring_pb2.DatasetRef(
                 uri=uri,
                 format=dataset_format(format),
+                options=build_dataset_options(dataset_options),
             ),
             config=build_config(config, **config_fields),
             request_id=request_id or str(uuid.uuid4()),

@@ -15,9 +15,13 @@ from o2u.v1 import scoring_pb2
 from o2u_client.models import JobState
 
 __all__ = [
+    "ANNOTATION_RULES",
     "DATASET_FORMATS",
     "EXPORT_FORMATS",
+    "LABEL_STUDIO_OPTIONS",
+    "PARQUET_OPTIONS",
     "build_config",
+    "build_dataset_options",
     "dataset_format",
     "export_format",
     "job_state",
@@ -48,6 +52,47 @@ def build_config(
         if value is not None:
             setattr(message, name, value)
     return message
+
+
+PARQUET_OPTIONS = tuple(f.name for f in scoring_pb2.ParquetOptions.DESCRIPTOR.fields)
+LABEL_STUDIO_OPTIONS = tuple(f.name for f in scoring_pb2.LabelStudioOptions.DESCRIPTOR.fields)
+ANNOTATION_RULES = _plain_names(scoring_pb2.AnnotationRule.DESCRIPTOR, "ANNOTATION_RULE_")
+
+
+def build_dataset_options(
+    options: Mapping[str, str | None] | scoring_pb2.DatasetOptions | None = None,
+) -> scoring_pb2.DatasetOptions | None:
+    """DatasetOptions from a mapping of ParquetOptions fields (`label_column`, `key_column`,
+    `embedding_column`, `image_key_column`) or LabelStudioOptions fields (`annotation_rule`:
+    `latest` or `majority`, `image_field`); None and "" values stay unset, and None when nothing is
+    set. TypeError for an unknown name or a mix of the two formats' options."""
+    if options is None or isinstance(options, scoring_pb2.DatasetOptions):
+        return options
+    given = {name: value for name, value in options.items() if value not in (None, "")}
+    unknown = sorted(set(given) - set(PARQUET_OPTIONS) - set(LABEL_STUDIO_OPTIONS))
+    if unknown:
+        known = ", ".join(PARQUET_OPTIONS + LABEL_STUDIO_OPTIONS)
+        raise TypeError(f"unknown dataset option(s) {', '.join(unknown)}; known options: {known}")
+    parquet = {name: value for name, value in given.items() if name in PARQUET_OPTIONS}
+    label_studio = {name: value for name, value in given.items() if name in LABEL_STUDIO_OPTIONS}
+    if parquet and label_studio:
+        raise TypeError(
+            f"Parquet options ({', '.join(sorted(parquet))}) and Label Studio options "
+            f"({', '.join(sorted(label_studio))}) cannot be combined: a dataset has one format"
+        )
+    if parquet:
+        return scoring_pb2.DatasetOptions(parquet=scoring_pb2.ParquetOptions(**parquet))
+    if label_studio:
+        rule = label_studio.get("annotation_rule")
+        message = scoring_pb2.LabelStudioOptions(image_field=label_studio.get("image_field") or "")
+        if rule is not None:
+            if str(rule).lower() not in ANNOTATION_RULES:
+                raise ValueError(
+                    f"unknown annotation_rule {rule!r}; expected one of {', '.join(ANNOTATION_RULES)}"
+                )
+            message.annotation_rule = scoring_pb2.AnnotationRule.Value(f"ANNOTATION_RULE_{str(rule).upper()}")
+        return scoring_pb2.DatasetOptions(label_studio=message)
+    return None
 
 
 def _format_name(value: str | None, allowed: Collection[str]) -> str | None:

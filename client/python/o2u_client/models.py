@@ -135,6 +135,20 @@ class JobError:
 
 
 @dataclass(frozen=True)
+class SkippedRecords:
+    """Records of the dataset left out of the job for one reason (SkippedRecords)."""
+
+    reason: str  # e.g. ALL_ANNOTATIONS_CANCELLED
+    description: str
+    count: int
+    first_keys: tuple[str, ...]  # the first few (Label Studio: task ids)
+
+    @classmethod
+    def from_proto(cls, proto: scoring_pb2.SkippedRecords) -> SkippedRecords:
+        return cls(proto.reason, proto.description, proto.count, tuple(proto.first_keys))
+
+
+@dataclass(frozen=True)
 class RunInfo:
     """What produced a job's results, for reproducibility."""
 
@@ -149,6 +163,7 @@ class RunInfo:
     resolved_config: Mapping[str, Any]
     dataset_digest: str = ""  # SHA-256 of the samples, labels, keys and class names trained on
     world_size: int = 1  # data-parallel workers that trained the job together
+    skipped: tuple[SkippedRecords, ...] = ()  # the dataset's records left out, one per reason
 
     @classmethod
     def from_proto(cls, proto: scoring_pb2.RunInfo) -> RunInfo:
@@ -165,7 +180,21 @@ class RunInfo:
             resolved_config=resolved,
             dataset_digest=proto.dataset_digest,
             world_size=proto.world_size or 1,
+            skipped=tuple(SkippedRecords.from_proto(item) for item in proto.skipped),
         )
+
+
+def dataset_options_to_dict(options: scoring_pb2.DatasetOptions) -> dict[str, str]:
+    """The options that were set, by field name (`annotation_rule` as `latest` or `majority`)."""
+    kind = options.WhichOneof("format_options")
+    if kind is None:
+        return {}
+    values: dict[str, str] = {}
+    for descriptor, value in getattr(options, kind).ListFields():
+        if descriptor.name == "annotation_rule":
+            value = scoring_pb2.AnnotationRule.Name(value).removeprefix("ANNOTATION_RULE_").lower()
+        values[descriptor.name] = str(value)
+    return values
 
 
 def config_to_dict(config: scoring_pb2.ScoringConfig) -> dict[str, Any]:
@@ -219,6 +248,7 @@ class Job:
     webhook_url: str = ""
     webhook_deliveries: tuple[WebhookDelivery, ...] = ()
     owner: str = ""  # the principal that created the job
+    dataset_options: Mapping[str, str] = field(default_factory=dict)  # as given, e.g. label_column
 
     @property
     def done(self) -> bool:
@@ -246,6 +276,7 @@ class Job:
             end_time=_time(proto, "end_time"),
             update_time=_time(proto, "update_time"),
             owner=proto.owner,
+            dataset_options=dataset_options_to_dict(proto.dataset.options),
             raw=proto,
             webhook_url=proto.webhook_url,
             webhook_deliveries=tuple(WebhookDelivery.from_proto(d) for d in proto.webhook_deliveries),

@@ -43,6 +43,7 @@ def score_dataset(
     request_id: str | None = None,
     top: int = 10,
     webhook_url: str | None = None,
+    dataset_options: Mapping[str, str | None] | None = None,
 ) -> ScoreOutcome:
     """Submit, watch to the end and fetch results; prints progress and a report unless
     `console` is None (then it runs silently, e.g. for `--json`)."""
@@ -53,6 +54,7 @@ def score_dataset(
         display_name=display_name,
         request_id=request_id,
         webhook_url=webhook_url,
+        dataset_options=dataset_options,
     )
     if console is not None:
         console.print(safe_text(f"submitted {job.job_id} for {uri}"), markup=False, highlight=False)

@@ -14,6 +14,7 @@ from google.protobuf import timestamp_pb2
 from o2u.v1 import scoring_pb2 as pb
 from o2u_server.domain import (
     DatasetFormat,
+    DatasetOptions,
     DatasetSummary,
     EventType,
     ExportFormat,
@@ -23,10 +24,13 @@ from o2u_server.domain import (
     JobSpec,
     JobState,
     LabelAccuracy,
+    LabelStudioOptions,
     NoiseScoreRow,
+    ParquetOptions,
     Progress,
     RunInfo,
     ScoreFilter,
+    SkippedRecords,
     Stage,
     WebhookAttempt,
 )
@@ -35,6 +39,7 @@ from o2u_server.errors import InvalidArgument
 __all__ = [
     "config_message",
     "dataset_format",
+    "dataset_options",
     "event_message",
     "export_format",
     "job_message",
@@ -53,6 +58,8 @@ _STAGES = {stage: pb.Stage.Value(f"STAGE_{stage.name}") for stage in Stage}
 _EVENT_TYPES = {kind: pb.JobEventType.Value(f"JOB_EVENT_TYPE_{kind.name}") for kind in EventType}
 _DATASET_FORMATS = {kind: pb.DatasetFormat.Value(f"DATASET_FORMAT_{kind.name}") for kind in DatasetFormat}
 _DATASET_FORMATS_BACK = {value: kind for kind, value in _DATASET_FORMATS.items()}
+_ANNOTATION_RULES = {"latest": pb.ANNOTATION_RULE_LATEST, "majority": pb.ANNOTATION_RULE_MAJORITY}
+_ANNOTATION_RULES_BACK = {value: rule for rule, value in _ANNOTATION_RULES.items()}
 _EXPORT_FORMATS_BACK = {pb.ExportFormat.Value(f"EXPORT_FORMAT_{kind.name}"): kind for kind in ExportFormat}
 
 
@@ -97,6 +104,52 @@ def dataset_format(value: pb.DatasetFormat.ValueType) -> DatasetFormat | None:
     return _known(value, _DATASET_FORMATS_BACK, "DatasetFormat", "dataset.format")
 
 
+def dataset_options(dataset: pb.DatasetRef) -> DatasetOptions | None:
+    """The options as given; None when the request has none (the format's defaults)."""
+    if not dataset.HasField("options"):
+        return None
+    options = dataset.options
+    kind = options.WhichOneof("format_options")
+    if kind == "parquet":
+        p = options.parquet
+        return DatasetOptions(
+            parquet=ParquetOptions(p.label_column, p.key_column, p.embedding_column, p.image_key_column)
+        )
+    if kind == "label_studio":
+        rule = _known(
+            options.label_studio.annotation_rule,
+            _ANNOTATION_RULES_BACK,
+            "AnnotationRule",
+            "dataset.options.label_studio.annotation_rule",
+        )
+        return DatasetOptions(label_studio=LabelStudioOptions(rule or "", options.label_studio.image_field))
+    return None  # an empty DatasetOptions: no format's options
+
+
+def _dataset_options_message(options: DatasetOptions | None) -> pb.DatasetOptions | None:
+    if options is None:
+        return None
+    if options.parquet is not None:
+        p = options.parquet
+        return pb.DatasetOptions(
+            parquet=pb.ParquetOptions(
+                label_column=p.label_column,
+                key_column=p.key_column,
+                embedding_column=p.embedding_column,
+                image_key_column=p.image_key_column,
+            )
+        )
+    if options.label_studio is not None:
+        rule = options.label_studio.annotation_rule
+        return pb.DatasetOptions(
+            label_studio=pb.LabelStudioOptions(
+                annotation_rule=_ANNOTATION_RULES.get(rule, pb.ANNOTATION_RULE_UNSPECIFIED),
+                image_field=options.label_studio.image_field,
+            )
+        )
+    return None
+
+
 def job_spec(request: pb.CreateScoringJobRequest) -> JobSpec:
     return JobSpec(
         dataset_uri=request.dataset.uri,
@@ -106,6 +159,7 @@ def job_spec(request: pb.CreateScoringJobRequest) -> JobSpec:
         display_name=request.display_name,
         request_id=request.request_id or None,
         webhook_url=request.webhook.url if request.HasField("webhook") else None,
+        dataset_options=dataset_options(request.dataset),
     )
 
 
@@ -170,6 +224,13 @@ def _run_info(info: RunInfo | None) -> pb.RunInfo | None:
         model=info.model,
         dataset_digest=info.dataset_digest,
         world_size=info.world_size,
+        skipped=[_skipped(item) for item in info.skipped],
+    )
+
+
+def _skipped(item: SkippedRecords) -> pb.SkippedRecords:
+    return pb.SkippedRecords(
+        reason=item.reason, description=item.description, count=item.count, first_keys=item.first_keys
     )
 
 
@@ -186,6 +247,7 @@ def job_message(job: Job) -> pb.ScoringJob:
                 if spec.dataset_format
                 else pb.DATASET_FORMAT_UNSPECIFIED
             ),
+            options=_dataset_options_message(spec.dataset_options),
         ),
         config=config_message(spec.config, spec.initial_weights_uri),
         state=_STATES[job.state],

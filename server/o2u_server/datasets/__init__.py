@@ -9,8 +9,10 @@ the sample count from the `.npz` header or the manifest/listing (`max_samples`),
 from each header before decoding (`max_image_pixels`), the class count before any per-class list
 (`max_classes`), decoded sizes from headers before inflating or decoding (`max_decoded_bytes`).
 `load_dataset` then checks what every format returns (`dataset.check_loaded`) and records its
-content digest. Errors are the service's classes and name the URI (as the caller sent it), key,
-field or limit at fault. Exports of score rows (JSONL, CSV) are `datasets.exports`.
+content digest. A job's DatasetOptions reach the loader of their format only (`datasets.options`
+checks them at submit: `check_dataset_options`). Errors are the service's classes and name the URI
+(as the caller sent it), key, field, option or limit at fault. Exports of score rows (JSONL, CSV)
+are `datasets.exports`.
 """
 
 from __future__ import annotations
@@ -18,13 +20,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from o2u_server.datasets.csv_manifest import load_csv_manifest
-from o2u_server.datasets.dataset import DatasetLimits, LoadedDataset, Loader, check_loaded, content_digest
+from o2u_server.datasets.dataset import (
+    DatasetLimits,
+    LoadedDataset,
+    Loader,
+    PlainLoader,
+    check_loaded,
+    content_digest,
+)
 from o2u_server.datasets.image_folder import load_image_folder
 from o2u_server.datasets.jsonl_manifest import load_jsonl_manifest
 from o2u_server.datasets.label_studio import load_label_studio
 from o2u_server.datasets.npz import load_npz
+from o2u_server.datasets.options import check_dataset_options as check_options
 from o2u_server.datasets.parquet import load_parquet
-from o2u_server.domain import DatasetFormat
+from o2u_server.domain import DatasetFormat, DatasetOptions
 from o2u_server.errors import NotFound
 from o2u_server.storage import Storage
 from o2u_server.text import shown
@@ -36,6 +46,7 @@ __all__ = [
     "FormatSpec",
     "LoadedDataset",
     "check_dataset_exists",
+    "check_dataset_options",
     "check_dataset_uri",
     "infer_format",
     "load_dataset",
@@ -49,11 +60,18 @@ class FormatSpec:
     load: Loader
 
 
+def _without_options(load: PlainLoader) -> Loader:
+    """The loader of a format that has no options (`check_dataset_options` refuses any for it)."""
+    return lambda uri, storage, limits, field, _options: load(uri, storage, limits, field)
+
+
 FORMATS: dict[DatasetFormat, FormatSpec] = {
-    DatasetFormat.NPZ: FormatSpec((".npz",), prefix=False, load=load_npz),
-    DatasetFormat.IMAGE_FOLDER: FormatSpec((), prefix=True, load=load_image_folder),
-    DatasetFormat.CSV_MANIFEST: FormatSpec((".csv",), prefix=False, load=load_csv_manifest),
-    DatasetFormat.JSONL_MANIFEST: FormatSpec((".jsonl", ".ndjson"), prefix=False, load=load_jsonl_manifest),
+    DatasetFormat.NPZ: FormatSpec((".npz",), prefix=False, load=_without_options(load_npz)),
+    DatasetFormat.IMAGE_FOLDER: FormatSpec((), prefix=True, load=_without_options(load_image_folder)),
+    DatasetFormat.CSV_MANIFEST: FormatSpec((".csv",), prefix=False, load=_without_options(load_csv_manifest)),
+    DatasetFormat.JSONL_MANIFEST: FormatSpec(
+        (".jsonl", ".ndjson"), prefix=False, load=_without_options(load_jsonl_manifest)
+    ),
     DatasetFormat.PARQUET: FormatSpec((".parquet", ".pq"), prefix=False, load=load_parquet),
     DatasetFormat.LABEL_STUDIO: FormatSpec((".json",), prefix=False, load=load_label_studio),
 }
@@ -78,6 +96,14 @@ def check_dataset_uri(
 ) -> None:
     """InvalidArgument or PermissionDenied if the URI is malformed or not allowed; reads nothing."""
     storage.parse(uri, field=field, allow_prefix=_spec(uri, dataset_format).prefix)
+
+
+def check_dataset_options(
+    uri: str, dataset_format: DatasetFormat | None, options: DatasetOptions | None
+) -> None:
+    """InvalidArgument naming the option when `options` do not suit the dataset's format (given, or
+    inferred from the URI) or cannot work together; reads nothing."""
+    check_options(options, dataset_format or infer_format(uri))
 
 
 def check_dataset_exists(
@@ -106,17 +132,18 @@ def load_dataset(
     storage: Storage,
     limits: DatasetLimits,
     *,
+    options: DatasetOptions | None = None,
     field: str = "dataset.uri",
 ) -> LoadedDataset:
-    """Read, check and decode the dataset at `uri` (`dataset_format` None: inferred from the URI),
-    with its content digest set.
+    """Read, check and decode the dataset at `uri` (`dataset_format` None: inferred from the URI)
+    as `options` say (None: the format's defaults), with its content digest set.
 
     Raises InvalidArgument, PermissionDenied, NotFound, ResourceExhausted (limits) or Unavailable,
     and storage.Stopped when the storage's job is asked to stop.
     """
     spec = _spec(uri, dataset_format)
     reference = storage.parse(uri, field=field, allow_prefix=spec.prefix)
-    dataset = spec.load(uri, storage, limits, field)
+    dataset = spec.load(uri, storage, limits, field, options or DatasetOptions())
     dataset.source = reference.scheme
     check_loaded(dataset, uri, limits)
     dataset.digest = content_digest(dataset, storage.reads.check)

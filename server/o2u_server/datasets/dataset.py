@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
+from o2u_server.domain import DatasetOptions, SkippedRecords
 from o2u_server.errors import InvalidArgument, ResourceExhausted
 from o2u_server.settings import MAX_CLASS_NAME_CHARS, Settings
 from o2u_server.storage import Storage
@@ -27,6 +28,7 @@ __all__ = [
     "DatasetLimits",
     "LoadedDataset",
     "Loader",
+    "PlainLoader",
     "check_loaded",
     "content_digest",
     "empty_dataset",
@@ -70,11 +72,15 @@ class LoadedDataset:
     source: Literal["s3", "file"]
     files_read: int = 0  # files or objects read from storage
     digest: str = ""  # content_digest, set by load_dataset
+    skipped: list[SkippedRecords] = field(default_factory=list)  # records left out, per reason
 
 
-# A format's loader: (uri, storage, limits, field) -> the dataset, every limit checked as early as
-# the information exists. `field` names the request field in errors ("dataset.uri").
-Loader = Callable[[str, Storage, DatasetLimits, str], LoadedDataset]
+# A format's loader: (uri, storage, limits, field, options) -> the dataset, every limit checked as
+# early as the information exists. `field` names the request field in errors ("dataset.uri");
+# `options` are the job's, already checked to suit the format (`datasets.options`).
+Loader = Callable[[str, Storage, DatasetLimits, str, DatasetOptions], LoadedDataset]
+# A loader of a format that has no options.
+PlainLoader = Callable[[str, Storage, DatasetLimits, str], LoadedDataset]
 
 
 def invalid_dataset(message: str) -> InvalidArgument:

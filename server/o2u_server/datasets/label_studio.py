@@ -1,14 +1,16 @@
 """The Label Studio format: a Label Studio JSON export (a list of tasks) as a manifest of images.
 
-Each task's `data.image` names its image: a path relative to the export's folder, Label Studio's
+Each task's `data.image` (or the `image_field` of the job's LabelStudioOptions) names its image: a
+path relative to the export's folder, Label Studio's
 local-files form `/data/local-files/?d=<path>` (the path taken relative to the export's folder), or
 a URI under the export's folder (`s3://bucket/<folder>/...`, `file:///<folder>/...`). The label is
 the `choices` of one annotation: cancelled annotations (`was_cancelled`) and those without a
 `choices` result are ignored, and of the rest the latest counts (`updated_at`, else `created_at`,
-else the last listed; `choose_label(..., rule="majority")` takes the most frequent label instead,
-ties to the latest). Tasks with no usable annotation or no image are skipped; the loaded
-dataset's keys are the task ids, so results map back to the tasks. The images are then read as a
-CSV or JSONL manifest's are (`manifests.load_manifest`).
+else the last listed), or with the option `annotation_rule: majority` the most frequent label
+(ties to the latest of the tied). Tasks with no usable annotation or no image are skipped and
+counted per reason (`SKIP_REASONS`) with their first task ids, which the job reports in its run
+info; the loaded dataset's keys are the task ids, so results map back to the tasks. The images are
+then read as a CSV or JSONL manifest's are (`manifests.load_manifest`).
 """
 
 from __future__ import annotations
@@ -16,19 +18,34 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from o2u_server.datasets.dataset import DatasetLimits, LoadedDataset, invalid_dataset
 from o2u_server.datasets.manifests import ManifestRow, load_manifest
+from o2u_server.datasets.options import DEFAULT_IMAGE_FIELD
+from o2u_server.domain import DatasetOptions, LabelStudioOptions, SkippedRecords
 from o2u_server.storage import Storage
 from o2u_server.text import shown
 
-__all__ = ["IMAGE_FIELD", "choose_label", "label_studio_rows", "load_label_studio"]
+__all__ = [
+    "MAX_SKIPPED_KEYS",
+    "SKIP_REASONS",
+    "choose_label",
+    "label_studio_rows",
+    "load_label_studio",
+    "skipped_records",
+]
 
-IMAGE_FIELD = "image"
 _LOCAL_FILES = "/data/local-files/"
+MAX_SKIPPED_KEYS = 10  # task ids kept per skip reason
+SKIP_REASONS = {
+    "NO_ANNOTATIONS": "the task has no annotations",
+    "ALL_ANNOTATIONS_CANCELLED": "every annotation of the task was cancelled",
+    "NO_CHOICES_RESULT": "no annotation of the task that is not cancelled has a choices result",
+    "NO_IMAGE": "the task's image field is missing or names no image under the export's folder",
+}
 
 
 def _choices(annotation: dict[str, Any]) -> str | None:
@@ -41,9 +58,10 @@ def _choices(annotation: dict[str, Any]) -> str | None:
 
 
 def choose_label(annotations: object, rule: str = "latest") -> tuple[str | None, str]:
-    """(the label that counts, or None and why): `latest` or `majority` of the usable annotations."""
+    """(the label that counts, "") or (None, the SKIP_REASONS code): `latest` or `majority` of the
+    annotations that are not cancelled and have a choices result."""
     if not isinstance(annotations, list) or not annotations:
-        return None, "no annotations"
+        return None, "NO_ANNOTATIONS"
     usable = [
         (str(a.get("updated_at") or a.get("created_at") or ""), index, label)
         for index, a in enumerate(annotations)
@@ -51,7 +69,7 @@ def choose_label(annotations: object, rule: str = "latest") -> tuple[str | None,
     ]
     if not usable:
         cancelled = all(isinstance(a, dict) and a.get("was_cancelled") for a in annotations)
-        return None, "every annotation was cancelled" if cancelled else "no annotation has a choices result"
+        return None, "ALL_ANNOTATIONS_CANCELLED" if cancelled else "NO_CHOICES_RESULT"
     usable.sort()
     if rule == "majority":
         counts = Counter(label for _, _, label in usable)
@@ -71,8 +89,16 @@ def _relative(image: str, folder: str) -> str | None:
 
 
 def label_studio_rows(
-    text: str, uri: str, task_ids: dict[str, str], skipped: list[str]
+    text: str,
+    uri: str,
+    task_ids: dict[str, str],
+    skipped: dict[str, list[str]],
+    options: LabelStudioOptions | None = None,
 ) -> Iterator[ManifestRow]:
+    """The manifest rows of the export's usable tasks; each skipped task's id goes to
+    `skipped[reason]`, and each row's task id to `task_ids[image key]`."""
+    options = options or LabelStudioOptions()
+    image_field = options.image_field or DEFAULT_IMAGE_FIELD
     where = shown(uri)
     try:
         tasks = json.loads(text)
@@ -85,22 +111,39 @@ def label_studio_rows(
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise invalid_dataset(f"{where}: task {index} is not an object with a data object")
         task_id = str(task.get("id", index))
-        image = task["data"].get(IMAGE_FIELD)
+        image = task["data"].get(image_field)
         key = _relative(image, folder) if isinstance(image, str) and image else None
-        label, why = choose_label(task.get("annotations"))
+        label, reason = choose_label(task.get("annotations"), options.annotation_rule or "latest")
         if key is None or label is None:
-            skipped.append(
-                f"task {task_id}: {why or f'data.{IMAGE_FIELD} is not an image under the export folder'}"
-            )
+            skipped.setdefault(reason or "NO_IMAGE", []).append(task_id)
             continue
         task_ids[key] = task_id
         yield index, key, label
 
 
-def load_label_studio(uri: str, storage: Storage, limits: DatasetLimits, field: str) -> LoadedDataset:
+def skipped_records(skipped: Mapping[str, Sequence[str]]) -> list[SkippedRecords]:
+    """One entry per reason, in SKIP_REASONS order, with the first MAX_SKIPPED_KEYS task ids."""
+    return [
+        SkippedRecords(
+            reason, SKIP_REASONS[reason], len(skipped[reason]), tuple(skipped[reason][:MAX_SKIPPED_KEYS])
+        )
+        for reason in SKIP_REASONS
+        if skipped.get(reason)
+    ]
+
+
+def load_label_studio(
+    uri: str, storage: Storage, limits: DatasetLimits, field: str, options: DatasetOptions
+) -> LoadedDataset:
     task_ids: dict[str, str] = {}
-    skipped: list[str] = []
+    skipped: dict[str, list[str]] = {}
     dataset = load_manifest(
-        uri, storage, limits, field, parse_rows=lambda text, u: label_studio_rows(text, u, task_ids, skipped)
+        uri,
+        storage,
+        limits,
+        field,
+        parse_rows=lambda text, u: label_studio_rows(text, u, task_ids, skipped, options.label_studio),
     )
-    return dataclasses.replace(dataset, keys=[task_ids[key] for key in dataset.keys])
+    return dataclasses.replace(
+        dataset, keys=[task_ids[key] for key in dataset.keys], skipped=skipped_records(skipped)
+    )

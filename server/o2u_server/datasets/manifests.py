@@ -32,7 +32,15 @@ from o2u_server.storage import ObjectInfo, Storage
 from o2u_server.storage.uris import s3_uri
 from o2u_server.text import shown, text_problem
 
-__all__ = ["Manifest", "ManifestRow", "check_key", "load_manifest", "locate_keys", "parse_manifest"]
+__all__ = [
+    "Manifest",
+    "ManifestRow",
+    "check_key",
+    "load_listed_images",
+    "load_manifest",
+    "locate_keys",
+    "parse_manifest",
+]
 
 Manifest = tuple[list[str], list[int] | list[str]]  # (keys, labels) in manifest order
 ManifestRow = tuple[int, str, object]  # (line number, key, label as parsed: an int or a str)
@@ -66,8 +74,23 @@ def load_manifest(
         isinstance(label, str) and _DIGITS.match(label) for label in raw_labels
     ):
         raw_labels = _class_indices([str(label) for label in raw_labels], uri=uri, limits=limits)
+    return load_listed_images(uri, keys, raw_labels, storage, limits, field, manifest_bytes=len(raw))
+
+
+def load_listed_images(
+    uri: str,
+    keys: list[str],
+    raw_labels: list[int] | list[str],
+    storage: Storage,
+    limits: DatasetLimits,
+    field: str,
+    *,
+    manifest_bytes: int,
+) -> LoadedDataset:
+    """The images at `keys` (checked by `parse_manifest`, relative to the folder of the manifest at
+    `uri`, which took `manifest_bytes`), labelled by `raw_labels`."""
     infos = locate_keys(uri, keys, storage, field=field)
-    total_bytes = len(raw) + sum(info.size for info in infos)
+    total_bytes = manifest_bytes + sum(info.size for info in infos)
     if total_bytes > limits.max_bytes:
         raise too_large(f"{shown(uri)} with the images it lists", total_bytes, limits)
     labels, class_names = encode_labels(raw_labels, class_names=None, where=shown(uri), limits=limits)
@@ -80,7 +103,7 @@ def load_manifest(
         max_decoded_bytes=limits.max_decoded_bytes,
     )
     return LoadedDataset(
-        images, labels, keys, class_names, bytes_read + len(raw), "file", files_read=len(keys) + 1
+        images, labels, keys, class_names, bytes_read + manifest_bytes, "file", files_read=len(keys) + 1
     )
 
 

@@ -1,12 +1,18 @@
-"""The Parquet format: one row per sample with a `label` column (integers or strings), an optional
-`key` column (strings; default the row number) and a `features` column of embeddings (a
-fixed-size list or a list of floats, the same length in every row).
+"""The Parquet format: one row per sample with a label column (integers or strings), an optional key
+column (strings; default the row number) and either an embedding column (a fixed-size list or a
+list of floats, the same length in every row) or a column of image object keys.
+
+The columns are `label`, `key` and `features` unless the job's ParquetOptions name others; with
+`image_key_column` set, the samples are the images that column names, relative to the Parquet
+file's folder (checked and read as a CSV manifest's keys are, `datasets.manifests`), and the keys
+default to the image keys. A column the options name that the file lacks is INVALID_ARGUMENT
+naming the option (`options.missing_column`).
 
 The file's size comes from its stat or listing before anything is read, the row count and the
 columns' types from the footer before any column is decoded, and the embedding width from the
 schema (fixed-size lists) or the first row group (lists), so `max_samples` and
 `max_decoded_bytes` are checked before the feature matrix is allocated. The matrix is then filled
-one row group at a time, reading only the three columns, so the peak is the float32 matrix plus
+one row group at a time, reading only the named columns, so the peak is the float32 matrix plus
 one row group's columns: for a million 512-d rows no more than the `.npz` path needs.
 """
 
@@ -14,6 +20,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,14 +38,88 @@ from o2u_server.datasets.dataset import (
     too_much_decoded,
 )
 from o2u_server.datasets.labels import encode_labels
+from o2u_server.datasets.manifests import ManifestRow, load_listed_images, parse_manifest
+from o2u_server.datasets.options import (
+    DEFAULT_EMBEDDING_COLUMN,
+    DEFAULT_KEY_COLUMN,
+    DEFAULT_LABEL_COLUMN,
+    missing_column,
+)
+from o2u_server.domain import DatasetOptions, ParquetOptions
 from o2u_server.storage import Storage
 from o2u_server.text import shown
 
-__all__ = ["FEATURES_COLUMN", "KEY_COLUMN", "LABEL_COLUMN", "load_parquet"]
+__all__ = ["Columns", "load_parquet", "resolve_columns"]
 
-LABEL_COLUMN = "label"
-KEY_COLUMN = "key"
-FEATURES_COLUMN = "features"
+
+@dataclass(frozen=True)
+class Columns:
+    """The columns read, resolved against the file's schema."""
+
+    label: str
+    key: str | None  # None: the file has no (default) key column
+    features: str | None  # the embeddings; None in image-key mode
+    image_key: str | None  # the image object keys; None in embedding mode
+
+    @property
+    def names(self) -> list[str]:
+        return list(dict.fromkeys(c for c in (self.label, self.features, self.image_key, self.key) if c))
+
+
+def resolve_columns(options: ParquetOptions, schema: pa.Schema, where: str) -> Columns:
+    """The columns `options` name (defaults filled in), each checked to be in `schema` and typed."""
+    names = list(schema.names)
+    wanted = {
+        "label_column": options.label_column or DEFAULT_LABEL_COLUMN,
+        "image_key_column" if options.image_key_column else "embedding_column": (
+            options.image_key_column or options.embedding_column or DEFAULT_EMBEDDING_COLUMN
+        ),
+    }
+    if options.key_column:
+        wanted["key_column"] = options.key_column
+    for option, column in wanted.items():
+        if column not in names:
+            raise missing_column(option, column, where, names)
+    key = options.key_column or (DEFAULT_KEY_COLUMN if DEFAULT_KEY_COLUMN in names else None)
+    if key is not None and key == wanted["label_column"]:
+        key = None  # the default key column is the caller's label column
+    columns = Columns(
+        label=wanted["label_column"],
+        key=key,
+        features=wanted.get("embedding_column"),
+        image_key=wanted.get("image_key_column"),
+    )
+    _check_types(where, schema, columns)
+    return columns
+
+
+def _is_string(column_type: pa.DataType) -> bool:
+    return bool(pa.types.is_string(column_type) or pa.types.is_large_string(column_type))
+
+
+def _check_types(where: str, schema: pa.Schema, columns: Columns) -> None:
+    label = schema.field(columns.label).type
+    if not (pa.types.is_integer(label) or _is_string(label)):
+        raise invalid_dataset(
+            f"{where}: the label column {columns.label} must be integers or strings, got {label}"
+        )
+    for name in (columns.key, columns.image_key):
+        if name is not None and not _is_string(schema.field(name).type):
+            raise invalid_dataset(f"{where}: column {name} must be strings, got {schema.field(name).type}")
+    if columns.features is None:
+        return
+    features = schema.field(columns.features).type
+    is_list = (
+        pa.types.is_list(features)
+        or pa.types.is_large_list(features)
+        or pa.types.is_fixed_size_list(features)
+    )
+    if not is_list or not (
+        pa.types.is_floating(features.value_type) or pa.types.is_integer(features.value_type)
+    ):
+        raise invalid_dataset(
+            f"{where}: the embedding column {columns.features} must be a list of numbers, got {features}"
+        )
 
 
 def _open(uri: str, storage: Storage, limits: DatasetLimits, field: str) -> tuple[Any, int, bool]:
@@ -55,54 +137,36 @@ def _open(uri: str, storage: Storage, limits: DatasetLimits, field: str) -> tupl
     return pa.BufferReader(pa.py_buffer(buffer)), size, False
 
 
-def _width(where: str, parquet: pq.ParquetFile, column_type: pa.DataType) -> int:
+def _width(where: str, parquet: pq.ParquetFile, column: str) -> int:
+    column_type = parquet.schema_arrow.field(column).type
     if pa.types.is_fixed_size_list(column_type):
         return int(column_type.list_size)
-    first = parquet.read_row_group(0, columns=[FEATURES_COLUMN]).column(0)
+    first = parquet.read_row_group(0, columns=[column]).column(0)
     lengths = first.combine_chunks().value_lengths() if first.num_chunks else pa.array([], pa.int32())
     if len(lengths) == 0 or lengths.null_count:
-        raise invalid_dataset(f"{where}: the {FEATURES_COLUMN} column has empty or null rows")
+        raise invalid_dataset(f"{where}: the embedding column {column} has empty or null rows")
     return int(pa.compute.max(lengths).as_py())
 
 
-def _check_schema(where: str, schema: pa.Schema) -> pa.DataType:
-    names = set(schema.names)
-    missing = [name for name in (LABEL_COLUMN, FEATURES_COLUMN) if name not in names]
-    if missing:
-        raise invalid_dataset(
-            f"{where} lacks the column(s) {', '.join(missing)}; it holds {', '.join(schema.names) or 'none'} "
-            f"(expected {LABEL_COLUMN}, {FEATURES_COLUMN}: a list of floats, optional {KEY_COLUMN})"
-        )
-    features = schema.field(FEATURES_COLUMN).type
-    is_list = (
-        pa.types.is_list(features)
-        or pa.types.is_large_list(features)
-        or pa.types.is_fixed_size_list(features)
-    )
-    if not is_list or not (
-        pa.types.is_floating(features.value_type) or pa.types.is_integer(features.value_type)
-    ):
-        raise invalid_dataset(f"{where}: {FEATURES_COLUMN} must be a list of numbers, got {features}")
-    label = schema.field(LABEL_COLUMN).type
-    if not (pa.types.is_integer(label) or pa.types.is_string(label) or pa.types.is_large_string(label)):
-        raise invalid_dataset(f"{where}: {LABEL_COLUMN} must be integers or strings, got {label}")
-    if KEY_COLUMN in names and not pa.types.is_string(schema.field(KEY_COLUMN).type):
-        raise invalid_dataset(f"{where}: {KEY_COLUMN} must be strings, got {schema.field(KEY_COLUMN).type}")
-    return features
+def _keys(where: str, table: pa.Table, column: str, group: int) -> list[str]:
+    values: list[str] = table.column(column).to_pylist()
+    if any(value is None or value == "" for value in values):
+        raise invalid_dataset(f"{where}: row group {group} has empty values in column {column}")
+    return values
 
 
 def _fill(
-    where: str, parquet: pq.ParquetFile, features: np.ndarray[Any, Any], has_key: bool
+    where: str, parquet: pq.ParquetFile, features: np.ndarray[Any, Any], columns: Columns
 ) -> tuple[list[Any], list[str]]:
+    assert columns.features is not None
     labels: list[Any] = []
     keys: list[str] = []
-    columns = [LABEL_COLUMN, FEATURES_COLUMN] + ([KEY_COLUMN] if has_key else [])
     row = 0
     width = features.shape[1]
     for group in range(parquet.num_row_groups):
-        table = parquet.read_row_group(group, columns=columns)
-        column = table.column(FEATURES_COLUMN).combine_chunks()
-        if column.null_count or table.column(LABEL_COLUMN).null_count:
+        table = parquet.read_row_group(group, columns=columns.names)
+        column = table.column(columns.features).combine_chunks()
+        if column.null_count or table.column(columns.label).null_count:
             raise invalid_dataset(f"{where}: row group {group} has null labels or features")
         lengths = (
             np.full(len(column), width)
@@ -116,20 +180,60 @@ def _fill(
             )
         values = column.flatten().to_numpy(zero_copy_only=False)
         features[row : row + len(column)] = values.reshape(len(column), width)
-        labels.extend(table.column(LABEL_COLUMN).to_pylist())
-        if has_key:
-            key_values = table.column(KEY_COLUMN).to_pylist()
-            if any(key is None or key == "" for key in key_values):
-                raise invalid_dataset(f"{where}: row group {group} has empty keys")
-            keys.extend(key_values)
+        labels.extend(table.column(columns.label).to_pylist())
+        if columns.key is not None:
+            keys.extend(_keys(where, table, columns.key, group))
         row += len(column)
         del table, column, values
     return labels, keys
 
 
-def load_parquet(uri: str, storage: Storage, limits: DatasetLimits, field: str) -> LoadedDataset:
+def _image_rows(
+    where: str, parquet: pq.ParquetFile, columns: Columns, keys: list[str]
+) -> Iterator[ManifestRow]:
+    """(row number, image key, label) per row, one row group at a time; sample keys into `keys`."""
+    assert columns.image_key is not None
+    row = 0
+    for group in range(parquet.num_row_groups):
+        table = parquet.read_row_group(group, columns=columns.names)
+        if table.column(columns.label).null_count:
+            raise invalid_dataset(f"{where}: row group {group} has null labels")
+        image_keys = _keys(where, table, columns.image_key, group)
+        if columns.key is not None:
+            keys.extend(_keys(where, table, columns.key, group))
+        for image_key, label in zip(image_keys, table.column(columns.label).to_pylist(), strict=True):
+            yield row, image_key, label
+            row += 1
+        del table
+
+
+def _load_embeddings(
+    where: str, parquet: pq.ParquetFile, columns: Columns, limits: DatasetLimits
+) -> tuple[np.ndarray[Any, Any], list[Any], list[str]]:
+    assert columns.features is not None
+    count = parquet.metadata.num_rows
+    width = _width(where, parquet, columns.features)
+    if width <= 0:
+        raise invalid_dataset(f"{where}: the rows of the embedding column {columns.features} are empty")
+    decoded = count * width * 4
+    if decoded > limits.max_decoded_bytes:
+        raise too_much_decoded(f"{where} (its features, decoded)", decoded, limits)
+    features = np.empty((count, width), dtype=np.float32)
+    raw_labels, keys = _fill(where, parquet, features, columns)
+    return features, raw_labels, keys
+
+
+def _check_unique(where: str, keys: list[str], columns: Columns) -> None:
+    if columns.key is not None and len(set(keys)) != len(keys):
+        raise invalid_dataset(f"{where}: keys (column {columns.key}) must be unique")
+
+
+def load_parquet(
+    uri: str, storage: Storage, limits: DatasetLimits, field: str, options: DatasetOptions
+) -> LoadedDataset:
     where = shown(uri)
     source, size, local = _open(uri, storage, limits, field)
+    image_keys: list[str] = []
     try:
         try:
             parquet = pq.ParquetFile(source)
@@ -140,31 +244,33 @@ def load_parquet(uri: str, storage: Storage, limits: DatasetLimits, field: str) 
             raise too_many_samples(where, count, limits)
         if count == 0:
             raise empty_dataset(where, "the file has no rows")
-        feature_type = _check_schema(where, parquet.schema_arrow)
-        width = _width(where, parquet, feature_type)
-        if width <= 0:
-            raise invalid_dataset(f"{where}: {FEATURES_COLUMN} rows are empty")
-        decoded = count * width * 4
-        if decoded > limits.max_decoded_bytes:
-            raise too_much_decoded(f"{where} (its features, decoded)", decoded, limits)
-        features = np.empty((count, width), dtype=np.float32)
-        has_key = KEY_COLUMN in parquet.schema_arrow.names
+        columns = resolve_columns(options.parquet or ParquetOptions(), parquet.schema_arrow, where)
+        keys: list[str] = []
         try:
-            raw_labels, keys = _fill(where, parquet, features, has_key)
+            if columns.image_key is None:
+                features, raw_labels, keys = _load_embeddings(where, parquet, columns, limits)
+            else:
+                rows = _image_rows(where, parquet, columns, keys)
+                image_keys, raw_labels = parse_manifest(rows, uri=uri, limits=limits)
         except (pa.ArrowException, OSError) as error:
             raise invalid_dataset(f"{where}: unreadable row group: {error}") from error
     finally:
         if isinstance(source, io.IOBase):
             source.close()
-    if has_key and len(set(keys)) != len(keys):
-        raise invalid_dataset(f"{where}: keys must be unique")
-    labels, names = encode_labels(np.asarray(raw_labels), class_names=None, where=where, limits=limits)
+    _check_unique(where, keys, columns)
     if local:
         storage.reads.add(size, files=1)  # a download counted itself
+    if columns.image_key is not None:
+        dataset = load_listed_images(uri, image_keys, raw_labels, storage, limits, field, manifest_bytes=size)
+        dataset.source = "file" if local else "s3"
+        if columns.key is not None:
+            dataset.keys = keys
+        return dataset
+    labels, names = encode_labels(np.asarray(raw_labels), class_names=None, where=where, limits=limits)
     return LoadedDataset(
         features=features,
         labels=labels,
-        keys=keys if has_key else [str(i) for i in range(count)],
+        keys=keys if columns.key is not None else [str(i) for i in range(count)],
         class_names=names,
         bytes_read=size,
         source="file" if local else "s3",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from o2u_server.domain import (
     Progress,
     RunInfo,
     ScoreTuple,
+    SkippedRecords,
     Stage,
 )
 from o2u_server.errors import Internal, InvalidArgument, ResourceExhausted, ServiceError
@@ -229,8 +230,10 @@ def run_info(
     engine_version: str = o2u_engine.__version__,
     torch_version: str = torch.__version__,
     world_size: int = 1,
+    skipped: Sequence[SkippedRecords] = (),
 ) -> RunInfo:
-    """What runs (or ran), enough to reproduce it: the resolved config, its seed, versions, device."""
+    """What runs (or ran), enough to reproduce it: the resolved config, its seed, versions, device,
+    and the dataset's records left out."""
     return RunInfo(
         seed=config.seed,
         engine_version=engine_version,
@@ -243,6 +246,7 @@ def run_info(
         model=config.model,
         dataset_digest=dataset_digest,
         world_size=world_size,
+        skipped=tuple(skipped),
     )
 
 
@@ -273,6 +277,7 @@ def job_results(
         engine_version=report.engine_version,
         torch_version=report.torch_version,
         world_size=world_size,
+        skipped=dataset.skipped,
     )
     summary = _summary(report, job_id=job_id, class_names=dataset.class_names, info=info)
     return JobResults(_ScoreRows(report, dataset.keys), summary, info)

@@ -194,7 +194,9 @@ class Execution:
                 control.lost.set()  # the next chunk read stops the load (Stopped)
 
         storage = self._storage.for_job(control.requested, loading_progress(on_loading))
-        dataset = load_dataset(spec.dataset_uri, spec.dataset_format, storage, self._limits)
+        dataset = load_dataset(
+            spec.dataset_uri, spec.dataset_format, storage, self._limits, options=spec.dataset_options
+        )
         self._metrics.dataset_bytes_read.labels(source=dataset.source).inc(dataset.bytes_read)
         reads = storage.reads
         self._record_progress(
@@ -218,6 +220,7 @@ class Execution:
             server_version=self._server_version,
             dataset_digest=dataset.digest,
             world_size=self._engine.world_size,
+            skipped=dataset.skipped,
         )
         self._persist(lambda: self._claims.set_run_info(lease, planned, time.time()))
         checkpoint = self._checkpoints.prepare(lease)

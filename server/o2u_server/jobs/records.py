@@ -17,6 +17,7 @@ from o2u_server.domain import (
     CleanRetrainingInfo,
     ConfusedPair,
     DatasetFormat,
+    DatasetOptions,
     DatasetSummary,
     EventType,
     Job,
@@ -27,6 +28,7 @@ from o2u_server.domain import (
     LabelAccuracy,
     Progress,
     RunInfo,
+    SkippedRecords,
     Stage,
 )
 
@@ -62,7 +64,13 @@ def decode_error(text: str | None) -> JobError | None:
 
 
 def _run_info(data: dict[str, Any] | None) -> RunInfo | None:
-    return None if data is None else RunInfo(**data)
+    if data is None:
+        return None
+    skipped = tuple(
+        SkippedRecords(**{**item, "first_keys": tuple(item["first_keys"])})
+        for item in data.pop("skipped", ())
+    )
+    return RunInfo(**data, skipped=skipped)
 
 
 def decode_run_info(text: str | None) -> RunInfo | None:
@@ -98,6 +106,7 @@ def new_job_row(job_id: str, spec: JobSpec, now: float) -> dict[str, object]:
         "config_json": json.dumps(spec.config, sort_keys=True),
         "initial_weights_uri": spec.initial_weights_uri,
         "webhook_url": spec.webhook_url,
+        "dataset_options_json": spec.dataset_options.to_json() if spec.dataset_options else None,
         "state": JobState.QUEUED.value,
         "create_time": now,
         "update_time": now,
@@ -114,6 +123,9 @@ def job_from_row(row: Mapping[Any, Any]) -> Job:
         request_id=row["request_id"],
         webhook_url=row["webhook_url"],
         owner=row["owner"],
+        dataset_options=(
+            DatasetOptions.from_json(row["dataset_options_json"]) if row["dataset_options_json"] else None
+        ),
     )
     return Job(
         job_id=row["job_id"],

@@ -11,7 +11,7 @@ import math
 import re
 import uuid
 
-from o2u_server.datasets import check_dataset_uri
+from o2u_server.datasets import check_dataset_options, check_dataset_uri
 from o2u_server.domain import JobSpec, ScoreFilter
 from o2u_server.errors import InvalidArgument
 from o2u_server.jobs.engine import engine_config
@@ -41,7 +41,7 @@ def check_job_id(job_id: str) -> str:
 
 
 def check_job_spec(spec: JobSpec, storage: Storage) -> None:
-    """A new job's request_id, display name, config values and URIs, in that order."""
+    """A new job's request_id, display name, config values, URIs and dataset options, in that order."""
     if spec.request_id is not None and not _REQUEST_ID.fullmatch(spec.request_id):
         raise InvalidArgument(
             "request_id must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_' (a UUID is recommended)",
@@ -53,6 +53,7 @@ def check_job_spec(spec: JobSpec, storage: Storage) -> None:
         raise InvalidArgument(f"display_name {problem}", reason="INVALID_DISPLAY_NAME", field="display_name")
     engine_config(spec.config)  # INVALID_ARGUMENT naming the field, before anything is stored
     check_dataset_uri(spec.dataset_uri, spec.dataset_format, storage)
+    check_dataset_options(spec.dataset_uri, spec.dataset_format, spec.dataset_options)
     if spec.initial_weights_uri:
         storage.parse(spec.initial_weights_uri, field="config.initial_weights_uri")
 

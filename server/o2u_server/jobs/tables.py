@@ -74,6 +74,8 @@ jobs = Table(
     Column("lease_owner", Text),
     Column("lease_expires_at", Double),
     Column("webhook_url", Text),
+    # The DatasetOptions the job was created with, as JSON; NULL: the format's defaults.
+    Column("dataset_options_json", Text),
     Index("jobs_by_state", "state", "seq"),
     Index("jobs_by_owner", "owner", "seq"),
     Index("jobs_owner_request_id_key", "owner", "request_id", unique=True),

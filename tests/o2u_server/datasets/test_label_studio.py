@@ -124,8 +124,8 @@ def test_choose_label_rules() -> None:
     ]
     assert choose_label(anns) == ("cat", "")
     assert choose_label(anns, rule="majority") == ("dog", "")
-    assert choose_label([anns[3]]) == (None, "every annotation was cancelled")
-    assert choose_label([]) == (None, "no annotations")
+    assert choose_label([anns[3]]) == (None, "ALL_ANNOTATIONS_CANCELLED")
+    assert choose_label([]) == (None, "NO_ANNOTATIONS")
 
 
 def test_not_an_export_is_invalid(store: Store) -> None:

@@ -88,7 +88,7 @@ def test_limits_are_checked_from_the_footer(store: Store) -> None:
 def test_malformed_files_are_invalid_argument(store: Store) -> None:
     no_features = pa.table({"label": [0, 1], "key": ["a", "b"]})
     uri = store.put("sets/nofeat.parquet", parquet_bytes(no_features))
-    with pytest.raises(InvalidArgument, match="lacks the column"):
+    with pytest.raises(InvalidArgument, match=r"embedding_column 'features' is not a column"):
         load_dataset(uri, None, store.storage, LIMITS)
     ragged = pa.table({"label": [0, 1, 0], "features": pa.array([[1.0, 2.0], [3.0], [4.0, 5.0]])})
     uri = store.put("sets/ragged.parquet", parquet_bytes(ragged))

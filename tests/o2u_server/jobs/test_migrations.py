@@ -4,19 +4,22 @@ place with its jobs."""
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 from pathlib import Path
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from o2u_server.domain import JobState
-from o2u_server.jobs.migrate import head_revision
+from o2u_server.domain import DatasetOptions, JobState, LabelStudioOptions, SkippedRecords
+from o2u_server.jobs.migrate import SCRIPT_LOCATION, head_revision
 from o2u_server.jobs.store import JobStore
 from o2u_server.jobs.tables import metadata
-from tests.o2u_server.jobs.store_testing import claim, job_id
+from tests.o2u_server.jobs.store_testing import INFO, SPEC, claim, job_id
 from tests.postgres_server import PostgresServer
 from tests.server_testing import sqlite_integrity
 
@@ -116,7 +119,56 @@ def test_a_store_from_before_migrations_is_upgraded_in_place(tmp_path: Path) -> 
         lease, job, event = claim(store, now=4.0)
         assert (lease.attempt, job.state, event.sequence) == (2, JobState.RUNNING, 4)
         columns = {column["name"] for column in inspect(store.db.engine).get_columns("jobs")}
-        assert {"lease_owner", "lease_expires_at"} <= columns
+        assert {"lease_owner", "lease_expires_at", "dataset_options_json"} <= columns
     finally:
         store.close()
     assert sqlite_integrity(path) == "ok"
+
+
+def test_revision_0006_adds_the_dataset_options_to_jobs_of_0005(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as conn:
+            config = Config()
+            config.set_main_option("script_location", str(SCRIPT_LOCATION))
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0005")
+            conn.commit()
+            columns = {column["name"] for column in inspect(conn).get_columns("jobs")}
+            assert "dataset_options_json" not in columns
+    finally:
+        engine.dispose()
+    store = JobStore(path)
+    store.open()  # migrates 0005 -> head
+    try:
+        columns = {column["name"]: column for column in inspect(store.db.engine).get_columns("jobs")}
+        assert columns["dataset_options_json"]["nullable"]
+        store.create_job(job_id(1), SPEC, 1.0, max_queued=10)
+        assert store.get_job(job_id(1)).spec.dataset_options is None, "no options: the defaults"
+    finally:
+        store.close()
+    assert sqlite_integrity(path) == "ok"
+
+
+def test_dataset_options_and_skipped_records_survive_a_restart(database: str | Path) -> None:
+    options = DatasetOptions(label_studio=LabelStudioOptions("majority", "picture"))
+    spec = dataclasses.replace(SPEC, dataset_uri="file:///data/export.json", dataset_options=options)
+    skipped = (SkippedRecords("ALL_ANNOTATIONS_CANCELLED", "every annotation was cancelled", 12, ("7", "9")),)
+    store = JobStore(database)
+    store.open()
+    try:
+        store.create_job(job_id(1), spec, 1.0, max_queued=10)
+        lease, _, _ = claim(store)
+        store.claims.set_run_info(lease, dataclasses.replace(INFO, skipped=skipped), 3.0)
+    finally:
+        store.close()
+    reopened = JobStore(database)
+    reopened.open()
+    try:
+        job = reopened.get_job(job_id(1))
+        assert job.spec.dataset_options == options
+        assert job.run_info is not None
+        assert job.run_info.skipped == skipped
+    finally:
+        reopened.close()

@@ -250,6 +250,30 @@ JOB_EVENT_TYPE_PROGRESS: JobEventType.ValueType  # 2
 """An epoch finished; `progress` holds its figures."""
 Global___JobEventType: _TypeAlias = JobEventType  # noqa: Y015
 
+class _AnnotationRule:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AnnotationRuleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AnnotationRule.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ANNOTATION_RULE_UNSPECIFIED: _AnnotationRule.ValueType  # 0
+    """The default: ANNOTATION_RULE_LATEST."""
+    ANNOTATION_RULE_LATEST: _AnnotationRule.ValueType  # 1
+    """The annotation updated last (`updated_at`, else `created_at`, else the last listed)."""
+    ANNOTATION_RULE_MAJORITY: _AnnotationRule.ValueType  # 2
+    """The most frequent label among the task's annotations; a tie goes to the latest of the tied."""
+
+class AnnotationRule(_AnnotationRule, metaclass=_AnnotationRuleEnumTypeWrapper):
+    """AnnotationRule says which annotation labels a Label Studio task that has several."""
+
+ANNOTATION_RULE_UNSPECIFIED: AnnotationRule.ValueType  # 0
+"""The default: ANNOTATION_RULE_LATEST."""
+ANNOTATION_RULE_LATEST: AnnotationRule.ValueType  # 1
+"""The annotation updated last (`updated_at`, else `created_at`, else the last listed)."""
+ANNOTATION_RULE_MAJORITY: AnnotationRule.ValueType  # 2
+"""The most frequent label among the task's annotations; a tie goes to the latest of the tied."""
+Global___AnnotationRule: _TypeAlias = AnnotationRule  # noqa: Y015
+
 class _WebhookOutcome:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -292,22 +316,164 @@ class DatasetRef(_message.Message):
 
     URI_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
     uri: _builtins.str
     """`s3://bucket/key` or `file:///absolute/path` under one of the server's data roots."""
     format: Global___DatasetFormat.ValueType
+    @_builtins.property
+    def options(self) -> Global___DatasetOptions:
+        """How the dataset's format is read; unset: that format's defaults. Kept with the job, so every
+        attempt (on any replica) reads the dataset the same way.
+        """
+
     def __init__(
         self,
         *,
         uri: _builtins.str = ...,
         format: Global___DatasetFormat.ValueType = ...,
+        options: Global___DatasetOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "options", b"options", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DatasetRef: _TypeAlias = DatasetRef  # noqa: Y015
+
+@_typing.final
+class DatasetOptions(_message.Message):
+    """DatasetOptions tune how one dataset format is read. Options of another format than the one the
+    dataset is read as (given or inferred from the URI) are INVALID_ARGUMENT naming the option.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARQUET_FIELD_NUMBER: _builtins.int
+    LABEL_STUDIO_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def parquet(self) -> Global___ParquetOptions: ...
+    @_builtins.property
+    def label_studio(self) -> Global___LabelStudioOptions: ...
+    def __init__(
+        self,
+        *,
+        parquet: Global___ParquetOptions | None = ...,
+        label_studio: Global___LabelStudioOptions | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["format_options", b"format_options", "label_studio", b"label_studio", "parquet", b"parquet"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format_options", b"format_options", "label_studio", b"label_studio", "parquet", b"parquet"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_format_options: _TypeAlias = _typing.Literal["parquet", "label_studio"]  # noqa: Y015
+    _WhichOneofArgType_format_options: _TypeAlias = _typing.Literal["format_options", b"format_options"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_format_options) -> _WhichOneofReturnType_format_options | None: ...
+
+Global___DatasetOptions: _TypeAlias = DatasetOptions  # noqa: Y015
+
+@_typing.final
+class ParquetOptions(_message.Message):
+    """ParquetOptions name the columns of a DATASET_FORMAT_PARQUET file; an empty name takes the
+    default. A named column that the file lacks fails the job with INVALID_ARGUMENT naming the option.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_COLUMN_FIELD_NUMBER: _builtins.int
+    KEY_COLUMN_FIELD_NUMBER: _builtins.int
+    EMBEDDING_COLUMN_FIELD_NUMBER: _builtins.int
+    IMAGE_KEY_COLUMN_FIELD_NUMBER: _builtins.int
+    label_column: _builtins.str
+    """Labels (integers or strings); default `label`."""
+    key_column: _builtins.str
+    """Sample keys (strings, unique); default `key`, which may be absent (keys are then the row
+    numbers, or the image keys with image_key_column). A key_column that is named must exist.
+    """
+    embedding_column: _builtins.str
+    """Embeddings (a list or fixed-size list of numbers, one width for every row); default `features`."""
+    image_key_column: _builtins.str
+    """Set, the samples are images: this column holds object keys relative to the Parquet file's
+    folder (read as a CSV manifest's keys are), and embedding_column must be unset.
+    """
+    def __init__(
+        self,
+        *,
+        label_column: _builtins.str = ...,
+        key_column: _builtins.str = ...,
+        embedding_column: _builtins.str = ...,
+        image_key_column: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding_column", b"embedding_column", "image_key_column", b"image_key_column", "key_column", b"key_column", "label_column", b"label_column"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParquetOptions: _TypeAlias = ParquetOptions  # noqa: Y015
+
+@_typing.final
+class LabelStudioOptions(_message.Message):
+    """LabelStudioOptions tune how a DATASET_FORMAT_LABEL_STUDIO export is read. Cancelled annotations
+    never count.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANNOTATION_RULE_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_FIELD_NUMBER: _builtins.int
+    annotation_rule: Global___AnnotationRule.ValueType
+    image_field: _builtins.str
+    """The task data field that names the image (`data.<image_field>`); default `image`."""
+    def __init__(
+        self,
+        *,
+        annotation_rule: Global___AnnotationRule.ValueType = ...,
+        image_field: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotation_rule", b"annotation_rule", "image_field", b"image_field"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelStudioOptions: _TypeAlias = LabelStudioOptions  # noqa: Y015
+
+@_typing.final
+class SkippedRecords(_message.Message):
+    """SkippedRecords counts the records of a dataset that were left out of the job for one reason."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    FIRST_KEYS_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """UPPER_SNAKE_CASE: NO_ANNOTATIONS, ALL_ANNOTATIONS_CANCELLED, NO_CHOICES_RESULT or NO_IMAGE."""
+    description: _builtins.str
+    """The reason in words."""
+    count: _builtins.int
+    @_builtins.property
+    def first_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The keys of the first (up to 10) records skipped for this reason, in file order; for Label
+        Studio, the task ids.
+        """
+
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        description: _builtins.str = ...,
+        count: _builtins.int = ...,
+        first_keys: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "description", b"description", "first_keys", b"first_keys", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkippedRecords: _TypeAlias = SkippedRecords  # noqa: Y015
 
 @_typing.final
 class ScoringConfig(_message.Message):
@@ -590,6 +756,7 @@ class RunInfo(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     DATASET_DIGEST_FIELD_NUMBER: _builtins.int
     WORLD_SIZE_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     engine_version: _builtins.str
     torch_version: _builtins.str
@@ -610,6 +777,12 @@ class RunInfo(_message.Message):
     """How many data-parallel workers (GPUs, or processes on a CPU server) trained the job together;
     the scores are deterministic for a given world size and seed.
     """
+    @_builtins.property
+    def skipped(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedRecords]:
+        """Records of the dataset that were not scored, one entry per reason (Label Studio tasks without
+        a usable annotation or image); empty when every record was scored.
+        """
+
     def __init__(
         self,
         *,
@@ -624,10 +797,11 @@ class RunInfo(_message.Message):
         model: _builtins.str = ...,
         dataset_digest: _builtins.str = ...,
         world_size: _builtins.int = ...,
+        skipped: _abc.Iterable[Global___SkippedRecords] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_digest", b"dataset_digest", "device", b"device", "engine_version", b"engine_version", "model", b"model", "num_classes", b"num_classes", "num_samples", b"num_samples", "resolved_config_json", b"resolved_config_json", "seed", b"seed", "server_version", b"server_version", "torch_version", b"torch_version", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_digest", b"dataset_digest", "device", b"device", "engine_version", b"engine_version", "model", b"model", "num_classes", b"num_classes", "num_samples", b"num_samples", "resolved_config_json", b"resolved_config_json", "seed", b"seed", "server_version", b"server_version", "skipped", b"skipped", "torch_version", b"torch_version", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
