@@ -43,7 +43,7 @@ from o2u_engine.phases import (
     retraining_samples,
     stage_epoch,
 )
-from o2u_engine.rank import label_disagreement, noise_scores, rate_estimator, suspected_set
+from o2u_engine.rank import confident_disagreement, noise_scores, rate_estimator, suspected_set
 from o2u_engine.report import CleanRetrainingResult, ProgressEvent
 from o2u_engine.statistics import CyclicStatistics
 
@@ -273,7 +273,7 @@ class Trainer:
         """Stage 3's samples, for exactly the suspects the report will name (stage 2 is over)."""
         scores = noise_scores(self.statistics.scores(self.config.score).cpu().numpy())
         counts = self.statistics.prediction_counts.cpu().numpy()
-        disagrees = label_disagreement(counts, self.labels.cpu().numpy(), self.statistics.epochs)
+        disagrees = confident_disagreement(counts, self.labels.cpu().numpy())
         return retraining_samples(
             self.split,
             suspected_set(

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from o2u_engine.rank import (
+    confident_disagreement,
     estimate_noise,
     fit_two_gaussians,
-    label_disagreement,
     noise_ranking,
     noise_scores,
     rank_scores,
@@ -101,9 +101,67 @@ def test_a_capped_clean_set_is_not_reported_half_wrong() -> None:
     assert estimate_noise(scores)[1:] == (0.5, True)
 
 
-def test_label_disagreement_follows_the_suggested_labels() -> None:
-    counts = np.array([[3, 3, 0], [0, 1, 5], [4, 0, 0]], dtype=np.int32)
-    assert label_disagreement(counts, np.array([1, 1, 0]), 6).tolist() == [False, True, False]
+def test_confident_disagreement_needs_a_vote_share_at_the_class_threshold() -> None:
+    # Class thresholds: the mean share each class gets from its own samples. Class 0's samples give
+    # it 1.0, 1.0, 0.4 (threshold 0.8); class 1's give 1.0, 0.6, 0.2 (threshold 0.6).
+    counts = np.array(
+        [
+            [10, 0],  # label 0, all votes for 0
+            [10, 0],  # label 0
+            [4, 6],  # label 0, most votes for 1 at 0.6 >= class 1's threshold: flagged
+            [0, 10],  # label 1
+            [4, 6],  # label 1, its own share 0.6 reaches the threshold
+            [8, 2],  # label 1, class 0 at 0.8 reaches class 0's threshold: flagged
+        ],
+        dtype=np.int32,
+    )
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    assert confident_disagreement(counts, labels).tolist() == [False, False, True, False, False, True]
+    # Plain disagreement would also flag a split vote below the other class's threshold.
+    split = np.array([[10, 0], [10, 0], [6, 4], [0, 10], [0, 10], [3, 7]], dtype=np.int32)
+    # class 0's threshold (1 + 1 + 0.6) / 3 = 0.867: sample 5's 0.3 for class 0 does not reach it
+    assert confident_disagreement(split, labels).tolist() == [False] * 6
+
+
+def test_confident_disagreement_on_ties_and_silent_classes() -> None:
+    # A tie with the given label keeps it (every threshold here is 0.5).
+    ties = np.full((4, 2), 5, dtype=np.int32)
+    assert not confident_disagreement(ties, np.array([0, 0, 1, 1])).any()
+    # A class its own samples never vote for (class 2) or that no sample carries (class 1) has
+    # threshold 0 and never counts, or every sample would reach it; class 0's threshold is 0.95.
+    counts = np.array([[9, 0, 1], [10, 0, 0], [10, 0, 0], [0, 10, 0]], dtype=np.int32)
+    flagged = confident_disagreement(counts, np.array([0, 0, 2, 2]))
+    assert flagged.tolist() == [False, False, True, False]
+    assert confident_disagreement(np.zeros((0, 3), dtype=np.int32), np.zeros(0, dtype=np.int64)).shape == (0,)
+
+
+def test_an_underfitted_run_does_not_count_its_uncertain_samples() -> None:
+    """A network that still gets hard clean samples wrong now and then: plain disagreement counts
+    them, the confident joint only the samples voted for another class as firmly as that class's
+    own samples vote for it."""
+    rng = np.random.default_rng(0)
+    num_samples, num_classes, epochs = 2000, 5, 15
+    true = np.arange(num_samples) % num_classes
+    labels = true.copy()
+    wrong = rng.random(num_samples) < 0.1
+    labels[wrong] = (true[wrong] + rng.integers(1, num_classes, wrong.sum())) % num_classes
+    # Per-sample probability of predicting the true class each epoch: easy (0.95) or hard (0.3);
+    # a wrong vote goes to a random other class.
+    hit = np.where(rng.random(num_samples) < 0.8, 0.95, 0.3)
+    votes = np.where(
+        rng.random((num_samples, epochs)) < hit[:, None],
+        true[:, None],
+        (true[:, None] + rng.integers(1, num_classes, (num_samples, epochs))) % num_classes,
+    )
+    counts = np.zeros((num_samples, num_classes), dtype=np.int32)
+    np.add.at(counts, (np.repeat(np.arange(num_samples), epochs), votes.ravel()), 1)
+    plain = counts.argmax(axis=1) != labels
+    confident = confident_disagreement(counts, labels)
+    assert wrong.mean() == pytest.approx(0.105)
+    assert plain.mean() > 0.18  # the hard clean samples inflate it...
+    assert wrong[plain].mean() < 0.6
+    assert confident.mean() == pytest.approx(wrong.mean(), abs=0.03)  # ...but not the confident count
+    assert wrong[confident].mean() >= 0.95
 
 
 def test_a_minority_high_group_is_not_capped() -> None:

@@ -79,7 +79,7 @@ def health_line(summary: DatasetSummary) -> str:
     if summary.noise_rate_capped:
         line += (
             " (the scores did not separate into a clean majority and a noisy minority: the rate is the "
-            "share of labels the network disagreed with; check the training length)"
+            "share of labels the network confidently disagreed with; check the training length)"
         )
     return line
 

@@ -117,7 +117,7 @@ class DatasetSummary:
     run_info: RunInfo | None
     raw: scoring_pb2.DatasetSummary = field(repr=False, compare=False)
     # The score mixture could not give the noise rate (its high group held most samples):
-    # estimated_noise_rate is the share of labels the network disagreed with instead
+    # estimated_noise_rate is the share of labels the network confidently disagreed with instead
     noise_rate_capped: bool = False
     # Expected label accuracy with its 95% interval (None from servers that do not report it)
     label_accuracy: LabelAccuracy | None = None

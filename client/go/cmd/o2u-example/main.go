@@ -263,7 +263,7 @@ func printResults(ctx context.Context, client *o2u.Client, c *config, jobID stri
 	run := summary.GetRunInfo()
 	capped := ""
 	if summary.GetNoiseRateCapped() {
-		capped = " (capped: the share of labels the network disagreed with)"
+		capped = " (capped: the share of labels the network confidently disagreed with)"
 	}
 	fmt.Fprintf(stdout, "%d samples, %d classes, model %s on %s; estimated noise rate %.1f%%%s, %d suspected\n",
 		summary.GetNumSamples(), summary.GetNumClasses(), run.GetModel(), run.GetDevice(),

@@ -1184,9 +1184,10 @@ class DatasetSummary(_message.Message):
     estimated_label_accuracy: _builtins.float
     """1 - estimated_noise_rate."""
     noise_rate_capped: _builtins.bool
-    """The mixture fitted to the scores put most samples in its high-score group, which the estimate
-    may not report (noise would be the majority, and the labels meaningless): estimated_noise_rate
-    is then a fallback (the share of outlying scores), not the fit, and deserves a second look.
+    """The mixture fitted to the `o2u_loss` scores put most samples in its high-score group, which the
+    estimate may not report (noise would be the majority, and the labels meaningless):
+    estimated_noise_rate is then the confident-disagreement fallback, not the fit, and deserves a
+    second look. Never set for the `aum` score, whose estimate is that count to begin with.
     """
     @_builtins.property
     def class_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...

@@ -2282,9 +2282,10 @@ type DatasetSummary struct {
 	ConfusedPairs   []*ConfusedPair  `protobuf:"bytes,11,rep,name=confused_pairs,json=confusedPairs,proto3" json:"confused_pairs,omitempty"`
 	CleanRetraining *CleanRetraining `protobuf:"bytes,12,opt,name=clean_retraining,json=cleanRetraining,proto3" json:"clean_retraining,omitempty"`
 	RunInfo         *RunInfo         `protobuf:"bytes,13,opt,name=run_info,json=runInfo,proto3" json:"run_info,omitempty"`
-	// The mixture fitted to the scores put most samples in its high-score group, which the estimate
-	// may not report (noise would be the majority, and the labels meaningless): estimated_noise_rate
-	// is then a fallback (the share of outlying scores), not the fit, and deserves a second look.
+	// The mixture fitted to the `o2u_loss` scores put most samples in its high-score group, which the
+	// estimate may not report (noise would be the majority, and the labels meaningless):
+	// estimated_noise_rate is then the confident-disagreement fallback, not the fit, and deserves a
+	// second look. Never set for the `aum` score, whose estimate is that count to begin with.
 	NoiseRateCapped bool `protobuf:"varint,14,opt,name=noise_rate_capped,json=noiseRateCapped,proto3" json:"noise_rate_capped,omitempty"`
 	// Expected label accuracy of the whole batch, with its interval (what acceptance gates read).
 	LabelAccuracy *LabelAccuracyEstimate `protobuf:"bytes,20,opt,name=label_accuracy,json=labelAccuracy,proto3" json:"label_accuracy,omitempty"`
