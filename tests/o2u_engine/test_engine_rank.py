@@ -8,11 +8,13 @@ import pytest
 from o2u_engine.rank import (
     confident_disagreement,
     estimate_noise,
+    estimate_separated,
     fit_two_gaussians,
     noise_ranking,
     noise_scores,
     rank_scores,
     rate_estimator,
+    separation,
     suggest_labels,
     suspected_mask,
     suspected_set,
@@ -252,13 +254,38 @@ def test_noise_ranking_summaries() -> None:
     assert fixed.suspects.suspected.sum() == 5
 
 
-def test_the_disagreement_estimator_takes_the_rate_from_the_disagreeing_labels() -> None:
-    scores = np.linspace(0.0, 1.0, 100)
+def test_the_separated_estimator_falls_back_to_the_disagreeing_labels_when_scores_overlap() -> None:
+    scores = np.linspace(0.0, 1.0, 100)  # one flat group: no two modes
     disagrees = scores > 0.6  # the top 40 samples: a 40% rate, which no cap may cut
-    suspects = suspected_set(scores, 0.0, disagrees, estimator="disagreement")
+    suspects = suspected_set(scores, 0.0, disagrees, estimator="separated")
     assert suspects.estimated_noise_rate == pytest.approx(0.4)
     assert not suspects.noise_rate_capped
     assert suspects.suspected.sum() == 40
     assert np.all(np.diff(suspects.noise_probability[np.argsort(scores)]) >= 0)
-    assert rate_estimator("aum") == "disagreement"
+    assert rate_estimator("aum") == "separated"
     assert rate_estimator("o2u_loss") == "mixture"
+
+
+def test_the_separated_estimator_takes_a_separated_mixture() -> None:
+    rng = np.random.default_rng(4)
+    scores = np.concatenate([rng.normal(-3.0, 1.0, 850), rng.normal(3.0, 1.0, 150)])  # D about 6
+    mixture = fit_two_gaussians(scores)
+    assert mixture is not None
+    assert separation(mixture) > 5
+    disagrees = np.zeros(1000, dtype=bool)  # what the votes say does not matter here
+    probability, rate, capped = estimate_separated(scores, disagrees)
+    assert rate == pytest.approx(0.15, abs=0.01)
+    assert not capped
+    assert np.all(np.diff(probability[np.argsort(scores)]) >= 0)
+    assert probability[850:].mean() > 0.95
+    # Closer means: D below 2, so the confident disagreement decides, even though EM finds a split.
+    close = np.concatenate([rng.normal(-0.5, 1.0, 850), rng.normal(0.5, 1.0, 150)])
+    close_mixture = fit_two_gaussians(close)
+    assert close_mixture is not None
+    assert separation(close_mixture) < 2
+    flagged = np.zeros(1000, dtype=bool)
+    flagged[-60:] = True
+    assert estimate_separated(close, flagged).rate == pytest.approx(0.06)
+    # A separated majority "noisy" group is no noise rate either.
+    majority = np.concatenate([rng.normal(-3.0, 1.0, 300), rng.normal(3.0, 1.0, 700)])
+    assert estimate_separated(majority, flagged).rate == pytest.approx(0.06)
