@@ -120,8 +120,7 @@ def run_set(
         f"lr {report.config.pretrain_learning_rate}/{report.config.cycle_max_learning_rate}-"
         f"{report.config.cycle_min_learning_rate}, epochs {report.config.pretrain_epochs} + "
         f"{report.config.cycle_length_epochs}x{report.config.num_cycles}; rate estimate "
-        f"{report.estimated_noise_rate:.3f} (mixture of its scores: "
-        f"{o2u_engine.rank.estimate_noise(report.noise_scores)[1]:.3f}), true {wrong.mean():.3f}",
+        f"{report.estimated_noise_rate:.3f} ({mixture_note(report.noise_scores)}), true {wrong.mean():.3f}",
         flush=True,
     )
     show(rows[-1])
@@ -142,6 +141,15 @@ def run_set(
     show(rows[-2])
     show(rows[-1])
     return rows
+
+
+def mixture_note(scores: np.ndarray) -> str:
+    """The raw-score mixture the `separated` estimator weighs: its high group's weight and its
+    separation (Ashman's D; below 2 the votes give the rate instead)."""
+    mixture = o2u_engine.rank.fit_two_gaussians(scores)
+    if mixture is None:
+        return "scores all equal"
+    return f"score mixture: weight {mixture.weights[1]:.3f}, D {o2u_engine.rank.separation(mixture):.2f}"
 
 
 def show(r: Row) -> None:
