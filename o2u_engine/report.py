@@ -47,7 +47,9 @@ class CleanRetrainingResult:
 class NoiseReport:
     """Per-sample noise scores and the dataset-level summary of one O2U-Net run (N samples, K classes)."""
 
-    noise_scores: np.ndarray  # (N,) float64, mean normalized loss over cyclic epochs; never NaN
+    noise_scores: (
+        np.ndarray
+    )  # (N,) float64, config.score's (negated mean margin or mean normalized loss); never NaN
     score_variance: np.ndarray  # (N,) float64, population variance of the normalized loss
     ranks: np.ndarray  # (N,) int64, 1 = most suspicious; ties broken by sample index
     noise_probability: np.ndarray  # (N,) float64 in [0, 1]
@@ -69,8 +71,8 @@ class NoiseReport:
     torch_version: str
     device: str  # e.g. "cpu", "cuda:0"
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, and "total"
-    # The score mixture put most samples in its high group: estimated_noise_rate is the outlier
-    # fallback of rank.estimate_noise, not the mixture's weight
+    # The o2u_loss score's mixture put most samples in its high group: estimated_noise_rate is
+    # rank.estimate_noise's fallback (the confident disagreement), not the mixture's weight
     noise_rate_capped: bool = False
 
     @property
