@@ -107,6 +107,18 @@ def test_parquet_options_that_can_work_are_accepted(options: DatasetOptions) -> 
 
 
 @pytest.mark.parametrize(
+    "options",
+    [
+        parquet(label_column="key"),
+        parquet(embedding_column="key"),
+        parquet(label_column="key", image_key_column="path"),
+    ],
+)
+def test_the_default_key_column_gives_way_to_a_column_named_for_another_role(options: DatasetOptions) -> None:
+    check_dataset_options(PARQUET_URI, None, options)  # the keys are then the row (or image) keys
+
+
+@pytest.mark.parametrize(
     ("options", "field", "problem"),
     [
         (parquet(label_column="la\nbel"), "parquet.label_column", "control character U+000A at index 2"),

@@ -127,6 +127,18 @@ def test_other_column_names_are_read_and_the_default_ones_ignored(store: Store, 
     assert dataset.source == store.scheme
 
 
+def test_the_default_key_column_is_not_read_when_named_for_another_role(store: Store) -> None:
+    labels_in_key = pa.table({"key": [2, 0, 1], "features": pa.array([[1.0], [2.0], [3.0]])})
+    uri = store.put("sets/labels-in-key.parquet", parquet_bytes(labels_in_key))
+    dataset = load_dataset(uri, None, store.storage, LIMITS, options=columns(label_column="key"))
+    assert (dataset.labels.tolist(), dataset.keys) == ([2, 0, 1], ["0", "1", "2"])
+    embeddings_in_key = pa.table({"label": [1, 0], "key": pa.array([[1.0, 2.0], [3.0, 4.0]])})
+    uri = store.put("sets/embeddings-in-key.parquet", parquet_bytes(embeddings_in_key))
+    dataset = load_dataset(uri, None, store.storage, LIMITS, options=columns(embedding_column="key"))
+    np.testing.assert_array_equal(dataset.features, [[1.0, 2.0], [3.0, 4.0]])
+    assert dataset.keys == ["0", "1"]
+
+
 @pytest.mark.parametrize(
     ("option", "column"),
     [
