@@ -5,8 +5,9 @@ read as.
 Everything that needs only the request is checked here, before the job exists: options of another
 format, names that are empty where they must not be or hold control characters, and combinations
 that cannot work (an embedding column together with an image-key column, one column named for two
-roles). Whether a named column is in the file is known only once the file is read: the loader then
-fails the job with INVALID_ARGUMENT naming the option (`missing_column`). Each error names the
+roles; the default key column, being optional, gives way to a column named for another role).
+Whether a named column is in the file is known only once the file is read: the loader then fails
+the job with INVALID_ARGUMENT naming the option (`missing_column`). Each error names the
 option by its request path, e.g. `dataset.options.parquet.label_column`.
 """
 
@@ -61,12 +62,12 @@ def _check_parquet(options: ParquetOptions) -> None:
             reason="INVALID_OPTION_COMBINATION",
         )
     label = options.label_column or DEFAULT_LABEL_COLUMN
+    samples = "embedding_column" if not options.image_key_column else "image_key_column"
     others = {
-        "key_column": options.key_column or DEFAULT_KEY_COLUMN,
-        "embedding_column" if not options.image_key_column else "image_key_column": (
-            options.image_key_column or options.embedding_column or DEFAULT_EMBEDDING_COLUMN
-        ),
+        samples: options.image_key_column or options.embedding_column or DEFAULT_EMBEDDING_COLUMN,
     }
+    if options.key_column:  # the default key column gives way to a column named for another role
+        others["key_column"] = options.key_column
     for name, value in others.items():
         if value == label:
             raise _invalid(
@@ -74,10 +75,10 @@ def _check_parquet(options: ParquetOptions) -> None:
                 f"{shown(value, 80)!r} is also the label column; name a different column",
                 reason="INVALID_OPTION_COMBINATION",
             )
-    if not options.image_key_column and others["key_column"] == others["embedding_column"]:
+    if samples == "embedding_column" and others.get("key_column") == others["embedding_column"]:
         raise _invalid(
             f"{_PARQUET}.key_column",
-            f"{shown(others['key_column'], 80)!r} is also the embedding column; name a different column",
+            f"{shown(options.key_column, 80)!r} is also the embedding column; name a different column",
             reason="INVALID_OPTION_COMBINATION",
         )
 

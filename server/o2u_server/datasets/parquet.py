@@ -2,7 +2,8 @@
 column (strings; default the row number) and either an embedding column (a fixed-size list or a
 list of floats, the same length in every row) or a column of image object keys.
 
-The columns are `label`, `key` and `features` unless the job's ParquetOptions name others; with
+The columns are `label`, `key` and `features` unless the job's ParquetOptions name others (the
+default `key` column is not read when the options name it as the label or embedding column); with
 `image_key_column` set, the samples are the images that column names, relative to the Parquet
 file's folder (checked and read as a CSV manifest's keys are, `datasets.manifests`), and the keys
 default to the image keys. A column the options name that the file lacks is INVALID_ARGUMENT
@@ -81,8 +82,8 @@ def resolve_columns(options: ParquetOptions, schema: pa.Schema, where: str) -> C
         if column not in names:
             raise missing_column(option, column, where, names)
     key = options.key_column or (DEFAULT_KEY_COLUMN if DEFAULT_KEY_COLUMN in names else None)
-    if key is not None and key == wanted["label_column"]:
-        key = None  # the default key column is the caller's label column
+    if not options.key_column and key in (wanted["label_column"], wanted.get("embedding_column")):
+        key = None  # the default key column is the caller's label or embedding column
     columns = Columns(
         label=wanted["label_column"],
         key=key,

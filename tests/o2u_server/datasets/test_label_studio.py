@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from o2u_server.datasets import infer_format, load_dataset
-from o2u_server.datasets.label_studio import choose_label
-from o2u_server.domain import DatasetFormat
-from o2u_server.errors import InvalidArgument
+from o2u_server.datasets.label_studio import MAX_SKIPPED_KEYS, SKIP_REASONS, choose_label
+from o2u_server.domain import DatasetFormat, DatasetOptions, LabelStudioOptions, SkippedRecords
+from o2u_server.errors import InvalidArgument, NotFound
 from tests.o2u_server.dataset_files import COLOURS, LIMITS, Store, png, solid
 from tests.s3_server import S3Server
 
@@ -126,6 +126,80 @@ def test_choose_label_rules() -> None:
     assert choose_label(anns, rule="majority") == ("dog", "")
     assert choose_label([anns[3]]) == (None, "ALL_ANNOTATIONS_CANCELLED")
     assert choose_label([]) == (None, "NO_ANNOTATIONS")
+
+
+def rules_export(store: Store) -> tuple[str, dict[str, str], dict[str, str]]:
+    """Six tasks whose image is in `data.photo` (`data.image` names decoys that do not exist),
+    with two early annotations that agree and a later one that does not, plus a tie; returns the
+    export's URI and the labels `latest` and `majority` give each task id."""
+    names = list(COLOURS)
+    latest, majority = {}, {}
+    tasks = []
+    for i in range(6):
+        name, other = names[i % 3], names[(i + 1) % 3]
+        store.put(f"ls2/images/{i:02d}.png", png(solid(COLOURS[name], i)))
+        anns = [
+            annotation(100 + i, 60 + i, name, "2026-11-30T10:01:00Z"),
+            annotation(200 + i, 60 + i, other, "2026-11-30T10:09:00Z"),  # the latest
+            annotation(300 + i, 60 + i, name, "2026-11-30T10:02:00Z"),  # listed last, not the latest
+            annotation(400 + i, 60 + i, other, "2026-11-30T10:10:00Z", cancelled=True),
+        ]
+        if i == 5:  # a tie goes to the latest of the tied
+            anns = anns[:2] + anns[3:]
+        photo = store.uri(f"ls2/images/{i:02d}.png") if i == 3 else f"images/{i:02d}.png"
+        record = task(60 + i, f"images/decoy-{i}.png", anns)
+        record["data"] = {"image": f"images/decoy-{i}.png", "photo": photo}
+        tasks.append(record)
+        latest[str(60 + i)], majority[str(60 + i)] = other, name if i != 5 else other
+    return store.put("ls2/export.json", json.dumps(tasks).encode()), latest, majority
+
+
+@pytest.mark.parametrize("rule", ["", "latest", "majority"])
+def test_the_annotation_rule_and_image_field_choose_label_and_image(store: Store, rule: str) -> None:
+    uri, latest, majority = rules_export(store)
+    options = DatasetOptions(label_studio=LabelStudioOptions(annotation_rule=rule, image_field="photo"))
+    dataset = load_dataset(uri, None, store.storage, LIMITS, options=options)
+    expected = majority if rule == "majority" else latest
+    assert dataset.keys == list(expected)
+    assert [dataset.class_names[label] for label in dataset.labels] == list(expected.values())
+    names = list(COLOURS)
+    for i, image in enumerate(dataset.features):
+        np.testing.assert_array_equal(image, solid(COLOURS[names[i % 3]], i))
+    assert dataset.skipped == []
+
+
+def test_the_default_image_field_is_image(store: Store) -> None:
+    uri, _, _ = rules_export(store)
+    with pytest.raises(NotFound, match=r"images/decoy-0\.png"):
+        load_dataset(uri, None, store.storage, LIMITS)
+
+
+def test_skipped_tasks_are_reported_per_reason_with_their_first_ids(store: Store) -> None:
+    store.put("ls3/images/00.png", png(solid(COLOURS["cat"], 0)))
+    usable = annotation(1, 1, "cat", "2026-11-30T10:00:00Z")
+    cancelled = annotation(2, 1, "cat", "2026-11-30T10:00:00Z", cancelled=True)
+    no_choices = annotation(3, 1, "cat", "2026-11-30T10:00:00Z")
+    no_choices["result"] = [{"type": "rectanglelabels", "value": {"x": 1}}]
+    tasks = [task(10, "images/00.png", [usable])]
+    tasks += [task(500 + i, "images/00.png", [cancelled]) for i in range(MAX_SKIPPED_KEYS + 2)]
+    tasks += [task(700, "images/00.png", [cancelled, no_choices]), task(701, "images/00.png", [no_choices])]
+    tasks += [task(800, "https://elsewhere.example/x.png", [usable]), task(801, "", [usable])]
+    tasks.append(task(600, "https://elsewhere.example/y.png", []))  # no annotations counts first
+    no_field = task(802, "images/00.png", [usable])
+    no_field["data"] = {"text": "no image here"}
+    tasks.append(no_field)
+    uri = store.put("ls3/export.json", json.dumps(tasks).encode())
+    dataset = load_dataset(uri, None, store.storage, LIMITS)
+    assert dataset.keys == ["10"]
+    cancelled_ids = tuple(str(500 + i) for i in range(MAX_SKIPPED_KEYS))
+    assert dataset.skipped == [
+        SkippedRecords("NO_ANNOTATIONS", SKIP_REASONS["NO_ANNOTATIONS"], 1, ("600",)),
+        SkippedRecords(
+            "ALL_ANNOTATIONS_CANCELLED", SKIP_REASONS["ALL_ANNOTATIONS_CANCELLED"], 12, cancelled_ids
+        ),
+        SkippedRecords("NO_CHOICES_RESULT", SKIP_REASONS["NO_CHOICES_RESULT"], 2, ("700", "701")),
+        SkippedRecords("NO_IMAGE", SKIP_REASONS["NO_IMAGE"], 3, ("800", "801", "802")),
+    ]
 
 
 def test_not_an_export_is_invalid(store: Store) -> None:

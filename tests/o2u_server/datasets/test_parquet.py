@@ -13,9 +13,9 @@ import pytest
 
 from o2u_server.datasets import infer_format, load_dataset
 from o2u_server.datasets.exports import EXPORT_COLUMNS, infer_export_format, write_export
-from o2u_server.domain import DatasetFormat, ExportFormat
-from o2u_server.errors import InvalidArgument, ResourceExhausted
-from tests.o2u_server.dataset_files import LIMITS, Store
+from o2u_server.domain import DatasetFormat, DatasetOptions, ExportFormat, ParquetOptions
+from o2u_server.errors import Code, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from tests.o2u_server.dataset_files import COLOURS, LIMITS, Store, png, solid
 from tests.s3_server import S3Server
 
 
@@ -101,6 +101,147 @@ def test_malformed_files_are_invalid_argument(store: Store) -> None:
     uri = store.put("sets/junk.parquet", b"PAR1 not really")
     with pytest.raises(InvalidArgument, match="not a readable Parquet file"):
         load_dataset(uri, None, store.storage, LIMITS)
+
+
+# ---- options: other column names, image keys ---------------------------------------------------------
+
+
+def columns(**names: str) -> DatasetOptions:
+    return DatasetOptions(parquet=ParquetOptions(**names))
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_other_column_names_are_read_and_the_default_ones_ignored(store: Store, fixed: bool) -> None:
+    table = embeddings(20, 4, fixed).rename_columns(["y", "emb", "id"])
+    assert pa.types.is_fixed_size_list(table.schema.field("emb").type) is fixed
+    assert pa.types.is_list(table.schema.field("emb").type) is not fixed
+    decoys = {"label": pa.array([5] * 20), "features": pa.array([[9.0]] * 20), "key": pa.array(["x"] * 20)}
+    for name, decoy in decoys.items():  # the default columns, holding what must not be read
+        table = table.append_column(name, decoy)
+    uri = store.put("sets/renamed.parquet", parquet_bytes(table, row_group_size=6))
+    options = columns(label_column="y", key_column="id", embedding_column="emb")
+    dataset = load_dataset(uri, None, store.storage, LIMITS, options=options)
+    np.testing.assert_array_equal(dataset.features, np.arange(80, dtype=np.float32).reshape(20, 4) / 7)
+    assert dataset.labels.tolist() == [i % 3 for i in range(20)]
+    assert dataset.keys == [f"item-{i:03d}" for i in range(20)]
+    assert dataset.source == store.scheme
+
+
+def test_the_default_key_column_is_not_read_when_named_for_another_role(store: Store) -> None:
+    labels_in_key = pa.table({"key": [2, 0, 1], "features": pa.array([[1.0], [2.0], [3.0]])})
+    uri = store.put("sets/labels-in-key.parquet", parquet_bytes(labels_in_key))
+    dataset = load_dataset(uri, None, store.storage, LIMITS, options=columns(label_column="key"))
+    assert (dataset.labels.tolist(), dataset.keys) == ([2, 0, 1], ["0", "1", "2"])
+    embeddings_in_key = pa.table({"label": [1, 0], "key": pa.array([[1.0, 2.0], [3.0, 4.0]])})
+    uri = store.put("sets/embeddings-in-key.parquet", parquet_bytes(embeddings_in_key))
+    dataset = load_dataset(uri, None, store.storage, LIMITS, options=columns(embedding_column="key"))
+    np.testing.assert_array_equal(dataset.features, [[1.0, 2.0], [3.0, 4.0]])
+    assert dataset.keys == ["0", "1"]
+
+
+@pytest.mark.parametrize(
+    ("option", "column"),
+    [
+        ("label_column", "y"),
+        ("key_column", "name"),
+        ("embedding_column", "embedding"),
+        ("image_key_column", "path"),
+    ],
+)
+def test_a_named_column_the_file_lacks_is_unknown_column(store: Store, option: str, column: str) -> None:
+    table = pa.table({"id": ["a", "b"], "cls": [0, 1], "emb": pa.array([[1.0], [2.0]])})
+    uri = store.put("sets/columns.parquet", parquet_bytes(table))
+    named = {"label_column": "cls", "key_column": "id", "embedding_column": "emb"}
+    named.pop("embedding_column" if option == "image_key_column" else option)
+    with pytest.raises(InvalidArgument) as caught:
+        load_dataset(uri, None, store.storage, LIMITS, options=columns(**named, **{option: column}))
+    error = caught.value
+    assert (error.code, error.reason, error.field) == (
+        Code.INVALID_ARGUMENT,
+        "UNKNOWN_COLUMN",
+        f"dataset.options.parquet.{option}",
+    )
+    assert error.message == (
+        f"dataset.options.parquet.{option} {column!r} is not a column of {uri}; it holds id, cls, emb"
+    )
+
+
+def image_keys_file(store: Store, count: int, key_column: bool = False) -> tuple[str, list[str], list[str]]:
+    """Images under `pq/images/` (two subfolders) and `pq/batch.parquet` naming them in its `path`
+    column, labelled in `cls`, in row groups of 4; returns its URI, the image keys and the labels."""
+    names = list(COLOURS)
+    paths = [f"images/{'ab'[i % 2]}/{i:02d}.png" for i in range(count)]
+    labels = [names[i % 3] for i in range(count)]
+    for i, path in enumerate(paths):
+        store.put(f"pq/{path}", png(solid(COLOURS[labels[i]], i)))
+    table = {"path": paths, "cls": labels} | ({"id": [f"s{i}" for i in range(count)]} if key_column else {})
+    return store.put("pq/batch.parquet", parquet_bytes(pa.table(table), row_group_size=4)), paths, labels
+
+
+def test_image_keys_are_read_from_the_parquet_files_folder(store: Store) -> None:
+    uri, paths, labels = image_keys_file(store, 10)
+    dataset = load_dataset(
+        uri, None, store.storage, LIMITS, options=columns(label_column="cls", image_key_column="path")
+    )
+    assert dataset.keys == paths, "without a key column the keys are the image keys"
+    assert [dataset.class_names[label] for label in dataset.labels] == labels
+    assert dataset.features.shape == (10, 5, 6, 3)
+    for i, image in enumerate(dataset.features):
+        np.testing.assert_array_equal(image, solid(COLOURS[labels[i]], i))
+    parquet_size = len(store.storage.read_bytes(uri))
+    assert dataset.bytes_read == parquet_size + sum(len(png(solid(COLOURS[labels[i]], i))) for i in range(10))
+    assert dataset.files_read == 11
+    assert dataset.source == store.scheme
+    uri, _, _ = image_keys_file(store, 6, key_column=True)
+    options = columns(label_column="cls", key_column="id", image_key_column="path")
+    assert load_dataset(uri, None, store.storage, LIMITS, options=options).keys == [f"s{i}" for i in range(6)]
+
+
+def test_a_missing_image_key_fails_as_in_an_image_manifest(store: Store) -> None:
+    _, paths, labels = image_keys_file(store, 4)
+    listed = [*paths, "images/b/missing.png"]
+    table = pa.table({"path": listed, "cls": [*labels, "cat"]})
+    uri = store.put("pq/batch.parquet", parquet_bytes(table))
+    manifest = store.put("pq/labels.csv", ("key,label\n" + "".join(f"{p},cat\n" for p in listed)).encode())
+    with pytest.raises(NotFound) as from_manifest:
+        load_dataset(manifest, None, store.storage, LIMITS)
+    with pytest.raises(NotFound) as from_parquet:
+        load_dataset(
+            uri, None, store.storage, LIMITS, options=columns(label_column="cls", image_key_column="path")
+        )
+    error, expected = from_parquet.value, from_manifest.value
+    assert (error.reason, error.resource_type, error.resource_name) == (
+        "OBJECT_NOT_FOUND",
+        "object",
+        store.uri("pq/images/b/missing.png"),
+    )
+    assert (error.reason, error.resource_type, error.resource_name) == (
+        expected.reason,
+        expected.resource_type,
+        expected.resource_name,
+    )
+    assert error.message == expected.message.replace(manifest, uri)
+
+
+@pytest.mark.parametrize(
+    ("path", "error", "message"),
+    [
+        ("../outside.png", PermissionDenied, "leaves the manifest's folder"),
+        ("/images/a/00.png", InvalidArgument, "relative to the manifest's folder"),
+        ("images/a/00.png", InvalidArgument, "listed twice"),
+        ("", InvalidArgument, "row group 0 has empty values in column path"),
+    ],
+)
+def test_image_keys_are_checked_as_a_manifests_keys_are(
+    store: Store, path: str, error: type[Exception], message: str
+) -> None:
+    store.put("pq/images/a/00.png", png(solid(COLOURS["cat"], 0)))
+    table = pa.table({"path": ["images/a/00.png", path], "cls": ["cat", "dog"]})
+    uri = store.put("pq/bad.parquet", parquet_bytes(table))
+    with pytest.raises(error, match=message):
+        load_dataset(
+            uri, None, store.storage, LIMITS, options=columns(label_column="cls", image_key_column="path")
+        )
 
 
 def test_parquet_export_round_trip(store: Store) -> None:
