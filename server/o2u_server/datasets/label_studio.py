@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -57,13 +59,28 @@ def _choices(annotation: dict[str, Any]) -> str | None:
     return None
 
 
+def _timestamp(value: object) -> float:
+    """Seconds since the epoch of an ISO 8601 time as Label Studio writes it (with or without
+    fractional seconds, `Z` or an offset; naive times taken as UTC); -inf when absent or not a
+    time, so such annotations count as the oldest."""
+    if not isinstance(value, str) or not value:
+        return -math.inf
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return -math.inf
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
 def choose_label(annotations: object, rule: str = "latest") -> tuple[str | None, str]:
     """(the label that counts, "") or (None, the SKIP_REASONS code): `latest` or `majority` of the
     annotations that are not cancelled and have a choices result."""
     if not isinstance(annotations, list) or not annotations:
         return None, "NO_ANNOTATIONS"
     usable = [
-        (str(a.get("updated_at") or a.get("created_at") or ""), index, label)
+        (_timestamp(a.get("updated_at") or a.get("created_at")), index, label)
         for index, a in enumerate(annotations)
         if isinstance(a, dict) and not a.get("was_cancelled") and (label := _choices(a)) is not None
     ]

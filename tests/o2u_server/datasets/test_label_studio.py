@@ -128,6 +128,18 @@ def test_choose_label_rules() -> None:
     assert choose_label([]) == (None, "NO_ANNOTATIONS")
 
 
+def test_latest_compares_times_not_their_text() -> None:
+    # The same second with and without fractional seconds, and an offset: as text the first sorts
+    # last ("Z" > "."), as times it is the earliest.
+    anns = [
+        annotation(1, 1, "dog", "2026-11-30T10:01:00Z"),
+        annotation(2, 1, "cat", "2026-11-30T10:01:00.250000Z"),
+        annotation(3, 1, "emu", "2026-11-30T11:00:30+02:00"),  # 09:00:30 UTC, the oldest
+    ]
+    assert choose_label(anns) == ("cat", "")
+    assert choose_label([anns[0], annotation(2, 1, "cat", "not a time")]) == ("dog", "")
+
+
 def rules_export(store: Store) -> tuple[str, dict[str, str], dict[str, str]]:
     """Six tasks whose image is in `data.photo` (`data.image` names decoys that do not exist),
     with two early annotations that agree and a later one that does not, plus a tie; returns the
