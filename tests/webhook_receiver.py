@@ -1,5 +1,6 @@
 """A real HTTP receiver for completion webhooks on loopback (`receiver` fixture), answering each POST
-as planned, and the signature check a receiver makes (the one docs/api.md shows)."""
+as planned, and the signature check a receiver makes (the one docs/api.md shows); `serve_loopback`
+runs any request handler the same way (tests/label_studio_receiver.py uses it too)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["SECRET", "Receiver", "receiver", "serve_receiver", "verify"]
+__all__ = ["SECRET", "Receiver", "receiver", "serve_loopback", "serve_receiver", "verify"]
 
 SECRET = b"webhook-test-secret"
 
@@ -65,15 +66,24 @@ def serve_receiver(tls: ssl.SSLContext | None = None) -> Iterator[Receiver]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with serve_loopback(Handler, tls) as port:
+        state.port = port
+        yield state
+
+
+@contextmanager
+def serve_loopback(
+    handler: type[http.server.BaseHTTPRequestHandler], tls: ssl.SSLContext | None = None
+) -> Iterator[int]:
+    """`handler` served from a thread on a free loopback port (https with `tls`); yields the port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
-    state.port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield state
+        yield server.server_address[1]
     finally:
         server.shutdown()
         server.server_close()

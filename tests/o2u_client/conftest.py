@@ -1,5 +1,6 @@
 """Fixtures of the client tests: real o2u servers on loopback ports (tests/server_testing.py), a
-small labelled dataset under their data root, and a job that already ran to completion."""
+small labelled dataset under their data root, a job that already ran to completion, and loopback
+receivers of webhooks and of Label Studio's import API."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from o2u_client import Client, Job
+from tests.label_studio_receiver import label_studio  # noqa: F401  (a fixture for the pipeline tests)
 from tests.server_testing import TINY_CONFIG, RunningServer, running_server, test_settings, write_noisy_digits
 from tests.webhook_receiver import receiver  # noqa: F401  (a fixture for the webhook tests)
 
