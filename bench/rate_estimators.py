@@ -32,7 +32,7 @@ from real_noise import DEFAULT_DATA, LABEL_SETS, NUM_CLASSES, stratified_subsamp
 
 import o2u_engine
 from o2u_engine import O2UConfig
-from o2u_engine.rank import confident_disagreement, fit_two_gaussians, separation
+from o2u_engine.rank import confident_classes, confident_disagreement, fit_two_gaussians, separation
 from o2u_engine.train import Trainer, TrainingOutcome
 
 DIGIT_SETTINGS = (
@@ -59,16 +59,12 @@ class RecordingTrainer(Trainer):
 
 def calibrated_joint_rate(counts: np.ndarray, labels: np.ndarray) -> float:
     """1 - trace of the confident joint after calibrating each row to its label count."""
-    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    rows = np.arange(len(labels))
-    own = shares[rows, labels]
-    sizes = np.bincount(labels, minlength=NUM_CLASSES).astype(np.float64)
-    thresholds = np.bincount(labels, weights=own, minlength=NUM_CLASSES) / np.maximum(sizes, 1)
-    above = (shares > 0) & (shares >= thresholds[None, :] - 1e-12) & (thresholds[None, :] > 0)
-    assigned = np.where(above, shares, -1.0).argmax(axis=1)
-    confident = above.any(axis=1)
+    shares, reaches = confident_classes(counts, labels)
+    assigned = np.where(reaches, shares, -1.0).argmax(axis=1)
+    confident = reaches.any(axis=1)
     joint = np.zeros((NUM_CLASSES, NUM_CLASSES))
     np.add.at(joint, (labels[confident], assigned[confident]), 1.0)
+    sizes = np.bincount(labels, minlength=NUM_CLASSES).astype(np.float64)
     row_totals = joint.sum(axis=1, keepdims=True)
     joint = np.where(row_totals > 0, joint / np.maximum(row_totals, 1) * sizes[:, None], 0.0)
     return float(1.0 - np.trace(joint) / max(joint.sum(), 1.0))

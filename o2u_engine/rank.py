@@ -199,27 +199,35 @@ def estimate_noise(scores: np.ndarray, disagrees: np.ndarray | None = None) -> N
     return NoiseEstimate(probability, rate, weight > MAX_ESTIMATED_NOISE_RATE)
 
 
-def confident_disagreement(prediction_counts: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(N,) bool: the samples in the off-diagonal of the confident joint of the cyclic stage's
-    votes (see the module docstring).
-
-    `prediction_counts` (N, K) holds how often each class was predicted for each sample. A class
-    with no votes from its own samples never counts (its threshold would be 0, met by every
-    sample), nor does a class with no vote for the sample; on a tie with the given label the given
-    label wins."""
+def confident_classes(prediction_counts: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(vote shares (N, K), counts (N, K) bool): each sample's share of the cyclic epochs that
+    predicted each class, and whether that share reaches the class's threshold - the mean share
+    the class gets from the samples labeled with it (the confident joint's per-class thresholds).
+    A class with no votes from its own samples never counts (its threshold would be 0, met by
+    every sample), nor does a class with no vote for the sample."""
     counts = np.asarray(prediction_counts, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
-    num_samples, num_classes = counts.shape
-    if num_samples == 0:
-        return np.zeros(0, dtype=bool)
+    num_classes = counts.shape[1]
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
-    rows = np.arange(num_samples)
-    own = shares[rows, labels]
+    own = shares[np.arange(labels.shape[0]), labels]
     sizes = np.bincount(labels, minlength=num_classes).astype(np.float64)
     thresholds = np.bincount(labels, weights=own, minlength=num_classes) / np.maximum(sizes, 1.0)
     # A share reaches its class's threshold up to rounding: a mean of equal shares may land an ulp above
-    counts_for = (shares > 0) & (shares >= thresholds[None, :] - 1e-12) & (thresholds[None, :] > 0)
-    confident = np.where(counts_for, shares, -1.0)
+    reaches = (shares > 0) & (shares >= thresholds[None, :] - 1e-12) & (thresholds[None, :] > 0)
+    return shares, reaches
+
+
+def confident_disagreement(prediction_counts: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(N,) bool: the samples in the off-diagonal of the confident joint of the cyclic stage's
+    votes (see the module docstring and confident_classes): another class than the given label
+    reaches its threshold and gets more votes than the given label, if that one counts at all; on
+    a tie with the given label the given label wins."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape[0] == 0:
+        return np.zeros(0, dtype=bool)
+    shares, reaches = confident_classes(prediction_counts, labels)
+    rows = np.arange(labels.shape[0])
+    confident = np.where(reaches, shares, -1.0)
     given = confident[rows, labels].copy()
     confident[rows, labels] = -1.0
     flagged: np.ndarray = confident.max(axis=1) > given

@@ -16,19 +16,11 @@ import pytest
 
 from o2u_client import Client, InvalidArgumentError, Job
 from o2u_client.cli import main
+from tests.o2u_client.test_client_cli import TINY_FLAGS
 from tests.o2u_server.dataset_files import COLOURS, png, solid
 from tests.o2u_server.datasets.test_label_studio import annotation, task
 from tests.server_testing import TINY_CONFIG, RunningServer
 
-TINY_FLAGS = [
-    "--model=mlp",
-    "--seed=0",
-    "--pretrain-epochs=2",
-    "--cycle-length-epochs=2",
-    "--num-cycles=1",
-    "--pretrain-batch-size=64",
-    "--cyclic-batch-size=32",
-]
 NAMES = list(COLOURS)
 
 
