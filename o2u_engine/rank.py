@@ -179,6 +179,12 @@ def _disagreement_fallback(scores: np.ndarray, disagrees: np.ndarray) -> tuple[n
     return probability, min(float(disagrees.mean()), MAX_ESTIMATED_NOISE_RATE)
 
 
+def _fit_strided(values: np.ndarray) -> GaussianMixture1D | None:
+    """fit_two_gaussians on an evenly strided subsample of at most EM_MAX_FIT_SAMPLES values."""
+    stride = max(1, -(-values.size // EM_MAX_FIT_SAMPLES))
+    return fit_two_gaussians(values[::stride])
+
+
 def estimate_noise(scores: np.ndarray, disagrees: np.ndarray | None = None) -> NoiseEstimate:
     """Per-sample probability of a wrong label, the estimated noise rate in [0, 0.5], and whether
     the mixture's estimate passed the cap. `disagrees` (N,) bool marks the samples the cyclic stage
@@ -186,8 +192,7 @@ def estimate_noise(scores: np.ndarray, disagrees: np.ndarray | None = None) -> N
     without them, stays at the cap."""
     scores = np.asarray(scores, dtype=np.float64)
     transformed = np.cbrt(scores - scores.min()) if scores.size else scores
-    stride = max(1, -(-transformed.size // EM_MAX_FIT_SAMPLES))
-    mixture = fit_two_gaussians(transformed[::stride])
+    mixture = _fit_strided(transformed)
     if mixture is None:
         return NoiseEstimate(np.zeros_like(scores), 0.0, False)
     weight = float(np.nan_to_num(mixture.weights[1], nan=0.0))
@@ -280,8 +285,7 @@ def estimate_separated(scores: np.ndarray, disagrees: np.ndarray) -> NoiseEstima
     groups are apart (D >= MIN_SEPARATION) and the high one is the minority, else the confident
     disagreement `disagrees` (N,) bool. Never capped."""
     scores = np.asarray(scores, dtype=np.float64)
-    stride = max(1, -(-scores.size // EM_MAX_FIT_SAMPLES))
-    mixture = fit_two_gaussians(scores[::stride])
+    mixture = _fit_strided(scores)
     if (
         mixture is not None
         and separation(mixture) >= MIN_SEPARATION

@@ -47,9 +47,7 @@ class CleanRetrainingResult:
 class NoiseReport:
     """Per-sample noise scores and the dataset-level summary of one O2U-Net run (N samples, K classes)."""
 
-    noise_scores: (
-        np.ndarray
-    )  # (N,) float64, config.score's (negated mean margin or mean normalized loss); never NaN
+    noise_scores: np.ndarray  # (N,) float64, config.score's (-mean margin or mean loss); never NaN
     score_variance: np.ndarray  # (N,) float64, population variance of the normalized loss
     ranks: np.ndarray  # (N,) int64, 1 = most suspicious; ties broken by sample index
     noise_probability: np.ndarray  # (N,) float64 in [0, 1]
