@@ -9,7 +9,9 @@ with its defaults (and the paper's `o2u_loss` score from the same run's statisti
 cleanlab 2.x with 5-fold cross-validated probabilities (`find_label_issues` and
 `get_label_quality_scores`), small loss after stage 1 and AUM over a plain run. Reported per set:
 AUROC, AP, precision@k (k = true number of wrong labels), recall in the top 1% and 5%, F1 of the
-method's own suspected set (no oracle rate), estimated vs true noise rate, wall time.
+method's own suspected set (no oracle rate), estimated vs true noise rate, the share of the wrong
+labels whose suggested label is the true one (O2U's suggestion; cleanlab's out-of-fold argmax),
+over all of them (`fix`) and over those the method ranks in its top k (`fix@k`), wall time.
 
 Usage: `python bench/real_noise.py [--quick] [--subsample N] [--device cuda] [--data PATH]`;
 `--quick` scores only the aggregate label set on a stratified 1,500-image subsample and skips the
@@ -54,7 +56,21 @@ LABEL_SETS = ("aggregate", "random1", "worst")
 DIGIT_SETTINGS = (NoiseSetting("symmetric", 0.2), NoiseSetting("pair", 0.3))
 QUICK_SUBSAMPLE = 1500
 NUM_CLASSES = 10
-HEADER = ["set", "method", "AUROC", "AP", "P@k", "R@1%", "R@5%", "F1", "est. rate", "true rate", "time s"]
+HEADER = [
+    "set",
+    "method",
+    "AUROC",
+    "AP",
+    "P@k",
+    "R@1%",
+    "R@5%",
+    "F1",
+    "est. rate",
+    "true rate",
+    "fix",
+    "fix@k",
+    "time s",
+]
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,8 @@ class Row:
     detection: Detection
     recall_1: float
     recall_5: float
+    fix_accuracy: float  # share of the wrong labels whose suggestion is the true label; NaN: none
+    fix_at_k: float  # the same share among the wrong labels in the top k (k = number wrong)
     seconds: float
 
     def cells(self) -> list[object]:
@@ -79,6 +97,8 @@ class Row:
             d.f1,
             d.estimated_noise_rate,
             d.true_noise_rate,
+            self.fix_accuracy,
+            self.fix_at_k,
             self.seconds,
         ]
 
@@ -90,29 +110,66 @@ def recall_in_top(suspicion: np.ndarray, wrong: np.ndarray, fraction: float) -> 
     return float(wrong[top].sum() / max(int(wrong.sum()), 1))
 
 
-def row(name: str, method: str, suspicion: np.ndarray, wrong: np.ndarray, suspected, seconds: float) -> Row:  # type: ignore[no-untyped-def]
+def fix_accuracy(
+    suggested: np.ndarray | None, suspicion: np.ndarray, clean: np.ndarray, wrong: np.ndarray
+) -> tuple[float, float]:
+    """Share of the wrong labels whose suggestion is the true label: over all of them, and over
+    those ranked in the top k by `suspicion` (k = the number of wrong labels), the ones a reviewer
+    going down the ranking would see. NaN for a method without suggestions."""
+    if suggested is None or not wrong.any():
+        return float("nan"), float("nan")
+    right = np.asarray(suggested) == clean
+    top = np.zeros(len(wrong), dtype=bool)
+    top[np.argsort(-np.asarray(suspicion, dtype=np.float64), kind="stable")[: int(wrong.sum())]] = True
+    seen = top & wrong
+    return float(right[wrong].mean()), float(right[seen].mean()) if seen.any() else float("nan")
+
+
+def row(  # type: ignore[no-untyped-def]
+    name: str,
+    method: str,
+    suspicion: np.ndarray,
+    wrong: np.ndarray,
+    suspected,
+    seconds: float,
+    suggested: np.ndarray | None = None,
+    clean: np.ndarray | None = None,
+) -> Row:
+    fix, fix_at_k = (
+        fix_accuracy(suggested, suspicion, clean, wrong) if clean is not None else (float("nan"),) * 2
+    )
     return Row(
         name,
         method,
         detection_metrics(suspicion, wrong, suspected),
         recall_in_top(suspicion, wrong, 0.01),
         recall_in_top(suspicion, wrong, 0.05),
+        fix,
+        fix_at_k,
         seconds,
     )
 
 
 def run_set(
-    name: str, images: np.ndarray, labels: np.ndarray, wrong: np.ndarray, device: str, paper_score: bool
+    name: str, images: np.ndarray, labels: np.ndarray, clean: np.ndarray, device: str, paper_score: bool
 ) -> list[Row]:
-    """Every method on one labelled set, with the same network and budget per training
-    (`paper_score`: also O2U with the paper's o2u_loss score, one more training)."""
+    """Every method on one labelled set (`clean`: the true labels), with the same network and
+    budget per training (`paper_score`: also O2U with the paper's o2u_loss score, one more training)."""
+    wrong = labels != clean
     with stopwatch() as o2u_seconds:
         report = o2u_engine.score_noise(
             images, labels, config=O2UConfig(), num_classes=NUM_CLASSES, device=device
         )
     rows = [
         row(
-            name, f"o2u ({report.config.score})", report.noise_scores, wrong, report.suspected, o2u_seconds[0]
+            name,
+            f"o2u ({report.config.score})",
+            report.noise_scores,
+            wrong,
+            report.suspected,
+            o2u_seconds[0],
+            report.suggested_labels,
+            clean,
         )
     ]
     print(
@@ -129,11 +186,33 @@ def run_set(
             paper = o2u_engine.score_noise(
                 images, labels, config=O2UConfig(score="o2u_loss"), num_classes=NUM_CLASSES, device=device
             )
-        rows.append(row(name, "o2u (o2u_loss)", paper.noise_scores, wrong, paper.suspected, paper_seconds[0]))
+        rows.append(
+            row(
+                name,
+                "o2u (o2u_loss)",
+                paper.noise_scores,
+                wrong,
+                paper.suspected,
+                paper_seconds[0],
+                paper.suggested_labels,
+                clean,
+            )
+        )
         show(rows[-1])
     baselines = BaselineTrainer(images, labels, NUM_CLASSES, report.config, device=device)
     cleanlab = baselines.cleanlab(folds=5)
-    rows.append(row(name, "cleanlab", cleanlab.suspicion, wrong, cleanlab.suspected, cleanlab.seconds))
+    rows.append(
+        row(
+            name,
+            "cleanlab",
+            cleanlab.suspicion,
+            wrong,
+            cleanlab.suspected,
+            cleanlab.seconds,
+            cleanlab.pred_probs.argmax(axis=1),
+            clean,
+        )
+    )
     show(rows[-1])
     plain = baselines.plain_run()
     rows.append(row(name, "small-loss", plain.stage1_losses, wrong, None, plain.stage1_seconds))
@@ -157,7 +236,8 @@ def show(r: Row) -> None:
     d = r.detection
     print(
         f"    {r.method:15} auroc {d.auroc:.3f} ap {d.average_precision:.3f} "
-        f"p@k {d.precision_at_k:.3f} f1 {d.f1:.3f} est {d.estimated_noise_rate:.3f} {r.seconds:7.1f} s",
+        f"p@k {d.precision_at_k:.3f} f1 {d.f1:.3f} est {d.estimated_noise_rate:.3f} "
+        f"fix {r.fix_accuracy:.3f} fix@k {r.fix_at_k:.3f} {r.seconds:7.1f} s",
         flush=True,
     )
 
@@ -200,13 +280,16 @@ def main() -> None:
     rows: list[Row] = []
     for label_set in label_sets:
         labels = data[f"y_{label_set}"][keep]
-        wrong = labels != clean[keep]
-        rows += run_set(f"cifar10n-{label_set}", images[keep], labels, wrong, args.device, not args.quick)
+        rows += run_set(
+            f"cifar10n-{label_set}", images[keep], labels, clean[keep], args.device, not args.quick
+        )
     if not args.no_digits:
         digits, digit_labels = load_digits_images()
         for setting in DIGIT_SETTINGS:
-            noisy, flipped = inject_noise(digit_labels, setting, NUM_CLASSES, seed=0)
-            rows += run_set(f"digits-{setting.name}", digits, noisy, flipped, args.device, not args.quick)
+            noisy, _ = inject_noise(digit_labels, setting, NUM_CLASSES, seed=0)
+            rows += run_set(
+                f"digits-{setting.name}", digits, noisy, digit_labels, args.device, not args.quick
+            )
     print(f"\nk = true number of wrong labels; total {time.perf_counter() - began:.0f} s")
     print(format_table(HEADER, [r.cells() for r in rows]))
     summary(rows)
@@ -239,10 +322,13 @@ def summary(rows: list[Row]) -> None:
         )
     )
     ratio = float(np.mean([r.seconds for r in o2u]) / np.mean([r.seconds for r in cleanlab]))
+    o2u_fix = float(np.mean([r.fix_at_k for r in o2u]))
+    cleanlab_fix = float(np.mean([r.fix_at_k for r in cleanlab]))
     print(
         f"summary: o2u_auroc={mean(o2u, 'auroc'):.3f} cleanlab_auroc={mean(cleanlab, 'auroc'):.3f} "
         f"o2u_ap={mean(o2u, 'average_precision'):.3f} cleanlab_ap={mean(cleanlab, 'average_precision'):.3f} "
-        f"rate_error={rate_error:.3f} time_ratio={ratio:.3f}"
+        f"rate_error={rate_error:.3f} o2u_fix_at_k={o2u_fix:.3f} cleanlab_fix_at_k={cleanlab_fix:.3f} "
+        f"time_ratio={ratio:.3f}"
     )
 
 

@@ -109,9 +109,9 @@ class Settings(BaseSettings):
     requested stop always checkpoint. A crash repeats at most this much training."""
     max_job_attempts: int = Field(default=3, ge=1)
     """A job is marked FAILED instead of resumed once the server running it crashed (or, with
-    replicas, stopped renewing its lease) this many times in a row without the job getting further
-    in training than before (a crash after which the job trained past its earlier furthest epoch
-    does not count)."""
+    replicas, stopped renewing its lease; or one of its data-parallel workers died) this many times
+    in a row without the job getting further in training than before (a crash after which the job
+    trained past its earlier furthest epoch does not count)."""
     export_uris: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Where ExportNoiseScores may write: `file:///folder` or `s3://bucket/prefix` locations; empty
     disables exports. Existing files and objects are never replaced."""

@@ -225,6 +225,40 @@ class ClaimStore:
 
         return self._db.retry(release)
 
+    def retry_job(self, lease: Lease, now: float, *, cause: str, max_attempts: int) -> JobEvent:
+        """Requeue a job whose attempt ended because a training worker failed (`cause`), counted as a
+        crash of the attempt (`jobs.crashes`): QUEUED to resume from its last checkpoint, FAILED
+        after `max_attempts` such failures in a row without progress, CANCELLED if a cancel is
+        pending."""
+
+        def retry() -> JobEvent:
+            with self._db.write(durable=True) as conn:
+                self._fenced(conn, lease, update_time=now)  # locks the row for this transaction
+                row = job_row(conn, lease.job_id)
+                if row["cancel_requested"]:
+                    event = transition(
+                        conn, self._log, lease.job_id, JobState.CANCELLED, now, message="cancelled"
+                    )
+                else:
+                    event = requeue_crashed(
+                        conn,
+                        self._log,
+                        lease.job_id,
+                        crashes=row["crashes"],
+                        dataset_uri=row["dataset_uri"],
+                        progress=records.decode_progress(row["progress_json"]),
+                        cause=cause,
+                        now=now,
+                        max_attempts=max_attempts,
+                        worker_failure=True,
+                    )
+                assert event is not None
+                if event.state is JobState.QUEUED:
+                    self._db.notify(conn, f"queued {lease.job_id}")
+                return event
+
+        return self._db.retry(retry)
+
     def save_results(
         self,
         lease: Lease,

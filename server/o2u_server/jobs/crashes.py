@@ -11,6 +11,12 @@ any earlier attempt reached (read from the job's event log, which every replica 
 after the job trained past that point resets the count. After `max_job_attempts` counted crashes
 in a row the job is FAILED, with a message that names the dataset and the point where it was
 interrupted, so it cannot take server after server down forever.
+
+A data-parallel worker process that dies (killed by the kernel's OOM killer, a device fault) or a
+collective that times out ends the attempt the same way without the server crashing: the attempt
+requeues its own job (`ClaimStore.retry_job`) under the same rule and the same count, and after
+`max_job_attempts` such failures in a row it is FAILED with TRAINING_WORKER_FAILED and the last
+worker error.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from o2u_server.jobs.event_log import EventLog
 from o2u_server.jobs.transitions import transition
 from o2u_server.text import shown
 
-__all__ = ["attempt_progressed", "requeue_crashed", "too_many_crashes"]
+__all__ = ["attempt_progressed", "requeue_crashed", "too_many_crashes", "too_many_worker_failures"]
 
 # Training stages in the order a job goes through them; LOADING and RANKING train nothing.
 _TRAINING_ORDER = {Stage.PRETRAINING: 1, Stage.CYCLIC: 2, Stage.CLEAN_RETRAINING: 3}
@@ -80,6 +86,21 @@ def too_many_crashes(dataset_uri: str, progress: Progress | None, crashes: int) 
     return JobError(int(Code.INTERNAL), message, "TOO_MANY_ATTEMPTS")
 
 
+def too_many_worker_failures(
+    dataset_uri: str, progress: Progress | None, crashes: int, last: str
+) -> JobError:
+    """The error of a job failed after `crashes` counted worker failures; `last` is the last one."""
+    times = "time" if crashes == 1 else "times in a row"
+    message = (
+        f"a training worker of this job failed {crashes} {times}, each time {_where(progress)} (dataset "
+        f"{shown(dataset_uri)}) and without the job getting further, so the job is failed; the last "
+        f"failure: {last}. A worker killed by signal 9 is usually the kernel's out-of-memory killer: "
+        "check the pod's memory limit and the dataset's size, or lower O2U_GPUS_PER_JOB, then submit "
+        "a new job"
+    )
+    return JobError(int(Code.INTERNAL), message, "TRAINING_WORKER_FAILED")
+
+
 def requeue_crashed(
     conn: Connection,
     log: EventLog,
@@ -91,13 +112,19 @@ def requeue_crashed(
     cause: str,
     now: float,
     max_attempts: int,
+    worker_failure: bool = False,
 ) -> JobEvent | None:
     """Requeue a crashed job (its row locked by the caller), or fail it once `max_attempts` crashes
-    in a row were its own; `crashes` is the count before this one, `cause` says what happened."""
+    in a row were its own; `crashes` is the count before this one, `cause` says what happened
+    (`worker_failure`: a training worker failed, `cause` is its error)."""
     progressed = attempt_progressed(log.read(conn, job_id, 0))
     counted = 0 if progressed else crashes + 1
     if counted >= max_attempts:
-        error = too_many_crashes(dataset_uri, progress, counted)
+        error = (
+            too_many_worker_failures(dataset_uri, progress, counted, cause)
+            if worker_failure
+            else too_many_crashes(dataset_uri, progress, counted)
+        )
         return transition(
             conn, log, job_id, JobState.FAILED, now, error=error, message=error.message, crashes=counted
         )

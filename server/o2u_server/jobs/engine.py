@@ -13,7 +13,8 @@ translated here, so the rest of the server speaks only its own domain types.
   training and again, with the report's own figures, when it succeeds); `job_results` turns the
   NoiseReport into the ranked score rows, dataset summary and RunInfo the store keeps.
 - Errors: `service_error` maps the engine's exceptions to service errors; `Cancelled` is the one
-  the runner catches.
+  the runner catches, and `WorkerFailed` (a data-parallel worker died or timed out) the one it
+  retries.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ __all__ = [
     "Cancelled",
     "Engine",
     "JobResults",
+    "WorkerFailed",
     "engine_config",
     "job_results",
     "run_info",
@@ -207,8 +209,6 @@ def service_error(exc: Exception) -> ServiceError:
             "pretrain_batch_size/cyclic_batch_size or image_size, or choose a smaller model",
             reason="DEVICE_OUT_OF_MEMORY",
         )
-    if isinstance(exc, WorkerFailed):
-        return Internal(f"{exc}; the job can be submitted again", reason="TRAINING_WORKER_FAILED")
     if isinstance(exc, DataValidationError):
         return InvalidArgument(str(exc), reason="INVALID_DATASET", field="dataset")
     if isinstance(exc, ConfigError):

@@ -10,9 +10,10 @@ lease: when one is refused (`LeaseLost`), or the lease keeper finds the lease go
 without touching the job again, since another replica owns it now. A job's failure is recorded as
 its FAILED state (the message never shows the server's own folders), so it cannot take a worker or
 another job down. A stopped attempt is CANCELLED (a cancel) or released to the queue with its last
-checkpoint (the server is stopping). On a full state volume or database progress events are
-skipped and state changes wait for room (`jobs.state_volume`); events reach watchers through
-`EventHub.publish_threadsafe` once the store has committed them.
+checkpoint (the server is stopping); one whose data-parallel worker died goes back to the queue
+the same way, counted as a crash of the attempt (`jobs.crashes`). On a full state volume or
+database progress events are skipped and state changes wait for room (`jobs.state_volume`); events
+reach watchers through `EventHub.publish_threadsafe` once the store has committed them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from o2u_server.datasets import DatasetLimits, LoadedDataset, load_dataset
 from o2u_server.domain import Job, JobError, JobEvent, JobState, Progress, Stage
 from o2u_server.errors import Internal, StateStoreFull
 from o2u_server.jobs.checkpoints import CheckpointStore
-from o2u_server.jobs.engine import Cancelled, Engine, job_results, run_info, service_error
+from o2u_server.jobs.engine import Cancelled, Engine, WorkerFailed, job_results, run_info, service_error
 from o2u_server.jobs.events import EventHub
 from o2u_server.jobs.leases import Attempt
 from o2u_server.jobs.loading import check_unchanged, loading_progress
@@ -102,6 +103,8 @@ class Execution:
                 self._stopped(job, control)
             except LeaseLost:
                 raise
+            except WorkerFailed as failure:
+                self._worker_failed(job, control, failure)
             except Exception as exc:
                 error = self._job_error(lease.job_id, exc)
                 event = self._persist(
@@ -142,6 +145,24 @@ class Execution:
             )
             if event.state is JobState.CANCELLED:
                 self._checkpoints.delete(lease.job_id)
+        self.finished(job, event)
+
+    def _worker_failed(self, job: Job, control: Attempt, failure: WorkerFailed) -> None:
+        """A data-parallel worker died or timed out: requeue the job to resume from its checkpoint,
+        unless such failures keep ending it at the same point (`jobs.crashes`)."""
+        lease = control.lease
+        if control.lost.is_set():
+            raise LeaseLost(lease)
+        cause = self._scrub(str(failure))
+        logger.warning("a training worker failed: %s", cause, extra={"job_id": lease.job_id})
+        self._checkpoints.sync(lease)  # worker 0 wrote it atomically at the last boundary
+        event = self._persist(
+            lambda: self._claims.retry_job(
+                lease, time.time(), cause=cause, max_attempts=self._settings.max_job_attempts
+            )
+        )
+        if event.state is not JobState.QUEUED:
+            self._checkpoints.delete(lease.job_id)
         self.finished(job, event)
 
     def _job_error(self, job_id: str, exc: Exception) -> JobError:

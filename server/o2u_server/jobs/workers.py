@@ -12,7 +12,9 @@ thread relays worker 0's progress (samples/s of the whole global batch, so of al
 cancellation reaches every worker within one batch, worker 0 alone writes the checkpoint the
 server syncs, and everything else (leases, fencing, crash accounting, out-of-memory and divergence
 errors) is the attempt's as with one worker. A worker that dies, or a collective that waits past
-`COLLECTIVE_TIMEOUT_SECONDS`, fails the attempt with TRAINING_WORKER_FAILED (`jobs.engine.service_error`);
+`COLLECTIVE_TIMEOUT_SECONDS`, ends the attempt: the other workers are stopped and the job goes back
+to the queue to resume from its last checkpoint, counted as a crash of the attempt (`jobs.crashes`:
+FAILED with TRAINING_WORKER_FAILED after `max_job_attempts` such failures without progress); the
 workers die with the server (they ask the kernel for SIGKILL when their parent exits), so a
 crashed server leaves no training behind and its job resumes from the checkpoint elsewhere.
 """

@@ -133,3 +133,41 @@ def test_expired_leases_count_as_crashes_up_to_the_limit(store: JobStore) -> Non
     assert (failed.error.code, failed.error.reason) == (13, "TOO_MANY_ATTEMPTS")
     assert "stopped renewing its lease) 2 times in a row" in failed.error.message
     assert "while it loaded the dataset (dataset file:///d/1.npz)" in failed.error.message
+
+
+def test_worker_failures_requeue_the_job_until_they_stop_making_progress(store: JobStore) -> None:
+    _queue(store, 1)
+    cause = "training worker 1 of 2 was killed by signal 9 before the run ended"
+    lease, _, _ = claim(store, "replica-a", lease_seconds=60)
+    store.claims.record_progress(lease, Progress(Stage.PRETRAINING, epoch=2, epochs_total=8), 3.0)
+    event = store.claims.retry_job(lease, 4.0, cause=cause, max_attempts=2)
+    assert event.state is JobState.QUEUED  # it trained further than any earlier attempt: not counted
+    assert event.message == (
+        f"{cause} (the job trained further than before, so this does not count against it); "
+        "it resumes from its last checkpoint"
+    )
+    with pytest.raises(LeaseLost):  # the failed attempt's lease is over
+        store.claims.record_progress(lease, Progress(Stage.PRETRAINING, epoch=3), 4.5)
+    for attempt in (2, 3):  # these fail before they finish an epoch: counted, 2 of 2 fails the job
+        lease, _, _ = claim(store, "replica-a", lease_seconds=60)
+        assert lease.attempt == attempt
+        event = store.claims.retry_job(lease, 5.0 + attempt, cause=cause, max_attempts=2)
+        assert event.state is (JobState.QUEUED if attempt == 2 else JobState.FAILED)
+        if attempt == 2:
+            assert event.message.startswith(f"{cause} (crash 1 of 2 allowed without progress)")
+    failed = store.get_job(job_id(1))
+    assert failed.error is not None
+    assert (failed.error.code, failed.error.reason) == (13, "TRAINING_WORKER_FAILED")
+    assert failed.error.message.startswith(
+        "a training worker of this job failed 2 times in a row, each time "
+    )
+    assert "while it loaded the dataset (dataset file:///d/1.npz)" in failed.error.message
+    assert f"the last failure: {cause}." in failed.error.message
+
+
+def test_a_worker_failure_with_a_pending_cancel_cancels_the_job(store: JobStore, second: JobStore) -> None:
+    _queue(store, 1)
+    lease, _, _ = claim(store, lease_seconds=60)
+    second.request_cancel(job_id(1), 3.0)
+    event = store.claims.retry_job(lease, 4.0, cause="worker died", max_attempts=3)
+    assert event.state is JobState.CANCELLED

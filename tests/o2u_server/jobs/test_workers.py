@@ -1,7 +1,8 @@
 """Jobs trained by 2 gloo workers on the CPU (O2U_GPUS_PER_JOB=2), through the real server: the
 scores rank as well as one worker's (AUROC within 0.01), a job resumed after the server was killed
 mid-training gives the uninterrupted 2-worker scores, a cancel stops both workers, and a killed
-worker fails the job with TRAINING_WORKER_FAILED instead of hanging it."""
+worker puts the job back in the queue to resume from its checkpoint (the same scores again) instead
+of hanging it, until failures without progress fail it with TRAINING_WORKER_FAILED."""
 
 from __future__ import annotations
 
@@ -105,20 +106,73 @@ def test_cancel_stops_both_workers(tmp_path: Path) -> None:
         assert multiprocessing.active_children() == []
 
 
-def test_a_killed_worker_fails_the_job(tmp_path: Path) -> None:
+def _kill_a_new_worker(known: set[int], timeout: float = 60) -> set[int]:
+    """SIGKILL one of the job's worker processes that is not in `known` as soon as one is running;
+    returns the pids of the workers seen then."""
+    deadline = time.monotonic() + timeout
+    while not (fresh := {w.pid for w in multiprocessing.active_children() if w.pid is not None} - known):
+        assert time.monotonic() < deadline, "no new training worker started"
+        time.sleep(0.01)
+    os.kill(max(fresh), signal.SIGKILL)
+    return fresh
+
+
+def _events(stub: Stub, job_id: str) -> list[pb.JobEvent]:
+    return [r.event for r in stub.WatchScoringJob(pb.WatchScoringJobRequest(job_id=job_id), timeout=30)]
+
+
+def test_a_killed_worker_is_retried_from_the_checkpoint(tmp_path: Path) -> None:
     uri, _, root = _digits(tmp_path)
-    settings = test_settings(state_dir=tmp_path / "state", data_roots=[root], gpus_per_job=2)
+    config = {**CONFIG, "num_cycles": 6}
+    settings = test_settings(
+        state_dir=tmp_path / "state", data_roots=[root], gpus_per_job=2, checkpoint_interval_seconds=0
+    )
+    with running_server(settings) as server, server.channel() as channel:
+        stub = Stub(channel)
+        reference = create_job(stub, uri, config).job_id
+        assert wait_for_job(stub, reference, timeout=240).state == pb.JOB_STATE_SUCCEEDED
+        job_id = create_job(stub, uri, config).job_id
+        _wait_cyclic(stub, job_id)
+        _kill_a_new_worker(set())
+        job = wait_for_job(stub, job_id, timeout=240)
+        assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+        assert job.attempts == 2
+        assert _scores(stub, job_id) == _scores(stub, reference)  # as if never interrupted
+        events = _events(stub, job_id)
+        assert multiprocessing.active_children() == []
+    requeued = [
+        e for e in events if e.type == pb.JOB_EVENT_TYPE_STATE_CHANGED and e.state == pb.JOB_STATE_QUEUED
+    ]
+    assert len(requeued) == 2  # submitted, then put back after the worker died
+    assert "killed by signal 9" in requeued[1].message
+    assert requeued[1].message.endswith("it resumes from its last checkpoint")
+    second = [
+        e.sequence for e in events if e.state == pb.JOB_STATE_RUNNING and e.message.startswith("attempt 2")
+    ]
+    resumed = next(e for e in events if e.sequence > second[0] and e.progress.stage == pb.STAGE_CYCLIC)
+    assert resumed.progress.epoch > 1  # the second attempt went on from the last epoch checkpointed
+
+
+def test_worker_failures_without_progress_fail_the_job(tmp_path: Path) -> None:
+    uri, _, root = _digits(tmp_path)
+    settings = test_settings(
+        state_dir=tmp_path / "state", data_roots=[root], gpus_per_job=2, max_job_attempts=1
+    )
     with running_server(settings) as server, server.channel() as channel:
         stub = Stub(channel)
         job_id = create_job(stub, uri, LONG_CONFIG).job_id
         _wait_cyclic(stub, job_id)
-        workers = multiprocessing.active_children()
-        assert len(workers) == 2
-        os.kill(max(w.pid for w in workers if w.pid is not None), signal.SIGKILL)
-        job = wait_for_job(stub, job_id, timeout=30)
+        first = _kill_a_new_worker(set())  # after progress: requeued, not counted
+        _kill_a_new_worker(first)  # the resumed attempt's worker, before it trains an epoch
+        job = wait_for_job(stub, job_id, timeout=60)
         assert job.state == pb.JOB_STATE_FAILED
+        assert job.attempts == 2
         assert (job.error.code, job.error.reason) == (13, "TRAINING_WORKER_FAILED")  # INTERNAL
+        assert job.error.message.startswith("a training worker of this job failed 1 time, each time ")
         assert "killed by signal 9" in job.error.message
+        deadline = time.monotonic() + 15
+        while multiprocessing.active_children() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert multiprocessing.active_children() == []
 
 
