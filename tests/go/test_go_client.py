@@ -1,7 +1,8 @@
 """The Go client module (client/go): compiled offline in GOPATH mode against Debian's Go packages,
 gofmt- and vet-clean, its unit tests passing, and its example command run against a live server
 on loopback - a small digits job submitted, progress printed in order, the top-k suspects listed -
-plus typed errors and TLS, mutual TLS and bearer tokens seen through the example's output.
+plus typed errors, TLS, mutual TLS, bearer tokens and tenants (a tokens file: each principal sees
+only its own jobs, an admin every job) seen through the example's output.
 
 Without a Go toolchain the tests skip, except in CI (CI=true), where they fail.
 """
@@ -354,3 +355,42 @@ def test_example_gates_the_batch(go_build: GoBuild, server: RunningServer, data_
     assert "is below the minimum 99.99%" in failed.stdout
     bad = _example(go_build, *common, "-max-noise-rate", "2")
     assert bad.returncode == 2
+
+
+def test_example_keeps_tenants_apart(
+    go_build: GoBuild, data_root: Path, digits_flipped: np.ndarray, tmp_path: Path
+) -> None:
+    """Two principals from a tokens file: each sees only its own jobs, an admin sees both."""
+    tokens = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789", "ops": "ops-token-0123456789"}
+    (tmp_path / "tokens").write_text("".join(f"{name}: {token}\n" for name, token in tokens.items()))
+    for name, token in tokens.items():
+        (tmp_path / f"{name}.token").write_text(token)
+    settings = test_settings(
+        state_dir=tmp_path / "state",
+        data_roots=[data_root],
+        tokens_file=tmp_path / "tokens",
+        admin_principals=["ops"],
+    )
+    uri = (data_root / "digits.npz").as_uri()
+    tiny = ("-model", "mlp", "-seed", "0", "-pretrain-epochs", "2", "-cycle-length", "2", "-num-cycles", "1")
+    with running_server(settings) as tenants:
+
+        def as_(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+            token = ("-token-file", str(tmp_path / f"{name}.token"), "-plaintext-token")
+            return _example(go_build, "-target", tenants.address, *token, "-top", "1", *args)
+
+        submitted = as_("alice", "-uri", uri, *tiny)
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        found = re.match(r"submitted job (job-[0-9a-f]{32})", submitted.stdout)
+        assert found is not None
+        job_id = found.group(1)
+
+        other = as_("bob", "-job", job_id)
+        assert other.returncode == 1, other.stdout + other.stderr
+        assert f"error: code=NotFound reason=JOB_NOT_FOUND message=\"scoring job '{job_id}'" in other.stderr
+        for name in ("alice", "ops"):  # the owner, and an admin
+            followed = as_(name, "-job", job_id)
+            assert followed.returncode == 0, followed.stdout + followed.stderr
+            assert f"job {job_id} succeeded" in followed.stdout
+        anonymous = _example(go_build, "-target", tenants.address, "-job", job_id)
+        assert "error: code=Unauthenticated reason=MISSING_CREDENTIALS" in anonymous.stderr, anonymous.stderr
