@@ -341,9 +341,9 @@ def wait_serving(address: str, timeout_s: float, process: subprocess.Popen[bytes
 
 
 @contextmanager
-def server_process(workdir: Path, data_root: Path) -> Iterator[tuple[str, int]]:
-    """`python -m o2u_server.main` on a free loopback port (CPU, state under `workdir`, datasets
-    under `data_root`), serving when entered; yields (address, pid) and stops it on exit."""
+def server_process(workdir: Path, data_root: Path, device: str = "cpu") -> Iterator[tuple[str, int]]:
+    """`python -m o2u_server.main` on a free loopback port (on `device`, state under `workdir`,
+    datasets under `data_root`), serving when entered; yields (address, pid) and stops it on exit."""
     address = f"127.0.0.1:{_free_port()}"
     env = {
         **os.environ,
@@ -352,7 +352,7 @@ def server_process(workdir: Path, data_root: Path) -> Iterator[tuple[str, int]]:
         "O2U_METRICS_PORT": "0",
         "O2U_STATE_DIR": str(workdir / "state"),
         "O2U_DATA_ROOTS": str(data_root),
-        "O2U_DEVICE": "cpu",
+        "O2U_DEVICE": device,
         "O2U_LOG_LEVEL": "WARNING",
     }
     with (workdir / "server.log").open("wb") as log:
