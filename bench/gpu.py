@@ -1,24 +1,25 @@
 """GPU throughput of full O2U runs: cnn9 and resnet18 on CIFAR-sized images, the MLP at a million.
 
-One prepared script for a CUDA machine, sized to finish in under 8 minutes on an H200. It scores
-a synthetic 50,000 x 32 x 32 x 3 uint8 set (10 classes, 20% symmetric noise) with `cnn9` and
-`resnet18`, and 1,000,000 x 512 float32 features with the MLP, each a full default O2U run
-(stage 1 + cyclic stage); prints wall time, training samples/s (all epochs, and the median of the
-cyclic epochs after the first, i.e. the small-batch stage once warm), peak device memory and
-AUROC. On short cnn9 runs it compares fp32 with bf16 autocast, cuDNN's autotuner
-(`torch.backends.cudnn.benchmark`) off/on, larger batches, and torch.compile off/on, also in its
-CUDA-graph mode (`compile_mode="reduce-overhead"`); and it times bare cnn9 steps eager against
-one CUDA graph per step. cnn9 costs 4.47 GFLOP per training sample at 32 px, so 40,000 samples/s
-is about 179 TFLOP/s. Then it runs the GPU-marked tests. A run that fails is reported and the
-script goes on, so one bad variant never costs the others. It imports only torch, NumPy,
-scikit-learn and the engine: `PYTHONPATH=. python bench/gpu.py`. Without a CUDA device it says so
-and exits 0; `--smoke` runs the same steps, tiny, on the CPU to check the script itself.
+One prepared script for a CUDA machine, sized to finish in under 8 minutes on an H200 (`--budget S`:
+the later, less wanted parts are skipped when S seconds run short). It scores a synthetic 50,000 x
+32 x 32 x 3 uint8 set (10 classes, 20% symmetric noise) with `cnn9` and `resnet18`, and 1,000,000 x
+512 float32 features with the MLP, each a full default O2U run (stage 1 + cyclic stage); prints wall
+time, training samples/s (all epochs, and the median of the cyclic epochs after the first, i.e. the
+small-batch stage once warm), peak device memory and AUROC. On short cnn9 runs it compares fp32 with
+bf16 autocast, cuDNN's autotuner (`torch.backends.cudnn.benchmark`) off/on, larger batches, and
+torch.compile off/on, also in its CUDA-graph mode (`compile_mode="reduce-overhead"`); and it times
+bare cnn9 steps eager against one CUDA graph per step. cnn9 costs 4.47 GFLOP per training sample at
+32 px, so 40,000 samples/s is about 179 TFLOP/s. Then it runs the GPU-marked tests. A run that fails
+is reported and the script goes on, so one bad variant never costs the others. It imports only
+torch, NumPy, scikit-learn and the engine: `PYTHONPATH=. python bench/gpu.py`. Without a CUDA device
+it says so and exits 0; `--smoke` runs the same steps, tiny, on the CPU to check the script itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import re
 import statistics
@@ -194,6 +195,12 @@ def run_gpu_tests(timeout: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script only")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=BUDGET_SECONDS,
+        help=f"seconds for the whole script; later parts are skipped when it runs short ({BUDGET_SECONDS})",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
         print("bench/gpu.py: no CUDA device (torch.cuda.is_available() is False); nothing to measure.")
@@ -221,15 +228,23 @@ def main() -> None:
         device,
     )
 
-    print("full runs (default config, model named):", flush=True)
-    runs = [
-        full_run(m, images, labels, flipped, dataclasses.replace(default, model=m), device)
-        for m in ("cnn9", "resnet18")
-    ]
-    vectors, clean_vectors = synthetic_features(num_vectors, 512, NUM_CLASSES, seed=SEED)  # (N, 512) float32
-    vector_labels, vector_flipped = inject_noise(clean_vectors, NOISE, NUM_CLASSES, seed=SEED)
-    runs.append(full_run(f"mlp {num_vectors:,}x512", vectors, vector_labels, vector_flipped, default, device))
-    del vectors
+    runs: list[Run] = []
+
+    def time_left() -> float:
+        return args.budget - (time.perf_counter() - began)
+
+    def run_if_time(name: str, reserve: float, run: Callable[[], Run]) -> None:
+        """`run()`, or a skipped row when less than `reserve` seconds of the budget are left."""
+        if time_left() < reserve:
+            print(f"  {name}: skipped, {time_left():.0f} s of the budget left", flush=True)
+            runs.append(Run(name, "skipped", NAN, NAN, NAN, NAN, NAN))
+        else:
+            runs.append(run())
+
+    # Most wanted first, so a short budget loses the least: the default cnn9 run, the A/B variants,
+    # the bare steps, then resnet18, the MLP and the tests.
+    print("full run of cnn9 (default config):", flush=True)
+    runs.append(full_run("cnn9", images, labels, flipped, dataclasses.replace(default, model="cnn9"), device))
 
     print("A/B on short cnn9 runs (1 pre-training + 2 cyclic epochs):", flush=True)
     # A CPU without bf16 units emulates it hundreds of times slower than fp32, so the smoke run
@@ -254,15 +269,22 @@ def main() -> None:
         ),
     }
     for name, (config, autotune) in variants.items():
-        if time.perf_counter() - began > BUDGET_SECONDS - 120:
-            print(f"  {name}: skipped, the 8-minute budget is nearly spent", flush=True)
-            runs.append(Run(name, "skipped", NAN, NAN, NAN, NAN, NAN))
-            continue
-        runs.append(full_run(name, images, labels, flipped, config, device, cudnn_benchmark=autotune))
+        reserve = 90.0 if config.compile_model else 45.0  # compilation takes its own tens of seconds
+        run_if_time(
+            name,
+            reserve,
+            functools.partial(
+                full_run, name, images, labels, flipped, config, device, cudnn_benchmark=autotune
+            ),
+        )
 
     print("bare cnn9 training steps, eager vs one CUDA graph per step:", flush=True)
     graph_rows = []
     for batch in (16, 32, 64) if args.smoke else (64, 128, 256):
+        if time_left() < 30:
+            print(f"  batch {batch}: skipped, {time_left():.0f} s of the budget left", flush=True)
+            graph_rows.append([batch, NAN, NAN, NAN])
+            continue
         try:
             eager, graphed = step_rates(batch, device, steps=2 if args.smoke else 200, bf16=not args.smoke)
         except Exception as error:  # capture can fail on some versions; the rest still runs
@@ -274,8 +296,26 @@ def main() -> None:
             f"  batch {batch}: eager {eager * batch:.0f} samples/s, graphed {graphed * batch:.0f}", flush=True
         )
 
-    remaining = BUDGET_SECONDS - (time.perf_counter() - began)
-    tests = run_gpu_tests(timeout=max(60.0, remaining - 15))
+    print("full runs of resnet18 and the MLP (default config):", flush=True)
+    resnet18_config = dataclasses.replace(default, model="resnet18")
+    run_if_time(
+        "resnet18",
+        1.5 * runs[0].seconds,  # it costs about as much per sample as cnn9
+        lambda: full_run("resnet18", images, labels, flipped, resnet18_config, device),
+    )
+    mlp_name = f"mlp {num_vectors:,}x512"
+
+    def mlp_run() -> Run:
+        vectors, clean_vectors = synthetic_features(
+            num_vectors, 512, NUM_CLASSES, seed=SEED
+        )  # (N, 512) float32
+        vector_labels, vector_flipped = inject_noise(clean_vectors, NOISE, NUM_CLASSES, seed=SEED)
+        return full_run(mlp_name, vectors, vector_labels, vector_flipped, default, device)
+
+    run_if_time(mlp_name, 60.0, mlp_run)
+
+    remaining = time_left()
+    tests = run_gpu_tests(timeout=remaining - 15) if remaining > 75 else "skipped(budget)"
 
     header = ["run", "setup", "wall s", "samples/s", "cyclic samples/s", "peak GiB", "AUROC"]
     rows = [
@@ -293,7 +333,7 @@ def main() -> None:
     print(format_table(header, rows))
     print(format_table(["batch", "eager samples/s", "graphed samples/s", "graphed/eager"], graph_rows))
     by_name = {r.name: r for r in runs}
-    cnn9, resnet18, mlp = runs[0], runs[1], runs[2]
+    cnn9, resnet18, mlp = by_name["cnn9"], by_name["resnet18"], by_name[mlp_name]
     base = by_name["cnn9 bf16"]
 
     def speedup(name: str) -> str:  # cyclic-stage samples/s of a variant over plain bf16
@@ -302,13 +342,15 @@ def main() -> None:
     peak = max([r.peak_memory_gib for r in runs if not np.isnan(r.peak_memory_gib)], default=NAN)
     print(
         f"summary: cnn9_samples_per_s={cnn9.samples_per_second:.0f} cnn9_s={cnn9.seconds:.1f} "
+        f"cnn9_cyclic_samples_per_s={cnn9.cyclic_samples_per_second:.0f} "
         f"resnet18_samples_per_s={resnet18.samples_per_second:.0f} resnet18_s={resnet18.seconds:.1f} "
         f"mlp_1m_s={mlp.seconds:.1f} peak_memory_gib={peak:.2f} "
         f"fp32_vs_bf16={speedup('cnn9 fp32')} cudnn_benchmark_speedup={speedup('cnn9 bf16 cudnn.benchmark')} "
         f"b256_speedup={speedup('cnn9 bf16 b256/128')} b512_speedup={speedup('cnn9 bf16 b512/256')} "
         f"compile_speedup={speedup('cnn9 bf16 compiled')} "
         f"cuda_graphs_speedup={speedup('cnn9 bf16 CUDA graphs')} "
-        f"graph_speedup_b64={graph_rows[0][3]:.2f} graph_samples_per_s_b128={graph_rows[1][2]:.0f} "
+        f"graph_speedup_b{graph_rows[0][0]}={graph_rows[0][3]:.2f} "
+        f"graph_samples_per_s_b{graph_rows[1][0]}={graph_rows[1][2]:.0f} "
         f"gpu_tests={tests} total_s={time.perf_counter() - began:.0f}"
     )
 
