@@ -2,30 +2,38 @@
 # The GPU figures of docs/benchmarks.md in one run on a CUDA machine, under 10 minutes in all, each
 # step with its own time limit and log under OUTDIR, a step that fails or runs out of time never
 # stopping the next:
-#   gpu        bench/gpu.py --budget 280: samples/s per stage of cnn9 on 50,000 images, the A/B
+#   gpu        bench/gpu.py --budget 270: samples/s per stage of cnn9 on 50,000 images, the A/B
 #              variants (fp32/bf16, cuDNN autotuning, batch sizes, torch.compile, CUDA graphs),
 #              eager vs graphed steps; then, as the budget allows, resnet18, the MLP at a million
-#              and the gpu-marked tests                                                  (300 s)
+#              and the gpu-marked tests                                                  (290 s)
 #   overhead   bench/service_overhead.py --device cuda --images 20000: one default cnn9 job
 #              through the gRPC server against the direct engine call                    (170 s)
 #   real_noise bench/real_noise.py --quick --device cuda: real label noise, GPU defaults (100 s)
 # `--smoke` runs every step tiny on the CPU, to check the script before a GPU is spent on it.
 # The first step needs only torch, NumPy, scikit-learn and the engine; the others need the
-# project's environment (`pip install -e .`, or its wheels on PYTHONPATH). CIFAR-10N is read from
-# $CIFAR10N (default: bench/real_noise.py's own lookup); without it that step prints "skipped".
+# project's dependencies: its environment, or `--bundle BUNDLE` made by bench/gpu_bundle.sh, whose
+# wheels are installed into a scratch folder put first on PYTHONPATH. CIFAR-10N is read from
+# $CIFAR10N, else BUNDLE/cifar10n_10k.npz, else bench/real_noise.py's own lookup; without it that
+# step prints "skipped".
 # A summary of the steps' outcomes and `summary:` lines is printed at the end and kept in
 # OUTDIR/summary.txt.
 #
-# Usage: bench/gpu_session.sh [--smoke] OUTDIR [STEP...]     (steps: gpu overhead real_noise)
+# Usage: bench/gpu_session.sh [--smoke] [--bundle BUNDLE] OUTDIR [STEP...]
+#        (steps: gpu overhead real_noise)
 set -uo pipefail
 
 smoke=0
-if [[ ${1:-} == --smoke ]]; then
-  smoke=1
+bundle=
+while [[ ${1:-} == --* ]]; do
+  case $1 in
+    --smoke) smoke=1 ;;
+    --bundle) bundle=${2:?--bundle needs a folder} && shift ;;
+    *) echo "unknown option: $1" >&2 && exit 2 ;;
+  esac
   shift
-fi
+done
 if (($# < 1)); then
-  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 out=$1
@@ -35,16 +43,27 @@ steps=("$@")
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")"
-export PYTHONPATH="..${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+root=$(cd .. && pwd)
 python=${PYTHON:-python3}
+# The project's packages from this checkout, for the benchmarks and the servers they start.
+path=$root:$root/server:$root/client/python:$root/protos/python
+if [[ -n $bundle ]]; then
+  site=$(mktemp -d)
+  trap 'rm -rf "$site"' EXIT
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
+    "$bundle"/wheels/*.whl || exit 2
+  path=$site:$path
+  [[ -z ${CIFAR10N:-} && -f $bundle/cifar10n_10k.npz ]] && CIFAR10N=$(cd "$bundle" && pwd)/cifar10n_10k.npz
+fi
+export PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 data_args=()
 [[ -n ${CIFAR10N:-} ]] && data_args=(--data "$CIFAR10N")
 
 step_command() {  # prints nothing; fills `command` and `limit` for step $1
   case $1 in
     gpu)
-      limit=300
-      command=("$python" gpu.py --budget 280)
+      limit=290
+      command=("$python" gpu.py --budget 270)
       ((smoke)) && command+=(--smoke) && limit=600
       ;;
     overhead)
@@ -55,7 +74,7 @@ step_command() {  # prints nothing; fills `command` and `limit` for step $1
     real_noise)
       limit=100
       command=("$python" real_noise.py --quick --device cuda "${data_args[@]}")
-      ((smoke)) && command=("$python" real_noise.py --subsample 200 --no-digits --threads 1 "${data_args[@]}")
+      ((smoke)) && command=("$python" real_noise.py --subsample 200 --no-digits --threads 1 "${data_args[@]}") && limit=300
       ;;
     *)
       echo "unknown step: $1 (steps: gpu overhead real_noise)" >&2
