@@ -20,7 +20,7 @@ fi
 bundle=$1
 root=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-python3}
-[[ -x $root/.venv/bin/python ]] && python=$root/.venv/bin/python
+[[ -z ${PYTHON:-} && -x $root/.venv/bin/python ]] && python=$root/.venv/bin/python
 version=${BUNDLE_PYTHON_VERSION:-3.12}
 
 # Shipped with PyTorch images (and needed by it), so left out: a second copy would shadow them.
