@@ -24,10 +24,11 @@ PLACEMENTS = ("auto", "resident", "streamed")
 # Augmentations for images: none; a random crop of the zero-padded image; crop + horizontal flip.
 # A flip can change a class (text, digits, arrows: "b" <-> "d"), so it is used only when asked for.
 AUGMENTATIONS = ("none", "crop", "crop_flip")
-# The per-sample noise score: the paper's mean normalized cyclic-stage loss, or the mean margin
-# over the cyclic epochs (AUM: given-label logit minus the largest other logit), negated.
-NOISE_SCORES = ("o2u_loss", "aum")
-SCORE_CHOICES = ("auto", *NOISE_SCORES)  # auto: aum for images, o2u_loss for feature vectors
+# The per-sample noise score: the paper's mean normalized cyclic-stage loss, the mean margin over
+# the cyclic epochs (AUM: given-label logit minus the largest other logit) negated, or the mean of
+# a sample's ranks by those two (`loss_margin`).
+NOISE_SCORES = ("o2u_loss", "aum", "loss_margin")
+SCORE_CHOICES = ("auto", *NOISE_SCORES)  # auto: aum for images, loss_margin for feature vectors
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 MIN_IMAGE_SIZE = 8  # pixels
@@ -52,7 +53,8 @@ class O2UConfig:
     # none | crop | crop_flip; None: auto (images `none`, features `none`). The legacy booleans
     # mean True -> "crop" (never a flip), False -> "none".
     augment: str | bool | None = None
-    score: str = "auto"  # auto | aum | o2u_loss (the paper's); auto: images aum, features o2u_loss
+    # auto | aum | o2u_loss (the paper's) | loss_margin; auto: images aum, features loss_margin
+    score: str = "auto"
     noise_rate: float | None = None  # known fraction of wrong labels in [0, 1); None/0: estimate
     class_aware_normalization: bool = False  # subtract per-class (not global) epoch mean loss
     clean_retraining: bool = False  # run stage 3
@@ -191,7 +193,7 @@ class ResolvedConfig(O2UConfig):
     momentum: float
     weight_decay: float
     augment: str  # none | crop | crop_flip
-    score: str  # aum | o2u_loss
+    score: str  # aum | o2u_loss | loss_margin
     noise_rate: float  # 0.0: estimated from the scores
     class_aware_normalization: bool
     clean_retraining: bool

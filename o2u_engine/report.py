@@ -47,7 +47,7 @@ class CleanRetrainingResult:
 class NoiseReport:
     """Per-sample noise scores and the dataset-level summary of one O2U-Net run (N samples, K classes)."""
 
-    noise_scores: np.ndarray  # (N,) float64, config.score's (-mean margin or mean loss); never NaN
+    noise_scores: np.ndarray  # (N,) float64, config.score's (see CyclicStatistics.scores); never NaN
     score_variance: np.ndarray  # (N,) float64, population variance of the normalized loss
     ranks: np.ndarray  # (N,) int64, 1 = most suspicious; ties broken by sample index
     noise_probability: np.ndarray  # (N,) float64 in [0, 1]
@@ -69,7 +69,7 @@ class NoiseReport:
     torch_version: str
     device: str  # e.g. "cpu", "cuda:0"
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, and "total"
-    # The o2u_loss score's mixture put most samples in its high group: estimated_noise_rate is
+    # The losses' mixture (o2u_loss, loss_margin) put most samples in its high group: the rate is
     # rank.estimate_noise's fallback (the confident disagreement), not the mixture's weight
     noise_rate_capped: bool = False
 

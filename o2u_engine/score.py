@@ -175,6 +175,7 @@ def _score_noise(
         cyclic_epochs=statistics.epochs,
         noise_rate=config.noise_rate,
         estimator=rate_estimator(config.score),
+        losses=statistics.mean.cpu().numpy(),
     )
     timings = {"preparation": preparation_seconds, **outcome.timings}
     timings["ranking"] = time.perf_counter() - ranking_started

@@ -80,8 +80,16 @@ class CyclicStatistics:
 
     def scores(self, kind: str) -> torch.Tensor:
         """The per-sample noise score of `kind` (config.NOISE_SCORES), (N,), higher = more suspect:
-        the mean normalized loss (`o2u_loss`) or the negated mean margin (`aum`)."""
-        return self.mean if kind == "o2u_loss" else -self.mean_margin()
+        the mean normalized loss (`o2u_loss`), the negated mean margin (`aum`), or the mean of a
+        sample's ranks by those two divided by N (`loss_margin`, in (0, 1])."""
+        if kind == "o2u_loss":
+            return self.mean
+        if kind == "aum":
+            return -self.mean_margin()
+        if kind == "loss_margin":
+            count = max(self.mean.shape[0], 1)
+            return (average_ranks(self.mean) + average_ranks(-self.mean_margin())) / (2 * count)
+        raise ValueError(f"unknown noise score {kind!r}")
 
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         return {
@@ -105,3 +113,15 @@ class CyclicStatistics:
             source = state[name]
             assert isinstance(source, torch.Tensor)
             target.copy_(source)
+
+
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..N of `values` (N,) in ascending order as float64, equal values sharing the mean of
+    their ranks (scipy's `rankdata`, method "average"), on the values' device."""
+    ordered, order = torch.sort(values, stable=True)
+    _, group, sizes = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    last = torch.cumsum(sizes, dim=0).to(torch.float64)  # (G,) 1-based rank of each group's last
+    group_ranks = last - (sizes.to(torch.float64) - 1) / 2  # (G,) mean rank of each group
+    ranks = torch.empty(values.shape[0], dtype=torch.float64, device=values.device)
+    ranks[order] = group_ranks[group]
+    return ranks

@@ -277,7 +277,11 @@ class Trainer:
         return retraining_samples(
             self.split,
             suspected_set(
-                scores, self.config.noise_rate, disagrees, estimator=rate_estimator(self.config.score)
+                scores,
+                self.config.noise_rate,
+                disagrees,
+                estimator=rate_estimator(self.config.score),
+                losses=self.statistics.mean.cpu().numpy(),
             ).suspected,
         )
 

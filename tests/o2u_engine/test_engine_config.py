@@ -26,7 +26,7 @@ def test_features_get_an_mlp_without_augmentation() -> None:
     config = resolve(num_samples=1797, sample_shape=(64,))
     assert config.model == "mlp"
     assert config.augment == "none"
-    assert config.score == "o2u_loss"  # the paper's score for feature vectors
+    assert config.score == "loss_margin"  # the mean rank by the paper's loss and by the margin
     assert (config.pretrain_learning_rate, config.cycle_max_learning_rate) == (0.01, 0.01)
     assert config.cycle_min_learning_rate == 0.001  # the paper's rates for models other than small_cnn
     assert config.image_size == 0  # feature vectors have no image side

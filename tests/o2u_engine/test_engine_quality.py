@@ -23,6 +23,7 @@ def test_digits_with_20_percent_noise() -> None:
     assert k == 359
 
     report = score_noise(features.astype(np.float32), labels)
+    assert report.config.score == "loss_margin"
 
     precision_at_k = is_noisy[report.order()[:k]].mean()
     assert precision_at_k >= 0.85
@@ -31,6 +32,25 @@ def test_digits_with_20_percent_noise() -> None:
     assert report.suspected.sum() == round(report.estimated_noise_rate * labels.shape[0])
     # The suggested label recovers the true class of most flipped samples.
     assert (report.suggested_labels[is_noisy] == true_labels[is_noisy]).mean() >= 0.85
+
+
+def test_the_feature_default_ranks_pair_noise_above_the_paper_score() -> None:
+    """Digits as features with 30% of each class moved to the next: the loss-margin rank mean
+    (the default) ranks the moved labels higher than the paper's loss alone, from the same run,
+    and its rate is the loss mixture's (measured: AUROC 0.937 against 0.932, rate 0.288)."""
+    features, true_labels = load_digits(return_X_y=True)
+    labels = np.where(
+        np.random.default_rng(0).random(true_labels.shape[0]) < 0.3, (true_labels + 1) % 10, true_labels
+    )
+    is_noisy = labels != true_labels
+    default = score_noise(features.astype(np.float32), labels)
+    paper = score_noise(features.astype(np.float32), labels, config=O2UConfig(score="o2u_loss"))
+    assert default.config.score == "loss_margin"
+    assert roc_auc_score(is_noisy, default.noise_scores) > roc_auc_score(is_noisy, paper.noise_scores)
+    assert default.estimated_noise_rate == paper.estimated_noise_rate
+    assert default.estimated_noise_rate == pytest.approx(is_noisy.mean(), abs=0.06)
+    order = np.argsort(default.noise_scores, kind="stable")
+    assert np.all(np.diff(default.noise_probability[order]) >= 0)
 
 
 def _digit_images(noise: float, kind: str = "symmetric") -> tuple[np.ndarray, np.ndarray, np.ndarray]:

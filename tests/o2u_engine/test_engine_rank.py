@@ -264,6 +264,24 @@ def test_the_separated_estimator_falls_back_to_the_disagreeing_labels_when_score
     assert np.all(np.diff(suspects.noise_probability[np.argsort(scores)]) >= 0)
     assert rate_estimator("aum") == "separated"
     assert rate_estimator("o2u_loss") == "mixture"
+    assert rate_estimator("loss_margin") == "loss_mixture"
+
+
+def test_the_loss_mixture_estimator_takes_the_losses_rate_and_ranks_by_the_score() -> None:
+    rng = np.random.default_rng(5)
+    losses = np.concatenate([rng.gamma(2.0, 0.1, 800), rng.normal(2.0, 0.3, 200)])  # 20% high losses
+    scores = losses + rng.normal(0.0, 0.3, 1000)  # another order of the same samples
+    mixture = estimate_noise(losses)
+    suspects = suspected_set(scores, 0.0, None, estimator="loss_mixture", losses=losses)
+    assert suspects.estimated_noise_rate == mixture.rate
+    assert suspects.estimated_noise_rate == pytest.approx(0.2, abs=0.02)
+    # The suspects are the top of the score's ranking, and the probability rises with the score.
+    top = np.argsort(-scores, kind="stable")[: round(mixture.rate * 1000)]
+    assert set(np.flatnonzero(suspects.suspected)) == set(top)
+    assert np.all(np.diff(suspects.noise_probability[np.argsort(scores, kind="stable")]) >= 0)
+    assert suspects.noise_probability.mean() == pytest.approx(mixture.probability.mean())
+    with pytest.raises(ValueError, match="needs the losses"):
+        suspected_set(scores, 0.0, None, estimator="loss_mixture")
 
 
 def test_the_separated_estimator_takes_a_separated_mixture() -> None:

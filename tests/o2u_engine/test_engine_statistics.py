@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from o2u_engine.statistics import CyclicStatistics
+from o2u_engine.statistics import CyclicStatistics, average_ranks
 
 LABELS = torch.tensor([0, 0, 1, 1])
 LOGITS = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.0]])  # predicts 0, 1, 1, 0
@@ -57,3 +57,21 @@ def test_margins_are_the_given_logit_minus_the_largest_other_averaged_over_epoch
     # aum ranks the negated margin (higher = more suspect); o2u_loss the mean normalized loss
     assert statistics.scores("aum").tolist() == [-2.0, 1.0, -3.0, 1.0]
     assert torch.equal(statistics.scores("o2u_loss"), statistics.mean)
+
+
+def test_the_loss_margin_score_is_the_mean_rank_of_the_two_over_n() -> None:
+    statistics = CyclicStatistics(LABELS, 2, class_aware=False)
+    record_epoch(statistics, [0.5, 2.0, 0.1, 1.0])
+    loss_ranks = average_ranks(statistics.mean)  # losses 0.5, 2.0, 0.1, 1.0 -> 2, 4, 1, 3
+    margin_ranks = average_ranks(statistics.scores("aum"))  # -2, 1, -3, 1 -> 2, 3.5, 1, 3.5
+    assert loss_ranks.tolist() == [2.0, 4.0, 1.0, 3.0]
+    assert margin_ranks.tolist() == [2.0, 3.5, 1.0, 3.5]
+    assert statistics.scores("loss_margin").tolist() == [0.5, 7.5 / 8, 0.25, 6.5 / 8]
+    with pytest.raises(ValueError, match="unknown noise score 'loss'"):
+        statistics.scores("loss")
+
+
+def test_average_ranks_share_ties_like_scipy() -> None:
+    values = torch.tensor([3.0, 1.0, 2.0, 2.0, 5.0, 1.0, 2.0], dtype=torch.float64)
+    assert average_ranks(values).tolist() == [6.0, 1.5, 4.0, 4.0, 7.0, 1.5, 4.0]
+    assert average_ranks(torch.zeros(0, dtype=torch.float64)).shape == (0,)

@@ -123,9 +123,9 @@ CONFIG_OPTIONS = (
     ConfigOption(
         "score",
         str,
-        "noise score: aum (mean margin over the cyclic stage; images' default) or o2u_loss (the paper's; "
-        "features' default)",
-        choices=("aum", "o2u_loss"),
+        "noise score: aum (mean margin over the cyclic stage; images' default), o2u_loss (the paper's "
+        "mean loss) or loss_margin (the mean of the two ranks; features' default)",
+        choices=("aum", "o2u_loss", "loss_margin"),
         enum_prefix="NOISE_SCORE_KIND_",
     ),
     ConfigOption("noise_rate", float, "known fraction of wrong labels in [0, 1); default: estimated", "RATE"),

@@ -2,7 +2,8 @@
 
 A request's config is stored as the proto fields the caller set, enum fields as their numbers;
 `engine_fields` turns those into the engine's O2UConfig keyword arguments: `augmentation` becomes
-`augment` ("none", "crop" or "crop_flip") and `score` stays `score` ("o2u_loss" or "aum"). The
+`augment` ("none", "crop" or "crop_flip") and `score` stays `score` ("o2u_loss", "aum" or
+"loss_margin"). The
 legacy boolean `augment` keeps working (true is a crop, never a flip); set together with an
 `augmentation` that means something else, or with an enum number this server does not know, the
 request is INVALID_ARGUMENT naming the field.
@@ -16,7 +17,7 @@ from typing import Any
 from o2u_server.errors import InvalidArgument
 
 AUGMENTATIONS = {1: "none", 2: "crop", 3: "crop_flip"}  # Augmentation number -> engine value
-NOISE_SCORES = {1: "o2u_loss", 2: "aum"}  # NoiseScoreKind number -> engine value
+NOISE_SCORES = {1: "o2u_loss", 2: "aum", 3: "loss_margin"}  # NoiseScoreKind number -> engine value
 LEGACY_AUGMENT = {True: "crop", False: "none"}  # the boolean `augment` field
 
 

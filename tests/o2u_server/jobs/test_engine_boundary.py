@@ -95,6 +95,7 @@ def test_engine_errors_become_service_errors() -> None:
 
 def test_enum_fields_become_the_engine_values_and_the_legacy_switch_means_a_crop() -> None:
     assert engine_config({"augmentation": 3, "score": 1}) == O2UConfig(augment="crop_flip", score="o2u_loss")
+    assert engine_config({"score": 3}) == O2UConfig(score="loss_margin")
     assert engine_config({"augment": True}).augment is True  # resolved to "crop", never a flip
     assert engine_config({"augment": True, "augmentation": 2}).augment == "crop"
     with pytest.raises(InvalidArgument) as conflict:

@@ -60,7 +60,7 @@ def test_score_and_augmentation_are_resolved_and_recorded(stub: Stub, digits_uri
     resolved = json.loads(done.run_info.resolved_config_json)
     assert (resolved["score"], resolved["augment"]) == ("o2u_loss", "none")
     default = wait_for_job(stub, create_job(stub, digits_uri).job_id)
-    assert json.loads(default.run_info.resolved_config_json)["score"] == "o2u_loss"  # feature vectors
+    assert json.loads(default.run_info.resolved_config_json)["score"] == "loss_margin"  # feature vectors
 
 
 def test_list_is_newest_first_filtered_and_paged(

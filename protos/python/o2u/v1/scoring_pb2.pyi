@@ -207,24 +207,42 @@ class _NoiseScoreKind:
 class _NoiseScoreKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NoiseScoreKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     NOISE_SCORE_KIND_UNSPECIFIED: _NoiseScoreKind.ValueType  # 0
-    """The server's default: NOISE_SCORE_KIND_AUM for images, NOISE_SCORE_KIND_O2U_LOSS for features."""
+    """The server's default: NOISE_SCORE_KIND_AUM for images, NOISE_SCORE_KIND_LOSS_MARGIN for
+    features.
+    """
     NOISE_SCORE_KIND_O2U_LOSS: _NoiseScoreKind.ValueType  # 1
-    """The O2U-Net paper's score: the mean normalized loss over the cyclic stage."""
+    """The O2U-Net paper's score: the mean normalized loss over the cyclic stage; its noise rate is
+    the weight of the high group of a two-component mixture fitted to the losses.
+    """
     NOISE_SCORE_KIND_AUM: _NoiseScoreKind.ValueType  # 2
     """The negated mean margin over the cyclic stage (given-label logit minus the largest other);
-    its noise rate is the share of samples whose most predicted class is not the given label.
+    its noise rate is the margins' mixture when its groups are clearly apart, else the share of
+    samples the cyclic stage's votes confidently disagree with.
+    """
+    NOISE_SCORE_KIND_LOSS_MARGIN: _NoiseScoreKind.ValueType  # 3
+    """The mean of a sample's rank by the O2U loss and its rank by the margin, over N (in (0, 1]);
+    its noise rate is the loss mixture's, as for NOISE_SCORE_KIND_O2U_LOSS.
     """
 
 class NoiseScoreKind(_NoiseScoreKind, metaclass=_NoiseScoreKindEnumTypeWrapper):
     """NoiseScoreKind says which per-sample score ranks the samples."""
 
 NOISE_SCORE_KIND_UNSPECIFIED: NoiseScoreKind.ValueType  # 0
-"""The server's default: NOISE_SCORE_KIND_AUM for images, NOISE_SCORE_KIND_O2U_LOSS for features."""
+"""The server's default: NOISE_SCORE_KIND_AUM for images, NOISE_SCORE_KIND_LOSS_MARGIN for
+features.
+"""
 NOISE_SCORE_KIND_O2U_LOSS: NoiseScoreKind.ValueType  # 1
-"""The O2U-Net paper's score: the mean normalized loss over the cyclic stage."""
+"""The O2U-Net paper's score: the mean normalized loss over the cyclic stage; its noise rate is
+the weight of the high group of a two-component mixture fitted to the losses.
+"""
 NOISE_SCORE_KIND_AUM: NoiseScoreKind.ValueType  # 2
 """The negated mean margin over the cyclic stage (given-label logit minus the largest other);
-its noise rate is the share of samples whose most predicted class is not the given label.
+its noise rate is the margins' mixture when its groups are clearly apart, else the share of
+samples the cyclic stage's votes confidently disagree with.
+"""
+NOISE_SCORE_KIND_LOSS_MARGIN: NoiseScoreKind.ValueType  # 3
+"""The mean of a sample's rank by the O2U loss and its rank by the margin, over N (in (0, 1]);
+its noise rate is the loss mixture's, as for NOISE_SCORE_KIND_O2U_LOSS.
 """
 Global___NoiseScoreKind: _TypeAlias = NoiseScoreKind  # noqa: Y015
 
@@ -549,7 +567,7 @@ class ScoringConfig(_message.Message):
     augmentation: Global___Augmentation.ValueType
     """How training images are augmented; unset: the server's default (none)."""
     score: Global___NoiseScoreKind.ValueType
-    """The score that ranks the samples; unset: the server's default (aum for images, o2u_loss for
+    """The score that ranks the samples; unset: the server's default (aum for images, loss_margin for
     feature vectors).
     """
     def __init__(
@@ -1184,10 +1202,11 @@ class DatasetSummary(_message.Message):
     estimated_label_accuracy: _builtins.float
     """1 - estimated_noise_rate."""
     noise_rate_capped: _builtins.bool
-    """The mixture fitted to the `o2u_loss` scores put most samples in its high-score group, which the
-    estimate may not report (noise would be the majority, and the labels meaningless):
-    estimated_noise_rate is then the confident-disagreement fallback, not the fit, and deserves a
-    second look. Never set for the `aum` score, whose estimate is that count to begin with.
+    """The mixture fitted to the losses (the `o2u_loss` and `loss_margin` scores) put most samples in
+    its high-score group, which the estimate may not report (noise would be the majority, and the
+    labels meaningless): estimated_noise_rate is then the confident-disagreement fallback, not the
+    fit, and deserves a second look. Never set for the `aum` score, whose estimate falls back to
+    that count by design.
     """
     @_builtins.property
     def class_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
