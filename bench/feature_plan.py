@@ -1,4 +1,4 @@
-"""How the training plan for feature vectors affects detection: batch sizes and stage-1 length.
+"""How the training plan for feature vectors affects detection: batch sizes, stage-1 length, score.
 
 Scores synthetic feature sets (the generator of `speed.py` and `scale.py`, 20% symmetric noise)
 with the engine's default plan and with variants of it, and prints each run's AUROC, P@k and
@@ -9,6 +9,8 @@ plan on the sets of at most 20,000 samples. Variants (B1/B2 = stage 1/2 batch):
 - `b2-128`: the stage-2 batch capped at 128 samples.
 - `both-256`: B1 at most 256, B2 = B1 / 2, stage 1 still 300 steps.
 - `stage1-600`: the default batches, stage 1 long enough for 600 steps instead of 300.
+- `o2u_loss`, `aum`: the default plan ranked by the paper's loss or by the margin alone instead of
+  the default `loss_margin` (the mean of the two ranks); the training is the same.
 
 Sets: digits as 64-d features, then 10,000 x 512, 20,000 x 128, 20,000 x 512 (noise seeds 0 and
 1), 50,000 x 128, 100,000 x 128 and 100,000 x 512 (seed 0). About 30 minutes with `--cleanlab`
@@ -43,7 +45,7 @@ from o2u_engine.resolve import PRETRAIN_TARGET_STEPS
 NOISE = NoiseSetting("symmetric", 0.2)
 NUM_CLASSES = 10
 SEED = 0
-VARIANTS = ("default", "b2-128", "both-256", "stage1-600")
+VARIANTS = ("default", "b2-128", "both-256", "stage1-600", "o2u_loss", "aum")
 SETS = ((10_000, 512), (20_000, 128), (20_000, 512), (50_000, 128), (100_000, 128), (100_000, 512))
 CLEANLAB_MAX_SAMPLES = 20_000
 
@@ -78,6 +80,8 @@ def variant_config(name: str, samples: np.ndarray) -> O2UConfig:
         )
     if name == "stage1-600":
         return O2UConfig(seed=SEED, pretrain_epochs=pretrain_epochs(len(samples), batch, 600))
+    if name in ("o2u_loss", "aum"):
+        return O2UConfig(seed=SEED, score=name)
     raise ValueError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
 
 
