@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from baselines import BaselineTrainer
@@ -242,6 +243,14 @@ def show(r: Row) -> None:
     )
 
 
+def load_cifar10n(path: Path) -> Any:
+    """The CIFAR-10N file's arrays (an NpzFile), or exit 0 with a "skipped" line when it is missing."""
+    if not path.is_file():
+        print(f"skipped: CIFAR-10N data not found at {path} (pass --data PATH)")
+        sys.exit(0)
+    return np.load(path)
+
+
 def stratified_subsample(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
     """Indices of `size` samples, the same share of every clean class, in their original order."""
     rng = np.random.default_rng(seed)
@@ -259,11 +268,8 @@ def main() -> None:
     parser.add_argument("--no-digits", action="store_true", help="skip the digits sets")
     parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     args = parser.parse_args()
-    if not args.data.is_file():
-        print(f"skipped: CIFAR-10N data not found at {args.data} (pass --data PATH)")
-        sys.exit(0)
+    data = load_cifar10n(args.data)
     threads = set_threads(args.threads)
-    data = np.load(args.data)
     images, clean = data["x"], data["y_clean"]
     subsample = args.subsample or (QUICK_SUBSAMPLE if args.quick else 0)
     keep = stratified_subsample(clean, subsample) if subsample else np.arange(len(clean))

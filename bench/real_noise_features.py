@@ -22,7 +22,6 @@ CIFAR-10N embedding sets.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -37,7 +36,17 @@ from common import (
     machine_description,
     set_threads,
 )
-from real_noise import DEFAULT_DATA, DIGIT_SETTINGS, HEADER, LABEL_SETS, NUM_CLASSES, Row, run_set, summary
+from real_noise import (
+    DEFAULT_DATA,
+    DIGIT_SETTINGS,
+    HEADER,
+    LABEL_SETS,
+    NUM_CLASSES,
+    Row,
+    load_cifar10n,
+    run_set,
+    summary,
+)
 from torch import nn
 
 from o2u_engine.models import build_model
@@ -113,12 +122,9 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     args = parser.parse_args()
-    if not args.data.is_file():
-        print(f"skipped: CIFAR-10N data not found at {args.data} (pass --data PATH)")
-        sys.exit(0)
+    data = load_cifar10n(args.data)
     threads = set_threads(args.threads)
     print(f"machine: {machine_description()}; torch threads: {threads}", flush=True)
-    data = np.load(args.data)
     images, clean = data["x"], data["y_clean"]
     encoder_part = encoder_split(clean)
     scored = ~encoder_part
