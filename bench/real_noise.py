@@ -13,10 +13,12 @@ method's own suspected set (no oracle rate), estimated vs true noise rate, the s
 labels whose suggested label is the true one (O2U's suggestion; cleanlab's out-of-fold argmax),
 over all of them (`fix`) and over those the method ranks in its top k (`fix@k`), wall time.
 
-Usage: `python bench/real_noise.py [--quick] [--subsample N] [--device cuda] [--data PATH]`;
-`--quick` scores only the aggregate label set on a stratified 1,500-image subsample and skips the
-extra o2u_loss training. The last line
-is `summary:` over the CIFAR-10N sets.
+Usage: `python bench/real_noise.py [--quick] [--subsample N | --long-tail R] [--label-sets LIST]
+[--device cuda] [--data PATH]`; `--quick` scores only the aggregate label set on a stratified
+1,500-image subsample and skips the extra o2u_loss training. `--long-tail R` keeps a long-tailed
+subsample instead, as moderation and tagging data are: the classes, in a seeded random order,
+keep 1,000 images down to 1,000 / R, geometrically. The last line is `summary:` over the CIFAR-10N
+sets.
 """
 
 from __future__ import annotations
@@ -251,6 +253,18 @@ def load_cifar10n(path: Path) -> Any:
     return np.load(path)
 
 
+def long_tailed_subsample(labels: np.ndarray, ratio: float, seed: int = 0) -> np.ndarray:
+    """Indices of a long-tailed subsample in their original order: the classes, in a random order,
+    keep the smallest class's count down to that count / `ratio`, geometrically."""
+    rng = np.random.default_rng(seed)
+    largest = int(np.bincount(labels, minlength=NUM_CLASSES).min())
+    chosen = []
+    for rank, label in enumerate(rng.permutation(NUM_CLASSES)):
+        count = round(largest * ratio ** (-rank / (NUM_CLASSES - 1)))
+        chosen.append(rng.choice(np.flatnonzero(labels == label), count, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
 def stratified_subsample(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
     """Indices of `size` samples, the same share of every clean class, in their original order."""
     rng = np.random.default_rng(seed)
@@ -263,6 +277,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="aggregate labels only, 1,500-image subsample")
     parser.add_argument("--subsample", type=int, default=0, help="images of CIFAR-10N to use (0: all)")
+    parser.add_argument(
+        "--long-tail",
+        type=float,
+        default=0.0,
+        help="keep a long-tailed subsample, largest / smallest class R",
+    )
+    parser.add_argument("--label-sets", default="", help="comma-separated, of: " + ", ".join(LABEL_SETS))
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the cifar10n_10k.npz file")
     parser.add_argument("--no-digits", action="store_true", help="skip the digits sets")
@@ -271,13 +292,24 @@ def main() -> None:
     data = load_cifar10n(args.data)
     threads = set_threads(args.threads)
     images, clean = data["x"], data["y_clean"]
-    subsample = args.subsample or (QUICK_SUBSAMPLE if args.quick else 0)
-    keep = stratified_subsample(clean, subsample) if subsample else np.arange(len(clean))
-    label_sets = LABEL_SETS[:1] if args.quick else LABEL_SETS
+    if args.long_tail and args.subsample:
+        parser.error("--long-tail and --subsample each choose the images: give one")
+    subsample = args.subsample or (QUICK_SUBSAMPLE if args.quick and not args.long_tail else 0)
+    if args.long_tail:
+        keep = long_tailed_subsample(clean, args.long_tail)
+    else:
+        keep = stratified_subsample(clean, subsample) if subsample else np.arange(len(clean))
+    label_sets = [s for s in args.label_sets.split(",") if s] or (
+        LABEL_SETS[:1] if args.quick else LABEL_SETS
+    )
+    unknown = sorted(set(label_sets) - set(LABEL_SETS))
+    if unknown:
+        parser.error(f"unknown label sets {', '.join(unknown)}; expected some of {', '.join(LABEL_SETS)}")
     print(f"machine: {machine_description()}; torch threads: {threads}; device {args.device}")
     print(
         f"data: CIFAR-10N {len(keep)} of {len(clean)} images"
         + (" (stratified subsample)" if subsample else "")
+        + (f" (long-tailed, per class {np.bincount(clean[keep]).tolist()})" if args.long_tail else "")
         + f", label sets {', '.join(label_sets)}; "
         + f"digits {'skipped' if args.no_digits else 'symmetric-20%, pair-30%'}",
         flush=True,
