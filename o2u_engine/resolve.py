@@ -179,7 +179,7 @@ def _auto_augment(config: O2UConfig, layout: SampleLayout, image_size: int) -> s
 def _auto_score(config: O2UConfig, layout: SampleLayout) -> str:
     """aum for images (CIFAR-10N and digit images); for feature vectors the loss-margin rank mean:
     it ranked above the paper's loss on CIFAR-10N embeddings (AUROC + 0.001 to + 0.013), digits
-    as features (+ 0.002 to + 0.006) and every synthetic set but 100,000 x 512 (- 0.0003), while
+    as features (+ 0.000 to + 0.006) and every synthetic set but 100,000 x 512 (- 0.0003), while
     the margin alone ranks below the loss on every 512-d set (docs/benchmarks.md)."""
     if config.score != "auto":
         return config.score
