@@ -257,10 +257,10 @@ def long_tailed_subsample(labels: np.ndarray, ratio: float, seed: int = 0) -> np
     """Indices of a long-tailed subsample in their original order: the classes, in a random order,
     keep the smallest class's count down to that count / `ratio`, geometrically."""
     rng = np.random.default_rng(seed)
-    largest = int(np.bincount(labels, minlength=NUM_CLASSES).min())
+    head = int(np.bincount(labels, minlength=NUM_CLASSES).min())  # what the first class keeps
     chosen = []
     for rank, label in enumerate(rng.permutation(NUM_CLASSES)):
-        count = round(largest * ratio ** (-rank / (NUM_CLASSES - 1)))
+        count = round(head * ratio ** (-rank / (NUM_CLASSES - 1)))
         chosen.append(rng.choice(np.flatnonzero(labels == label), count, replace=False))
     return np.sort(np.concatenate(chosen))
 

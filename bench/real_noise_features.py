@@ -65,15 +65,9 @@ def encoder_split(clean: np.ndarray) -> np.ndarray:
     return chosen
 
 
-def standardized(images: np.ndarray, reference: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W), standardized per channel with `reference`'s statistics."""
-
-    def planar(x: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(x).permute(0, 3, 1, 2).float() / 255
-
-    ref = planar(reference)
-    mean, std = ref.mean(dim=(0, 2, 3), keepdim=True), ref.std(dim=(0, 2, 3), keepdim=True)
-    return (planar(images) - mean) / std
+def planar(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
+    return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
 
 
 def train_encoder(images: torch.Tensor, labels: torch.Tensor, epochs: int) -> nn.Module:
@@ -129,15 +123,15 @@ def main() -> None:
     encoder_part = encoder_split(clean)
     scored = ~encoder_part
     began = time.perf_counter()
+    trained_on = planar(images[encoder_part])
+    mean, std = trained_on.mean(dim=(0, 2, 3), keepdim=True), trained_on.std(dim=(0, 2, 3), keepdim=True)
     model = train_encoder(
-        standardized(images[encoder_part], images[encoder_part]),
-        torch.as_tensor(clean[encoder_part]),
-        args.encoder_epochs,
+        (trained_on - mean) / std, torch.as_tensor(clean[encoder_part]), args.encoder_epochs
     )
-    held_out = standardized(images[scored], images[encoder_part])
-    with torch.no_grad():
-        accuracy = float((model(held_out).argmax(dim=1).numpy() == clean[scored]).mean())
-    vectors = embed(model, held_out)
+    vectors = embed(model, (planar(images[scored]) - mean) / std)
+    with torch.no_grad():  # the classifier on the embeddings: the encoder's own predictions
+        predicted = model[-1](torch.as_tensor(vectors)).argmax(dim=1).numpy()
+    accuracy = float((predicted == clean[scored]).mean())
     print(
         f"data: {len(vectors)} CIFAR-10N images as {vectors.shape[1]}-d embeddings; encoder trained on "
         f"the other {int(encoder_part.sum())} ({time.perf_counter() - began:.0f} s), its accuracy on the "
