@@ -319,6 +319,11 @@ def rate_estimator(score: str) -> str:
     return {"aum": "separated", "loss_margin": "loss_mixture"}.get(score, "mixture")
 
 
+def uses_losses(score: str) -> bool:
+    """Whether the rate estimator of a score kind fits the mean normalized losses (`loss_mixture`)."""
+    return rate_estimator(score) == "loss_mixture"
+
+
 def suspected_set(
     scores: np.ndarray,
     noise_rate: float,
@@ -333,7 +338,7 @@ def suspected_set(
     non-decreasing function of the score (isotonic_in_score), so the suspects are still the top of
     the score's ranking.
 
-    Stage 3 removes exactly the set the report names, so both call this, with the same arguments."""
+    Stage 3 removes exactly the set the report names; both get it from cyclic_suspects."""
     if estimator == "separated" and disagrees is not None:
         probability, estimated, capped = estimate_separated(scores, disagrees)
     elif estimator == "loss_mixture":
@@ -346,6 +351,24 @@ def suspected_set(
     used = float(noise_rate) if noise_rate else estimated
     ranks = rank_scores(scores)
     return SuspectedSet(ranks, probability, estimated, used, suspected_mask(ranks, used), capped)
+
+
+def cyclic_suspects(
+    scores: np.ndarray,
+    prediction_counts: np.ndarray,
+    labels: np.ndarray,
+    *,
+    score: str,
+    noise_rate: float,
+    losses: np.ndarray | None = None,
+) -> SuspectedSet:
+    """The suspected set of a cyclic stage: its `score` kind's noise scores (N,), vote counts
+    (N, K) and given labels (N,) at `noise_rate` (0: estimated); `losses` are the mean normalized
+    losses, needed when uses_losses(score). The report names this set and stage 3 removes it."""
+    disagrees = confident_disagreement(prediction_counts, labels)
+    return suspected_set(
+        noise_scores(scores), noise_rate, disagrees, estimator=rate_estimator(score), losses=losses
+    )
 
 
 def suggest_labels(
@@ -400,17 +423,18 @@ def noise_ranking(
     num_classes: int,
     cyclic_epochs: int,
     noise_rate: float,
-    estimator: str = "mixture",
+    score: str = "o2u_loss",
     losses: np.ndarray | None = None,
 ) -> NoiseRanking:
     """Everything the report holds per sample and per class; `noise_rate` 0 means estimate it.
-    `mean` is the per-sample noise score before cleaning (see CyclicStatistics.scores), `losses`
-    the mean normalized losses the `loss_mixture` estimator fits (see suspected_set)."""
+    `mean` is the per-sample noise score of the `score` kind before cleaning (see
+    CyclicStatistics.scores); `losses` as in cyclic_suspects."""
     scores = noise_scores(mean)
     variance = np.nan_to_num(np.maximum(np.asarray(variance, dtype=np.float64), 0.0), nan=0.0, posinf=0.0)
     suggested, confidence = suggest_labels(prediction_counts, labels, cyclic_epochs)
-    disagrees = confident_disagreement(prediction_counts, labels)
-    suspects = suspected_set(scores, noise_rate, disagrees, estimator=estimator, losses=losses)
+    suspects = cyclic_suspects(
+        scores, prediction_counts, labels, score=score, noise_rate=noise_rate, losses=losses
+    )
     class_counts = np.bincount(labels, minlength=num_classes).astype(np.int64)
     class_suspected = np.bincount(labels[suspects.suspected], minlength=num_classes).astype(np.int64)
     class_rates = class_suspected / np.maximum(class_counts, 1)

@@ -20,7 +20,7 @@ from o2u_engine.config import O2UConfig, ResolvedConfig
 from o2u_engine.data import PreparedData, held_out_count
 from o2u_engine.errors import ConfigError
 from o2u_engine.models import initialized_model, is_convolutional, load_initial_weights
-from o2u_engine.rank import NoiseRanking, noise_ranking, rate_estimator
+from o2u_engine.rank import NoiseRanking, noise_ranking
 from o2u_engine.report import CleanRetrainingResult, NoiseReport, ProgressEvent
 from o2u_engine.resolve import resolve_config
 from o2u_engine.runtime import resolve_device
@@ -174,8 +174,8 @@ def _score_noise(
         num_classes=inputs.num_classes,
         cyclic_epochs=statistics.epochs,
         noise_rate=config.noise_rate,
-        estimator=rate_estimator(config.score),
-        losses=statistics.mean.cpu().numpy(),
+        score=config.score,
+        losses=statistics.host_losses(config.score),
     )
     timings = {"preparation": preparation_seconds, **outcome.timings}
     timings["ranking"] = time.perf_counter() - ranking_started

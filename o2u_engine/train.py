@@ -43,7 +43,7 @@ from o2u_engine.phases import (
     retraining_samples,
     stage_epoch,
 )
-from o2u_engine.rank import confident_disagreement, noise_scores, rate_estimator, suspected_set
+from o2u_engine.rank import cyclic_suspects
 from o2u_engine.report import CleanRetrainingResult, ProgressEvent
 from o2u_engine.statistics import CyclicStatistics
 
@@ -271,19 +271,16 @@ class Trainer:
 
     def _retraining_samples(self) -> RetrainingSamples:
         """Stage 3's samples, for exactly the suspects the report will name (stage 2 is over)."""
-        scores = noise_scores(self.statistics.scores(self.config.score).cpu().numpy())
-        counts = self.statistics.prediction_counts.cpu().numpy()
-        disagrees = confident_disagreement(counts, self.labels.cpu().numpy())
-        return retraining_samples(
-            self.split,
-            suspected_set(
-                scores,
-                self.config.noise_rate,
-                disagrees,
-                estimator=rate_estimator(self.config.score),
-                losses=self.statistics.mean.cpu().numpy(),
-            ).suspected,
+        kind = self.config.score
+        suspects = cyclic_suspects(
+            self.statistics.scores(kind).cpu().numpy(),
+            self.statistics.prediction_counts.cpu().numpy(),
+            self.labels.cpu().numpy(),
+            score=kind,
+            noise_rate=self.config.noise_rate,
+            losses=self.statistics.host_losses(kind),
         )
+        return retraining_samples(self.split, suspects.suspected)
 
     # ---------------------------------------------------------------------------------------------
     # Checkpoints

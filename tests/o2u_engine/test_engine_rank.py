@@ -7,6 +7,7 @@ import pytest
 
 from o2u_engine.rank import (
     confident_disagreement,
+    cyclic_suspects,
     estimate_noise,
     estimate_separated,
     fit_two_gaussians,
@@ -19,6 +20,7 @@ from o2u_engine.rank import (
     suspected_mask,
     suspected_set,
     transition_matrix,
+    uses_losses,
 )
 
 
@@ -282,6 +284,29 @@ def test_the_loss_mixture_estimator_takes_the_losses_rate_and_ranks_by_the_score
     assert suspects.noise_probability.mean() == pytest.approx(mixture.probability.mean())
     with pytest.raises(ValueError, match="needs the losses"):
         suspected_set(scores, 0.0, None, estimator="loss_mixture")
+
+
+def test_cyclic_suspects_are_the_suspected_set_of_the_score_kinds_estimator() -> None:
+    rng = np.random.default_rng(6)
+    labels = np.arange(400) % 4
+    losses = np.concatenate([rng.gamma(2.0, 0.1, 340), rng.normal(2.0, 0.3, 60)])
+    counts = np.zeros((400, 4), dtype=np.int32)
+    counts[np.arange(400), labels] = 5
+    counts[340:] = 0
+    counts[np.arange(340, 400), (labels[340:] + 1) % 4] = 5  # the high losses are voted elsewhere
+    disagrees = confident_disagreement(counts, labels)
+    margin_scores = losses + rng.normal(0.0, 0.2, 400)
+    for score, estimator in (("aum", "separated"), ("o2u_loss", "mixture"), ("loss_margin", "loss_mixture")):
+        scores = losses if score == "o2u_loss" else margin_scores
+        got = cyclic_suspects(scores, counts, labels, score=score, noise_rate=0.0, losses=losses)
+        want = suspected_set(scores, 0.0, disagrees, estimator=estimator, losses=losses)
+        assert got.estimated_noise_rate == want.estimated_noise_rate
+        np.testing.assert_array_equal(got.suspected, want.suspected)
+        np.testing.assert_array_equal(got.noise_probability, want.noise_probability)
+        assert uses_losses(score) == (score == "loss_margin")
+    fixed = cyclic_suspects(margin_scores, counts, labels, score="aum", noise_rate=0.1)
+    assert fixed.noise_rate_used == 0.1
+    assert fixed.suspected.sum() == 40
 
 
 def test_the_separated_estimator_takes_a_separated_mixture() -> None:

@@ -21,6 +21,7 @@ from o2u_engine import (
     build_model,
     score_noise,
 )
+from o2u_engine.data import validation_split
 from tests.o2u_engine.engine_testing import FAST, NoisyDataset
 
 
@@ -267,7 +268,8 @@ def test_clean_retraining_reports_both_accuracies(blobs: NoisyDataset) -> None:
     assert report.config.validation_fraction == 0.1
     assert 0.0 <= result.accuracy_without_removal <= 1.0
     assert result.accuracy_with_removal >= 0.8  # the blobs are easy once the wrong labels are gone
-    assert 0 < result.removed <= report.suspected.sum()
+    split = validation_split(len(blobs.labels), report.config.validation_fraction, report.config.seed)
+    assert result.removed == report.suspected[split.train].sum() > 0  # exactly the report's suspects
     assert 0 < result.validation_samples <= 20
     stage3 = [e for e in events if e.stage == "clean_retraining"]
     assert [e.epoch for e in stage3] == list(range(1, 15))
