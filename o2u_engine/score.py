@@ -175,7 +175,6 @@ def _score_noise(
         cyclic_epochs=statistics.epochs,
         noise_rate=config.noise_rate,
         score=config.score,
-        losses=statistics.host_losses(config.score),
     )
     timings = {"preparation": preparation_seconds, **outcome.timings}
     timings["ranking"] = time.perf_counter() - ranking_started

@@ -12,10 +12,7 @@ without storing the epochs, so memory does not grow with their number.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-
-from o2u_engine.rank import uses_losses
 
 
 class CyclicStatistics:
@@ -93,11 +90,6 @@ class CyclicStatistics:
             count = max(self.mean.shape[0], 1)
             return (average_ranks(self.mean) + average_ranks(-self.mean_margin())) / (2 * count)
         raise ValueError(f"unknown noise score {kind!r}")
-
-    def host_losses(self, kind: str) -> np.ndarray | None:
-        """The mean normalized losses on the host when the rate estimator of the `kind` score fits
-        them (rank.uses_losses), else None: the other scores never copy them."""
-        return self.mean.cpu().numpy() if uses_losses(kind) else None
 
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         return {

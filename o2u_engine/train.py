@@ -278,7 +278,6 @@ class Trainer:
             self.labels.cpu().numpy(),
             score=kind,
             noise_rate=self.config.noise_rate,
-            losses=self.statistics.host_losses(kind),
         )
         return retraining_samples(self.split, suspects.suspected)
 

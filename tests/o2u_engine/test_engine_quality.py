@@ -37,7 +37,8 @@ def test_digits_with_20_percent_noise() -> None:
 def test_the_feature_default_ranks_pair_noise_above_the_paper_score() -> None:
     """Digits as features with 30% of each class moved to the next: the loss-margin rank mean
     (the default) ranks the moved labels higher than the paper's loss alone, from the same run,
-    and its rate is the loss mixture's (measured: AUROC 0.937 against 0.932, rate 0.288)."""
+    and its rate is the confident disagreement of the votes, which runs low on pair noise
+    (measured: AUROC 0.937 against 0.932; rate 0.231 for 0.292, the paper's mixture 0.309)."""
     features, true_labels = load_digits(return_X_y=True)
     labels = np.where(
         np.random.default_rng(0).random(true_labels.shape[0]) < 0.3, (true_labels + 1) % 10, true_labels
@@ -47,10 +48,19 @@ def test_the_feature_default_ranks_pair_noise_above_the_paper_score() -> None:
     paper = score_noise(features.astype(np.float32), labels, config=O2UConfig(score="o2u_loss"))
     assert default.config.score == "loss_margin"
     assert roc_auc_score(is_noisy, default.noise_scores) > roc_auc_score(is_noisy, paper.noise_scores)
-    assert default.estimated_noise_rate == paper.estimated_noise_rate
-    assert default.estimated_noise_rate == pytest.approx(is_noisy.mean(), abs=0.06)
+    assert default.estimated_noise_rate == pytest.approx(is_noisy.mean(), abs=0.1)
+    assert not default.noise_rate_capped
     order = np.argsort(default.noise_scores, kind="stable")
     assert np.all(np.diff(default.noise_probability[order]) >= 0)
+
+
+def test_clean_digit_features_are_not_reported_noisy() -> None:
+    """The loss mixture put 35% of these clean labels in its high group; the votes flag 0.2%."""
+    features, true_labels = load_digits(return_X_y=True)
+    report = score_noise(features.astype(np.float32), true_labels)
+    assert report.config.score == "loss_margin"
+    assert report.estimated_noise_rate <= 0.03
+    assert report.suspected.sum() <= 0.03 * true_labels.shape[0]
 
 
 def _digit_images(noise: float, kind: str = "symmetric") -> tuple[np.ndarray, np.ndarray, np.ndarray]:

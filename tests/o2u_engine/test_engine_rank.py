@@ -20,7 +20,6 @@ from o2u_engine.rank import (
     suspected_mask,
     suspected_set,
     transition_matrix,
-    uses_losses,
 )
 
 
@@ -266,24 +265,30 @@ def test_the_separated_estimator_falls_back_to_the_disagreeing_labels_when_score
     assert np.all(np.diff(suspects.noise_probability[np.argsort(scores)]) >= 0)
     assert rate_estimator("aum") == "separated"
     assert rate_estimator("o2u_loss") == "mixture"
-    assert rate_estimator("loss_margin") == "loss_mixture"
+    assert rate_estimator("loss_margin") == "confident"
 
 
-def test_the_loss_mixture_estimator_takes_the_losses_rate_and_ranks_by_the_score() -> None:
+def test_the_confident_estimator_is_the_share_of_confidently_disagreeing_labels() -> None:
     rng = np.random.default_rng(5)
-    losses = np.concatenate([rng.gamma(2.0, 0.1, 800), rng.normal(2.0, 0.3, 200)])  # 20% high losses
-    scores = losses + rng.normal(0.0, 0.3, 1000)  # another order of the same samples
-    mixture = estimate_noise(losses)
-    suspects = suspected_set(scores, 0.0, None, estimator="loss_mixture", losses=losses)
-    assert suspects.estimated_noise_rate == mixture.rate
-    assert suspects.estimated_noise_rate == pytest.approx(0.2, abs=0.02)
-    # The suspects are the top of the score's ranking, and the probability rises with the score.
-    top = np.argsort(-scores, kind="stable")[: round(mixture.rate * 1000)]
+    scores = rng.normal(0.0, 1.0, 1000)
+    disagrees = scores + rng.normal(0.0, 0.5, 1000) > 1.2  # flags that mostly sit at high scores
+    suspects = suspected_set(scores, 0.0, disagrees, estimator="confident")
+    assert suspects.estimated_noise_rate == disagrees.mean()
+    assert not suspects.noise_rate_capped
+    # The suspects are the top of the score's ranking, and the probability rises with the score
+    # and averages to the rate.
+    top = np.argsort(-scores, kind="stable")[: round(disagrees.mean() * 1000)]
     assert set(np.flatnonzero(suspects.suspected)) == set(top)
     assert np.all(np.diff(suspects.noise_probability[np.argsort(scores, kind="stable")]) >= 0)
-    assert suspects.noise_probability.mean() == pytest.approx(mixture.probability.mean())
-    with pytest.raises(ValueError, match="needs the losses"):
-        suspected_set(scores, 0.0, None, estimator="loss_mixture")
+    assert suspects.noise_probability.mean() == pytest.approx(disagrees.mean())
+    # Even a bimodal score with a clear minority group does not override the count.
+    bimodal = np.concatenate([rng.normal(-3.0, 1.0, 700), rng.normal(3.0, 1.0, 300)])
+    agreed = np.zeros(1000, dtype=bool)
+    assert suspected_set(bimodal, 0.0, agreed, estimator="confident").estimated_noise_rate == 0.0
+    assert estimate_noise(bimodal).rate == pytest.approx(0.3, abs=0.02)
+    for estimator in ("confident", "separated"):
+        with pytest.raises(ValueError, match="needs the confident disagreement"):
+            suspected_set(scores, 0.0, None, estimator=estimator)
 
 
 def test_cyclic_suspects_are_the_suspected_set_of_the_score_kinds_estimator() -> None:
@@ -292,19 +297,20 @@ def test_cyclic_suspects_are_the_suspected_set_of_the_score_kinds_estimator() ->
     losses = np.concatenate([rng.gamma(2.0, 0.1, 340), rng.normal(2.0, 0.3, 60)])
     counts = np.zeros((400, 4), dtype=np.int32)
     counts[np.arange(400), labels] = 5
-    counts[340:] = 0
-    counts[np.arange(340, 400), (labels[340:] + 1) % 4] = 5  # the high losses are voted elsewhere
+    counts[330:] = 0
+    counts[np.arange(330, 400), (labels[330:] + 1) % 4] = 5  # 70 voted elsewhere, 60 of them high losses
     disagrees = confident_disagreement(counts, labels)
-    margin_scores = losses + rng.normal(0.0, 0.2, 400)
-    for score, estimator in (("aum", "separated"), ("o2u_loss", "mixture"), ("loss_margin", "loss_mixture")):
-        scores = losses if score == "o2u_loss" else margin_scores
-        got = cyclic_suspects(scores, counts, labels, score=score, noise_rate=0.0, losses=losses)
-        want = suspected_set(scores, 0.0, disagrees, estimator=estimator, losses=losses)
+    for score, estimator in (("aum", "separated"), ("o2u_loss", "mixture"), ("loss_margin", "confident")):
+        got = cyclic_suspects(losses, counts, labels, score=score, noise_rate=0.0)
+        want = suspected_set(losses, 0.0, disagrees, estimator=estimator)
         assert got.estimated_noise_rate == want.estimated_noise_rate
         np.testing.assert_array_equal(got.suspected, want.suspected)
         np.testing.assert_array_equal(got.noise_probability, want.noise_probability)
-        assert uses_losses(score) == (score == "loss_margin")
-    fixed = cyclic_suspects(margin_scores, counts, labels, score="aum", noise_rate=0.1)
+    assert (
+        cyclic_suspects(losses, counts, labels, score="loss_margin", noise_rate=0.0).estimated_noise_rate
+        == 0.175
+    )
+    fixed = cyclic_suspects(losses, counts, labels, score="aum", noise_rate=0.1)
     assert fixed.noise_rate_used == 0.1
     assert fixed.suspected.sum() == 40
 

@@ -70,13 +70,6 @@ def test_the_loss_margin_score_is_the_mean_rank_of_the_two_over_n() -> None:
     with pytest.raises(ValueError, match="unknown noise score 'loss'"):
         statistics.scores("loss")
 
-    # Only the loss_margin score's rate estimator fits the losses, so only it copies them out.
-    losses = statistics.host_losses("loss_margin")
-    assert losses is not None
-    assert losses.tolist() == statistics.mean.tolist()
-    assert statistics.host_losses("aum") is None
-    assert statistics.host_losses("o2u_loss") is None
-
 
 def test_average_ranks_share_ties_like_scipy() -> None:
     values = torch.tensor([3.0, 1.0, 2.0, 2.0, 5.0, 1.0, 2.0], dtype=torch.float64)

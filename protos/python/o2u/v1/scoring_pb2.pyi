@@ -221,7 +221,7 @@ class _NoiseScoreKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NoiseS
     """
     NOISE_SCORE_KIND_LOSS_MARGIN: _NoiseScoreKind.ValueType  # 3
     """The mean of a sample's rank by the O2U loss and its rank by the margin, over N (in (0, 1]);
-    its noise rate is the loss mixture's, as for NOISE_SCORE_KIND_O2U_LOSS.
+    its noise rate is the share of samples the cyclic stage's votes confidently disagree with.
     """
 
 class NoiseScoreKind(_NoiseScoreKind, metaclass=_NoiseScoreKindEnumTypeWrapper):
@@ -242,7 +242,7 @@ samples the cyclic stage's votes confidently disagree with.
 """
 NOISE_SCORE_KIND_LOSS_MARGIN: NoiseScoreKind.ValueType  # 3
 """The mean of a sample's rank by the O2U loss and its rank by the margin, over N (in (0, 1]);
-its noise rate is the loss mixture's, as for NOISE_SCORE_KIND_O2U_LOSS.
+its noise rate is the share of samples the cyclic stage's votes confidently disagree with.
 """
 Global___NoiseScoreKind: _TypeAlias = NoiseScoreKind  # noqa: Y015
 
@@ -1202,11 +1202,11 @@ class DatasetSummary(_message.Message):
     estimated_label_accuracy: _builtins.float
     """1 - estimated_noise_rate."""
     noise_rate_capped: _builtins.bool
-    """The mixture fitted to the losses (the `o2u_loss` and `loss_margin` scores) put most samples in
-    its high-score group, which the estimate may not report (noise would be the majority, and the
-    labels meaningless): estimated_noise_rate is then the confident-disagreement fallback, not the
-    fit, and deserves a second look. Never set for the `aum` score, whose estimate falls back to
-    that count by design.
+    """The mixture fitted to the losses (the `o2u_loss` score) put most samples in its high-score
+    group, which the estimate may not report (noise would be the majority, and the labels
+    meaningless): estimated_noise_rate is then the confident-disagreement fallback, not the fit,
+    and deserves a second look. Never set for the `aum` and `loss_margin` scores, whose estimates
+    are that count by design.
     """
     @_builtins.property
     def class_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...

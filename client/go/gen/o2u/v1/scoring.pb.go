@@ -359,7 +359,7 @@ const (
 	// samples the cyclic stage's votes confidently disagree with.
 	NoiseScoreKind_NOISE_SCORE_KIND_AUM NoiseScoreKind = 2
 	// The mean of a sample's rank by the O2U loss and its rank by the margin, over N (in (0, 1]);
-	// its noise rate is the loss mixture's, as for NOISE_SCORE_KIND_O2U_LOSS.
+	// its noise rate is the share of samples the cyclic stage's votes confidently disagree with.
 	NoiseScoreKind_NOISE_SCORE_KIND_LOSS_MARGIN NoiseScoreKind = 3
 )
 
@@ -2290,11 +2290,11 @@ type DatasetSummary struct {
 	ConfusedPairs   []*ConfusedPair  `protobuf:"bytes,11,rep,name=confused_pairs,json=confusedPairs,proto3" json:"confused_pairs,omitempty"`
 	CleanRetraining *CleanRetraining `protobuf:"bytes,12,opt,name=clean_retraining,json=cleanRetraining,proto3" json:"clean_retraining,omitempty"`
 	RunInfo         *RunInfo         `protobuf:"bytes,13,opt,name=run_info,json=runInfo,proto3" json:"run_info,omitempty"`
-	// The mixture fitted to the losses (the `o2u_loss` and `loss_margin` scores) put most samples in
-	// its high-score group, which the estimate may not report (noise would be the majority, and the
-	// labels meaningless): estimated_noise_rate is then the confident-disagreement fallback, not the
-	// fit, and deserves a second look. Never set for the `aum` score, whose estimate falls back to
-	// that count by design.
+	// The mixture fitted to the losses (the `o2u_loss` score) put most samples in its high-score
+	// group, which the estimate may not report (noise would be the majority, and the labels
+	// meaningless): estimated_noise_rate is then the confident-disagreement fallback, not the fit,
+	// and deserves a second look. Never set for the `aum` and `loss_margin` scores, whose estimates
+	// are that count by design.
 	NoiseRateCapped bool `protobuf:"varint,14,opt,name=noise_rate_capped,json=noiseRateCapped,proto3" json:"noise_rate_capped,omitempty"`
 	// Expected label accuracy of the whole batch, with its interval (what acceptance gates read).
 	LabelAccuracy *LabelAccuracyEstimate `protobuf:"bytes,20,opt,name=label_accuracy,json=labelAccuracy,proto3" json:"label_accuracy,omitempty"`
