@@ -17,22 +17,52 @@ Sets: CIFAR-10N with each of its three label sets and its clean labels, and the 
 symmetric 5/20/40% and pair 10/30% injected noise, and clean. Usage:
 `python bench/rate_estimators.py [--subsample N] [--data PATH] [--threads T]`; the last line is
 `summary:` with the mean relative error of each estimator over the noisy CIFAR-10N sets.
+
+`--features` does the same for feature vectors (the MLP and the `loss_margin` score), with the
+suspected set's F1 at each estimate (the top `rate x N` of the ranking): CIFAR-10N as 128-d
+embeddings (see real_noise_features.py) with each label set and the clean labels, and a long-tailed
+subsample of them (x10); digits as 64-d features with the five settings above and noise seeds 0-2,
+and clean; synthetic vectors (the generator of feature_plan.py) of 5,000-50,000 samples and 128-512
+dimensions, with symmetric 5-40% or pair 10-30% noise, and clean. `loss mixture` is the cube-root
+mixture of the losses with its capped fallback (the `o2u_loss` score's estimator). About 6 minutes
+on one core; the last line is `summary:` with each estimator's mean absolute error over all sets
+and its mean F1 over the noisy ones and over the CIFAR-10N ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from common import THREADS_HELP, NoiseSetting, format_table, inject_noise, load_digits_images, set_threads
-from real_noise import DEFAULT_DATA, LABEL_SETS, NUM_CLASSES, stratified_subsample
+from common import (
+    THREADS_HELP,
+    NoiseSetting,
+    detection_metrics,
+    format_table,
+    inject_noise,
+    load_digits_features,
+    load_digits_images,
+    set_threads,
+    synthetic_features,
+)
+from real_noise import DEFAULT_DATA, LABEL_SETS, NUM_CLASSES, long_tailed_subsample, stratified_subsample
+from real_noise_features import cifar10n_embeddings
 
 import o2u_engine
 from o2u_engine import O2UConfig
-from o2u_engine.rank import confident_classes, confident_disagreement, fit_two_gaussians, separation
+from o2u_engine.rank import (
+    confident_classes,
+    confident_disagreement,
+    estimate_noise,
+    fit_two_gaussians,
+    noise_scores,
+    rank_scores,
+    separation,
+)
 from o2u_engine.train import Trainer, TrainingOutcome
 
 DIGIT_SETTINGS = (
@@ -44,6 +74,27 @@ DIGIT_SETTINGS = (
 )
 ESTIMATORS = ("plain", "confident", "calibrated", "mixture", "default")
 HEADER = ["set", "true rate", *ESTIMATORS, "D", "time s"]
+FEATURE_ESTIMATORS = ("plain", "confident", "calibrated", "loss mixture", "default")
+FEATURE_HEADER = ["set", "true rate", *(f"{e} (F1)" for e in FEATURE_ESTIMATORS), "loss D", "AUROC", "time s"]
+# (samples, dimensions, noise - None for clean labels, seed of the data and the noise)
+SYNTHETIC_SETS = (
+    (5_000, 128, NoiseSetting("symmetric", 0.2), 0),
+    (5_000, 512, NoiseSetting("symmetric", 0.2), 0),
+    (10_000, 128, NoiseSetting("symmetric", 0.05), 0),
+    (10_000, 128, NoiseSetting("symmetric", 0.4), 0),
+    (10_000, 128, NoiseSetting("pair", 0.1), 1),
+    (10_000, 256, NoiseSetting("pair", 0.2), 1),
+    (10_000, 512, NoiseSetting("symmetric", 0.2), 0),
+    (10_000, 512, None, 0),
+    (20_000, 128, NoiseSetting("symmetric", 0.2), 0),
+    (20_000, 128, NoiseSetting("pair", 0.3), 0),
+    (20_000, 128, None, 1),
+    (20_000, 256, NoiseSetting("symmetric", 0.1), 1),
+    (20_000, 512, NoiseSetting("pair", 0.1), 0),
+    (50_000, 128, NoiseSetting("symmetric", 0.2), 1),
+)
+LONG_TAIL_RATIO = 10.0
+Set = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # (name, samples, given labels, wrong (N,) bool)
 
 
 class RecordingTrainer(Trainer):
@@ -90,13 +141,120 @@ def estimate_all(images: np.ndarray, labels: np.ndarray) -> tuple[dict[str, floa
     return rates, separation(mixture) if mixture is not None else 0.0, seconds
 
 
+def suspect_f1(wrong: np.ndarray, scores: np.ndarray, rate: float) -> float:
+    """F1 of the top round(rate x N) of the ranking against the wrong labels; NaN without any."""
+    if not wrong.any():
+        return float("nan")
+    suspected = rank_scores(scores) <= round(rate * len(scores))
+    return float(2 * (suspected & wrong).sum() / (suspected.sum() + wrong.sum()))
+
+
+def estimate_features(
+    vectors: np.ndarray, labels: np.ndarray
+) -> tuple[dict[str, float], np.ndarray, float, float]:
+    """({estimator: rate}, the default ranking's scores, the loss mixture's D, seconds) of one
+    default run on feature vectors."""
+    started = time.perf_counter()
+    report = o2u_engine.score_noise(
+        vectors, labels, config=O2UConfig(), num_classes=NUM_CLASSES, _trainer=RecordingTrainer
+    )
+    seconds = time.perf_counter() - started
+    assert RecordingTrainer.last is not None
+    statistics = RecordingTrainer.last.statistics
+    counts = statistics.prediction_counts.cpu().numpy()
+    disagrees = confident_disagreement(counts, labels)
+    losses = noise_scores(statistics.mean.cpu().numpy())
+    mixture = fit_two_gaussians(np.cbrt(losses - losses.min()))
+    rates = {
+        "plain": float((report.suggested_labels != labels).mean()),
+        "confident": float(disagrees.mean()),
+        "calibrated": calibrated_joint_rate(counts, labels),
+        "loss mixture": estimate_noise(losses, disagrees).rate,
+        "default": report.estimated_noise_rate,
+    }
+    return rates, report.noise_scores, separation(mixture) if mixture is not None else 0.0, seconds
+
+
+def feature_sets(data_path: Path) -> list[Set]:
+    """The sets of `--features` (see the module docstring); CIFAR-10N's only when its file exists."""
+    sets: list[Set] = []
+    if data_path.is_file():
+        data = np.load(data_path)
+        vectors, scored, accuracy = cifar10n_embeddings(data, 30)
+        print(f"CIFAR-10N embeddings: {len(vectors)} vectors, encoder accuracy {accuracy:.3f}", flush=True)
+        clean = data["y_clean"][scored]
+        tail = long_tailed_subsample(clean, LONG_TAIL_RATIO)
+        for label_set in LABEL_SETS:
+            labels = data[f"y_{label_set}"][scored]
+            sets.append((f"cifar10n-embedding-{label_set}", vectors, labels, labels != clean))
+        sets.append(("cifar10n-embedding-clean", vectors, clean, np.zeros(len(clean), dtype=bool)))
+        for label_set in LABEL_SETS:
+            labels = data[f"y_{label_set}"][scored][tail]
+            name = f"cifar10n-embedding-longtail{LONG_TAIL_RATIO:.0f}-{label_set}"
+            sets.append((name, vectors[tail], labels, labels != clean[tail]))
+    else:
+        print(f"CIFAR-10N data not found at {data_path}: digits and synthetic sets only", file=sys.stderr)
+    digits, digit_labels = load_digits_features()
+    for setting in DIGIT_SETTINGS:
+        for seed in (0, 1, 2):
+            noisy, flipped = inject_noise(digit_labels, setting, NUM_CLASSES, seed=seed)
+            sets.append((f"digits-features-{setting.name}-seed{seed}", digits, noisy, flipped))
+    sets.append(("digits-features-clean", digits, digit_labels, np.zeros(len(digit_labels), dtype=bool)))
+    for samples, dimensions, setting, seed in SYNTHETIC_SETS:
+        vectors, labels = synthetic_features(samples, dimensions, NUM_CLASSES, seed=seed)
+        name = f"synthetic-{samples}x{dimensions}-{'clean' if setting is None else setting.name}"
+        if setting is None:
+            sets.append((name, vectors, labels, np.zeros(samples, dtype=bool)))
+        else:
+            noisy, flipped = inject_noise(labels, setting, NUM_CLASSES, seed=seed)
+            sets.append((name, vectors, noisy, flipped))
+    return sets
+
+
+def feature_main(data_path: Path) -> None:
+    """`--features`: every estimator on each feature set's default run, with the suspected set's F1."""
+    rows: list[list[object]] = []
+    errors: dict[str, list[float]] = {name: [] for name in FEATURE_ESTIMATORS}
+    f1s: dict[str, list[float]] = {name: [] for name in FEATURE_ESTIMATORS}
+    real_f1s: dict[str, list[float]] = {name: [] for name in FEATURE_ESTIMATORS}
+    for name, vectors, labels, wrong in feature_sets(data_path):
+        rates, scores, distance, seconds = estimate_features(vectors, labels)
+        true_rate = float(wrong.mean())
+        cells: list[object] = [name, true_rate]
+        for estimator in FEATURE_ESTIMATORS:
+            f1 = suspect_f1(wrong, scores, rates[estimator])
+            cells.append(f"{rates[estimator]:.3f}" + ("" if math.isnan(f1) else f" ({f1:.3f})"))
+            errors[estimator].append(abs(rates[estimator] - true_rate))
+            if not math.isnan(f1):
+                f1s[estimator].append(f1)
+                if name.startswith("cifar10n"):
+                    real_f1s[estimator].append(f1)
+        auroc = detection_metrics(scores, wrong).auroc if wrong.any() else float("nan")
+        rows.append([*cells, distance, auroc, seconds])
+        print("  " + "  ".join(f"{cell:.3f}" if isinstance(cell, float) else str(cell) for cell in rows[-1]))
+    print(format_table(FEATURE_HEADER, rows))
+    figures = []
+    for estimator in FEATURE_ESTIMATORS:
+        key = estimator.replace(" ", "_")
+        figures.append(f"{key}_abs_error={np.mean(errors[estimator]):.3f}")
+        figures.append(f"{key}_f1={np.mean(f1s[estimator]):.3f}")
+        if real_f1s[estimator]:
+            figures.append(f"{key}_cifar10n_f1={np.mean(real_f1s[estimator]):.3f}")
+    print(f"summary: sets={len(rows)} " + " ".join(figures))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--subsample", type=int, default=3000, help="images of CIFAR-10N to use (0: all)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the cifar10n_10k.npz file")
+    parser.add_argument("--features", action="store_true", help="feature vectors instead of images")
     parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     args = parser.parse_args()
     threads = set_threads(args.threads)
+    if args.features:
+        print(f"torch threads: {threads}; one default run per feature set, every estimator on it", flush=True)
+        feature_main(args.data)
+        return
     print(f"torch threads: {threads}; one default run per set, every estimator on its statistics", flush=True)
     sets: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
     if args.data.is_file():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,21 @@ def embed(model: nn.Module, images: torch.Tensor) -> np.ndarray:
     return torch.cat(parts).numpy().astype(np.float32)
 
 
+def cifar10n_embeddings(data: Mapping[str, np.ndarray], epochs: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(vectors (M, 128), scored (N,) bool, accuracy): the encoder trained `epochs` on the true
+    labels of encoder_split embeds the other images (`scored`); its accuracy on them."""
+    images, clean = data["x"], data["y_clean"]
+    encoder_part = encoder_split(clean)
+    scored = ~encoder_part
+    trained_on = planar(images[encoder_part])
+    mean, std = trained_on.mean(dim=(0, 2, 3), keepdim=True), trained_on.std(dim=(0, 2, 3), keepdim=True)
+    model = train_encoder((trained_on - mean) / std, torch.as_tensor(clean[encoder_part]), epochs)
+    vectors = embed(model, (planar(images[scored]) - mean) / std)
+    with torch.no_grad():  # the classifier on the embeddings: the encoder's own predictions
+        predicted = model[-1](torch.as_tensor(vectors)).argmax(dim=1).numpy()
+    return vectors, scored, float((predicted == clean[scored]).mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the cifar10n_10k.npz file")
@@ -119,22 +135,12 @@ def main() -> None:
     data = load_cifar10n(args.data)
     threads = set_threads(args.threads)
     print(f"machine: {machine_description()}; torch threads: {threads}", flush=True)
-    images, clean = data["x"], data["y_clean"]
-    encoder_part = encoder_split(clean)
-    scored = ~encoder_part
+    clean = data["y_clean"]
     began = time.perf_counter()
-    trained_on = planar(images[encoder_part])
-    mean, std = trained_on.mean(dim=(0, 2, 3), keepdim=True), trained_on.std(dim=(0, 2, 3), keepdim=True)
-    model = train_encoder(
-        (trained_on - mean) / std, torch.as_tensor(clean[encoder_part]), args.encoder_epochs
-    )
-    vectors = embed(model, (planar(images[scored]) - mean) / std)
-    with torch.no_grad():  # the classifier on the embeddings: the encoder's own predictions
-        predicted = model[-1](torch.as_tensor(vectors)).argmax(dim=1).numpy()
-    accuracy = float((predicted == clean[scored]).mean())
+    vectors, scored, accuracy = cifar10n_embeddings(data, args.encoder_epochs)
     print(
         f"data: {len(vectors)} CIFAR-10N images as {vectors.shape[1]}-d embeddings; encoder trained on "
-        f"the other {int(encoder_part.sum())} ({time.perf_counter() - began:.0f} s), its accuracy on the "
+        f"the other {int((~scored).sum())} ({time.perf_counter() - began:.0f} s), its accuracy on the "
         f"embedded half {accuracy:.3f}",
         flush=True,
     )
