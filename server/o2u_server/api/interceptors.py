@@ -23,7 +23,7 @@ from typing import Any, NoReturn, TypeAlias
 
 import grpc
 
-from o2u_server.api.status import grpc_code, grpc_status
+from o2u_server.api.status import grpc_status
 from o2u_server.errors import Internal, InvalidArgument, ResourceExhausted, ServiceError
 from o2u_server.metrics import METHOD_LABELS, UNKNOWN_METHOD, ServerMetrics
 
@@ -36,8 +36,7 @@ Context = Any
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
-def _code_name(context: Context) -> str:
-    code = context.code()
+def _status_name(code: grpc.StatusCode | int | None) -> str:
     if code is None:
         return "OK"
     if isinstance(code, grpc.StatusCode):
@@ -45,16 +44,24 @@ def _code_name(context: Context) -> str:
     return next((status.name for status in grpc.StatusCode if status.value[0] == code), "UNKNOWN")
 
 
+def _code_name(context: Context) -> str:
+    return _status_name(context.code())
+
+
 class _Call:
-    """Bookkeeping of one call: its method, start time and final code."""
+    """Bookkeeping of one call: its method, start time and final code, counted once."""
 
     def __init__(self, metrics: ServerMetrics, method: str) -> None:
         self.metrics = metrics
         self.method = method
         self.start = time.perf_counter()
         self.code: str | None = None
+        self.counted = False
 
     def finish(self, context: Context) -> None:
+        if self.counted:
+            return
+        self.counted = True
         code = self.code or _code_name(context)
         self.metrics.grpc_requests.labels(method=self.method, code=code).inc()
         self.metrics.grpc_duration.labels(method=self.method).observe(time.perf_counter() - self.start)
@@ -75,9 +82,30 @@ class _Call:
                 f"internal error while handling {self.method}; the server logged the details",
                 reason="INTERNAL",
             )
-        self.code = grpc_code(error).name
         await context.abort_with_status(grpc_status(error))
         raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+class _CountingContext:
+    """The servicer context as the handler below sees it: an abort, whoever calls it, counts the
+    call before its status goes out. gRPC sends an abort's status at once, before the handler
+    unwinds, so a caller that reads the metrics right after its error must find the call there."""
+
+    def __init__(self, context: Context, call: _Call) -> None:
+        self._context = context
+        self._call = call
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> NoReturn:
+        self._call.code = _status_name(code)
+        self._call.finish(self._context)
+        await self._context.abort(code, details, trailing_metadata)
+        raise AssertionError("abort returned")  # pragma: no cover
+
+    async def abort_with_status(self, status: grpc.Status) -> NoReturn:
+        await self.abort(status.code, status.details, status.trailing_metadata)
 
 
 Deserializer = Callable[[bytes], Any] | None
@@ -133,8 +161,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler.unary_unary is not None:
             unary = handler.unary_unary
 
-            async def unary_unary(raw: Any, context: Context) -> Any:
+            async def unary_unary(raw: Any, grpc_context: Context) -> Any:
                 call = _Call(metrics, method)
+                context: Context = _CountingContext(grpc_context, call)
                 request = None
                 try:
                     request = _parse(deserialize, raw, method)
@@ -168,8 +197,9 @@ def _streaming(
 ) -> Callable[[Any, Context], AsyncIterator[Any]]:
     """Wrap a response-streaming behavior: an async generator, or a coroutine that uses context.write."""
 
-    async def stream(raw: Any, context: Context) -> AsyncIterator[Any]:
+    async def stream(raw: Any, grpc_context: Context) -> AsyncIterator[Any]:
         call = _Call(metrics, method)
+        context: Context = _CountingContext(grpc_context, call)
         request = None
         try:
             request = _parse(deserialize, raw, method)
