@@ -3,48 +3,56 @@
 The score of a sample is its mean normalized loss (`o2u_loss`, the paper's), its negated mean
 margin (`aum`), or the mean of its ranks by those two (`loss_margin`: the two orders of the same
 run, each sample as suspect as it is on average); ranking is by score. The noise rate and a
-per-sample probability come from:
+per-sample probability come from (rate_estimator picks one by input and score):
 
-- *Separated mixture* (the `aum` score's): a two-component Gaussian mixture fitted to the raw
-  scores gives the rate only when its components are clearly apart - Ashman's D =
-  sqrt(2) |mean1 - mean0| / sqrt(var0 + var1) of at least 2, the usual bound for a clean
-  two-mode split (Ashman, Bird and Zepf, Astron. J. 108, 1994) - and its high group is the
-  minority; otherwise the confident disagreement below gives it. Injected noise on a network that
-  fits its data separates (digits images with 5-40% noise: D 4.4-6.3, rates within 0.005 of the
-  truth); real annotator mistakes on ambiguous samples do not (CIFAR-10N: D 0.2-0.6), nor does a
-  clean set (D 1.3).
-- *Confident disagreement* (the `loss_margin` score's, the `aum` score's otherwise, and the
-  mixture's fallback): the share of samples in the off-diagonal of the confident joint (Northcutt
-  et al., "Confident Learning", JAIR 2021) of the cyclic stage's votes - how often each class was
-  predicted for a sample over the cyclic epochs. A class counts for a sample when its vote share
-  reaches that class's threshold, the mean share the class gets from the samples labeled with it;
-  a sample is flagged when a class other than its given label counts and gets more votes than the
-  given label. Plain disagreement (the most-voted class is not the given label) counts every clean
-  sample an under-fitted network still gets wrong: on CIFAR-10N (3,000 images) it gave 0.237,
-  0.297 and 0.446 for true rates of 0.092, 0.175 and 0.401, where the confident count gives
-  0.115, 0.163 and 0.335 (0.000 on clean digits, 0.071 on CIFAR-10N's clean labels). On the
-  digit images it runs low (0.038 to 0.388 for 5 to 40% noise), which is why a separated mixture
-  goes first there. The probability is the isotonic fit of the flag against the score, so it is
-  non-decreasing in the score and its mean is the rate.
-- *Mixture* (the `o2u_loss` score's): a two-component 1-D Gaussian mixture fitted by EM:
+- *Separated mixture* (images, the `aum` and `loss_margin` scores): a two-component Gaussian
+  mixture fitted to the negated mean margins gives the rate only when its components are clearly
+  apart - Ashman's D = sqrt(2) |mean1 - mean0| / sqrt(var0 + var1) of at least 2, the usual bound
+  for a clean two-mode split (Ashman, Bird and Zepf, Astron. J. 108, 1994) - and its high group is
+  the minority; otherwise the confident disagreement below gives it. Injected noise on a network
+  that fits its data separates (digits images with 5-40% noise: D 4.4-6.3, rates within 0.005 of
+  the truth); real annotator mistakes on ambiguous samples do not (CIFAR-10N: D 0.2-0.6), nor does
+  a clean set (D 1.3).
+- *Confident disagreement* (feature vectors, every score; on images the separated mixture's and
+  the mixture's fallback): the share of samples in the off-diagonal of the confident joint
+  (Northcutt et al., "Confident Learning", JAIR 2021) of the cyclic stage's votes - how often each
+  class was predicted for a sample over the cyclic epochs. A class counts for a sample when its
+  vote share reaches that class's threshold, the mean share the class gets from the samples
+  labeled with it; a sample is flagged when a class other than its given label counts and gets
+  more votes than the given label. Plain disagreement (the most-voted class is not the given
+  label) counts every clean sample an under-fitted network still gets wrong: on CIFAR-10N (3,000
+  images) it gave 0.237, 0.297 and 0.446 for true rates of 0.092, 0.175 and 0.401, where the
+  confident count gives 0.115, 0.163 and 0.335 (0.000 on clean digits, 0.071 on CIFAR-10N's clean
+  labels). On the digit images it runs low (0.038 to 0.388 for 5 to 40% noise), which is why a
+  separated mixture goes first there. The probability is the isotonic fit of the flag against the
+  score, so it is non-decreasing in the score and its mean is the rate.
+- *Mixture* (images, the `o2u_loss` score): a two-component 1-D Gaussian mixture fitted by EM:
   mislabeled samples keep a high loss, clean ones a low one. Losses are skewed (a long tail of
   hard but clean samples), so the mixture is fitted to the cube root of the shifted scores, the
   Wilson-Hilferty transform that makes gamma-like positive values close to Gaussian: on the
   scikit-learn digits with 5-40% injected noise the rate estimate's error fell from 0.05-0.12 (raw
   scores) to 0.00-0.08. When the fit puts most samples in its high-score group, its weight is no
   noise rate (noise would be the majority; under-trained runs, long-trained clean sets and real
-  noise on a network that still under-fits fit that way): the estimate is then flagged `capped` and
-  falls back to the confident disagreement.
+  noise on a network that still under-fits fit that way): the estimate is then flagged `capped`
+  and falls back to the confident disagreement. So does a fit whose groups are not apart (D < 2,
+  as for the separated mixture; not flagged): on the digit images the fit gave 0.381 for clean
+  labels (D 1.8), on 240 clean 4x4 blob images 0.43.
 
-On feature vectors (the MLP, the `loss_margin` score) the confident disagreement alone is the
-estimate. There the loss mixture put half the samples of clean sets in its high group (0.354 on
-the digits, 0.465 on 20,000 synthetic vectors) and doubled low rates (0.21 for 10% pair noise on
-the digits, 0.29 for 5% on synthetic vectors): small-sample or skewed loss distributions split
-into two groups that are no clean/noisy split. Over 37 feature sets - CIFAR-10N as embeddings,
-also long-tailed, digits and synthetic vectors with injected noise, and clean sets - its mean
-error was 0.118 against the confident count's 0.059 (`bench/rate_estimators.py --features`). The
-count's weakness is a network that fits every given label (5,000 vectors of 512 dimensions), whose
-votes see no noise at all.
+On feature vectors (the MLP) the confident disagreement alone is the estimate, whatever the score.
+There the loss mixture put half the samples of clean sets in its high group (0.354 on the digits,
+0.465 on 20,000 synthetic vectors) and doubled low rates (0.21 for 10% pair noise on the digits,
+0.29 for 5% on synthetic vectors): small-sample or skewed loss distributions split into two groups
+that are no clean/noisy split. Over 37 feature sets - CIFAR-10N as embeddings, also long-tailed,
+digits and synthetic vectors with injected noise, and clean sets - its mean error was 0.118
+against the confident count's 0.059 (`bench/rate_estimators.py --features`), and the margins'
+separated mixture, the images' estimate, took 0.266 of the clean digits as noisy and cut pair
+noise short (0.08-0.19 for 30% on the digits; mean error 0.068). The count's weakness is a network
+that fits every given label (5,000 vectors of 512 dimensions), whose votes see no noise at all.
+
+A score other than the margins that ranks images (`loss_margin`) takes the margins' separated
+estimate, its probability fitted isotonically against the ranking score (isotonic_in_score), so
+the suspects are the top of the ranking and the rate is the `aum` score's (it was the losses'
+mixture, which gave 0.381 for the clean digit images, where the margins' gives 0.000).
 
 The suggested label is the class the network predicted most often over the cyclic epochs.
 """
@@ -204,23 +212,28 @@ def _fit_strided(values: np.ndarray) -> GaussianMixture1D | None:
     return fit_two_gaussians(values[::stride])
 
 
-def estimate_noise(scores: np.ndarray, disagrees: np.ndarray | None = None) -> NoiseEstimate:
+def estimate_noise(
+    scores: np.ndarray, disagrees: np.ndarray | None = None, *, min_separation: float = MIN_SEPARATION
+) -> NoiseEstimate:
     """Per-sample probability of a wrong label, the estimated noise rate in [0, 0.5], and whether
     the mixture's estimate passed the cap. `disagrees` (N,) bool marks the samples the cyclic stage
     confidently disagrees with (`confident_disagreement`); a capped estimate falls back to them, or,
-    without them, stays at the cap."""
+    without them, stays at the cap, and so does a mixture whose groups are less than
+    `min_separation` apart (Ashman's D; not flagged capped). `min_separation` 0 keeps every
+    uncapped fit, as this estimate did before the separation test (for comparisons)."""
     scores = np.asarray(scores, dtype=np.float64)
     transformed = np.cbrt(scores - scores.min()) if scores.size else scores
     mixture = _fit_strided(transformed)
     if mixture is None:
         return NoiseEstimate(np.zeros_like(scores), 0.0, False)
     weight = float(np.nan_to_num(mixture.weights[1], nan=0.0))
-    if weight > MAX_ESTIMATED_NOISE_RATE and disagrees is not None:
+    capped = weight > MAX_ESTIMATED_NOISE_RATE
+    if disagrees is not None and (capped or separation(mixture) < min_separation):
         probability, rate = _disagreement_estimate(scores, np.asarray(disagrees, dtype=bool))
-        return NoiseEstimate(probability, rate, True)
+        return NoiseEstimate(probability, rate, capped)
     probability = _monotone_noise_probability(transformed, mixture)
     rate = float(np.clip(weight, 0.0, MAX_ESTIMATED_NOISE_RATE))
-    return NoiseEstimate(probability, rate, weight > MAX_ESTIMATED_NOISE_RATE)
+    return NoiseEstimate(probability, rate, capped)
 
 
 def confident_classes(prediction_counts: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -315,13 +328,21 @@ def estimate_separated(scores: np.ndarray, disagrees: np.ndarray) -> NoiseEstima
     return NoiseEstimate(probability, rate, False)
 
 
-def rate_estimator(score: str) -> str:
-    """The noise-rate estimator for a score kind: the margin (`aum`, images) is no loss-like
-    mixture, so its rate comes from a mixture of the raw margins only when that separates, else
-    from the samples the cyclic stage confidently disagrees with (`separated`); the paper's loss
-    keeps the cube-root mixture (`mixture`), and the loss-margin rank mean (feature vectors) takes
-    the confident disagreement (`confident`; see the module docstring)."""
-    return {"aum": "separated", "loss_margin": "confident"}.get(score, "mixture")
+def rate_estimator(score: str, *, images: bool) -> str:
+    """The noise-rate estimator for a score kind and input: on images the margins' mixture when it
+    separates, else the samples the cyclic stage confidently disagrees with (`separated`; the
+    `aum` and `loss_margin` scores), and the paper's loss its cube-root mixture (`mixture`); on
+    feature vectors the confident disagreement whatever the score (`confident`). See the module
+    docstring for the evidence."""
+    if not images:
+        return "confident"
+    return "mixture" if score == "o2u_loss" else "separated"
+
+
+def rate_score(score: str, *, images: bool) -> str:
+    """The score kind whose values the rate estimator fits: the margins (`aum`) for every
+    `separated` estimate, else the ranking score itself."""
+    return "aum" if rate_estimator(score, images=images) == "separated" else score
 
 
 def suspected_set(
@@ -330,17 +351,23 @@ def suspected_set(
     disagrees: np.ndarray | None = None,
     *,
     estimator: str = "mixture",
+    rate_scores: np.ndarray | None = None,
 ) -> SuspectedSet:
     """The suspects among noise scores (N,) at `noise_rate`, or at the estimated rate when it is 0
     (`disagrees`: see estimate_noise, needed by the `separated` and `confident` estimators;
-    `estimator`: see rate_estimator).
+    `estimator`: see rate_estimator). With `rate_scores` (N,), another score of the same samples
+    (rate_score), the estimator fits those, and its per-sample probability is fitted isotonically
+    against `scores`, so the suspects are still the top of the ranking.
 
     Stage 3 removes exactly the set the report names; both get it from cyclic_suspects."""
     if estimator in ("separated", "confident"):
         if disagrees is None:
             raise ValueError(f"the {estimator} estimator needs the confident disagreement")
         if estimator == "separated":
-            probability, estimated, capped = estimate_separated(scores, disagrees)
+            fitted = scores if rate_scores is None else rate_scores
+            probability, estimated, capped = estimate_separated(fitted, disagrees)
+            if rate_scores is not None:
+                probability = isotonic_in_score(np.asarray(scores, dtype=np.float64), probability)
         else:
             probability, estimated = _disagreement_estimate(
                 np.asarray(scores, dtype=np.float64), np.asarray(disagrees, dtype=bool)
@@ -359,13 +386,22 @@ def cyclic_suspects(
     labels: np.ndarray,
     *,
     score: str,
+    images: bool,
     noise_rate: float,
+    rate_scores: np.ndarray | None = None,
 ) -> SuspectedSet:
     """The suspected set of a cyclic stage: its `score` kind's noise scores (N,), vote counts
-    (N, K) and given labels (N,) at `noise_rate` (0: estimated). The report names this set and
-    stage 3 removes it."""
+    (N, K) and given labels (N,) of images or feature vectors at `noise_rate` (0: estimated);
+    `rate_scores` are the scores of the rate_score kind when that is not `score`. The report names
+    this set and stage 3 removes it."""
     disagrees = confident_disagreement(prediction_counts, labels)
-    return suspected_set(noise_scores(scores), noise_rate, disagrees, estimator=rate_estimator(score))
+    return suspected_set(
+        noise_scores(scores),
+        noise_rate,
+        disagrees,
+        estimator=rate_estimator(score, images=images),
+        rate_scores=None if rate_scores is None else noise_scores(rate_scores),
+    )
 
 
 def suggest_labels(
@@ -421,14 +457,24 @@ def noise_ranking(
     cyclic_epochs: int,
     noise_rate: float,
     score: str = "o2u_loss",
+    images: bool = True,
+    rate_scores: np.ndarray | None = None,
 ) -> NoiseRanking:
     """Everything the report holds per sample and per class; `noise_rate` 0 means estimate it.
     `mean` is the per-sample noise score of the `score` kind before cleaning (see
-    CyclicStatistics.scores)."""
+    CyclicStatistics.scores); `images` and `rate_scores` as in cyclic_suspects."""
     scores = noise_scores(mean)
     variance = np.nan_to_num(np.maximum(np.asarray(variance, dtype=np.float64), 0.0), nan=0.0, posinf=0.0)
     suggested, confidence = suggest_labels(prediction_counts, labels, cyclic_epochs)
-    suspects = cyclic_suspects(scores, prediction_counts, labels, score=score, noise_rate=noise_rate)
+    suspects = cyclic_suspects(
+        scores,
+        prediction_counts,
+        labels,
+        score=score,
+        images=images,
+        noise_rate=noise_rate,
+        rate_scores=rate_scores,
+    )
     class_counts = np.bincount(labels, minlength=num_classes).astype(np.int64)
     class_suspected = np.bincount(labels[suspects.suspected], minlength=num_classes).astype(np.int64)
     class_rates = class_suspected / np.maximum(class_counts, 1)

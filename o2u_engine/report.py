@@ -69,7 +69,7 @@ class NoiseReport:
     torch_version: str
     device: str  # e.g. "cpu", "cuda:0"
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, and "total"
-    # The losses' mixture (o2u_loss) put most samples in its high group: the rate is
+    # The losses' mixture (o2u_loss on images) put most samples in its high group: the rate is
     # rank.estimate_noise's fallback (the confident disagreement), not the mixture's weight
     noise_rate_capped: bool = False
 

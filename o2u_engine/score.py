@@ -175,6 +175,8 @@ def _score_noise(
         cyclic_epochs=statistics.epochs,
         noise_rate=config.noise_rate,
         score=config.score,
+        images=inputs.layout.is_images,
+        rate_scores=statistics.rate_scores(config.score, images=inputs.layout.is_images),
     )
     timings = {"preparation": preparation_seconds, **outcome.timings}
     timings["ranking"] = time.perf_counter() - ranking_started

@@ -12,7 +12,10 @@ without storing the epochs, so memory does not grow with their number.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from o2u_engine.rank import rate_score
 
 
 class CyclicStatistics:
@@ -90,6 +93,12 @@ class CyclicStatistics:
             count = max(self.mean.shape[0], 1)
             return (average_ranks(self.mean) + average_ranks(-self.mean_margin())) / (2 * count)
         raise ValueError(f"unknown noise score {kind!r}")
+
+    def rate_scores(self, kind: str, *, images: bool) -> np.ndarray | None:
+        """On the host, the scores the noise-rate estimator of the `kind` score fits when they are
+        not that score's own (rank.rate_score: the margins for `loss_margin` on images); else None."""
+        fitted = rate_score(kind, images=images)
+        return None if fitted == kind else self.scores(fitted).cpu().numpy()
 
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         return {

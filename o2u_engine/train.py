@@ -271,13 +271,15 @@ class Trainer:
 
     def _retraining_samples(self) -> RetrainingSamples:
         """Stage 3's samples, for exactly the suspects the report will name (stage 2 is over)."""
-        kind = self.config.score
+        kind, images = self.config.score, self.data.layout.is_images
         suspects = cyclic_suspects(
             self.statistics.scores(kind).cpu().numpy(),
             self.statistics.prediction_counts.cpu().numpy(),
             self.labels.cpu().numpy(),
             score=kind,
+            images=images,
             noise_rate=self.config.noise_rate,
+            rate_scores=self.statistics.rate_scores(kind, images=images),
         )
         return retraining_samples(self.split, suspects.suspected)
 

@@ -15,6 +15,7 @@ from o2u_engine.rank import (
     noise_scores,
     rank_scores,
     rate_estimator,
+    rate_score,
     separation,
     suggest_labels,
     suspected_mask,
@@ -263,9 +264,19 @@ def test_the_separated_estimator_falls_back_to_the_disagreeing_labels_when_score
     assert not suspects.noise_rate_capped
     assert suspects.suspected.sum() == 40
     assert np.all(np.diff(suspects.noise_probability[np.argsort(scores)]) >= 0)
-    assert rate_estimator("aum") == "separated"
-    assert rate_estimator("o2u_loss") == "mixture"
-    assert rate_estimator("loss_margin") == "confident"
+
+
+def test_the_rate_estimator_follows_the_input_and_then_the_score() -> None:
+    assert rate_estimator("aum", images=True) == "separated"
+    assert rate_estimator("loss_margin", images=True) == "separated"
+    assert rate_estimator("o2u_loss", images=True) == "mixture"
+    for score in ("aum", "loss_margin", "o2u_loss"):
+        assert rate_estimator(score, images=False) == "confident"
+        assert rate_score(score, images=False) == score
+    # A separated estimate always fits the margins, whichever score ranks.
+    assert rate_score("loss_margin", images=True) == "aum"
+    assert rate_score("aum", images=True) == "aum"
+    assert rate_score("o2u_loss", images=True) == "o2u_loss"
 
 
 def test_the_confident_estimator_is_the_share_of_confidently_disagreeing_labels() -> None:
@@ -300,19 +311,40 @@ def test_cyclic_suspects_are_the_suspected_set_of_the_score_kinds_estimator() ->
     counts[330:] = 0
     counts[np.arange(330, 400), (labels[330:] + 1) % 4] = 5  # 70 voted elsewhere, 60 of them high losses
     disagrees = confident_disagreement(counts, labels)
-    for score, estimator in (("aum", "separated"), ("o2u_loss", "mixture"), ("loss_margin", "confident")):
-        got = cyclic_suspects(losses, counts, labels, score=score, noise_rate=0.0)
+    cases = [("aum", True, "separated"), ("o2u_loss", True, "mixture")]
+    cases += [(score, False, "confident") for score in ("aum", "o2u_loss", "loss_margin")]
+    for score, images, estimator in cases:
+        got = cyclic_suspects(losses, counts, labels, score=score, images=images, noise_rate=0.0)
         want = suspected_set(losses, 0.0, disagrees, estimator=estimator)
         assert got.estimated_noise_rate == want.estimated_noise_rate
         np.testing.assert_array_equal(got.suspected, want.suspected)
         np.testing.assert_array_equal(got.noise_probability, want.noise_probability)
-    assert (
-        cyclic_suspects(losses, counts, labels, score="loss_margin", noise_rate=0.0).estimated_noise_rate
-        == 0.175
-    )
-    fixed = cyclic_suspects(losses, counts, labels, score="aum", noise_rate=0.1)
+    features = cyclic_suspects(losses, counts, labels, score="loss_margin", images=False, noise_rate=0.0)
+    assert features.estimated_noise_rate == 0.175
+    fixed = cyclic_suspects(losses, counts, labels, score="aum", images=True, noise_rate=0.1)
     assert fixed.noise_rate_used == 0.1
     assert fixed.suspected.sum() == 40
+
+
+def test_a_separated_estimate_of_other_scores_ranks_by_the_given_scores() -> None:
+    """loss_margin on images: the rate is the margins' separated mixture, the suspects are the top
+    of the loss-margin ranking, and the probability rises with that ranking's score."""
+    rng = np.random.default_rng(7)
+    margins = np.concatenate([rng.normal(-3.0, 1.0, 850), rng.normal(3.0, 1.0, 150)])  # D about 6
+    ranking = margins + rng.normal(0.0, 1.5, 1000)  # another order of the same samples
+    labels = np.arange(1000) % 4
+    counts = np.zeros((1000, 4), dtype=np.int32)
+    counts[np.arange(1000), labels] = 5
+    suspects = cyclic_suspects(
+        ranking, counts, labels, score="loss_margin", images=True, noise_rate=0.0, rate_scores=margins
+    )
+    separated = estimate_separated(margins, np.zeros(1000, dtype=bool))
+    assert suspects.estimated_noise_rate == separated.rate
+    assert suspects.estimated_noise_rate == pytest.approx(0.15, abs=0.01)
+    top = np.argsort(-ranking, kind="stable")[: round(separated.rate * 1000)]
+    assert set(np.flatnonzero(suspects.suspected)) == set(top)
+    assert np.all(np.diff(suspects.noise_probability[np.argsort(ranking, kind="stable")]) >= 0)
+    assert suspects.noise_probability.mean() == pytest.approx(separated.probability.mean())
 
 
 def test_the_separated_estimator_takes_a_separated_mixture() -> None:

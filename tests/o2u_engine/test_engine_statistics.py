@@ -69,6 +69,13 @@ def test_the_loss_margin_score_is_the_mean_rank_of_the_two_over_n() -> None:
     assert statistics.scores("loss_margin").tolist() == [0.5, 7.5 / 8, 0.25, 6.5 / 8]
     with pytest.raises(ValueError, match="unknown noise score 'loss'"):
         statistics.scores("loss")
+    # loss_margin's separated rate on images fits the margins; every other estimate its own score
+    margins = statistics.rate_scores("loss_margin", images=True)
+    assert margins is not None
+    assert margins.tolist() == statistics.scores("aum").tolist()
+    assert statistics.rate_scores("loss_margin", images=False) is None
+    assert statistics.rate_scores("aum", images=True) is None
+    assert statistics.rate_scores("o2u_loss", images=True) is None
 
 
 def test_average_ranks_share_ties_like_scipy() -> None:

@@ -258,23 +258,33 @@ def test_a_non_utf8_file_name_is_invalid_not_internal(stub: Stub, root: Path) ->
 
 
 @pytest.mark.parametrize(
-    ("score", "capped"),
-    [(pb.NOISE_SCORE_KIND_UNSPECIFIED, False), (pb.NOISE_SCORE_KIND_O2U_LOSS, True)],
-    ids=["default", "o2u_loss"],
+    ("images", "score", "capped"),
+    [
+        (False, pb.NOISE_SCORE_KIND_UNSPECIFIED, False),
+        (False, pb.NOISE_SCORE_KIND_O2U_LOSS, False),
+        (True, pb.NOISE_SCORE_KIND_O2U_LOSS, True),
+    ],
+    ids=["features-default", "features-o2u_loss", "images-o2u_loss"],
 )
-def test_a_clean_set_is_not_reported_half_wrong(stub: Stub, root: Path, score: int, capped: bool) -> None:
-    write_noisy_blobs(root / "clean-blobs.npz", noise=0.0)  # 240 clean, well separated samples
+def test_a_clean_set_is_not_reported_half_wrong(
+    stub: Stub, root: Path, images: bool, score: int, capped: bool
+) -> None:
+    path = root / "clean-blobs.npz"
+    write_noisy_blobs(path, noise=0.0)  # 240 clean, well separated samples
+    if images:  # the same 16 values of each sample as a 4x4 image
+        blobs = np.load(path)
+        np.savez(path, x=blobs["x"].reshape(-1, 4, 4), y=blobs["y"])
     config = {**TINY_CONFIG, "score": score}
-    job = wait_for_job(stub, create_job(stub, (root / "clean-blobs.npz").as_uri(), config=config).job_id)
+    job = wait_for_job(stub, create_job(stub, path.as_uri(), config=config).job_id)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
     summary = stub.GetDatasetSummary(pb.GetDatasetSummaryRequest(job_id=job.job_id)).summary
     # The loss mixture of this short run puts most samples in its high group; until it was flagged,
     # the estimate sat at its 0.5 cap: "50% noise, 120 of 240 suspected" for a clean set. The paper's
-    # score still fits it and reports the fallback as capped; the default for feature vectors takes
-    # the confident disagreement of the votes, which is no fallback.
+    # score on images still fits it and reports the fallback as capped; on feature vectors every
+    # score takes the confident disagreement of the votes, which is no fallback.
     assert summary.noise_rate_capped == capped
-    assert summary.estimated_noise_rate < 0.05
-    assert summary.num_suspected < 12
+    assert summary.estimated_noise_rate < 0.1
+    assert summary.num_suspected < 24
 
 
 def test_a_dataset_at_the_default_max_classes_has_a_readable_summary(

@@ -211,17 +211,19 @@ class _NoiseScoreKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NoiseS
     features.
     """
     NOISE_SCORE_KIND_O2U_LOSS: _NoiseScoreKind.ValueType  # 1
-    """The O2U-Net paper's score: the mean normalized loss over the cyclic stage; its noise rate is
-    the weight of the high group of a two-component mixture fitted to the losses.
+    """The O2U-Net paper's score: the mean normalized loss over the cyclic stage; on images its noise
+    rate is the weight of the high group of a two-component mixture fitted to the losses when its
+    groups are clearly apart, else the confident disagreement below.
     """
     NOISE_SCORE_KIND_AUM: _NoiseScoreKind.ValueType  # 2
-    """The negated mean margin over the cyclic stage (given-label logit minus the largest other);
-    its noise rate is the margins' mixture when its groups are clearly apart, else the share of
-    samples the cyclic stage's votes confidently disagree with.
+    """The negated mean margin over the cyclic stage (given-label logit minus the largest other); on
+    images its noise rate is the margins' mixture when its groups are clearly apart, else the share
+    of samples the cyclic stage's votes confidently disagree with.
     """
     NOISE_SCORE_KIND_LOSS_MARGIN: _NoiseScoreKind.ValueType  # 3
-    """The mean of a sample's rank by the O2U loss and its rank by the margin, over N (in (0, 1]);
-    its noise rate is the share of samples the cyclic stage's votes confidently disagree with.
+    """The mean of a sample's rank by the O2U loss and its rank by the margin, over N (in (0, 1]); on
+    images its noise rate is NOISE_SCORE_KIND_AUM's. On feature vectors every score's noise rate is
+    the share of samples the cyclic stage's votes confidently disagree with.
     """
 
 class NoiseScoreKind(_NoiseScoreKind, metaclass=_NoiseScoreKindEnumTypeWrapper):
@@ -232,17 +234,19 @@ NOISE_SCORE_KIND_UNSPECIFIED: NoiseScoreKind.ValueType  # 0
 features.
 """
 NOISE_SCORE_KIND_O2U_LOSS: NoiseScoreKind.ValueType  # 1
-"""The O2U-Net paper's score: the mean normalized loss over the cyclic stage; its noise rate is
-the weight of the high group of a two-component mixture fitted to the losses.
+"""The O2U-Net paper's score: the mean normalized loss over the cyclic stage; on images its noise
+rate is the weight of the high group of a two-component mixture fitted to the losses when its
+groups are clearly apart, else the confident disagreement below.
 """
 NOISE_SCORE_KIND_AUM: NoiseScoreKind.ValueType  # 2
-"""The negated mean margin over the cyclic stage (given-label logit minus the largest other);
-its noise rate is the margins' mixture when its groups are clearly apart, else the share of
-samples the cyclic stage's votes confidently disagree with.
+"""The negated mean margin over the cyclic stage (given-label logit minus the largest other); on
+images its noise rate is the margins' mixture when its groups are clearly apart, else the share
+of samples the cyclic stage's votes confidently disagree with.
 """
 NOISE_SCORE_KIND_LOSS_MARGIN: NoiseScoreKind.ValueType  # 3
-"""The mean of a sample's rank by the O2U loss and its rank by the margin, over N (in (0, 1]);
-its noise rate is the share of samples the cyclic stage's votes confidently disagree with.
+"""The mean of a sample's rank by the O2U loss and its rank by the margin, over N (in (0, 1]); on
+images its noise rate is NOISE_SCORE_KIND_AUM's. On feature vectors every score's noise rate is
+the share of samples the cyclic stage's votes confidently disagree with.
 """
 Global___NoiseScoreKind: _TypeAlias = NoiseScoreKind  # noqa: Y015
 
@@ -1202,11 +1206,11 @@ class DatasetSummary(_message.Message):
     estimated_label_accuracy: _builtins.float
     """1 - estimated_noise_rate."""
     noise_rate_capped: _builtins.bool
-    """The mixture fitted to the losses (the `o2u_loss` score) put most samples in its high-score
-    group, which the estimate may not report (noise would be the majority, and the labels
-    meaningless): estimated_noise_rate is then the confident-disagreement fallback, not the fit,
-    and deserves a second look. Never set for the `aum` and `loss_margin` scores, whose estimates
-    are that count by design.
+    """The mixture fitted to the losses (the `o2u_loss` score on images) put most samples in its
+    high-score group, which the estimate may not report (noise would be the majority, and the
+    labels meaningless): estimated_noise_rate is then the confident-disagreement fallback, not the
+    fit, and deserves a second look. Never set otherwise: the other estimates fall back to that
+    count, or are it, by design.
     """
     @_builtins.property
     def class_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...

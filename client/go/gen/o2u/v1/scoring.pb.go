@@ -351,15 +351,17 @@ const (
 	// The server's default: NOISE_SCORE_KIND_AUM for images, NOISE_SCORE_KIND_LOSS_MARGIN for
 	// features.
 	NoiseScoreKind_NOISE_SCORE_KIND_UNSPECIFIED NoiseScoreKind = 0
-	// The O2U-Net paper's score: the mean normalized loss over the cyclic stage; its noise rate is
-	// the weight of the high group of a two-component mixture fitted to the losses.
+	// The O2U-Net paper's score: the mean normalized loss over the cyclic stage; on images its noise
+	// rate is the weight of the high group of a two-component mixture fitted to the losses when its
+	// groups are clearly apart, else the confident disagreement below.
 	NoiseScoreKind_NOISE_SCORE_KIND_O2U_LOSS NoiseScoreKind = 1
-	// The negated mean margin over the cyclic stage (given-label logit minus the largest other);
-	// its noise rate is the margins' mixture when its groups are clearly apart, else the share of
-	// samples the cyclic stage's votes confidently disagree with.
+	// The negated mean margin over the cyclic stage (given-label logit minus the largest other); on
+	// images its noise rate is the margins' mixture when its groups are clearly apart, else the share
+	// of samples the cyclic stage's votes confidently disagree with.
 	NoiseScoreKind_NOISE_SCORE_KIND_AUM NoiseScoreKind = 2
-	// The mean of a sample's rank by the O2U loss and its rank by the margin, over N (in (0, 1]);
-	// its noise rate is the share of samples the cyclic stage's votes confidently disagree with.
+	// The mean of a sample's rank by the O2U loss and its rank by the margin, over N (in (0, 1]); on
+	// images its noise rate is NOISE_SCORE_KIND_AUM's. On feature vectors every score's noise rate is
+	// the share of samples the cyclic stage's votes confidently disagree with.
 	NoiseScoreKind_NOISE_SCORE_KIND_LOSS_MARGIN NoiseScoreKind = 3
 )
 
@@ -2290,11 +2292,11 @@ type DatasetSummary struct {
 	ConfusedPairs   []*ConfusedPair  `protobuf:"bytes,11,rep,name=confused_pairs,json=confusedPairs,proto3" json:"confused_pairs,omitempty"`
 	CleanRetraining *CleanRetraining `protobuf:"bytes,12,opt,name=clean_retraining,json=cleanRetraining,proto3" json:"clean_retraining,omitempty"`
 	RunInfo         *RunInfo         `protobuf:"bytes,13,opt,name=run_info,json=runInfo,proto3" json:"run_info,omitempty"`
-	// The mixture fitted to the losses (the `o2u_loss` score) put most samples in its high-score
-	// group, which the estimate may not report (noise would be the majority, and the labels
-	// meaningless): estimated_noise_rate is then the confident-disagreement fallback, not the fit,
-	// and deserves a second look. Never set for the `aum` and `loss_margin` scores, whose estimates
-	// are that count by design.
+	// The mixture fitted to the losses (the `o2u_loss` score on images) put most samples in its
+	// high-score group, which the estimate may not report (noise would be the majority, and the
+	// labels meaningless): estimated_noise_rate is then the confident-disagreement fallback, not the
+	// fit, and deserves a second look. Never set otherwise: the other estimates fall back to that
+	// count, or are it, by design.
 	NoiseRateCapped bool `protobuf:"varint,14,opt,name=noise_rate_capped,json=noiseRateCapped,proto3" json:"noise_rate_capped,omitempty"`
 	// Expected label accuracy of the whole batch, with its interval (what acceptance gates read).
 	LabelAccuracy *LabelAccuracyEstimate `protobuf:"bytes,20,opt,name=label_accuracy,json=labelAccuracy,proto3" json:"label_accuracy,omitempty"`
