@@ -11,7 +11,13 @@ estimator on that run's statistics, so the estimators differ only in how they re
   does before `estimate_joint`;
 - `mixture`: the high group's weight of a two-component mixture on the raw scores, with its
   separation (Ashman's D);
-- `default`: what the engine reports (the separated mixture, else `confident`).
+- `loss mixture`: the high group's weight of the cube-root mixture of the mean normalized losses,
+  falling back to `confident` when that group is the majority (the `o2u_loss` score's estimator,
+  and the `loss_margin` score's on images, before the separation test);
+- `separated loss`: the same when its groups are apart (Ashman's D >= 2), else `confident` (the
+  `o2u_loss` score's estimator on images now);
+- `default`: what the engine reports (the separated mixture, else `confident`): the estimate of
+  the `aum` and `loss_margin` scores on images.
 
 Sets: CIFAR-10N with each of its three label sets and its clean labels, and the digits images with
 symmetric 5/20/40% and pair 10/30% injected noise, and clean. Usage:
@@ -23,8 +29,9 @@ suspected set's F1 at each estimate (the top `rate x N` of the ranking): CIFAR-1
 embeddings (see real_noise_features.py) with each label set and the clean labels, and a long-tailed
 subsample of them (x10); digits as 64-d features with the five settings above and noise seeds 0-2,
 and clean; synthetic vectors (the generator of feature_plan.py) of 5,000-50,000 samples and 128-512
-dimensions, with symmetric 5-40% or pair 10-30% noise, and clean. `loss mixture` is the cube-root
-mixture of the losses with its capped fallback (the `o2u_loss` score's estimator). About 6 minutes
+dimensions, with symmetric 5-40% or pair 10-30% noise, and clean. `margin separated` is the
+`default` of images (the margins' mixture when it separates, else `confident`); the engine's
+`default` on feature vectors is `confident` for every score. About 6 minutes
 on one core; the last line is `summary:` with each estimator's mean absolute error over all sets
 and its mean F1 over the noisy ones and over the CIFAR-10N ones.
 """
@@ -58,6 +65,7 @@ from o2u_engine.rank import (
     confident_classes,
     confident_disagreement,
     estimate_noise,
+    estimate_separated,
     fit_two_gaussians,
     noise_scores,
     rank_scores,
@@ -72,9 +80,9 @@ DIGIT_SETTINGS = (
     NoiseSetting("pair", 0.1),
     NoiseSetting("pair", 0.3),
 )
-ESTIMATORS = ("plain", "confident", "calibrated", "mixture", "default")
+ESTIMATORS = ("plain", "confident", "calibrated", "mixture", "loss mixture", "separated loss", "default")
 HEADER = ["set", "true rate", *ESTIMATORS, "D", "time s"]
-FEATURE_ESTIMATORS = ("plain", "confident", "calibrated", "loss mixture", "default")
+FEATURE_ESTIMATORS = ("plain", "confident", "calibrated", "loss mixture", "margin separated", "default")
 FEATURE_HEADER = ["set", "true rate", *(f"{e} (F1)" for e in FEATURE_ESTIMATORS), "loss D", "AUROC", "time s"]
 # (samples, dimensions, noise - None for clean labels, seed of the data and the noise)
 SYNTHETIC_SETS = (
@@ -129,13 +137,18 @@ def estimate_all(images: np.ndarray, labels: np.ndarray) -> tuple[dict[str, floa
     )
     seconds = time.perf_counter() - started
     assert RecordingTrainer.last is not None
-    counts = RecordingTrainer.last.statistics.prediction_counts.cpu().numpy()
+    statistics = RecordingTrainer.last.statistics
+    counts = statistics.prediction_counts.cpu().numpy()
+    disagrees = confident_disagreement(counts, labels)
+    losses = noise_scores(statistics.mean.cpu().numpy())
     mixture = fit_two_gaussians(report.noise_scores)
     rates = {
         "plain": float((report.suggested_labels != labels).mean()),
-        "confident": float(confident_disagreement(counts, labels).mean()),
+        "confident": float(disagrees.mean()),
         "calibrated": calibrated_joint_rate(counts, labels),
         "mixture": float(mixture.weights[1]) if mixture is not None else 0.0,
+        "loss mixture": estimate_noise(losses, disagrees, min_separation=0.0).rate,
+        "separated loss": estimate_noise(losses, disagrees).rate,
         "default": report.estimated_noise_rate,
     }
     return rates, separation(mixture) if mixture is not None else 0.0, seconds
@@ -169,7 +182,10 @@ def estimate_features(
         "plain": float((report.suggested_labels != labels).mean()),
         "confident": float(disagrees.mean()),
         "calibrated": calibrated_joint_rate(counts, labels),
-        "loss mixture": estimate_noise(losses, disagrees).rate,
+        "loss mixture": estimate_noise(losses, disagrees, min_separation=0.0).rate,
+        "margin separated": estimate_separated(
+            noise_scores(statistics.scores("aum").cpu().numpy()), disagrees
+        ).rate,
         "default": report.estimated_noise_rate,
     }
     return rates, report.noise_scores, separation(mixture) if mixture is not None else 0.0, seconds
@@ -285,7 +301,8 @@ def main() -> None:
                 errors[estimator].append(abs(rates[estimator] - true_rate) / true_rate)
     print(format_table(HEADER, rows))
     if errors["default"]:
-        print("summary: " + " ".join(f"{e}_rate_error={np.mean(errors[e]):.3f}" for e in ESTIMATORS))
+        figures = (f"{e.replace(' ', '_')}_rate_error={np.mean(errors[e]):.3f}" for e in ESTIMATORS)
+        print("summary: " + " ".join(figures))
 
 
 if __name__ == "__main__":
