@@ -33,7 +33,9 @@ dimensions, with symmetric 5-40% or pair 10-30% noise, and clean. `margin separa
 `default` of images (the margins' mixture when it separates, else `confident`); the engine's
 `default` on feature vectors is `confident` for every score. About 6 minutes
 on one core; the last line is `summary:` with each estimator's mean absolute error over all sets
-and its mean F1 over the noisy ones and over the CIFAR-10N ones.
+and its mean F1 over the noisy ones and over the CIFAR-10N ones. `--learning-rate R` trains
+every set at SGD rate R instead of the defaults (cycles from R down to R / 10), to see how far the
+estimates depend on how closely the network fits its data.
 """
 
 from __future__ import annotations
@@ -129,11 +131,13 @@ def calibrated_joint_rate(counts: np.ndarray, labels: np.ndarray) -> float:
     return float(1.0 - np.trace(joint) / max(joint.sum(), 1.0))
 
 
-def estimate_all(images: np.ndarray, labels: np.ndarray) -> tuple[dict[str, float], float, float]:
+def estimate_all(
+    images: np.ndarray, labels: np.ndarray, config: O2UConfig
+) -> tuple[dict[str, float], float, float]:
     """({estimator: rate}, separation D, seconds) of one default run."""
     started = time.perf_counter()
     report = o2u_engine.score_noise(
-        images, labels, config=O2UConfig(), num_classes=NUM_CLASSES, _trainer=RecordingTrainer
+        images, labels, config=config, num_classes=NUM_CLASSES, _trainer=RecordingTrainer
     )
     seconds = time.perf_counter() - started
     assert RecordingTrainer.last is not None
@@ -163,13 +167,13 @@ def suspect_f1(wrong: np.ndarray, scores: np.ndarray, rate: float) -> float:
 
 
 def estimate_features(
-    vectors: np.ndarray, labels: np.ndarray
+    vectors: np.ndarray, labels: np.ndarray, config: O2UConfig
 ) -> tuple[dict[str, float], np.ndarray, float, float]:
     """({estimator: rate}, the default ranking's scores, the loss mixture's D, seconds) of one
     default run on feature vectors."""
     started = time.perf_counter()
     report = o2u_engine.score_noise(
-        vectors, labels, config=O2UConfig(), num_classes=NUM_CLASSES, _trainer=RecordingTrainer
+        vectors, labels, config=config, num_classes=NUM_CLASSES, _trainer=RecordingTrainer
     )
     seconds = time.perf_counter() - started
     assert RecordingTrainer.last is not None
@@ -189,6 +193,18 @@ def estimate_features(
         "default": report.estimated_noise_rate,
     }
     return rates, report.noise_scores, separation(mixture) if mixture is not None else 0.0, seconds
+
+
+def training_config(learning_rate: float) -> O2UConfig:
+    """The engine's defaults, or with `learning_rate` > 0 those SGD rates instead (for comparisons:
+    how far the estimates depend on how closely the network fits its data)."""
+    if learning_rate <= 0:
+        return O2UConfig()
+    return O2UConfig(
+        pretrain_learning_rate=learning_rate,
+        cycle_max_learning_rate=learning_rate,
+        cycle_min_learning_rate=learning_rate / 10,
+    )
 
 
 def feature_sets(data_path: Path) -> list[Set]:
@@ -227,14 +243,14 @@ def feature_sets(data_path: Path) -> list[Set]:
     return sets
 
 
-def feature_main(data_path: Path) -> None:
+def feature_main(data_path: Path, config: O2UConfig) -> None:
     """`--features`: every estimator on each feature set's default run, with the suspected set's F1."""
     rows: list[list[object]] = []
     errors: dict[str, list[float]] = {name: [] for name in FEATURE_ESTIMATORS}
     f1s: dict[str, list[float]] = {name: [] for name in FEATURE_ESTIMATORS}
     real_f1s: dict[str, list[float]] = {name: [] for name in FEATURE_ESTIMATORS}
     for name, vectors, labels, wrong in feature_sets(data_path):
-        rates, scores, distance, seconds = estimate_features(vectors, labels)
+        rates, scores, distance, seconds = estimate_features(vectors, labels, config)
         true_rate = float(wrong.mean())
         cells: list[object] = [name, true_rate]
         for estimator in FEATURE_ESTIMATORS:
@@ -265,13 +281,22 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the cifar10n_10k.npz file")
     parser.add_argument("--features", action="store_true", help="feature vectors instead of images")
     parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=0.0,
+        help="SGD rate of stage 1 and of each cycle's start (its end: a tenth); 0: the engine's defaults",
+    )
     args = parser.parse_args()
     threads = set_threads(args.threads)
+    config = training_config(args.learning_rate)
+    rate = args.learning_rate
+    runs = f"one run at SGD rate {rate:g} (cycle end {rate / 10:g})" if rate > 0 else "one default run"
     if args.features:
-        print(f"torch threads: {threads}; one default run per feature set, every estimator on it", flush=True)
-        feature_main(args.data)
+        print(f"torch threads: {threads}; {runs} per feature set, every estimator on it", flush=True)
+        feature_main(args.data, config)
         return
-    print(f"torch threads: {threads}; one default run per set, every estimator on its statistics", flush=True)
+    print(f"torch threads: {threads}; {runs} per set, every estimator on its statistics", flush=True)
     sets: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
     if args.data.is_file():
         data = np.load(args.data)
@@ -292,7 +317,7 @@ def main() -> None:
     rows: list[list[object]] = []
     errors: dict[str, list[float]] = {name: [] for name in ESTIMATORS}
     for name, images, labels, wrong in sets:
-        rates, distance, seconds = estimate_all(images, labels)
+        rates, distance, seconds = estimate_all(images, labels, config)
         true_rate = float(wrong.mean())
         rows.append([name, true_rate, *(rates[e] for e in ESTIMATORS), distance, seconds])
         print("  " + "  ".join(f"{cell:.3f}" if isinstance(cell, float) else str(cell) for cell in rows[-1]))
