@@ -31,10 +31,7 @@ async def _aborting(request: bytes, context: Any) -> bytes:
 
 
 async def _raising(request: bytes, context: Any) -> bytes:
-    try:
-        raise FailedPrecondition("the job is not finished", reason="JOB_NOT_FINISHED")
-    finally:
-        await asyncio.sleep(0)
+    raise FailedPrecondition("the job is not finished", reason="JOB_NOT_FINISHED")
 
 
 async def _aborting_stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
