@@ -44,10 +44,6 @@ def _status_name(code: grpc.StatusCode | int | None) -> str:
     return next((status.name for status in grpc.StatusCode if status.value[0] == code), "UNKNOWN")
 
 
-def _code_name(context: Context) -> str:
-    return _status_name(context.code())
-
-
 class _Call:
     """Bookkeeping of one call: its method, start time and final code, counted once."""
 
@@ -62,7 +58,7 @@ class _Call:
         if self.counted:
             return
         self.counted = True
-        code = self.code or _code_name(context)
+        code = self.code or _status_name(context.code())
         self.metrics.grpc_requests.labels(method=self.method, code=code).inc()
         self.metrics.grpc_duration.labels(method=self.method).observe(time.perf_counter() - self.start)
 
