@@ -36,6 +36,7 @@ from o2u_server.domain import (
     JobEvent,
     JobSpec,
     JobState,
+    NoiseScoreRow,
     ScoreFilter,
     ScorePage,
 )
@@ -241,20 +242,7 @@ class JobManager:
     # -- results -------------------------------------------------------------------------------
 
     async def _succeeded(self, job_id: str) -> Job:
-        job = await self._owned(job_id)
-        if job.state is not JobState.SUCCEEDED:
-            detail = (
-                "it has not finished yet; watch it or retry after it succeeds"
-                if not job.finished
-                else "it did not succeed, so it has no results"
-            )
-            raise FailedPrecondition(
-                f"scoring job {job_id!r} is {job.state.value.upper()}: {detail}",
-                reason="JOB_NOT_FINISHED" if not job.finished else "JOB_NOT_SUCCEEDED",
-                resource_type="scoring_job",
-                resource_name=job_id,
-            )
-        return job
+        return _require_succeeded(await self._owned(job_id))
 
     async def list_scores(
         self, job_id: str, page_size: int, page_token: str, score_filter: ScoreFilter
@@ -266,14 +254,17 @@ class JobManager:
         )
         binding = PageTokens.binding("scores", job_id=job_id, **dataclasses.asdict(score_filter))
         position = tokens.parse(page_token, binding)
-        await self._succeeded(job_id)
-        total = (
-            position.total
-            if position
-            else await self._blocking(self._store.results.count, job_id, score_filter)
-        )
-        after = position.after if position else 0
-        rows = await self._blocking(self._store.results.page, job_id, score_filter, after, size + 1)
+        check_job_id(job_id)
+        caller = current_principal()
+
+        def read() -> tuple[int, list[NoiseScoreRow]]:
+            """The page in one trip to the worker threads: the job's check, the total, the rows."""
+            _require_succeeded(visible(self._store.get_job(job_id), caller))
+            results = self._store.results
+            total = position.total if position else results.count(job_id, score_filter)
+            return total, results.page(job_id, score_filter, position.after if position else 0, size + 1)
+
+        total, rows = await self._blocking(read)
         next_token = ""
         if len(rows) > size:
             next_token = tokens.issue(binding, PagePosition(after=rows[size - 1].rank, total=total))
@@ -308,3 +299,20 @@ class JobManager:
         return write_export(
             rows, destination_uri, export_format, self._storage, columns=EXPORT_COLUMNS, job=job
         )
+
+
+def _require_succeeded(job: Job) -> Job:
+    """`job` if it succeeded; FailedPrecondition, saying why it has no results yet, if not."""
+    if job.state is not JobState.SUCCEEDED:
+        detail = (
+            "it has not finished yet; watch it or retry after it succeeds"
+            if not job.finished
+            else "it did not succeed, so it has no results"
+        )
+        raise FailedPrecondition(
+            f"scoring job {job.job_id!r} is {job.state.value.upper()}: {detail}",
+            reason="JOB_NOT_FINISHED" if not job.finished else "JOB_NOT_SUCCEEDED",
+            resource_type="scoring_job",
+            resource_name=job.job_id,
+        )
+    return job

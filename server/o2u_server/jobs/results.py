@@ -9,10 +9,11 @@ SQLite, which runs in-process.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import functools
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, func, select
+from sqlalchemy import ColumnElement, Connection, Select, bindparam, func, select
 
 from o2u_server.domain import DatasetSummary, NoiseScoreRow, ScoreFilter, ScoreTuple
 from o2u_server.errors import NotFound
@@ -38,15 +39,48 @@ _COLUMNS = (
 _INSERT_BATCH = 10_000
 
 
-def _where(job_id: str, score_filter: ScoreFilter) -> list[ColumnElement[bool]]:
-    clauses: list[ColumnElement[bool]] = [scores.c.job_id == job_id]
+# The reads are built once per filter shape, with the values bound per call: on SQLite a statement
+# built per call costs as much again as the query (construction and its cache key).
+_NAMES = select(class_names.c.label, class_names.c.name).where(class_names.c.job_id == bindparam("job_id"))
+
+
+def _where(score_filter: ScoreFilter) -> list[ColumnElement[bool]]:
+    clauses: list[ColumnElement[bool]] = [scores.c.job_id == bindparam("job_id")]
     if score_filter.top_k > 0:
-        clauses.append(scores.c.rank <= score_filter.top_k)
+        clauses.append(scores.c.rank <= bindparam("top_k"))
     if score_filter.min_score is not None:
-        clauses.append(scores.c.score >= score_filter.min_score)
+        clauses.append(scores.c.score >= bindparam("min_score"))
     if score_filter.only_suspected:
         clauses.append(scores.c.suspected.is_(True))
     return clauses
+
+
+def _parameters(job_id: str, score_filter: ScoreFilter, **more: object) -> dict[str, object]:
+    return {"job_id": job_id, "top_k": score_filter.top_k, "min_score": score_filter.min_score, **more}
+
+
+def _shape(score_filter: ScoreFilter) -> ScoreFilter:
+    """The filter with placeholder values: one per set of clauses `_where` writes."""
+    return ScoreFilter(
+        top_k=1 if score_filter.top_k > 0 else 0,
+        min_score=None if score_filter.min_score is None else 0.0,
+        only_suspected=score_filter.only_suspected,
+    )
+
+
+@functools.cache
+def _page_query(shape: ScoreFilter) -> Select[Any]:
+    return (
+        select(*(scores.c[name] for name in _COLUMNS))
+        .where(*_where(shape), scores.c.rank > bindparam("after_rank"))
+        .order_by(scores.c.rank)
+        .limit(bindparam("limit"))
+    )
+
+
+@functools.cache
+def _count_query(shape: ScoreFilter) -> Select[Any]:
+    return select(func.count()).select_from(scores).where(*_where(shape))
 
 
 class ResultsStore:
@@ -95,51 +129,47 @@ class ResultsStore:
 
     @staticmethod
     def _names(conn: Connection, job_id: str) -> dict[int, str]:
-        rows = conn.execute(
-            select(class_names.c.label, class_names.c.name).where(class_names.c.job_id == job_id)
-        )
-        return {int(label): str(name) for label, name in rows}
+        return {int(label): str(name) for label, name in conn.execute(_NAMES, {"job_id": job_id})}
 
     @staticmethod
-    def _row(row: Mapping[Any, Any], names: dict[int, str]) -> NoiseScoreRow:
+    def _row(row: Sequence[Any], names: dict[int, str]) -> NoiseScoreRow:
+        """A row of `_COLUMNS`, read by position (a name lookup per field costs more than the query)."""
+        rank, sample_id, key, given, score, variance, probability, suspected, suggested, confidence = row
         return NoiseScoreRow(
-            sample_id=row["sample_id"],
-            key=row["key"],
-            given_label=row["given_label"],
-            score=row["score"],
-            score_variance=row["score_variance"],
-            rank=row["rank"],
-            noise_probability=row["noise_probability"],
-            suspected=bool(row["suspected"]),
-            suggested_label=row["suggested_label"],
-            suggested_label_confidence=row["suggested_label_confidence"],
-            given_label_name=names.get(row["given_label"], str(row["given_label"])),
-            suggested_label_name=names.get(row["suggested_label"], str(row["suggested_label"])),
+            sample_id,
+            key,
+            given,
+            score,
+            variance,
+            rank,
+            probability,
+            bool(suspected),
+            suggested,
+            confidence,
+            names.get(given, str(given)),
+            names.get(suggested, str(suggested)),
         )
 
     def page(
         self, job_id: str, score_filter: ScoreFilter, after_rank: int, limit: int
     ) -> list[NoiseScoreRow]:
-        query = (
-            select(*(scores.c[name] for name in _COLUMNS))
-            .where(*_where(job_id, score_filter), scores.c.rank > after_rank)
-            .order_by(scores.c.rank)
-            .limit(limit)
-        )
+        query = _page_query(_shape(score_filter))
+        parameters = _parameters(job_id, score_filter, after_rank=after_rank, limit=limit)
 
         def read() -> list[NoiseScoreRow]:
             with self._db.read() as conn:
                 names = self._names(conn, job_id)
-                return [self._row(row, names) for row in conn.execute(query).mappings()]
+                return [self._row(row, names) for row in conn.execute(query, parameters).all()]
 
         return self._db.retry(read)
 
     def count(self, job_id: str, score_filter: ScoreFilter) -> int:
-        query = select(func.count()).select_from(scores).where(*_where(job_id, score_filter))
+        query = _count_query(_shape(score_filter))
+        parameters = _parameters(job_id, score_filter)
 
         def read() -> int:
             with self._db.read() as conn:
-                return int(conn.execute(query).scalar_one())
+                return int(conn.execute(query, parameters).scalar_one())
 
         return self._db.retry(read)
 

@@ -13,9 +13,11 @@ blocking; the job manager calls them from worker threads, never the event loop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import URL, Connection, delete, func, select, update
+from sqlalchemy import URL, Connection, Select, bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from o2u_server.domain import TERMINAL_STATES, EventType, Job, JobEvent, JobSpec, JobState
@@ -33,6 +35,19 @@ from o2u_server.jobs.webhook_store import WebhookStore, job_attempts
 __all__ = ["JobStore", "Lease", "LeaseLost", "QueueStats", "Recovery"]
 
 QueueStats = tuple[int, float | None]  # queued jobs, create_time of the oldest (None when empty)
+
+
+@functools.cache
+def _listing(by_owner: bool, after_seq: bool, by_state: bool) -> Select[Any]:
+    """ListScoringJobs' query for one set of filters, built once (the values are bound per call)."""
+    query = select(jobs)
+    if by_owner:
+        query = query.where(jobs.c.owner == bindparam("owner"))
+    if after_seq:
+        query = query.where(jobs.c.seq < bindparam("after_seq"))
+    if by_state:
+        query = query.where(jobs.c.state == bindparam("state"))
+    return query.order_by(jobs.c.seq.desc()).limit(bindparam("limit"))
 
 
 class JobStore:
@@ -187,18 +202,13 @@ class JobStore:
     ) -> list[tuple[int, Job]]:
         """Jobs newest first, as (row number, job), strictly older than `after_seq` when given, only
         `owner`'s when given."""
-        query = select(jobs)
-        if owner is not None:
-            query = query.where(jobs.c.owner == owner)
-        if after_seq is not None:
-            query = query.where(jobs.c.seq < after_seq)
-        if state is not None:
-            query = query.where(jobs.c.state == state.value)
-        query = query.order_by(jobs.c.seq.desc()).limit(limit)
+        query = _listing(owner is not None, after_seq is not None, state is not None)
+        parameters = {"owner": owner, "after_seq": after_seq, "state": state.value if state else None}
 
         def read() -> list[tuple[int, Job]]:
             with self.db.read() as conn:
-                return [(row["seq"], records.job_from_row(row)) for row in conn.execute(query).mappings()]
+                rows = conn.execute(query, {**parameters, "limit": limit}).mappings()
+                return [(row["seq"], records.job_from_row(row)) for row in rows]
 
         return self.db.retry(read)
 

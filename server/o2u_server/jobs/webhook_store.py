@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, bindparam, select, update
 
 from o2u_server.domain import JobState, WebhookAttempt
 from o2u_server.jobs.database import Database
@@ -57,10 +57,17 @@ def _attempts(text: str) -> list[WebhookAttempt]:
     return [WebhookAttempt(**item) for item in json.loads(text)]
 
 
+_ATTEMPTS = (
+    select(_table.c.attempts_json)
+    .where(_table.c.job_id == bindparam("job_id"))
+    .order_by(_table.c.create_time)
+)
+
+
 def job_attempts(conn: Connection, job_id: str) -> tuple[WebhookAttempt, ...]:
     """Every delivery attempt of the job's webhook, oldest first."""
-    query = select(_table.c.attempts_json).where(_table.c.job_id == job_id).order_by(_table.c.create_time)
-    return tuple(attempt for (text,) in conn.execute(query) for attempt in _attempts(text))
+    rows = conn.execute(_ATTEMPTS, {"job_id": job_id})
+    return tuple(attempt for (text,) in rows for attempt in _attempts(text))
 
 
 @dataclass(frozen=True)

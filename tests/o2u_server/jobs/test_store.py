@@ -137,6 +137,24 @@ def test_score_pages_filters_and_counts(store: JobStore) -> None:
     )
 
 
+def test_score_reads_bind_each_calls_values_and_jobs(store: JobStore) -> None:
+    """The reads are built once per filter shape: each call's values and job must still be its own."""
+    for n in (1, 2):
+        store.create_job(job_id(n), JobSpec(f"file:///data/{n}.npz", None, {}), 1.0, max_queued=10)
+        lease, _, _ = claim(store)
+        store.claims.save_results(
+            lease, score_rows(10 * n), [f"x{n}", f"y{n}"], summary(job_id(n)), INFO, 3.0
+        )
+    results = store.results
+    assert [results.count(job_id(n), ScoreFilter(top_k=k)) for n in (1, 2) for k in (3, 15)] == [3, 10, 3, 15]
+    assert [results.count(job_id(2), ScoreFilter(min_score=m)) for m in (15.0, 5.0)] == [5, 15]
+    assert [len(results.page(job_id(2), ScoreFilter(), 0, limit)) for limit in (4, 9)] == [4, 9]
+    names = {row.given_label_name for row in results.page(job_id(2), ScoreFilter(), 0, 20)}
+    assert names == {"x2", "y2"}
+    assert [job.job_id for _, job in store.list_jobs(None, None, 1)] == [job_id(2)]
+    assert [job.job_id for _, job in store.list_jobs(None, None, 5)] == [job_id(2), job_id(1)]
+
+
 def test_many_scores_are_bulk_loaded_and_paged_by_rank(store: JobStore) -> None:
     store.create_job(job_id(1), SPEC, 1.0, max_queued=10)
     lease, _, _ = claim(store)
