@@ -5,7 +5,8 @@ GetScoringJob, ListScoringJobs and ListNoiseScores calls round-robin at `--rate`
 second (200) for `--duration` seconds (60), open loop: a call is started on schedule whether or not
 earlier ones returned, up to a bound on calls in flight (beyond it the call is counted as skipped).
 A separate channel checks health four times a second. It prints p50/p99 latency per method, error
-counts, and the server's RSS and open file descriptors at the start and end, then one `summary:`
+counts, the server's RSS and open file descriptors at the start and end, and how fast the job kept
+training while the calls ran (epochs and samples/s from its progress events), then one `summary:`
 line. Everything stays on loopback: without `--address` it starts its own server process on
 127.0.0.1 with a temporary state folder and the scikit-learn digits as the dataset; with `--address`
 (loopback only) it loads that server, and `--pid` names the process to measure.
@@ -73,6 +74,10 @@ class LoadReport:
     health_failures: int = 0
     jobs_submitted: int = 0
     usage: list[tuple[float, int, int]] = field(default_factory=list)  # (seconds, RSS bytes, open fds)
+    # The training job's epochs reported while the calls ran, (job id, sequence), each counted once
+    # however many streams saw it, and the samples/s each reported: whether the load slows the job.
+    epochs: set[tuple[str, int]] = field(default_factory=set)
+    epoch_rates: list[float] = field(default_factory=list)
 
     @property
     def rss_bytes(self) -> tuple[int, int]:
@@ -109,7 +114,19 @@ class LoadReport:
         )
         samples = ", ".join(f"{t:.0f}s {rss / mib:.0f} MiB {fds} fds" for t, rss, fds in self.usage)
         out.append(f"server samples: {samples}")
+        out.append(
+            f"training during the calls: {len(self.epochs)} epochs ({self.epochs_per_second:.1f}/s), "
+            f"median {self.median_samples_per_second:.0f} samples/s"
+        )
         return out
+
+    @property
+    def epochs_per_second(self) -> float:
+        return len(self.epochs) / max(self.duration_s, 1e-9)
+
+    @property
+    def median_samples_per_second(self) -> float:
+        return float(np.median(self.epoch_rates)) if self.epoch_rates else float("nan")
 
     def summary(self) -> str:
         p99 = " ".join(f"{name}={stats.percentile_ms(99):.1f}" for name, stats in self.unary.items())
@@ -119,7 +136,8 @@ class LoadReport:
             f"p99_ms({p99}) "
             f"watch_events={self.watch_events} health_failures={self.health_failures} "
             f"rss_mib={self.rss_bytes[0] / mib:.0f}->{self.rss_bytes[1] / mib:.0f} "
-            f"fds={self.open_fds[0]}->{self.open_fds[1]}"
+            f"fds={self.open_fds[0]}->{self.open_fds[1]} "
+            f"training_epochs_per_s={self.epochs_per_second:.1f}"
         )
 
 
@@ -170,6 +188,7 @@ class _Load:
         self.dataset_uri = dataset_uri
         self.report = LoadReport(unary={name: MethodStats() for name in METHODS})
         self.stop = asyncio.Event()
+        self.measuring = False  # while drive_unary runs
         self.finished_id = ""
         self.training: list[str] = []  # training jobs in submission order; the last one is current
 
@@ -206,10 +225,18 @@ class _Load:
                 async for response in self.watch_stub.WatchScoringJob(request):
                     self.report.watch_events += 1
                     last = response.event.sequence
+                    self._count_epoch(job_id, response.event)
             except grpc.aio.AioRpcError as error:
                 if not self.stop.is_set():
                     self.report.watch.error(_code(error))
                     await asyncio.sleep(0.1)
+
+    def _count_epoch(self, job_id: str, event: scoring_pb2.JobEvent) -> None:
+        rate, key = event.progress.samples_per_second, (job_id, event.sequence)
+        epoch = event.type == scoring_pb2.JOB_EVENT_TYPE_PROGRESS and rate > 0
+        if self.measuring and epoch and key not in self.report.epochs:
+            self.report.epochs.add(key)
+            self.report.epoch_rates.append(rate)
 
     async def check_health(self) -> None:
         while not self.stop.is_set():
@@ -250,6 +277,7 @@ class _Load:
         """Start calls on an open-loop schedule; return the seconds it ran."""
         in_flight: set[asyncio.Task[None]] = set()
         started = time.monotonic()
+        self.measuring = True
         index = 0
         while (now := time.monotonic()) < started + duration_s:
             due = started + index / rate
@@ -264,6 +292,7 @@ class _Load:
             index += 1
         if in_flight:
             await asyncio.wait(in_flight, timeout=CALL_TIMEOUT_S + 1)
+        self.measuring = False
         return time.monotonic() - started
 
 

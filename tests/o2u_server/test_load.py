@@ -26,4 +26,5 @@ def test_short_load_has_no_errors_and_health_answers_throughout(tmp_path: Path) 
     for name, stats in report.unary.items():
         assert len(stats.latencies_s) >= 0.5 * DURATION_S * 200 / 3, f"{name} fell far behind the schedule"
     assert report.watch_events > 0
+    assert report.epochs, "the job kept training while the calls ran"
     assert report.summary().startswith("summary: ")
