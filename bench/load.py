@@ -74,10 +74,9 @@ class LoadReport:
     health_failures: int = 0
     jobs_submitted: int = 0
     usage: list[tuple[float, int, int]] = field(default_factory=list)  # (seconds, RSS bytes, open fds)
-    # The training job's epochs reported while the calls ran, (job id, sequence), each counted once
-    # however many streams saw it, and the samples/s each reported: whether the load slows the job.
-    epochs: set[tuple[str, int]] = field(default_factory=set)
-    epoch_rates: list[float] = field(default_factory=list)
+    # The training job's epochs reported while the calls ran, by (job id, sequence) so each counts
+    # once however many streams saw it, with the samples/s each reported: whether the load slows it.
+    epochs: dict[tuple[str, int], float] = field(default_factory=dict)
 
     @property
     def rss_bytes(self) -> tuple[int, int]:
@@ -126,7 +125,7 @@ class LoadReport:
 
     @property
     def median_samples_per_second(self) -> float:
-        return float(np.median(self.epoch_rates)) if self.epoch_rates else float("nan")
+        return float(np.median(list(self.epochs.values()))) if self.epochs else float("nan")
 
     def summary(self) -> str:
         p99 = " ".join(f"{name}={stats.percentile_ms(99):.1f}" for name, stats in self.unary.items())
@@ -232,11 +231,9 @@ class _Load:
                     await asyncio.sleep(0.1)
 
     def _count_epoch(self, job_id: str, event: scoring_pb2.JobEvent) -> None:
-        rate, key = event.progress.samples_per_second, (job_id, event.sequence)
-        epoch = event.type == scoring_pb2.JOB_EVENT_TYPE_PROGRESS and rate > 0
-        if self.measuring and epoch and key not in self.report.epochs:
-            self.report.epochs.add(key)
-            self.report.epoch_rates.append(rate)
+        rate = event.progress.samples_per_second
+        if self.measuring and event.type == scoring_pb2.JOB_EVENT_TYPE_PROGRESS and rate > 0:
+            self.report.epochs[(job_id, event.sequence)] = rate
 
     async def check_health(self) -> None:
         while not self.stop.is_set():

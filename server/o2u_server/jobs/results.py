@@ -44,43 +44,40 @@ _INSERT_BATCH = 10_000
 _NAMES = select(class_names.c.label, class_names.c.name).where(class_names.c.job_id == bindparam("job_id"))
 
 
-def _where(score_filter: ScoreFilter) -> list[ColumnElement[bool]]:
+def _where(top_k: bool, min_score: bool, only_suspected: bool) -> list[ColumnElement[bool]]:
+    """The clauses of a score filter that sets those fields (the values are bound per call)."""
     clauses: list[ColumnElement[bool]] = [scores.c.job_id == bindparam("job_id")]
-    if score_filter.top_k > 0:
+    if top_k:
         clauses.append(scores.c.rank <= bindparam("top_k"))
-    if score_filter.min_score is not None:
+    if min_score:
         clauses.append(scores.c.score >= bindparam("min_score"))
-    if score_filter.only_suspected:
+    if only_suspected:
         clauses.append(scores.c.suspected.is_(True))
     return clauses
+
+
+def _shape(score_filter: ScoreFilter) -> tuple[bool, bool, bool]:
+    """Which of the filter's fields are set: one statement per combination."""
+    return score_filter.top_k > 0, score_filter.min_score is not None, score_filter.only_suspected
 
 
 def _parameters(job_id: str, score_filter: ScoreFilter, **more: object) -> dict[str, object]:
     return {"job_id": job_id, "top_k": score_filter.top_k, "min_score": score_filter.min_score, **more}
 
 
-def _shape(score_filter: ScoreFilter) -> ScoreFilter:
-    """The filter with placeholder values: one per set of clauses `_where` writes."""
-    return ScoreFilter(
-        top_k=1 if score_filter.top_k > 0 else 0,
-        min_score=None if score_filter.min_score is None else 0.0,
-        only_suspected=score_filter.only_suspected,
-    )
-
-
 @functools.cache
-def _page_query(shape: ScoreFilter) -> Select[Any]:
+def _page_query(top_k: bool, min_score: bool, only_suspected: bool) -> Select[Any]:
     return (
         select(*(scores.c[name] for name in _COLUMNS))
-        .where(*_where(shape), scores.c.rank > bindparam("after_rank"))
+        .where(*_where(top_k, min_score, only_suspected), scores.c.rank > bindparam("after_rank"))
         .order_by(scores.c.rank)
         .limit(bindparam("limit"))
     )
 
 
 @functools.cache
-def _count_query(shape: ScoreFilter) -> Select[Any]:
-    return select(func.count()).select_from(scores).where(*_where(shape))
+def _count_query(top_k: bool, min_score: bool, only_suspected: bool) -> Select[Any]:
+    return select(func.count()).select_from(scores).where(*_where(top_k, min_score, only_suspected))
 
 
 class ResultsStore:
@@ -153,7 +150,7 @@ class ResultsStore:
     def page(
         self, job_id: str, score_filter: ScoreFilter, after_rank: int, limit: int
     ) -> list[NoiseScoreRow]:
-        query = _page_query(_shape(score_filter))
+        query = _page_query(*_shape(score_filter))
         parameters = _parameters(job_id, score_filter, after_rank=after_rank, limit=limit)
 
         def read() -> list[NoiseScoreRow]:
@@ -164,7 +161,7 @@ class ResultsStore:
         return self._db.retry(read)
 
     def count(self, job_id: str, score_filter: ScoreFilter) -> int:
-        query = _count_query(_shape(score_filter))
+        query = _count_query(*_shape(score_filter))
         parameters = _parameters(job_id, score_filter)
 
         def read() -> int:
