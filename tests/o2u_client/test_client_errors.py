@@ -23,7 +23,7 @@ from o2u_client import (
     PermissionDeniedError,
     UnavailableError,
 )
-from tests.server_testing import SLOW_CONFIG, TINY_CONFIG
+from tests.server_testing import SLOW_CONFIG, TINY_CONFIG, RunningServer
 
 # A well-formed job id that no server ever issued.
 MISSING_JOB_ID = "job-" + "0" * 32
@@ -129,6 +129,75 @@ def test_unavailable_is_retried_only_for_safe_calls(free_port: int) -> None:
         with pytest.raises(UnavailableError):
             client.delete("job-x")
     assert counter.calls == {"GetScoringJob": 3, "DeleteScoringJob": 1}
+
+
+class _ResponseLost(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """What a caller sees when the connection drops after the server acted on the call."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "connection reset by peer"
+
+    def initial_metadata(self) -> tuple[()]:
+        return ()
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> None:
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return False
+
+    def result(self, timeout: float | None = None) -> Any:
+        raise self
+
+
+class _LoseFirstResponse(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Lets the first call of `method` reach the server and complete there, then loses its answer."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.calls = 0
+
+    def intercept_unary_unary(
+        self, continuation: Callable[[Any, Any], Any], client_call_details: Any, request: Any
+    ) -> Any:
+        outcome = continuation(client_call_details, request)
+        if str(client_call_details.method).endswith("/" + self.method):
+            self.calls += 1
+            if self.calls == 1:
+                outcome.result()  # the server has answered: the export is written
+                return _ResponseLost()
+        return outcome
+
+
+def test_a_retried_export_that_finds_its_own_file_says_so(
+    server: RunningServer, finished_job: Job, data_root: Path
+) -> None:
+    destination = data_root / "exports" / f"{uuid.uuid4().hex}.jsonl"
+    lose = _LoseFirstResponse("ExportNoiseScores")
+    with Client(server.address, timeout=20.0, retries=2, interceptors=[lose]) as client:
+        with pytest.raises(AlreadyExistsError) as caught:
+            client.export(finished_job.job_id, destination.as_uri())
+        assert lose.calls == 2
+        assert destination.stat().st_size > 0, "the first attempt wrote the export"
+        assert caught.value.reason == "DESTINATION_EXISTS"
+        assert "retried after UNAVAILABLE" in str(caught.value)
+        assert "export to a new name" in caught.value.message
+        # Without a retry, the same refusal carries only the server's message.
+        with pytest.raises(AlreadyExistsError) as again:
+            client.export(finished_job.job_id, destination.as_uri())
+        assert "retried" not in str(again.value)
 
 
 def test_error_without_a_known_class_is_an_o2u_error() -> None:

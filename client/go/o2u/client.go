@@ -216,7 +216,7 @@ func (c *Client) Summary(ctx context.Context, jobID string) (*o2uv1.DatasetSumma
 }
 
 // Export writes a finished job's scores to a new destinationURI (s3:// or file:// under one of
-// the server's export locations) as JSONL or CSV.
+// the server's export locations) as JSONL, CSV or Parquet, or its suspects as Label Studio tasks.
 func (c *Client) Export(ctx context.Context, req *o2uv1.ExportNoiseScoresRequest) (*o2uv1.ExportNoiseScoresResponse, error) {
 	callCtx, cancel := c.unary(ctx)
 	defer cancel()

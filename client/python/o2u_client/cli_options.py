@@ -114,8 +114,8 @@ CONFIG_OPTIONS = (
     ConfigOption(
         "augmentation",
         str,
-        "image augmentation: none (default), crop, or crop_flip (only for mirror-invariant classes: "
-        "a flip changes text, digits and arrows)",
+        "image augmentation: none, crop, or crop_flip (only for mirror-invariant classes: a flip "
+        "changes text, digits and arrows); default: none from 16 px, a crop for smaller images",
         choices=("none", "crop", "crop_flip"),
         enum_prefix="AUGMENTATION_",
         flag_name="augment",

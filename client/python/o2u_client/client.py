@@ -14,7 +14,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -30,7 +30,7 @@ from o2u_client.converters import (
     export_format,
     job_state,
 )
-from o2u_client.errors import O2UError, UnavailableError, error_from_rpc
+from o2u_client.errors import AlreadyExistsError, O2UError, UnavailableError, error_from_rpc
 from o2u_client.models import Event, Job, JobState
 from o2u_client.results import DatasetSummary, ExportResult, JobPage, NoiseScore, ScorePage
 from o2u_client.watching import WatchPolicy, watch_events
@@ -112,7 +112,10 @@ class Client:
         request: Request,
         *,
         idempotent: bool,
+        after_retry: Callable[[O2UError], None] | None = None,
     ) -> Response:
+        """One call, repeated after UNAVAILABLE when `idempotent`; `after_retry` sees (and may
+        amend) an error that ends a call that was retried."""
         attempt = 0
         while True:
             try:
@@ -126,6 +129,8 @@ class Client:
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc(rpc_error)
                 if not (idempotent and isinstance(error, UnavailableError) and attempt < self.retries):
+                    if attempt and after_retry is not None:
+                        after_retry(error)
                     raise error from None
             time.sleep(_backoff(attempt, error))
             attempt += 1
@@ -303,8 +308,11 @@ class Client:
             format=export_format(format),
             only_suspected=only_suspected,
         )
-        # Repeating an export rewrites the same object with the same rows, so it is safe to retry.
-        response = self._unary(self._stub.ExportNoiseScores, request, idempotent=True)
+        # An export never replaces an object, so a repeat after an UNAVAILABLE that cut off the
+        # response of an attempt that wrote it finds the destination taken: the error says so.
+        response = self._unary(
+            self._stub.ExportNoiseScores, request, idempotent=True, after_retry=_note_export_retried
+        )
         return ExportResult(response.destination_uri, response.rows_written, response.bytes_written)
 
     # -- health ------------------------------------------------------------------------------
@@ -327,3 +335,13 @@ def _backoff(attempt: int, error: O2UError) -> float:
     if error.retry_delay is not None:
         return min(error.retry_delay, 30.0)
     return min(5.0, 0.2 * 2.0**attempt) * random.uniform(0.5, 1.0)
+
+
+def _note_export_retried(error: O2UError) -> None:
+    """A retried export that finds its destination taken may have been the writer itself."""
+    if isinstance(error, AlreadyExistsError):
+        error.message += (
+            " (this export was retried after UNAVAILABLE, so an attempt whose response was lost may"
+            " have written it: check the object, or export to a new name)"
+        )
+        error.args = (error.message,)

@@ -569,7 +569,9 @@ class ScoringConfig(_message.Message):
     initial_weights_uri: _builtins.str
     """Optional initial model weights (a PyTorch state dict), `s3://` or `file://`."""
     augmentation: Global___Augmentation.ValueType
-    """How training images are augmented; unset: the server's default (none)."""
+    """How training images are augmented; unset: the server's default (none from 16 px, a crop for
+    smaller images; never a flip).
+    """
     score: Global___NoiseScoreKind.ValueType
     """The score that ranks the samples; unset: the server's default (aum for images, loss_margin for
     feature vectors).
@@ -996,7 +998,10 @@ class NoiseScore(_message.Message):
     given_label: _builtins.int
     given_label_name: _builtins.str
     score: _builtins.float
-    """Mean normalized loss over the cyclic epochs; higher means more likely mislabeled."""
+    """The value of the job's score kind (ScoringConfig.score: by default the negated mean margin over
+    the cyclic epochs for images, the mean of the loss and margin ranks for feature vectors);
+    higher means more likely mislabeled.
+    """
     score_variance: _builtins.float
     """Variance of the normalized loss over the cyclic epochs."""
     rank: _builtins.int

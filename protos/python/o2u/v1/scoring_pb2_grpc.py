@@ -149,8 +149,8 @@ class ScoringServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportNoiseScores(self, request, context):
-        """ExportNoiseScores writes a finished job's scores as JSONL or CSV to object storage or an
-        allowed local path.
+        """ExportNoiseScores writes a finished job's scores as JSONL, CSV or Parquet, or its suspects as
+        Label Studio review tasks, to object storage or an allowed local path.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -64,8 +64,8 @@ class ScoringServiceStub:
     GetDatasetSummary: _grpc.UnaryUnaryMultiCallable[_scoring_pb2.GetDatasetSummaryRequest, _scoring_pb2.GetDatasetSummaryResponse]
     """GetDatasetSummary returns the dataset-level health figures of a finished job."""
     ExportNoiseScores: _grpc.UnaryUnaryMultiCallable[_scoring_pb2.ExportNoiseScoresRequest, _scoring_pb2.ExportNoiseScoresResponse]
-    """ExportNoiseScores writes a finished job's scores as JSONL or CSV to object storage or an
-    allowed local path.
+    """ExportNoiseScores writes a finished job's scores as JSONL, CSV or Parquet, or its suspects as
+    Label Studio review tasks, to object storage or an allowed local path.
     """
 
 @_typing.type_check_only
@@ -98,8 +98,8 @@ class ScoringServiceAsyncStub(ScoringServiceStub):
     GetDatasetSummary: _aio.UnaryUnaryMultiCallable[_scoring_pb2.GetDatasetSummaryRequest, _scoring_pb2.GetDatasetSummaryResponse]  # type: ignore[assignment]
     """GetDatasetSummary returns the dataset-level health figures of a finished job."""
     ExportNoiseScores: _aio.UnaryUnaryMultiCallable[_scoring_pb2.ExportNoiseScoresRequest, _scoring_pb2.ExportNoiseScoresResponse]  # type: ignore[assignment]
-    """ExportNoiseScores writes a finished job's scores as JSONL or CSV to object storage or an
-    allowed local path.
+    """ExportNoiseScores writes a finished job's scores as JSONL, CSV or Parquet, or its suspects as
+    Label Studio review tasks, to object storage or an allowed local path.
     """
 
 class ScoringServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -183,8 +183,8 @@ class ScoringServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scoring_pb2.ExportNoiseScoresRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scoring_pb2.ExportNoiseScoresResponse, _abc.Awaitable[_scoring_pb2.ExportNoiseScoresResponse]]:
-        """ExportNoiseScores writes a finished job's scores as JSONL or CSV to object storage or an
-        allowed local path.
+        """ExportNoiseScores writes a finished job's scores as JSONL, CSV or Parquet, or its suspects as
+        Label Studio review tasks, to object storage or an allowed local path.
         """
 
 def add_ScoringServiceServicer_to_server(servicer: ScoringServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -988,7 +988,8 @@ type ScoringConfig struct {
 	ValidationFraction *float64 `protobuf:"fixed64,18,opt,name=validation_fraction,json=validationFraction,proto3,oneof" json:"validation_fraction,omitempty"`
 	// Optional initial model weights (a PyTorch state dict), `s3://` or `file://`.
 	InitialWeightsUri string `protobuf:"bytes,19,opt,name=initial_weights_uri,json=initialWeightsUri,proto3" json:"initial_weights_uri,omitempty"`
-	// How training images are augmented; unset: the server's default (none).
+	// How training images are augmented; unset: the server's default (none from 16 px, a crop for
+	// smaller images; never a flip).
 	Augmentation Augmentation `protobuf:"varint,20,opt,name=augmentation,proto3,enum=o2u.v1.Augmentation" json:"augmentation,omitempty"`
 	// The score that ranks the samples; unset: the server's default (aum for images, loss_margin for
 	// feature vectors).
@@ -1813,7 +1814,9 @@ type NoiseScore struct {
 	Key            string `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
 	GivenLabel     int32  `protobuf:"varint,3,opt,name=given_label,json=givenLabel,proto3" json:"given_label,omitempty"`
 	GivenLabelName string `protobuf:"bytes,4,opt,name=given_label_name,json=givenLabelName,proto3" json:"given_label_name,omitempty"`
-	// Mean normalized loss over the cyclic epochs; higher means more likely mislabeled.
+	// The value of the job's score kind (ScoringConfig.score: by default the negated mean margin over
+	// the cyclic epochs for images, the mean of the loss and margin ranks for feature vectors);
+	// higher means more likely mislabeled.
 	Score float64 `protobuf:"fixed64,5,opt,name=score,proto3" json:"score,omitempty"`
 	// Variance of the normalized loss over the cyclic epochs.
 	ScoreVariance float64 `protobuf:"fixed64,6,opt,name=score_variance,json=scoreVariance,proto3" json:"score_variance,omitempty"`

@@ -39,8 +39,8 @@ type ScoringServiceClient interface {
 	ListNoiseScores(ctx context.Context, in *ListNoiseScoresRequest, opts ...grpc.CallOption) (*ListNoiseScoresResponse, error)
 	// GetDatasetSummary returns the dataset-level health figures of a finished job.
 	GetDatasetSummary(ctx context.Context, in *GetDatasetSummaryRequest, opts ...grpc.CallOption) (*GetDatasetSummaryResponse, error)
-	// ExportNoiseScores writes a finished job's scores as JSONL or CSV to object storage or an
-	// allowed local path.
+	// ExportNoiseScores writes a finished job's scores as JSONL, CSV or Parquet, or its suspects as
+	// Label Studio review tasks, to object storage or an allowed local path.
 	ExportNoiseScores(ctx context.Context, in *ExportNoiseScoresRequest, opts ...grpc.CallOption) (*ExportNoiseScoresResponse, error)
 }
 
@@ -182,8 +182,8 @@ type ScoringServiceServer interface {
 	ListNoiseScores(context.Context, *ListNoiseScoresRequest) (*ListNoiseScoresResponse, error)
 	// GetDatasetSummary returns the dataset-level health figures of a finished job.
 	GetDatasetSummary(context.Context, *GetDatasetSummaryRequest) (*GetDatasetSummaryResponse, error)
-	// ExportNoiseScores writes a finished job's scores as JSONL or CSV to object storage or an
-	// allowed local path.
+	// ExportNoiseScores writes a finished job's scores as JSONL, CSV or Parquet, or its suspects as
+	// Label Studio review tasks, to object storage or an allowed local path.
 	ExportNoiseScores(context.Context, *ExportNoiseScoresRequest) (*ExportNoiseScoresResponse, error)
 	mustEmbedUnimplementedScoringServiceServer()
 }
