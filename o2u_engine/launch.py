@@ -1,8 +1,9 @@
 """`score_noise_workers`: `score_noise` over `world_size` worker processes of this machine.
 
 The calling process starts the workers (torch.multiprocessing, `spawn`: no state of the caller is
-inherited), which meet at a free loopback port (gloo on the CPU, NCCL with one GPU each from
-`first_gpu` on) and train as `distributed.DistributedTrainer`. The samples go to the workers
+inherited), which meet through a file store in a fresh temporary folder (no port to pick, so
+none another process can take between picking it and binding it; gloo on the CPU, NCCL with one
+GPU each from `first_gpu` on) and train as `distributed.DistributedTrainer`. The samples go to the workers
 through shared memory, not a copy each. The caller's thread stays in charge: it relays worker 0's
 progress events to `progress`, polls `should_cancel` every `POLL_SECONDS` and tells the workers
 (they agree to stop at the next batch), and watches the processes: a worker that exits without a
@@ -18,7 +19,7 @@ import ctypes
 import os
 import queue
 import signal
-import socket
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -54,7 +55,7 @@ class _WorkerJob:
     labels: torch.Tensor
     options: dict[str, Any]  # score_noise's keyword arguments, less device and callbacks
     world_size: int
-    port: int
+    rendezvous: str  # the file store's path, in a folder of this launch only
     gpu: int | None  # the first GPU, None on the CPU
     threads: int
     timeout_seconds: float
@@ -71,13 +72,6 @@ def _die_with_parent(parent: int) -> None:
         pass
     if os.getppid() != parent:
         os._exit(1)
-
-
-def free_port() -> int:
-    """A loopback TCP port free now, for the workers' rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def score_noise_workers(
@@ -107,23 +101,36 @@ def score_noise_workers(
             **options,
         )
     gpu = None if torch.device(device).type == "cpu" else (torch.device(device).index or 0)
-    job = _WorkerJob(
-        features=torch.as_tensor(np.asarray(features)).share_memory_(),  # type: ignore[no-untyped-call]
-        labels=torch.as_tensor(np.asarray(labels), dtype=torch.int64).share_memory_(),  # type: ignore[no-untyped-call]
-        options={"config": config, **options},
-        world_size=world_size,
-        port=free_port(),
-        gpu=gpu,
-        threads=max(1, available_cpu_count() // world_size),
-        timeout_seconds=collective_timeout_seconds,
-        parent=os.getpid(),
-    )
+    with tempfile.TemporaryDirectory(prefix="o2u-rendezvous-") as folder:
+        return _launch(
+            _WorkerJob(
+                features=torch.as_tensor(np.asarray(features)).share_memory_(),  # type: ignore[no-untyped-call]
+                labels=torch.as_tensor(np.asarray(labels), dtype=torch.int64).share_memory_(),  # type: ignore[no-untyped-call]
+                options={"config": config, **options},
+                world_size=world_size,
+                rendezvous=os.path.join(folder, "store"),
+                gpu=gpu,
+                threads=max(1, available_cpu_count() // world_size),
+                timeout_seconds=collective_timeout_seconds,
+                parent=os.getpid(),
+            ),
+            progress,
+            should_cancel,
+        )
+
+
+def _launch(
+    job: _WorkerJob,
+    progress: Callable[[ProgressEvent], None] | None,
+    should_cancel: Callable[[], bool] | None,
+) -> NoiseReport:
+    """Start `job.world_size` workers, supervise them to the report, and never leave one running."""
     context = mp.get_context("spawn")
     events = context.Queue()
     cancel = context.Event()
     processes = [
         context.Process(target=_worker, args=(rank, job, events, cancel), daemon=True)
-        for rank in range(world_size)
+        for rank in range(job.world_size)
     ]
     for process in processes:
         process.start()
@@ -209,7 +216,7 @@ def _worker(rank: int, job: _WorkerJob, events: Any, cancel: Any) -> None:
         torch.cuda.set_device(device)
     dist.init_process_group(
         "gloo" if job.gpu is None else "nccl",
-        init_method=f"tcp://127.0.0.1:{job.port}",
+        init_method=f"file://{job.rendezvous}",
         rank=rank,
         world_size=job.world_size,
         timeout=timedelta(seconds=job.timeout_seconds),

@@ -10,6 +10,7 @@ import itertools
 import multiprocessing
 import os
 import signal
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -97,14 +98,19 @@ def test_resume_gives_the_uninterrupted_scores(
     np.testing.assert_array_equal(resumed.noise_scores, whole.noise_scores)
 
 
-def test_a_killed_worker_fails_the_run(digits: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+def test_a_killed_worker_fails_the_run(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     images, labels, _ = digits
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the workers' file store goes
     events: list[int] = []
     killed: list[int] = []
+    stores: list[Path] = []
 
     def kill_worker_1_after_first_epoch() -> bool:  # polled by the caller's thread
         workers = multiprocessing.active_children()
         if events and not killed and len(workers) == 2:
+            stores.extend(tmp_path.glob("o2u-rendezvous-*/store"))
             killed.append(max(worker.pid for worker in workers if worker.pid is not None))
             os.kill(killed[0], signal.SIGKILL)
         return False
@@ -121,6 +127,8 @@ def test_a_killed_worker_fails_the_run(digits: tuple[np.ndarray, np.ndarray, np.
         )
     assert killed
     assert multiprocessing.active_children() == []
+    assert stores, "the workers met through a file store in a folder of their own"
+    assert list(tmp_path.glob("o2u-rendezvous-*")) == [], "the rendezvous store outlived the run"
 
 
 def _oom_on_worker_1(stage: str, batch_size: int) -> None:
