@@ -101,7 +101,15 @@ def score_noise_workers(
             **options,
         )
     gpu = None if torch.device(device).type == "cpu" else (torch.device(device).index or 0)
-    with tempfile.TemporaryDirectory(prefix="o2u-rendezvous-") as folder:
+    try:
+        rendezvous = tempfile.TemporaryDirectory(prefix="o2u-rendezvous-")
+    except OSError as error:  # a full or read-only temporary directory: no worker can start
+        raise WorkerFailed(
+            "could not create the training workers' rendezvous folder in the server's temporary "
+            f"directory: {error.strerror or error}; it must be writable (the chart mounts a volume "
+            "at /tmp)"
+        ) from error
+    with rendezvous as folder:
         return _launch(
             _WorkerJob(
                 features=torch.as_tensor(np.asarray(features)).share_memory_(),  # type: ignore[no-untyped-call]

@@ -131,6 +131,18 @@ def test_a_killed_worker_fails_the_run(
     assert list(tmp_path.glob("o2u-rendezvous-*")) == [], "the rendezvous store outlived the run"
 
 
+def test_an_unusable_temporary_directory_fails_the_run_clearly(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images, labels, _ = digits
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    with pytest.raises(
+        WorkerFailed, match=r"rendezvous folder .* No such file or directory; it must be writable"
+    ):
+        score_noise_workers(images, labels, world_size=2, config=CONFIG, num_classes=10)
+    assert multiprocessing.active_children() == []
+
+
 def _oom_on_worker_1(stage: str, batch_size: int) -> None:
     """A fault hook (run in the workers): worker 1 alone runs out of memory at stage 2's batch size."""
     if dist.get_rank() == 1 and stage == "cyclic" and batch_size > CONFIG_OOM_BATCH // 2:
