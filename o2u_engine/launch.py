@@ -1,16 +1,16 @@
 """`score_noise_workers`: `score_noise` over `world_size` worker processes of this machine.
 
 The calling process starts the workers (torch.multiprocessing, `spawn`: no state of the caller is
-inherited), which meet through a file store in a fresh temporary folder (no port to pick, so
-none another process can take between picking it and binding it; gloo on the CPU, NCCL with one
-GPU each from `first_gpu` on) and train as `distributed.DistributedTrainer`. The samples go to the workers
+inherited), which meet through a file store in a fresh temporary folder rather than at a port picked
+in advance, which another process could take first (gloo on the CPU, NCCL with one GPU each from
+`first_gpu` on), and train as `distributed.DistributedTrainer`. The samples go to the workers
 through shared memory, not a copy each. The caller's thread stays in charge: it relays worker 0's
 progress events to `progress`, polls `should_cancel` every `POLL_SECONDS` and tells the workers
 (they agree to stop at the next batch), and watches the processes: a worker that exits without a
 result stops the others and raises `WorkerFailed`, whatever the others were waiting for. Engine
 errors raised in the workers (Cancelled, ConfigError, TrainingDiverged, DeviceOutOfMemory,
-DataValidationError) are raised again in the caller with their message and field. With
-`world_size` 1 it is `score_noise` in the calling process.
+DataValidationError) are raised again in the caller with their message and field. With `world_size`
+1 it is `score_noise` in the calling process.
 """
 
 from __future__ import annotations
