@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-import queue
 import signal
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from multiprocessing import connection as mp_connection
 from typing import Any
 
 import numpy as np
@@ -60,6 +60,20 @@ class _WorkerJob:
     threads: int
     timeout_seconds: float
     parent: int  # the caller's process id
+
+
+def shared_tensor(values: np.ndarray | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`values` as a tensor in shared memory, for child processes to read without a copy each;
+    WorkerFailed naming the cause when shared memory (/dev/shm) cannot hold it."""
+    tensor = torch.as_tensor(np.asarray(values), dtype=dtype)
+    try:
+        return tensor.share_memory_()  # type: ignore[no-untyped-call,no-any-return]
+    except RuntimeError as error:
+        raise WorkerFailed(
+            f"could not place {tensor.nbytes:,} bytes of samples in shared memory (/dev/shm) for the "
+            f"training processes: {error}; it must hold the largest decoded dataset (the chart's "
+            "shm.sizeLimit)"
+        ) from error
 
 
 def _die_with_parent(parent: int) -> None:
@@ -112,8 +126,8 @@ def score_noise_workers(
     with rendezvous as folder:
         return _launch(
             _WorkerJob(
-                features=torch.as_tensor(np.asarray(features)).share_memory_(),  # type: ignore[no-untyped-call]
-                labels=torch.as_tensor(np.asarray(labels), dtype=torch.int64).share_memory_(),  # type: ignore[no-untyped-call]
+                features=shared_tensor(features),
+                labels=shared_tensor(labels, torch.int64),
                 options={"config": config, **options},
                 world_size=world_size,
                 rendezvous=os.path.join(folder, "store"),
@@ -134,60 +148,67 @@ def _launch(
 ) -> NoiseReport:
     """Start `job.world_size` workers, supervise them to the report, and never leave one running."""
     context = mp.get_context("spawn")
-    events = context.Queue()
     cancel = context.Event()
+    # A one-way pipe per worker whose writing end only that worker holds once it has started: if it
+    # dies, even in the middle of a message, reading here ends (EOFError) instead of waiting forever.
+    pipes = [context.Pipe(duplex=False) for _ in range(job.world_size)]
     processes = [
-        context.Process(target=_worker, args=(rank, job, events, cancel), daemon=True)
+        context.Process(target=_worker, args=(rank, job, pipes[rank][1], cancel), daemon=True)
         for rank in range(job.world_size)
     ]
-    for process in processes:
+    for process, (_, writer) in zip(processes, pipes, strict=True):
         process.start()
+        writer.close()
+    readers = [reader for reader, _ in pipes]
     try:
-        return _supervise(processes, events, cancel, progress, should_cancel)
+        return _supervise(processes, readers, cancel, progress, should_cancel)
     finally:
+        cancel.set()  # a caller that stopped listening (its progress callback raised) stops them too
         for process in processes:
             process.join(EXIT_GRACE_SECONDS)
             if process.is_alive():
                 process.kill()
                 process.join()
+        for reader in readers:
+            reader.close()
 
 
 def _supervise(
     processes: list[Any],
-    events: Any,
+    readers: list[Any],
     cancel: Any,
     progress: Callable[[ProgressEvent], None] | None,
     should_cancel: Callable[[], bool] | None,
 ) -> NoiseReport:
     """Relay events until worker 0's report or the first error; raise for a worker that died."""
+    open_readers = list(readers)
     while True:
         if should_cancel is not None and should_cancel():
             cancel.set()
-        try:
-            kind, payload = events.get(timeout=POLL_SECONDS)
-        except queue.Empty:
+        ready: list[Any] = mp_connection.wait(open_readers, timeout=POLL_SECONDS) if open_readers else []
+        if not ready:
+            if not open_readers:  # every worker closed its pipe without a report
+                for process in processes:
+                    process.join(EXIT_GRACE_SECONDS)
+                _check_alive(processes)
+                raise WorkerFailed("the training workers exited without a result")
             _check_alive(processes)
-            if all(process.exitcode == 0 for process in processes):
-                kind, payload = _last_event(events)
-            else:
+            continue
+        for reader in ready:
+            try:
+                kind, payload = reader.recv()
+            except (EOFError, OSError):  # this worker exited: _check_alive tells how
+                open_readers.remove(reader)
                 continue
-        if kind == "progress" and progress is not None:
-            progress(payload)
-        elif kind == "report":
-            return payload  # type: ignore[no-any-return]
-        elif kind == "error":
-            for process in processes:  # a worker that died is the cause, not the others' timeouts
-                process.join(EXIT_GRACE_SECONDS)
-            _check_alive(processes)
-            raise _error(*payload)
-
-
-def _last_event(events: Any) -> tuple[str, Any]:
-    """What the workers left in the queue after all of them exited cleanly."""
-    try:
-        return events.get(timeout=EXIT_GRACE_SECONDS)  # type: ignore[no-any-return]
-    except queue.Empty:
-        raise WorkerFailed("the training workers exited without a result") from None
+            if kind == "progress" and progress is not None:
+                progress(payload)
+            elif kind == "report":
+                return payload  # type: ignore[no-any-return]
+            elif kind == "error":
+                for process in processes:  # a worker that died is the cause, not the others' timeouts
+                    process.join(EXIT_GRACE_SECONDS)
+                _check_alive(processes)
+                raise _error(*payload)
 
 
 def _check_alive(processes: list[Any]) -> None:
@@ -214,7 +235,8 @@ def _error(name: str, message: str, field: str | None) -> Exception:
 
 
 def _worker(rank: int, job: _WorkerJob, events: Any, cancel: Any) -> None:
-    """One worker: join the group, train its shards, and report (worker 0) or fail."""
+    """One worker: join the group, train its shards, and report (worker 0) or fail; `events` is
+    the writing end of this worker's pipe to the caller."""
     from o2u_engine.distributed import DistributedTrainer  # after spawn: torch is imported here
 
     _die_with_parent(job.parent)
@@ -234,14 +256,14 @@ def _worker(rank: int, job: _WorkerJob, events: Any, cancel: Any) -> None:
             job.features,
             job.labels,
             device=device,
-            progress=(lambda event: events.put(("progress", event))) if rank == 0 else None,
+            progress=(lambda event: events.send(("progress", event))) if rank == 0 else None,
             should_cancel=cancel.is_set,
             _trainer=DistributedTrainer,
             **job.options,
         )
         if rank == 0:
-            events.put(("report", report))
+            events.send(("report", report))
     except Exception as error:
-        events.put(("error", (type(error).__name__, str(error), getattr(error, "field", None))))
+        events.send(("error", (type(error).__name__, str(error), getattr(error, "field", None))))
     finally:
         dist.destroy_process_group()

@@ -10,8 +10,10 @@ import itertools
 import multiprocessing
 import os
 import signal
+import struct
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ from sklearn.metrics import roc_auc_score
 
 from o2u_engine import Cancelled, ConfigError, O2UConfig
 from o2u_engine.distributed import shard_bounds
-from o2u_engine.launch import WorkerFailed, score_noise_workers
+from o2u_engine.launch import WorkerFailed, _supervise, score_noise_workers
 from tests.o2u_engine.engine_testing import flip_labels
 
 CONFIG = O2UConfig(seed=0, model="small_cnn", pretrain_epochs=2, cycle_length_epochs=2, num_cycles=1)
@@ -129,6 +131,26 @@ def test_a_killed_worker_fails_the_run(
     assert multiprocessing.active_children() == []
     assert stores, "the workers met through a file store in a folder of their own"
     assert list(tmp_path.glob("o2u-rendezvous-*")) == [], "the rendezvous store outlived the run"
+
+
+def _die_in_the_middle_of_a_message(writer: Any) -> None:
+    """A worker killed while it sends: the length of a 1 MB message, 10 bytes of it, then SIGKILL."""
+    os.write(writer.fileno(), struct.pack("!i", 1_000_000) + b"0123456789")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_killed_in_the_middle_of_a_message_fails_the_run_instead_of_hanging_it() -> None:
+    context = multiprocessing.get_context("spawn")
+    reader, writer = context.Pipe(duplex=False)
+    worker = context.Process(target=_die_in_the_middle_of_a_message, args=(writer,), daemon=True)
+    worker.start()
+    writer.close()
+    try:
+        with pytest.raises(WorkerFailed, match="training worker 0 of 1 was killed by signal 9"):
+            _supervise([worker], [reader], context.Event(), None, None)
+    finally:
+        worker.join()
+        reader.close()
 
 
 def test_an_unusable_temporary_directory_fails_the_run_clearly(
