@@ -24,6 +24,9 @@ Public API:
 - Data-parallel training: `o2u_engine.launch.score_noise_workers(features, labels, world_size=,
   device=, ...)` runs `score_noise` on `world_size` torch.distributed workers (gloo on the CPU,
   NCCL on GPUs; `o2u_engine.distributed` states the rule) and raises `WorkerFailed` when one dies.
+- Training in child processes: `o2u_engine.process.TrainingProcesses().score_noise(features,
+  labels, device=, ...)` runs the same call in a long-lived child process kept per device (the same
+  report; `WorkerFailed` when the child dies, `TrainingError` for an exception not the engine's).
 - Utilities: `configure_cpu_threads()` (call it once in a CPU service), `cyclic_lr`, `build_model`,
   `prepare_images`, `prepare_features`.
 

@@ -78,7 +78,12 @@ def shared_tensor(values: np.ndarray | torch.Tensor, dtype: torch.dtype | None =
 
 def _die_with_parent(parent: int) -> None:
     """Have the kernel SIGKILL this worker when the caller exits (Linux), so a crashed caller
-    leaves no training behind; exit at once if it is already gone."""
+    leaves no training behind; exit at once if it is already gone. SIGINT and SIGTERM are left to
+    the caller, which stops its workers through `cancel` once it has decided to (a Ctrl-C in a
+    terminal reaches the whole process group, and must not kill a worker before the caller has
+    asked it to checkpoint)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

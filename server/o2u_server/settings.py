@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     (default all visible ones), worker processes on the CPU (default 1; more runs gloo workers)."""
     max_concurrent_jobs: int | None = Field(default=None, ge=1)
     """Jobs trained at once; default one per group of gpus_per_job visible GPUs, or 1 on a CPU."""
+    training_isolation: Literal["thread", "process"] = "thread"
+    """Where a one-worker job trains: `thread`, in the worker slot's thread of the server process, or
+    `process`, in a long-lived training process per worker slot, started with the server: training
+    then never waits for the interpreter lock the RPCs hold, and a crash in training (a device
+    fault, the kernel's OOM killer) ends only that attempt, which resumes from its checkpoint. Each
+    job's samples are then copied to shared memory (/dev/shm) while it trains. Data-parallel jobs
+    (gpus_per_job > 1) always train in worker processes."""
     cpu_threads: int | None = Field(default=None, ge=1)
     """Torch threads for training on the CPU; default one per CPU this process may use (affinity and
     cgroup quota). On a host whose cores are busy with other work, 1 is often several times faster."""
@@ -109,9 +116,9 @@ class Settings(BaseSettings):
     requested stop always checkpoint. A crash repeats at most this much training."""
     max_job_attempts: int = Field(default=3, ge=1)
     """A job is marked FAILED instead of resumed once the server running it crashed (or, with
-    replicas, stopped renewing its lease; or one of its data-parallel workers died) this many times
-    in a row without the job getting further in training than before (a crash after which the job
-    trained past its earlier furthest epoch does not count)."""
+    replicas, stopped renewing its lease; or one of its data-parallel workers or its training
+    process died) this many times in a row without the job getting further in training than
+    before (a crash after which the job trained past its earlier furthest epoch does not count)."""
     export_uris: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Where ExportNoiseScores may write: `file:///folder` or `s3://bucket/prefix` locations; empty
     disables exports. Existing files and objects are never replaced."""

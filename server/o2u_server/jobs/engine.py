@@ -13,8 +13,8 @@ translated here, so the rest of the server speaks only its own domain types.
   training and again, with the report's own figures, when it succeeds); `job_results` turns the
   NoiseReport into the ranked score rows, dataset summary and RunInfo the store keeps.
 - Errors: `service_error` maps the engine's exceptions to service errors; `Cancelled` is the one
-  the runner catches, and `WorkerFailed` (a data-parallel worker died or timed out) the one it
-  retries.
+  the runner catches, and `WorkerFailed` (a data-parallel worker or the training process died or
+  timed out) the one it retries.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from o2u_engine import (
 from o2u_engine.accuracy import AccuracyEstimate, label_accuracy, per_class_label_accuracy
 from o2u_engine.config import validate_config
 from o2u_engine.launch import WorkerFailed, score_noise_workers
+from o2u_engine.process import TrainingError, TrainingProcesses
 from o2u_engine.validate import MIN_SAMPLES
 from o2u_server.datasets import LoadedDataset
 from o2u_server.domain import (
@@ -65,6 +66,7 @@ __all__ = [
     "Cancelled",
     "Engine",
     "JobResults",
+    "TrainingProcesses",
     "WorkerFailed",
     "engine_config",
     "job_results",
@@ -123,6 +125,17 @@ class Engine:
     score_noise: Callable[..., o2u_engine.NoiseReport] = o2u_engine.score_noise
     resolve_config: Callable[..., ResolvedConfig] = o2u_engine.resolve_config
     world_size: int = 1  # workers that train one job (`jobs.workers`)
+    processes: TrainingProcesses | None = None  # the training processes score_noise runs in, if any
+
+    def start(self, devices: Sequence[str]) -> None:
+        """Before the first job: start a training process per worker slot (they import torch meanwhile)."""
+        if self.processes is not None:
+            self.processes.start(devices)
+
+    def close(self) -> None:
+        """After the last job: stop the idle training processes."""
+        if self.processes is not None:
+            self.processes.close()
 
     def resolve(
         self, requested: Mapping[str, Any], dataset: LoadedDataset, device: str, *, uri: str = "the dataset"
@@ -213,6 +226,8 @@ def service_error(exc: Exception) -> ServiceError:
         return InvalidArgument(str(exc), reason="INVALID_DATASET", field="dataset")
     if isinstance(exc, ConfigError):
         return InvalidArgument(str(exc), reason="INVALID_CONFIG", field="config")
+    if isinstance(exc, TrainingError):  # raised in the training process: the message names its type
+        return Internal(f"internal error: {exc}", reason="INTERNAL")
     return Internal(f"internal error: {type(exc).__name__}: {exc}", reason="INTERNAL")
 
 

@@ -10,8 +10,8 @@ lease: when one is refused (`LeaseLost`), or the lease keeper finds the lease go
 without touching the job again, since another replica owns it now. A job's failure is recorded as
 its FAILED state (the message never shows the server's own folders), so it cannot take a worker or
 another job down. A stopped attempt is CANCELLED (a cancel) or released to the queue with its last
-checkpoint (the server is stopping); one whose data-parallel worker died goes back to the queue
-the same way, counted as a crash of the attempt (`jobs.crashes`). On a full state volume or
+checkpoint (the server is stopping); one whose data-parallel worker or training process died goes
+back to the queue the same way, counted as a crash of the attempt (`jobs.crashes`). On a full state volume or
 database progress events are skipped and state changes wait for room (`jobs.state_volume`); events
 reach watchers through `EventHub.publish_threadsafe` once the store has committed them.
 """
@@ -148,8 +148,9 @@ class Execution:
         self.finished(job, event)
 
     def _worker_failed(self, job: Job, control: Attempt, failure: WorkerFailed) -> None:
-        """A data-parallel worker died or timed out: requeue the job to resume from its checkpoint,
-        unless such failures keep ending it at the same point (`jobs.crashes`)."""
+        """A data-parallel worker or the training process died or timed out: requeue the job to
+        resume from its checkpoint, unless such failures keep ending it at the same point
+        (`jobs.crashes`)."""
         lease = control.lease
         if control.lost.is_set():
             raise LeaseLost(lease)

@@ -5,7 +5,9 @@ whichever replica accepted it; an idle worker waits until a job is submitted her
 announces one (`jobs.notifications`) or a third of the lease has passed. A worker claims nothing
 while the local state volume is below `min_free_state_bytes` (`jobs.state_volume`): a replica with
 room takes the job instead. The claimed attempt runs on the worker's thread, so training never
-blocks the event loop (`jobs.execution`: load, train, rank, store, every write fenced by the lease).
+blocks the event loop (`jobs.execution`: load, train, rank, store, every write fenced by the lease;
+with `training_isolation: process` the training itself runs in the slot's training process,
+started and stopped with the runner).
 The lease keeper (`jobs.leases`) renews the leases, passes on cancels and requeues the jobs whose
 lease expired anywhere. Stopping the runner (server shutdown) asks running jobs to stop at the next
 batch or read chunk; they go back to QUEUED with their last epoch checkpoint (uploaded first, with
@@ -67,6 +69,7 @@ class JobRunner:
         self._wakeups = 0  # bumped by wake(): idle workers look for a job again
         self._threads: list[threading.Thread] = []
         self._closing = threading.Event()
+        self._engine = engine or job_engine(settings)
         self._execution = Execution(
             settings=settings,
             store=store,
@@ -76,7 +79,7 @@ class JobRunner:
             metrics=metrics,
             hub=hub,
             server_version=server_version,
-            engine=engine or job_engine(settings),
+            engine=self._engine,
             closing=self._closing,
         )
         self._keeper = LeaseKeeper(
@@ -92,6 +95,7 @@ class JobRunner:
     def start(self) -> None:
         """Start the workers (they claim queued jobs, oldest first) and the lease keeper."""
         self._metrics.worker_slots.set(len(self._devices))
+        self._engine.start(self._devices)
         for index, device in enumerate(self._devices):
             thread = threading.Thread(
                 target=self._work, args=(device,), name=f"o2u-worker-{index}", daemon=True
@@ -124,6 +128,7 @@ class JobRunner:
         stopped = not any(thread.is_alive() for thread in self._threads)
         if stopped:
             self._keeper.stop()  # else it keeps renewing the leases of the attempts still running
+        self._engine.close()  # the idle training processes; one still running stops when its call ends
         return stopped
 
     # -- worker threads ---------------------------------------------------------------------------

@@ -17,6 +17,12 @@ to the queue to resume from its last checkpoint, counted as a crash of the attem
 FAILED with TRAINING_WORKER_FAILED after `max_job_attempts` such failures without progress); the
 workers die with the server (they ask the kernel for SIGKILL when their parent exits), so a
 crashed server leaves no training behind and its job resumes from the checkpoint elsewhere.
+
+With one worker and `O2U_TRAINING_ISOLATION=process` the attempt calls
+`o2u_engine.process.TrainingProcesses.score_noise`: the same call in a long-lived child process
+kept per device (one per worker slot, started with the runner), with the same relaying, checkpoint
+and failure handling; a child that dies fails the attempt as a dead worker does and the next
+attempt starts a fresh one.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from functools import partial
 
 import torch
 
-from o2u_server.jobs.engine import Engine, score_noise_workers
+from o2u_server.jobs.engine import Engine, TrainingProcesses, score_noise_workers
 from o2u_server.settings import Settings
 
 __all__ = ["COLLECTIVE_TIMEOUT_SECONDS", "job_engine", "slot_devices", "world_size"]
@@ -57,8 +63,12 @@ def slot_devices(settings: Settings) -> list[str]:
 
 
 def job_engine(settings: Settings) -> Engine:
-    """The engine an attempt calls: in-process for one worker, worker processes for more."""
+    """The engine an attempt calls: for one worker in the attempt's thread, or in the slot's
+    training process (`training_isolation`); worker processes for more."""
     workers = world_size(settings)
+    if workers == 1 and settings.training_isolation == "process":
+        processes = TrainingProcesses()
+        return Engine(score_noise=processes.score_noise, processes=processes)
     if workers == 1:
         return Engine()
     run = partial(

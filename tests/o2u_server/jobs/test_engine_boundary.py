@@ -11,6 +11,7 @@ import pytest
 
 import o2u_engine
 from o2u_engine import ConfigError, DataValidationError, DeviceOutOfMemory, O2UConfig
+from o2u_engine.process import TrainingError
 from o2u_server.datasets import LoadedDataset
 from o2u_server.domain import Progress, Stage
 from o2u_server.errors import Code, Internal, InvalidArgument, NotFound
@@ -91,6 +92,9 @@ def test_engine_errors_become_service_errors() -> None:
     unexpected = service_error(KeyError("x"))
     assert isinstance(unexpected, Internal)
     assert "KeyError" in unexpected.message
+    # the same error raised in a training process reads as it does from the server's thread
+    remote = service_error(TrainingError("KeyError: 'x'"))
+    assert (remote.code, remote.reason, remote.message) == (Code.INTERNAL, "INTERNAL", unexpected.message)
 
 
 def test_enum_fields_become_the_engine_values_and_the_legacy_switch_means_a_crop() -> None:

@@ -1,0 +1,163 @@
+"""`score_noise` in long-lived training processes (o2u_engine.process): the report of the calling
+process score for score, one process serving call after call, engine errors raised again in the
+caller with the process kept, and a process that dies or is abandoned replaced by a fresh one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from o2u_engine import Cancelled, DataValidationError, O2UConfig, ProgressEvent, score_noise
+from o2u_engine.launch import WorkerFailed, shared_tensor
+from o2u_engine.process import TrainingError, TrainingProcesses
+from tests.o2u_engine.engine_testing import flip_labels
+
+SHORT = O2UConfig(seed=2, pretrain_epochs=2, cycle_length_epochs=2, num_cycles=2)
+LONG = O2UConfig(seed=2, pretrain_epochs=2, cycle_length_epochs=2, num_cycles=200)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    features, labels = load_digits(return_X_y=True)
+    noisy = flip_labels(labels.astype(np.int64), 10, 0.2, seed=0)
+    return (features / 16.0).astype(np.float32), noisy
+
+
+@pytest.fixture
+def processes() -> Iterator[TrainingProcesses]:
+    pool = TrainingProcesses(threads=1)
+    pool.start(["cpu"])
+    yield pool
+    pool.close()
+
+
+def test_a_call_returns_the_report_of_the_calling_process(
+    processes: TrainingProcesses, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    features, labels = digits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here: list[ProgressEvent] = []
+        expected = score_noise(features, labels, config=SHORT, progress=here.append)
+    finally:
+        torch.set_num_threads(threads)
+    (started,) = processes.pids()
+    for _ in range(2):
+        there: list[ProgressEvent] = []
+        report = processes.score_noise(features, labels, config=SHORT, progress=there.append)
+        np.testing.assert_array_equal(report.noise_scores, expected.noise_scores)
+        np.testing.assert_array_equal(report.suggested_labels, expected.suggested_labels)
+        assert report.estimated_noise_rate == expected.estimated_noise_rate
+        assert [(e.stage, e.epoch) for e in there] == [(e.stage, e.epoch) for e in here]
+        assert processes.pids() == [started]  # the same process serves every call
+
+
+def test_engine_errors_come_back_as_themselves_and_keep_the_process(
+    processes: TrainingProcesses, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    features, labels = digits
+    (started,) = processes.pids()
+    with pytest.raises(Cancelled):
+        processes.score_noise(features, labels, config=LONG, should_cancel=lambda: True)
+    bad = labels.copy()
+    bad[7] = 99
+    with pytest.raises(DataValidationError) as invalid:
+        processes.score_noise(features, bad, config=SHORT, num_classes=10)
+    assert (invalid.value.field, invalid.value.index) == ("labels", 7)
+    with pytest.raises(TrainingError, match=r"^TypeError: .*unexpected keyword argument 'bogus'"):
+        processes.score_noise(features, labels, config=SHORT, bogus=1)
+    assert processes.pids() == [started]
+    processes.score_noise(features, labels, config=SHORT)
+    assert processes.pids() == [started]
+
+
+def test_interrupts_are_left_to_the_caller(
+    processes: TrainingProcesses, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """A Ctrl-C reaches the whole process group: the training process leaves it to the caller."""
+    features, labels = digits
+    processes.score_noise(features, labels, config=SHORT)  # the process is up and serving
+    (started,) = processes.pids()
+    os.kill(started, signal.SIGINT)
+    os.kill(started, signal.SIGTERM)
+    processes.score_noise(features, labels, config=SHORT)
+    assert processes.pids() == [started]
+
+
+def test_a_killed_process_fails_the_call_and_the_next_call_gets_a_fresh_one(
+    processes: TrainingProcesses, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    features, labels = digits
+    (started,) = processes.pids()
+
+    def kill_after_an_epoch(event: ProgressEvent) -> None:
+        if event.stage == "cyclic":
+            os.kill(started, signal.SIGKILL)
+
+    killed = "the training process was killed by signal 9 before the run ended"
+    with pytest.raises(WorkerFailed, match=killed):
+        processes.score_noise(features, labels, config=LONG, progress=kill_after_an_epoch)
+    assert processes.pids() == []
+    processes.score_noise(features, labels, config=SHORT)
+    (fresh,) = processes.pids()
+    assert fresh != started
+
+
+class _LeaseGone(Exception):
+    pass
+
+
+def test_a_caller_that_stops_listening_stops_the_process(
+    processes: TrainingProcesses, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    features, labels = digits
+    (started,) = processes.pids()
+
+    def give_up(event: ProgressEvent) -> None:
+        raise _LeaseGone("another replica owns the job now")
+
+    with pytest.raises(_LeaseGone):
+        processes.score_noise(features, labels, config=LONG, progress=give_up)
+    assert processes.pids() == []
+    with pytest.raises(ProcessLookupError):  # stopped, not left training
+        os.kill(started, 0)
+
+
+def test_concurrent_calls_get_a_process_each(
+    processes: TrainingProcesses, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    features, labels = digits
+    reports: list[np.ndarray] = []
+
+    def call() -> None:
+        reports.append(processes.score_noise(features, labels, config=SHORT).noise_scores)
+
+    callers = [threading.Thread(target=call) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(reports) == 2
+    np.testing.assert_array_equal(reports[0], reports[1])
+    assert len(processes.pids()) == 2  # both kept for the next calls
+    processes.close()
+    assert processes.pids() == []
+
+
+def test_samples_that_shared_memory_cannot_hold_fail_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(self: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("unable to write to file </torch_1_2>: No space left on device (28)")
+
+    monkeypatch.setattr(torch.Tensor, "share_memory_", full)
+    cause = r"could not place 256 bytes of samples in shared memory \(/dev/shm\)"
+    with pytest.raises(WorkerFailed, match=cause):
+        shared_tensor(np.zeros((8, 8), dtype=np.float32))

@@ -1,0 +1,142 @@
+"""Jobs trained in the worker slot's training process (O2U_TRAINING_ISOLATION=process), through the
+real server: the process starts with the server and serves one job after another, the scores are
+those of training in the server's thread, a cancel stops the training and keeps the process, and
+a killed training process puts the job back in the queue to resume from its checkpoint (the same
+scores again) while the server keeps answering."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from o2u.v1 import scoring_pb2 as pb
+from o2u.v1 import scoring_pb2_grpc
+from tests.server_testing import create_job, running_server, test_settings, wait_for_job, write_noisy_digits
+
+Stub = scoring_pb2_grpc.ScoringServiceStub
+CONFIG: dict[str, Any] = {
+    "model": "mlp",
+    "seed": 5,
+    "pretrain_epochs": 2,
+    "cycle_length_epochs": 2,
+    "num_cycles": 3,
+    "pretrain_batch_size": 64,
+    "cyclic_batch_size": 32,
+}
+LONG_CONFIG = {**CONFIG, "num_cycles": 60}  # long enough to be stopped mid-run
+
+
+def _digits(tmp_path: Path) -> tuple[str, Path]:
+    root = tmp_path / "data"
+    write_noisy_digits(root / "digits.npz", noise=0.2)
+    return (root / "digits.npz").as_uri(), root
+
+
+def _scores(stub: Stub, job_id: str) -> dict[int, float]:
+    request = pb.ListNoiseScoresRequest(job_id=job_id, page_size=5000)
+    return {s.sample_id: s.score for s in stub.ListNoiseScores(request, timeout=30).noise_scores}
+
+
+def _training_pids() -> set[int]:
+    return {p.pid for p in multiprocessing.active_children() if p.name == "o2u-training" and p.pid}
+
+
+def _wait_cyclic(stub: Stub, job_id: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    request = pb.GetScoringJobRequest(job_id=job_id)
+    while (job := stub.GetScoringJob(request, timeout=10).job).progress.stage != pb.STAGE_CYCLIC:
+        assert job.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING), job
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def _wait_no_training_process(timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while _training_pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _training_pids() == set()
+
+
+def test_the_training_process_scores_as_the_server_thread_does(tmp_path: Path) -> None:
+    uri, root = _digits(tmp_path)
+    settings = test_settings(state_dir=tmp_path / "thread", data_roots=[root])
+    with running_server(settings) as server, server.channel() as channel:
+        stub = Stub(channel)
+        in_thread = _scores(stub, wait_for_job(stub, create_job(stub, uri, CONFIG).job_id).job_id)
+        assert _training_pids() == set()
+
+    settings = test_settings(state_dir=tmp_path / "process", data_roots=[root], training_isolation="process")
+    with running_server(settings) as server, server.channel() as channel:
+        stub = Stub(channel)
+        started = _training_pids()
+        assert len(started) == 1  # started with the server, before any job
+        first = wait_for_job(stub, create_job(stub, uri, CONFIG).job_id)
+        second = wait_for_job(stub, create_job(stub, uri, CONFIG).job_id)
+        assert (first.state, second.state) == (pb.JOB_STATE_SUCCEEDED,) * 2, (first.error, second.error)
+        assert _scores(stub, first.job_id) == in_thread  # score for score
+        assert _scores(stub, second.job_id) == in_thread
+        assert _training_pids() == started  # both jobs in the same process
+    _wait_no_training_process()  # stopped with the server
+
+
+def test_cancel_stops_the_training_and_keeps_the_process(tmp_path: Path) -> None:
+    uri, root = _digits(tmp_path)
+    settings = test_settings(state_dir=tmp_path / "state", data_roots=[root], training_isolation="process")
+    with running_server(settings) as server, server.channel() as channel:
+        stub = Stub(channel)
+        started = _training_pids()
+        job_id = create_job(stub, uri, LONG_CONFIG).job_id
+        _wait_cyclic(stub, job_id)
+        stub.CancelScoringJob(pb.CancelScoringJobRequest(job_id=job_id), timeout=10)
+        assert wait_for_job(stub, job_id, timeout=30).state == pb.JOB_STATE_CANCELLED
+        assert _training_pids() == started
+        after = wait_for_job(stub, create_job(stub, uri, CONFIG).job_id)
+        assert after.state == pb.JOB_STATE_SUCCEEDED, after.error
+        assert _training_pids() == started
+
+
+def test_a_killed_training_process_is_retried_from_the_checkpoint(tmp_path: Path) -> None:
+    uri, root = _digits(tmp_path)
+    config = {**CONFIG, "num_cycles": 8}
+    settings = test_settings(
+        state_dir=tmp_path / "state",
+        data_roots=[root],
+        training_isolation="process",
+        checkpoint_interval_seconds=0,
+    )
+    with running_server(settings) as server, server.channel() as channel:
+        stub = Stub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        reference = wait_for_job(stub, create_job(stub, uri, config).job_id)
+        assert reference.state == pb.JOB_STATE_SUCCEEDED, reference.error
+        job_id = create_job(stub, uri, config).job_id
+        _wait_cyclic(stub, job_id)
+        (killed,) = _training_pids()
+        os.kill(killed, signal.SIGKILL)
+        answer = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING  # the server lives on
+        job = wait_for_job(stub, job_id, timeout=240)
+        assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+        assert job.attempts == 2
+        assert _scores(stub, job_id) == _scores(stub, reference.job_id)  # as if never interrupted
+        events = [r.event for r in stub.WatchScoringJob(pb.WatchScoringJobRequest(job_id=job_id), timeout=30)]
+        fresh = _training_pids()
+        assert len(fresh) == 1
+        assert killed not in fresh  # the next attempt started a new one
+    requeued = [
+        e for e in events if e.type == pb.JOB_EVENT_TYPE_STATE_CHANGED and e.state == pb.JOB_STATE_QUEUED
+    ]
+    assert len(requeued) == 2  # submitted, then put back after the training process died
+    assert "the training process was killed by signal 9" in requeued[1].message
+    assert requeued[1].message.endswith("it resumes from its last checkpoint")
+    second = [
+        e.sequence for e in events if e.state == pb.JOB_STATE_RUNNING and e.message.startswith("attempt 2")
+    ]
+    resumed = next(e for e in events if e.sequence > second[0] and e.progress.stage == pb.STAGE_CYCLIC)
+    assert resumed.progress.epoch > 1  # the second attempt went on from the last epoch checkpointed
