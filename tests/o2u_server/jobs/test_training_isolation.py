@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
+from tests.server_process import ServerProcess
 from tests.server_testing import create_job, running_server, test_settings, wait_for_job, write_noisy_digits
 
 Stub = scoring_pb2_grpc.ScoringServiceStub
@@ -140,3 +142,61 @@ def test_a_killed_training_process_is_retried_from_the_checkpoint(tmp_path: Path
     ]
     resumed = next(e for e in events if e.sequence > second[0] and e.progress.stage == pb.STAGE_CYCLIC)
     assert resumed.progress.epoch > 1  # the second attempt went on from the last epoch checkpointed
+
+
+def _training_children(server_pid: int) -> list[int]:
+    pids: list[int] = []
+    for task in Path(f"/proc/{server_pid}/task").iterdir():
+        pids += [int(pid) for pid in (task / "children").read_text().split()]
+    return [pid for pid in pids if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def _gone(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    return not status.exists() or "zombie" in status.read_text()
+
+
+def test_o2u_server_drains_a_training_process_job_on_sigterm_and_resumes_it(tmp_path: Path) -> None:
+    """`o2u-server` itself: a SIGTERM sent to the training process too (a Ctrl-C reaches the
+    whole process group) leaves the draining to the server, which checkpoints the job, puts it
+    back in the queue and exits leaving no training process; restarted, it finishes the job."""
+    uri, root = _digits(tmp_path)
+    server = ServerProcess(
+        tmp_path / "state",
+        root,
+        O2U_TRAINING_ISOLATION="process",
+        O2U_CHECKPOINT_INTERVAL_SECONDS="0",
+        O2U_SHUTDOWN_GRACE_SECONDS="10",
+        O2U_CPU_THREADS="1",
+    )
+    try:
+        server.start()
+        with grpc.insecure_channel(server.address) as channel:
+            stub = Stub(channel)
+            job_id = create_job(stub, uri, LONG_CONFIG).job_id
+            _wait_cyclic(stub, job_id)
+        (training,) = _training_children(server.pid)
+        os.kill(training, signal.SIGINT)
+        os.kill(training, signal.SIGTERM)
+        server.signal(signal.SIGTERM)  # exit status 0: drained in time
+        deadline = time.monotonic() + 15
+        while not _gone(training) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(training)
+        server.start()
+        with grpc.insecure_channel(server.address) as channel:
+            stub = Stub(channel)
+            job = wait_for_job(stub, job_id, timeout=240)
+            assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+            assert job.attempts == 2
+            events = [
+                r.event for r in stub.WatchScoringJob(pb.WatchScoringJobRequest(job_id=job_id), timeout=30)
+            ]
+    finally:
+        server.stop()
+    released = [e for e in events if e.state == pb.JOB_STATE_QUEUED and "shutting down" in e.message]
+    assert len(released) == 1  # a drain, not a crash of the training process
+    resumed = next(
+        e for e in events if e.sequence > released[0].sequence and e.progress.stage == pb.STAGE_CYCLIC
+    )
+    assert resumed.progress.epoch > 1  # resumed from the epoch the drain checkpointed
