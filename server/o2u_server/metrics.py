@@ -100,6 +100,12 @@ class ServerMetrics:
             "Attempts this replica stopped because their lease was gone (another replica took the job)",
             registry=registry,
         )
+        self.training_failures = Counter(
+            "o2u_training_worker_failures",
+            "Attempts this replica ended because a data-parallel worker or the training process died "
+            "or timed out (the job was requeued, or failed after max_job_attempts)",
+            registry=registry,
+        )
         self.job_duration = Histogram(
             "o2u_job_duration_seconds",
             "Time from a job's first start to its final state, in seconds",

@@ -156,6 +156,7 @@ class Execution:
             raise LeaseLost(lease)
         cause = self._scrub(str(failure))
         logger.warning("a training worker failed: %s", cause, extra={"job_id": lease.job_id})
+        self._metrics.training_failures.inc()
         self._checkpoints.sync(lease)  # worker 0 wrote it atomically at the last boundary
         event = self._persist(
             lambda: self._claims.retry_job(

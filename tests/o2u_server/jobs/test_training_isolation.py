@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -129,6 +130,7 @@ def test_a_killed_training_process_is_retried_from_the_checkpoint(tmp_path: Path
         assert _scores(stub, job_id) == _scores(stub, reference.job_id)  # as if never interrupted
         events = [r.event for r in stub.WatchScoringJob(pb.WatchScoringJobRequest(job_id=job_id), timeout=30)]
         fresh = _training_pids()
+        assert re.search(r"^o2u_training_worker_failures_total 1\.0$", server.scrape(), re.MULTILINE)
         assert len(fresh) == 1
         assert killed not in fresh  # the next attempt started a new one
     requeued = [
