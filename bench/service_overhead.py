@@ -89,7 +89,7 @@ FINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 class Run:
     path: str  # "direct" or "service"
     wall_s: float
-    cpu_s: float  # this process, plus the server process on the service path
+    cpu_s: float  # this process, plus the server process and its children on the service path
     epochs_s: float  # inside training epochs, as the engine times them (no checkpoints or callbacks)
     scores: np.ndarray  # (N,) float64, by sample id
     ranks: np.ndarray  # (N,) int64, by sample id; 1 = most suspicious
@@ -134,8 +134,17 @@ def run_direct(dataset: Path, config: dict[str, Any], device: str = "cpu") -> Ru
 
 
 def _cpu_seconds(process: psutil.Process) -> float:
+    """The server's CPU time with its descendants': a training process it keeps running (reaped ones
+    are in its own `children_*` times)."""
     times = process.cpu_times()
-    return float(times.user + times.system)
+    total = times.user + times.system + times.children_user + times.children_system
+    for child in process.children(recursive=True):
+        try:
+            child_times = child.cpu_times()
+        except psutil.NoSuchProcess:  # exited between the listing and the read
+            continue
+        total += child_times.user + child_times.system
+    return float(total)
 
 
 def _seconds(stamp: Any) -> float:
