@@ -36,7 +36,7 @@ while [[ ${1:-} == --* ]]; do
   shift
 done
 if (($# < 1)); then
-  sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
+  awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"  # the header above
   exit 2
 fi
 out=$1

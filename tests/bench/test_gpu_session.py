@@ -26,7 +26,8 @@ def run_session(tmp_path: Path, *steps: str) -> tuple[subprocess.CompletedProces
     python.write_text(STAND_IN)
     python.chmod(0o755)
     calls, out = tmp_path / "calls.txt", tmp_path / "out"
-    env = {**os.environ, "PYTHON": str(python), "CALLS": str(calls), "O2U_TRAINING_ISOLATION": "-"}
+    env = {key: value for key, value in os.environ.items() if key != "CIFAR10N"}  # no --data argument
+    env |= {"PYTHON": str(python), "CALLS": str(calls), "O2U_TRAINING_ISOLATION": "-"}
     result = subprocess.run(
         ["bash", str(SCRIPT), str(out), *steps], env=env, capture_output=True, text=True, timeout=60
     )
