@@ -64,8 +64,11 @@ class _WorkerJob:
 
 def shared_tensor(values: np.ndarray | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`values` as a tensor in shared memory, for child processes to read without a copy each;
-    WorkerFailed naming the cause when shared memory (/dev/shm) cannot hold it."""
-    tensor = torch.as_tensor(np.asarray(values), dtype=dtype)
+    WorkerFailed naming the cause when shared memory (/dev/shm) cannot hold it. A CPU tensor (of
+    `dtype`, if given) is moved there in place (`Tensor.share_memory_`) and returned, so samples
+    already there are not copied again."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
+    tensor = tensor.to("cpu", dtype=dtype) if dtype is not None else tensor.cpu()
     try:
         return tensor.share_memory_()  # type: ignore[no-untyped-call,no-any-return]
     except RuntimeError as error:

@@ -161,3 +161,16 @@ def test_samples_that_shared_memory_cannot_hold_fail_clearly(monkeypatch: pytest
     cause = r"could not place 256 bytes of samples in shared memory \(/dev/shm\)"
     with pytest.raises(WorkerFailed, match=cause):
         shared_tensor(np.zeros((8, 8), dtype=np.float32))
+
+
+def test_samples_already_in_shared_memory_are_not_copied_again() -> None:
+    shared = shared_tensor(np.arange(12, dtype=np.float32).reshape(3, 4))
+    assert shared.is_shared()
+    assert shared_tensor(shared) is shared
+    labels = shared_tensor(np.arange(3))
+    assert shared_tensor(labels, torch.int64) is labels
+    assert shared_tensor(labels, torch.int32).dtype == torch.int32  # another dtype is a new tensor
+    private = torch.zeros(4)
+    assert not private.is_shared()
+    assert shared_tensor(private) is private
+    assert private.is_shared()

@@ -7,7 +7,10 @@ translated here, so the rest of the server speaks only its own domain types.
 - Running: `Engine.resolve` checks that the loaded dataset is one the engine can score (enough
   samples, two classes present: INVALID_ARGUMENT naming the dataset) and fills the config's `auto`
   fields for it and the device; `Engine.score` trains and ranks, handing every epoch's
-  ProgressEvent on as a domain Progress. A checkpoint the engine cannot resume (unreadable, or
+  ProgressEvent on as a domain Progress. When the training runs in other processes (data-parallel
+  workers, or the training process) the dataset's samples move into shared memory first and the
+  dataset keeps views of them, so the server holds them once rather than a private copy beside the
+  shared one. A checkpoint the engine cannot resume (unreadable, or
   written by another engine version) is deleted and the run starts over: the result is the same.
 - Results: `run_info` describes a run by its resolved config (one serialization, recorded before
   training and again, with the report's own figures, when it succeeds); `job_results` turns the
@@ -41,7 +44,7 @@ from o2u_engine import (
 )
 from o2u_engine.accuracy import AccuracyEstimate, label_accuracy, per_class_label_accuracy
 from o2u_engine.config import validate_config
-from o2u_engine.launch import WorkerFailed, score_noise_workers
+from o2u_engine.launch import WorkerFailed, score_noise_workers, shared_tensor
 from o2u_engine.process import TrainingError, TrainingProcesses
 from o2u_engine.validate import MIN_SAMPLES
 from o2u_server.datasets import LoadedDataset
@@ -127,6 +130,11 @@ class Engine:
     world_size: int = 1  # workers that train one job (`jobs.workers`)
     processes: TrainingProcesses | None = None  # the training processes score_noise runs in, if any
 
+    @property
+    def trains_elsewhere(self) -> bool:
+        """Whether score_noise trains in other processes, which read the samples from shared memory."""
+        return self.processes is not None or self.world_size > 1
+
     def start(self, devices: Sequence[str]) -> None:
         """Before the first job: start a training process per worker slot (they import torch meanwhile)."""
         if self.processes is not None:
@@ -165,11 +173,15 @@ class Engine:
         """Train and rank; `progress` receives one Progress per epoch, from the calling thread.
 
         Raises Cancelled when `should_cancel` turns true (the checkpoint is kept)."""
+        features: np.ndarray[Any, Any] | torch.Tensor = dataset.features
+        labels: np.ndarray[Any, Any] | torch.Tensor = dataset.labels
+        if self.trains_elsewhere:
+            features, labels = share_samples(dataset)
 
         def run() -> o2u_engine.NoiseReport:
             return self.score_noise(
-                dataset.features,
-                dataset.labels,
+                features,
+                labels,
                 config=config,
                 num_classes=len(dataset.class_names),
                 device=device,
@@ -189,6 +201,17 @@ class Engine:
             logger.warning("discarding a checkpoint that cannot be resumed: %s", error)
             checkpoint_path.unlink(missing_ok=True)
             return run()
+
+
+def share_samples(dataset: LoadedDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move the dataset's features and labels into shared memory, where other processes read them
+    without a copy each, and leave the dataset holding views of them (its own arrays are freed once
+    nothing else refers to them): the shared tensors. WorkerFailed, naming shm.sizeLimit, when
+    /dev/shm cannot hold them."""
+    features = shared_tensor(dataset.features)
+    labels = shared_tensor(dataset.labels, torch.int64)
+    dataset.features, dataset.labels = features.numpy(), labels.numpy()
+    return features, labels
 
 
 def check_scorable(dataset: LoadedDataset, uri: str) -> None:

@@ -3,11 +3,14 @@ fields in, domain progress, score rows, summary and one serialization of the res
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 import o2u_engine
 from o2u_engine import ConfigError, DataValidationError, DeviceOutOfMemory, O2UConfig
@@ -15,7 +18,14 @@ from o2u_engine.process import TrainingError
 from o2u_server.datasets import LoadedDataset
 from o2u_server.domain import Progress, Stage
 from o2u_server.errors import Code, Internal, InvalidArgument, NotFound
-from o2u_server.jobs.engine import Engine, engine_config, job_results, run_info, service_error
+from o2u_server.jobs.engine import (
+    Engine,
+    TrainingProcesses,
+    engine_config,
+    job_results,
+    run_info,
+    service_error,
+)
 from tests.server_testing import TINY_CONFIG
 
 
@@ -108,3 +118,80 @@ def test_enum_fields_become_the_engine_values_and_the_legacy_switch_means_a_crop
     with pytest.raises(InvalidArgument) as unknown:
         engine_config({"score": 5})
     assert unknown.value.field == "config.score"
+
+
+def _copy(dataset: LoadedDataset) -> LoadedDataset:
+    return dataclasses.replace(dataset, features=dataset.features.copy(), labels=dataset.labels.copy())
+
+
+@pytest.mark.parametrize("trainer", ["workers", "process"])
+def test_samples_for_other_processes_are_held_once_in_shared_memory(
+    trainer: str, blobs: LoadedDataset, tmp_path: Path
+) -> None:
+    """Data-parallel workers and the training process read the samples from shared memory: the
+    dataset is moved there before the call and keeps views of it, not a private copy beside it."""
+    dataset = _copy(blobs)
+    loaded = dataset.features
+    received: list[tuple[Any, Any]] = []
+
+    def score_noise(features: Any, labels: Any, **options: Any) -> o2u_engine.NoiseReport:
+        received.append((features, labels))
+        return o2u_engine.score_noise(features, labels, **options)
+
+    engine = (
+        Engine(score_noise=score_noise, world_size=2)
+        if trainer == "workers"
+        else Engine(score_noise=score_noise, processes=TrainingProcesses())  # never started: not called
+    )
+    assert engine.trains_elsewhere
+    config = engine.resolve(TINY_CONFIG, dataset, "cpu")
+    engine.score(
+        dataset,
+        config,
+        device="cpu",
+        progress=lambda _: None,
+        should_cancel=lambda: False,
+        checkpoint_path=tmp_path / "job.pt",
+        checkpoint_interval_seconds=0.0,
+        initial_weights=None,
+    )
+    [(features, labels)] = received
+    assert isinstance(features, torch.Tensor)
+    assert features.is_shared()
+    assert isinstance(labels, torch.Tensor)
+    assert labels.is_shared()
+    assert labels.dtype == torch.int64
+    assert np.shares_memory(dataset.features, features.numpy())  # the dataset's array is the shared one
+    assert np.shares_memory(dataset.labels, labels.numpy())
+    assert not np.shares_memory(dataset.features, loaded)  # ... and no longer the loader's
+    np.testing.assert_array_equal(dataset.features, blobs.features)
+    np.testing.assert_array_equal(dataset.labels, blobs.labels)
+
+
+def test_samples_trained_in_the_servers_thread_stay_where_they_are(
+    blobs: LoadedDataset, tmp_path: Path
+) -> None:
+    dataset = _copy(blobs)
+    features, labels = dataset.features, dataset.labels
+    received: list[tuple[Any, Any]] = []
+
+    def score_noise(features: Any, labels: Any, **options: Any) -> o2u_engine.NoiseReport:
+        received.append((features, labels))
+        return o2u_engine.score_noise(features, labels, **options)
+
+    engine = Engine(score_noise=score_noise)
+    assert not engine.trains_elsewhere
+    engine.score(
+        dataset,
+        engine.resolve(TINY_CONFIG, dataset, "cpu"),
+        device="cpu",
+        progress=lambda _: None,
+        should_cancel=lambda: False,
+        checkpoint_path=tmp_path / "job.pt",
+        checkpoint_interval_seconds=0.0,
+        initial_weights=None,
+    )
+    assert received[0][0] is features
+    assert received[0][1] is labels
+    assert dataset.features is features
+    assert dataset.labels is labels
