@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -124,30 +126,20 @@ def _copy(dataset: LoadedDataset) -> LoadedDataset:
     return dataclasses.replace(dataset, features=dataset.features.copy(), labels=dataset.labels.copy())
 
 
-@pytest.mark.parametrize("trainer", ["workers", "process"])
-def test_samples_for_other_processes_are_held_once_in_shared_memory(
-    trainer: str, blobs: LoadedDataset, tmp_path: Path
-) -> None:
-    """Data-parallel workers and the training process read the samples from shared memory: the
-    dataset is moved there before the call and keeps views of it, not a private copy beside it."""
-    dataset = _copy(blobs)
-    loaded = dataset.features
+def _samples_received(
+    engine_for: Callable[..., Engine], dataset: LoadedDataset, tmp_path: Path
+) -> tuple[Any, Any]:
+    """Score `dataset` with `engine_for(score_noise=...)`; the features and labels score_noise got."""
     received: list[tuple[Any, Any]] = []
 
     def score_noise(features: Any, labels: Any, **options: Any) -> o2u_engine.NoiseReport:
         received.append((features, labels))
         return o2u_engine.score_noise(features, labels, **options)
 
-    engine = (
-        Engine(score_noise=score_noise, world_size=2)
-        if trainer == "workers"
-        else Engine(score_noise=score_noise, processes=TrainingProcesses())  # never started: not called
-    )
-    assert engine.trains_elsewhere
-    config = engine.resolve(TINY_CONFIG, dataset, "cpu")
+    engine = engine_for(score_noise=score_noise)
     engine.score(
         dataset,
-        config,
+        engine.resolve(TINY_CONFIG, dataset, "cpu"),
         device="cpu",
         progress=lambda _: None,
         should_cancel=lambda: False,
@@ -155,7 +147,27 @@ def test_samples_for_other_processes_are_held_once_in_shared_memory(
         checkpoint_interval_seconds=0.0,
         initial_weights=None,
     )
-    [(features, labels)] = received
+    [samples] = received
+    return samples
+
+
+@pytest.mark.parametrize(
+    "engine_for",
+    [
+        partial(Engine, world_size=2),  # data-parallel workers
+        partial(Engine, processes=TrainingProcesses()),  # the training process (never started: not called)
+    ],
+    ids=["workers", "process"],
+)
+def test_samples_for_other_processes_are_held_once_in_shared_memory(
+    engine_for: Callable[..., Engine], blobs: LoadedDataset, tmp_path: Path
+) -> None:
+    """Data-parallel workers and the training process read the samples from shared memory: the
+    dataset is moved there before the call and keeps views of it, not a private copy beside it."""
+    assert engine_for().trains_elsewhere
+    dataset = _copy(blobs)
+    loaded = dataset.features
+    features, labels = _samples_received(engine_for, dataset, tmp_path)
     assert isinstance(features, torch.Tensor)
     assert features.is_shared()
     assert isinstance(labels, torch.Tensor)
@@ -171,27 +183,11 @@ def test_samples_for_other_processes_are_held_once_in_shared_memory(
 def test_samples_trained_in_the_servers_thread_stay_where_they_are(
     blobs: LoadedDataset, tmp_path: Path
 ) -> None:
+    assert not Engine().trains_elsewhere
     dataset = _copy(blobs)
     features, labels = dataset.features, dataset.labels
-    received: list[tuple[Any, Any]] = []
-
-    def score_noise(features: Any, labels: Any, **options: Any) -> o2u_engine.NoiseReport:
-        received.append((features, labels))
-        return o2u_engine.score_noise(features, labels, **options)
-
-    engine = Engine(score_noise=score_noise)
-    assert not engine.trains_elsewhere
-    engine.score(
-        dataset,
-        engine.resolve(TINY_CONFIG, dataset, "cpu"),
-        device="cpu",
-        progress=lambda _: None,
-        should_cancel=lambda: False,
-        checkpoint_path=tmp_path / "job.pt",
-        checkpoint_interval_seconds=0.0,
-        initial_weights=None,
-    )
-    assert received[0][0] is features
-    assert received[0][1] is labels
+    received = _samples_received(Engine, dataset, tmp_path)
+    assert received[0] is features
+    assert received[1] is labels
     assert dataset.features is features
     assert dataset.labels is labels
