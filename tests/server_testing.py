@@ -20,6 +20,8 @@ e.g. `server.run(server.server.drain)`). `test_settings(...)` gives settings bou
 free ports, CPU training and a short shutdown grace; keyword overrides go to Settings. Entering the
 context again with the same settings restarts the server on the same state. `TINY_CONFIG` trains in
 about a second on two cores; `SLOW_CONFIG` runs until cancelled (minutes).
+`assert_requeued_and_resumed(events, cause)` checks the events of a job whose training died once
+and resumed from its checkpoint.
 """
 
 from __future__ import annotations
@@ -238,6 +240,22 @@ def wait_for_job(
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} still {pb.JobState.Name(job.state)} after {timeout} s")
         time.sleep(0.05)
+
+
+def assert_requeued_and_resumed(events: list[pb.JobEvent], cause: str) -> None:
+    """A job's events show it put back in the queue once, for `cause` (a part of the message), and
+    its second attempt going on from a cyclic epoch after the first."""
+    requeued = [
+        e for e in events if e.type == pb.JOB_EVENT_TYPE_STATE_CHANGED and e.state == pb.JOB_STATE_QUEUED
+    ]
+    assert len(requeued) == 2  # submitted, then put back
+    assert cause in requeued[1].message
+    assert requeued[1].message.endswith("it resumes from its last checkpoint")
+    second = [
+        e.sequence for e in events if e.state == pb.JOB_STATE_RUNNING and e.message.startswith("attempt 2")
+    ]
+    resumed = next(e for e in events if e.sequence > second[0] and e.progress.stage == pb.STAGE_CYCLIC)
+    assert resumed.progress.epoch > 1  # the second attempt went on from the last epoch checkpointed
 
 
 def sqlite_integrity(path: Path) -> str:

@@ -20,7 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
 from tests.server_process import ServerProcess
-from tests.server_testing import create_job, running_server, test_settings, wait_for_job, write_noisy_digits
+from tests.server_testing import (
+    assert_requeued_and_resumed,
+    create_job,
+    running_server,
+    test_settings,
+    wait_for_job,
+    write_noisy_digits,
+)
 
 Stub = scoring_pb2_grpc.ScoringServiceStub
 CONFIG: dict[str, Any] = {
@@ -133,17 +140,7 @@ def test_a_killed_training_process_is_retried_from_the_checkpoint(tmp_path: Path
         assert re.search(r"^o2u_training_worker_failures_total 1\.0$", server.scrape(), re.MULTILINE)
         assert len(fresh) == 1
         assert killed not in fresh  # the next attempt started a new one
-    requeued = [
-        e for e in events if e.type == pb.JOB_EVENT_TYPE_STATE_CHANGED and e.state == pb.JOB_STATE_QUEUED
-    ]
-    assert len(requeued) == 2  # submitted, then put back after the training process died
-    assert "the training process was killed by signal 9" in requeued[1].message
-    assert requeued[1].message.endswith("it resumes from its last checkpoint")
-    second = [
-        e.sequence for e in events if e.state == pb.JOB_STATE_RUNNING and e.message.startswith("attempt 2")
-    ]
-    resumed = next(e for e in events if e.sequence > second[0] and e.progress.stage == pb.STAGE_CYCLIC)
-    assert resumed.progress.epoch > 1  # the second attempt went on from the last epoch checkpointed
+    assert_requeued_and_resumed(events, "the training process was killed by signal 9")
 
 
 def _training_children(server_pid: int) -> list[int]:

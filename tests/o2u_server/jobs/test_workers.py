@@ -24,7 +24,14 @@ from sklearn.metrics import roc_auc_score
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
 from tests.server_process import ServerProcess
-from tests.server_testing import create_job, running_server, test_settings, wait_for_job, write_noisy_digits
+from tests.server_testing import (
+    assert_requeued_and_resumed,
+    create_job,
+    running_server,
+    test_settings,
+    wait_for_job,
+    write_noisy_digits,
+)
 
 Stub = scoring_pb2_grpc.ScoringServiceStub
 CONFIG: dict[str, Any] = {
@@ -140,17 +147,7 @@ def test_a_killed_worker_is_retried_from_the_checkpoint(tmp_path: Path) -> None:
         assert _scores(stub, job_id) == _scores(stub, reference)  # as if never interrupted
         events = _events(stub, job_id)
         assert multiprocessing.active_children() == []
-    requeued = [
-        e for e in events if e.type == pb.JOB_EVENT_TYPE_STATE_CHANGED and e.state == pb.JOB_STATE_QUEUED
-    ]
-    assert len(requeued) == 2  # submitted, then put back after the worker died
-    assert "killed by signal 9" in requeued[1].message
-    assert requeued[1].message.endswith("it resumes from its last checkpoint")
-    second = [
-        e.sequence for e in events if e.state == pb.JOB_STATE_RUNNING and e.message.startswith("attempt 2")
-    ]
-    resumed = next(e for e in events if e.sequence > second[0] and e.progress.stage == pb.STAGE_CYCLIC)
-    assert resumed.progress.epoch > 1  # the second attempt went on from the last epoch checkpointed
+    assert_requeued_and_resumed(events, "killed by signal 9")
 
 
 def test_worker_failures_without_progress_fail_the_job(tmp_path: Path) -> None:
