@@ -19,6 +19,7 @@ import ctypes
 import os
 import signal
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -67,7 +68,12 @@ def shared_tensor(values: np.ndarray | torch.Tensor, dtype: torch.dtype | None =
     WorkerFailed naming the cause when shared memory (/dev/shm) cannot hold it. A CPU tensor (of
     `dtype`, if given) is moved there in place (`Tensor.share_memory_`) and returned, so samples
     already there are not copied again."""
-    tensor = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
+    if isinstance(values, torch.Tensor):
+        tensor = values
+    else:
+        with warnings.catch_warnings():  # a read-only array (a memmap) is copied below, never written
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.as_tensor(np.asarray(values))
     tensor = tensor.to("cpu", dtype=dtype) if dtype is not None else tensor.cpu()
     try:
         return tensor.share_memory_()  # type: ignore[no-untyped-call,no-any-return]

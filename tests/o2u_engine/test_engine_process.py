@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -174,3 +176,17 @@ def test_samples_already_in_shared_memory_are_not_copied_again() -> None:
     assert not private.is_shared()
     assert shared_tensor(private) is private
     assert private.is_shared()
+
+
+def test_a_read_only_array_goes_to_shared_memory_without_a_warning() -> None:
+    """A memory-mapped dataset is read-only; torch warns once per process about wrapping such an
+    array ("undefined behavior"), which would land in the server's log. In a fresh interpreter, so
+    that an earlier test cannot have used up the warning."""
+    program = (
+        "import numpy as np\n"
+        "from o2u_engine.launch import shared_tensor\n"
+        "values = np.frombuffer(bytes(range(64)), dtype=np.uint8).reshape(4, 16)\n"
+        "tensor = shared_tensor(values)\n"
+        "assert tensor.is_shared() and tensor.numpy().tobytes() == bytes(range(64))\n"
+    )
+    subprocess.run([sys.executable, "-W", "error", "-c", program], check=True, timeout=120)
