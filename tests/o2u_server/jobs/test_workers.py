@@ -162,15 +162,15 @@ def test_worker_failures_without_progress_fail_the_job(tmp_path: Path) -> None:
         first = _kill_a_new_worker(set())  # after progress: requeued, not counted
         _kill_a_new_worker(first)  # the resumed attempt's worker, before it trains an epoch
         job = wait_for_job(stub, job_id, timeout=60)
-        assert job.state == pb.JOB_STATE_FAILED
-        assert job.attempts == 2
-        assert (job.error.code, job.error.reason) == (13, "TRAINING_WORKER_FAILED")  # INTERNAL
+        assert job.state == pb.JOB_STATE_FAILED, job
+        assert job.attempts == 2, job
+        assert (job.error.code, job.error.reason) == (13, "TRAINING_WORKER_FAILED"), job.error  # INTERNAL
         assert job.error.message.startswith("a training worker of this job failed 1 time, each time ")
         assert "killed by signal 9" in job.error.message
         deadline = time.monotonic() + 15
         while multiprocessing.active_children() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert multiprocessing.active_children() == []
+        assert multiprocessing.active_children() == [], _events(stub, job_id)
 
 
 @contextmanager
