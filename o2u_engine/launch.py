@@ -50,6 +50,15 @@ class WorkerFailed(RuntimeError):
     """A training worker exited without a result (killed, crashed, or a collective timed out)."""
 
 
+class SharedMemoryFull(WorkerFailed):
+    """Shared memory (/dev/shm) could not hold the samples for the training processes: no worker
+    started, and trying again only helps once other jobs have freed some."""
+
+    def __init__(self, message: str, nbytes: int) -> None:
+        super().__init__(message)
+        self.nbytes = nbytes  # the samples that did not fit
+
+
 @dataclass(frozen=True)
 class _WorkerJob:
     features: torch.Tensor  # shared memory
@@ -65,7 +74,7 @@ class _WorkerJob:
 
 def shared_tensor(values: np.ndarray | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`values` as a tensor in shared memory, for child processes to read without a copy each;
-    WorkerFailed naming the cause when shared memory (/dev/shm) cannot hold it. A CPU tensor (of
+    SharedMemoryFull naming the cause when shared memory (/dev/shm) cannot hold it. A CPU tensor (of
     `dtype`, if given) is moved there in place (`Tensor.share_memory_`) and returned, so samples
     already there are not copied again."""
     if isinstance(values, torch.Tensor):
@@ -78,10 +87,11 @@ def shared_tensor(values: np.ndarray | torch.Tensor, dtype: torch.dtype | None =
     try:
         return tensor.share_memory_()  # type: ignore[no-untyped-call,no-any-return]
     except RuntimeError as error:
-        raise WorkerFailed(
+        raise SharedMemoryFull(
             f"could not place {tensor.nbytes:,} bytes of samples in shared memory (/dev/shm) for the "
             f"training processes: {error}; it must hold the largest decoded dataset (the chart's "
-            "shm.sizeLimit)"
+            "shm.sizeLimit)",
+            tensor.nbytes,
         ) from error
 
 

@@ -13,7 +13,9 @@ Usage::
     server.stop()                       # always, in a finally
 
 Settings are O2U_* environment variables given as keywords; the gRPC and metrics ports are free
-loopback ports chosen once, so a restarted server keeps its address.
+loopback ports chosen once, so a restarted server keeps its address. `wrapper` is a command put in
+front of the server's, which must exec it (so signals reach the server), e.g. to give it a mount
+namespace of its own.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -43,7 +46,9 @@ def _free_port() -> int:
 class ServerProcess:
     """`python -m o2u_server.main` on a fixed loopback port and state folder; restartable."""
 
-    def __init__(self, state_dir: Path, data_root: Path, **settings: str) -> None:
+    def __init__(
+        self, state_dir: Path, data_root: Path, *, wrapper: Sequence[str] = (), **settings: str
+    ) -> None:
         self.address = f"127.0.0.1:{_free_port()}"
         self.metrics_port = _free_port()
         self.state_dir = state_dir
@@ -58,6 +63,7 @@ class ServerProcess:
             "O2U_DEVICE": "cpu",
             **settings,
         }
+        self.wrapper = list(wrapper)  # a command that execs its arguments (the server keeps its pid)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -73,7 +79,7 @@ class ServerProcess:
         """Start the process without waiting for it (see `wait_serving`)."""
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
-            command = [sys.executable, "-m", "o2u_server.main"]
+            command = [*self.wrapper, sys.executable, "-m", "o2u_server.main"]
             self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_serving(self, timeout: float = 120) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import helm_python as helm
 import kubernetes_validate
 import pytest
+import yaml
 from chart_rendering import (
     CHART_DIR,
     KUBERNETES_VERSION,
@@ -320,3 +321,30 @@ def test_notes_tell_how_to_call_the_service() -> None:
             assert flags <= set(words)
     ephemeral = render_files({"persistence": {"enabled": False}})["o2u/templates/NOTES.txt"]
     assert "accepted jobs do not survive a restart" in ephemeral
+
+
+def _quantity_bytes(quantity: str) -> int:
+    units = {
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "k": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+    }
+    match = re.fullmatch(r"([0-9]+)([A-Za-z]*)", quantity)
+    assert match is not None, quantity
+    return int(match[1]) * units[match[2]] if match[2] else int(match[1])
+
+
+def test_shared_memory_holds_the_largest_decoded_dataset_by_default() -> None:
+    """A job on several GPUs (the default on a node with more than one) moves its samples to
+    /dev/shm: the default cap must admit every dataset the default limits accept."""
+    objects = render()
+    shm = pod_volumes(objects)["shm"]["emptyDir"]
+    assert shm["medium"] == "Memory"
+    configmap = one(objects, "ConfigMap", deployment(objects)["metadata"]["name"])
+    max_decoded = yaml.safe_load(configmap["data"]["config.yaml"])["max_decoded_bytes"]
+    assert _quantity_bytes(str(shm["sizeLimit"])) >= max_decoded

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from o2u_engine import Cancelled, DataValidationError, O2UConfig, ProgressEvent, score_noise
-from o2u_engine.launch import WorkerFailed, shared_tensor
+from o2u_engine.launch import SharedMemoryFull, WorkerFailed, shared_tensor
 from o2u_engine.process import TrainingError, TrainingProcesses
 from tests.o2u_engine.engine_testing import flip_labels
 
@@ -161,8 +161,10 @@ def test_samples_that_shared_memory_cannot_hold_fail_clearly(monkeypatch: pytest
 
     monkeypatch.setattr(torch.Tensor, "share_memory_", full)
     cause = r"could not place 256 bytes of samples in shared memory \(/dev/shm\)"
-    with pytest.raises(WorkerFailed, match=cause):
+    with pytest.raises(SharedMemoryFull, match=cause) as caught:
         shared_tensor(np.zeros((8, 8), dtype=np.float32))
+    assert caught.value.nbytes == 256
+    assert isinstance(caught.value, WorkerFailed)  # what callers of the engine catch
 
 
 def test_samples_already_in_shared_memory_are_not_copied_again() -> None:

@@ -17,7 +17,8 @@ translated here, so the rest of the server speaks only its own domain types.
   NoiseReport into the ranked score rows, dataset summary and RunInfo the store keeps.
 - Errors: `service_error` maps the engine's exceptions to service errors; `Cancelled` is the one
   the runner catches, and `WorkerFailed` (a data-parallel worker or the training process died or
-  timed out) the one it retries.
+  timed out) the one it retries, all but `SharedMemoryFull` (the samples did not fit /dev/shm, so
+  no worker started): that one fails the job RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from o2u_engine import (
 )
 from o2u_engine.accuracy import AccuracyEstimate, label_accuracy, per_class_label_accuracy
 from o2u_engine.config import validate_config
-from o2u_engine.launch import WorkerFailed, score_noise_workers, shared_tensor
+from o2u_engine.launch import SharedMemoryFull, WorkerFailed, score_noise_workers, shared_tensor
 from o2u_engine.process import TrainingError, TrainingProcesses
 from o2u_engine.validate import MIN_SAMPLES
 from o2u_server.datasets import LoadedDataset
@@ -69,6 +70,7 @@ __all__ = [
     "Cancelled",
     "Engine",
     "JobResults",
+    "SharedMemoryFull",
     "TrainingProcesses",
     "WorkerFailed",
     "engine_config",
@@ -206,8 +208,8 @@ class Engine:
 def share_samples(dataset: LoadedDataset) -> tuple[torch.Tensor, torch.Tensor]:
     """Move the dataset's features and labels into shared memory, where other processes read them
     without a copy each, and leave the dataset holding views of them (its own arrays are freed once
-    nothing else refers to them): the shared tensors. WorkerFailed, naming shm.sizeLimit, when
-    /dev/shm cannot hold them."""
+    nothing else refers to them): the shared tensors. SharedMemoryFull when /dev/shm cannot hold
+    them (the dataset is left as it was)."""
     features = shared_tensor(dataset.features)
     labels = shared_tensor(dataset.labels, torch.int64)
     dataset.features, dataset.labels = features.numpy(), labels.numpy()
@@ -239,6 +241,13 @@ def service_error(exc: Exception) -> ServiceError:
     INVALID_ARGUMENT, device memory as RESOURCE_EXHAUSTED, anything else INTERNAL."""
     if isinstance(exc, ServiceError):
         return exc
+    if isinstance(exc, SharedMemoryFull):
+        return ResourceExhausted(
+            f"the job's samples ({exc.nbytes:,} bytes decoded) do not fit in the server's shared memory "
+            "(/dev/shm), where its training processes read them; try again when fewer jobs are running, "
+            "or have the operator raise shm.sizeLimit to hold the largest decoded dataset",
+            reason="SHARED_MEMORY_FULL",
+        )
     if isinstance(exc, DeviceOutOfMemory):
         return ResourceExhausted(
             f"the device ran out of memory even after halving the batch size: {exc}; lower "

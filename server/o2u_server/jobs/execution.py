@@ -30,7 +30,15 @@ from o2u_server.datasets import DatasetLimits, LoadedDataset, load_dataset
 from o2u_server.domain import Job, JobError, JobEvent, JobState, Progress, Stage
 from o2u_server.errors import Internal, StateStoreFull
 from o2u_server.jobs.checkpoints import CheckpointStore
-from o2u_server.jobs.engine import Cancelled, Engine, WorkerFailed, job_results, run_info, service_error
+from o2u_server.jobs.engine import (
+    Cancelled,
+    Engine,
+    SharedMemoryFull,
+    WorkerFailed,
+    job_results,
+    run_info,
+    service_error,
+)
 from o2u_server.jobs.events import EventHub
 from o2u_server.jobs.leases import Attempt
 from o2u_server.jobs.loading import check_unchanged, loading_progress
@@ -103,17 +111,15 @@ class Execution:
                 self._stopped(job, control)
             except LeaseLost:
                 raise
+            except SharedMemoryFull as exc:  # no worker started: another try would fail the same way
+                logger.warning(
+                    "%s", exc, extra={"job_id": lease.job_id}
+                )  # torch's own words, for the operator
+                self._failed(job, control, exc)
             except WorkerFailed as failure:
                 self._worker_failed(job, control, failure)
             except Exception as exc:
-                error = self._job_error(lease.job_id, exc)
-                event = self._persist(
-                    lambda: self._claims.finish_job(
-                        lease, JobState.FAILED, time.time(), error=error, message=error.message
-                    )
-                )
-                self._checkpoints.delete(lease.job_id)
-                self.finished(job, event)
+                self._failed(job, control, exc)
         except LeaseLost:
             logger.warning(
                 "a write for the job was refused: its lease is gone and another replica owns the job; "
@@ -122,6 +128,17 @@ class Execution:
             )
             self._metrics.leases_lost.inc()
             self._checkpoints.discard(lease)
+
+    def _failed(self, job: Job, control: Attempt, exc: Exception) -> None:
+        lease = control.lease
+        error = self._job_error(lease.job_id, exc)
+        event = self._persist(
+            lambda: self._claims.finish_job(
+                lease, JobState.FAILED, time.time(), error=error, message=error.message
+            )
+        )
+        self._checkpoints.delete(lease.job_id)
+        self.finished(job, event)
 
     def _stopped(self, job: Job, control: Attempt) -> None:
         """The engine or a read stopped: lease lost, cancelled, or the server is stopping."""

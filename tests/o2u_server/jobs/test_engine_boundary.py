@@ -16,6 +16,7 @@ import torch
 
 import o2u_engine
 from o2u_engine import ConfigError, DataValidationError, DeviceOutOfMemory, O2UConfig
+from o2u_engine.launch import SharedMemoryFull
 from o2u_engine.process import TrainingError
 from o2u_server.datasets import LoadedDataset
 from o2u_server.domain import Progress, Stage
@@ -99,6 +100,11 @@ def test_engine_errors_become_service_errors() -> None:
     assert (data.code, data.reason, data.field) == (Code.INVALID_ARGUMENT, "INVALID_DATASET", "dataset")
     config = service_error(ConfigError("image_size: too small", field="image_size"))
     assert (config.code, config.reason, config.field) == (Code.INVALID_ARGUMENT, "INVALID_CONFIG", "config")
+    shm = service_error(SharedMemoryFull("could not place ... </torch_1_2>: No space left on device", 4096))
+    assert (shm.code, shm.reason) == (Code.RESOURCE_EXHAUSTED, "SHARED_MEMORY_FULL")
+    assert "4,096 bytes" in shm.message
+    assert "shm.sizeLimit" in shm.message
+    assert "torch_" not in shm.message
     missing = NotFound("gone", reason="OBJECT_NOT_FOUND")
     assert service_error(missing) is missing
     unexpected = service_error(KeyError("x"))

@@ -10,11 +10,13 @@ import multiprocessing
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from o2u.v1 import scoring_pb2 as pb
@@ -199,3 +201,48 @@ def test_o2u_server_drains_a_training_process_job_on_sigterm_and_resumes_it(tmp_
         e for e in events if e.sequence > released[0].sequence and e.progress.stage == pb.STAGE_CYCLIC
     )
     assert resumed.progress.epoch > 1  # resumed from the epoch the drain checkpointed
+
+
+SMALL_SHM = ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs /dev/shm && exec "$@"', "sh"]
+
+
+def _require_own_mounts() -> None:
+    """Skip unless this process may give a child a mount namespace with a /dev/shm of its own
+    (root and util-linux's unshare); fail under CI=true, which runs as root."""
+    try:
+        probe = subprocess.run([*SMALL_SHM, "true"], capture_output=True, timeout=30)
+        reason = probe.stderr.decode(errors="replace").strip() or f"exit status {probe.returncode}"
+        allowed = probe.returncode == 0
+    except FileNotFoundError:
+        allowed, reason = False, "unshare (util-linux) is not installed"
+    if not allowed:
+        message = f"a server with a 64 KiB /dev/shm of its own needs root and unshare: {reason}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def test_samples_that_do_not_fit_shared_memory_fail_the_job_at_once(tmp_path: Path) -> None:
+    """A real /dev/shm too small for the digits: the job fails RESOURCE_EXHAUSTED on its first
+    attempt, saying what to do, instead of being retried as a dead worker; the server serves on."""
+    _require_own_mounts()
+    uri, root = _digits(tmp_path)
+    server = ServerProcess(tmp_path / "state", root, wrapper=SMALL_SHM, O2U_TRAINING_ISOLATION="process")
+    try:
+        server.start()
+        with grpc.insecure_channel(server.address) as channel:
+            stub = Stub(channel)
+            job = wait_for_job(stub, create_job(stub, uri, CONFIG).job_id)
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            metrics = server.scrape()
+    finally:
+        server.stop()
+    assert job.state == pb.JOB_STATE_FAILED, job
+    assert job.attempts == 1
+    assert (job.error.code, job.error.reason) == (8, "SHARED_MEMORY_FULL"), job.error  # RESOURCE_EXHAUSTED
+    assert "do not fit in the server's shared memory (/dev/shm)" in job.error.message
+    assert "shm.sizeLimit" in job.error.message
+    assert "torch_" not in job.error.message  # torch's name for the segment is for the log
+    assert re.search(r"^o2u_training_worker_failures_total 0\.0$", metrics, re.MULTILINE)
+    assert "No space left on device" in server.log_tail(20_000)  # the operator's log has the cause
