@@ -8,7 +8,8 @@
 # pyproject.toml and the server settings.
 #
 #   docker build -t o2u:0.1.0 .
-#   docker run --gpus all -p 50051:50051 -p 9464:9464 -v o2u-state:/var/lib/o2u o2u:0.1.0
+#   docker run --gpus all --shm-size 8g -p 50051:50051 -p 9464:9464 -v o2u-state:/var/lib/o2u o2u:0.1.0
+#   (--shm-size: a job on several GPUs holds its samples in /dev/shm; docs/operations.md)
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
