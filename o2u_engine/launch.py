@@ -83,7 +83,7 @@ def shared_tensor(values: np.ndarray | torch.Tensor, dtype: torch.dtype | None =
         with warnings.catch_warnings():  # a read-only array (a memmap) is copied below, never written
             warnings.simplefilter("ignore", UserWarning)
             tensor = torch.as_tensor(np.asarray(values))
-    tensor = tensor.to("cpu", dtype=dtype) if dtype is not None else tensor.cpu()
+    tensor = tensor.to("cpu", dtype=dtype)  # itself when it is already that
     try:
         return tensor.share_memory_()  # type: ignore[no-untyped-call,no-any-return]
     except RuntimeError as error:

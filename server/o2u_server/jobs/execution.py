@@ -112,9 +112,8 @@ class Execution:
             except LeaseLost:
                 raise
             except SharedMemoryFull as exc:  # no worker started: another try would fail the same way
-                logger.warning(
-                    "%s", exc, extra={"job_id": lease.job_id}
-                )  # torch's own words, for the operator
+                # torch's own words, for the operator; the caller's message says what to do
+                logger.warning("%s", exc, extra={"job_id": lease.job_id})
                 self._failed(job, control, exc)
             except WorkerFailed as failure:
                 self._worker_failed(job, control, failure)
