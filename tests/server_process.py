@@ -9,6 +9,7 @@ Usage::
     with grpc.insecure_channel(server.address) as channel: ...
     server.pause(); server.resume()     # SIGSTOP / SIGCONT: a replica frozen past its lease
     server.signal(signal.SIGKILL)       # a crash; start() again to restart on the same state
+    server.spawned_children()           # pids of its training workers or processes
     server.scrape()                     # its /metrics text
     server.stop()                       # always, in a finally
 
@@ -70,6 +71,14 @@ class ServerProcess:
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+    def spawned_children(self) -> list[int]:
+        """The pids of the server's child processes started with multiprocessing's spawn: its
+        data-parallel workers or training processes."""
+        pids: list[int] = []
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            pids += [int(pid) for pid in (task / "children").read_text().split()]
+        return [pid for pid in pids if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
     @property
     def alive(self) -> bool:

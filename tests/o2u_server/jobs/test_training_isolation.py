@@ -145,13 +145,6 @@ def test_a_killed_training_process_is_retried_from_the_checkpoint(tmp_path: Path
     assert_requeued_and_resumed(events, "the training process was killed by signal 9")
 
 
-def _training_children(server_pid: int) -> list[int]:
-    pids: list[int] = []
-    for task in Path(f"/proc/{server_pid}/task").iterdir():
-        pids += [int(pid) for pid in (task / "children").read_text().split()]
-    return [pid for pid in pids if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-
-
 def _gone(pid: int) -> bool:
     status = Path(f"/proc/{pid}/status")
     return not status.exists() or "zombie" in status.read_text()
@@ -176,7 +169,7 @@ def test_o2u_server_drains_a_training_process_job_on_sigterm_and_resumes_it(tmp_
             stub = Stub(channel)
             job_id = create_job(stub, uri, LONG_CONFIG).job_id
             _wait_cyclic(stub, job_id)
-        (training,) = _training_children(server.pid)
+        (training,) = server.spawned_children()
         os.kill(training, signal.SIGINT)
         os.kill(training, signal.SIGTERM)
         server.signal(signal.SIGTERM)  # exit status 0: drained in time

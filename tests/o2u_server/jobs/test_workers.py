@@ -179,13 +179,6 @@ def server_channel(server: ServerProcess) -> Iterator[Stub]:
         yield Stub(channel)
 
 
-def _worker_pids(server_pid: int) -> list[int]:
-    pids: list[int] = []
-    for task in Path(f"/proc/{server_pid}/task").iterdir():
-        pids += [int(pid) for pid in (task / "children").read_text().split()]
-    return [pid for pid in pids if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-
-
 def test_resume_after_sigkill_gives_the_uninterrupted_scores(tmp_path: Path) -> None:
     uri, _, root = _digits(tmp_path)
     server = ServerProcess(
@@ -204,7 +197,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_scores(tmp_path: Path) -> 
             expected = _scores(stub, reference)
             job_id = create_job(stub, uri, config).job_id
             _wait_cyclic(stub, job_id)
-            workers = _worker_pids(server.pid)
+            workers = server.spawned_children()
         assert len(workers) == 2
         server.signal(signal.SIGKILL)
         deadline = time.monotonic() + 15  # the workers die with the server
