@@ -16,6 +16,7 @@ DataValidationError) are raised again in the caller with their message and field
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import signal
 import tempfile
@@ -72,18 +73,57 @@ class _WorkerJob:
     parent: int  # the caller's process id
 
 
+def shared_array(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    """An uninitialized C-ordered array in shared memory (/dev/shm), for a loader to decode samples
+    into: `shared_tensor` of it, or of any view of it, moves nothing. SharedMemoryFull when shared
+    memory cannot hold it."""
+    dtype = np.dtype(dtype)
+    buffer = _share(torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8))
+    return buffer.numpy().view(dtype).reshape(shape)
+
+
 def shared_tensor(values: np.ndarray | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`values` as a tensor in shared memory, for child processes to read without a copy each;
-    SharedMemoryFull naming the cause when shared memory (/dev/shm) cannot hold it. A CPU tensor (of
+    SharedMemoryFull naming the cause when shared memory (/dev/shm) cannot hold it. An array of
+    `shared_array` (or a view of one) becomes a tensor over that memory, and a CPU tensor (of
     `dtype`, if given) is moved there in place (`Tensor.share_memory_`) and returned, so samples
-    already there are not copied again."""
+    already there are not copied again. Non-native byte order is converted (torch has none)."""
     if isinstance(values, torch.Tensor):
         tensor = values
     else:
-        with warnings.catch_warnings():  # a read-only array (a memmap) is copied below, never written
-            warnings.simplefilter("ignore", UserWarning)
-            tensor = torch.as_tensor(np.asarray(values))
-    tensor = tensor.to("cpu", dtype=dtype)  # itself when it is already that
+        array = np.asarray(values)
+        view = _shared_view(array)
+        if view is not None:
+            tensor = view
+        else:
+            if not array.dtype.isnative:  # a big-endian .npz, say
+                array = array.astype(array.dtype.newbyteorder("="))
+            with warnings.catch_warnings():  # a read-only array (a memmap) is copied below, never written
+                warnings.simplefilter("ignore", UserWarning)
+                tensor = torch.as_tensor(array)
+    return _share(tensor.to("cpu", dtype=dtype))  # .to is the tensor itself when it is already that
+
+
+def _shared_view(array: np.ndarray) -> torch.Tensor | None:
+    """`array` as a tensor over the shared memory it lies in (an array of `shared_array`), else None."""
+    owner: object = array
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    if not isinstance(owner, torch.Tensor) or not owner.is_shared() or not array.dtype.isnative:  # type: ignore[no-untyped-call]
+        return None
+    try:
+        layout = torch.from_numpy(array)  # dtype, shape and strides, over the same memory
+    except (TypeError, ValueError):  # a dtype torch lacks, or negative strides
+        return None
+    offset, itemsize = array.ctypes.data - owner.data_ptr(), array.dtype.itemsize
+    if offset % itemsize:
+        return None
+    view = torch.empty(0, dtype=layout.dtype)
+    return view.set_(owner.untyped_storage(), offset // itemsize, layout.shape, layout.stride())
+
+
+def _share(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (on the CPU) moved into shared memory in place, or SharedMemoryFull."""
     try:
         return tensor.share_memory_()  # type: ignore[no-untyped-call,no-any-return]
     except RuntimeError as error:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from o2u_engine import Cancelled, DataValidationError, O2UConfig, ProgressEvent, score_noise
-from o2u_engine.launch import SharedMemoryFull, WorkerFailed, shared_tensor
+from o2u_engine.launch import SharedMemoryFull, WorkerFailed, shared_array, shared_tensor
 from o2u_engine.process import TrainingError, TrainingProcesses
 from tests.o2u_engine.engine_testing import flip_labels
 
@@ -178,6 +178,43 @@ def test_samples_already_in_shared_memory_are_not_copied_again() -> None:
     assert not private.is_shared()
     assert shared_tensor(private) is private
     assert private.is_shared()
+
+
+def test_an_array_of_shared_array_is_shared_as_it_lies() -> None:
+    """What a loader decodes into shared memory reaches the training processes without a copy: the
+    array itself, a row range of it or its transpose (a Fortran-ordered .npz) is a tensor over the
+    same memory."""
+    values = shared_array((5, 4), np.dtype(np.float32))
+    values[:] = np.arange(20, dtype=np.float32).reshape(5, 4)
+    for view in (values, values[2:], values.T):
+        tensor = shared_tensor(view)
+        assert tensor.is_shared()
+        assert tensor.data_ptr() == view.ctypes.data
+        assert tensor.stride() == tuple(step // 4 for step in view.strides)
+        np.testing.assert_array_equal(tensor.numpy(), view)
+    assert shared_tensor(np.arange(20, dtype=np.float32)).data_ptr() != values.ctypes.data
+
+
+def test_shared_array_fails_clearly_when_shared_memory_is_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(self: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("unable to write to file </torch_1_3>: No space left on device (28)")
+
+    monkeypatch.setattr(torch.Tensor, "share_memory_", full)
+    with pytest.raises(SharedMemoryFull, match=r"could not place 1,200 bytes of samples") as caught:
+        shared_array((10, 30), np.dtype(np.float32))
+    assert caught.value.nbytes == 1200
+
+
+def test_big_endian_samples_become_native_tensors() -> None:
+    """torch has no big-endian dtype; the values arrive converted, not as an error."""
+    values = np.arange(6, dtype=">f4").reshape(2, 3)
+    tensor = shared_tensor(values)
+    assert tensor.is_shared()
+    assert tensor.dtype == torch.float32
+    np.testing.assert_array_equal(tensor.numpy(), values)
+    in_shared_memory = shared_array((2, 3), np.dtype(">i8"))
+    in_shared_memory[:] = values
+    assert shared_tensor(in_shared_memory).tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
 def test_a_read_only_array_goes_to_shared_memory_without_a_warning() -> None:

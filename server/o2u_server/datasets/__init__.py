@@ -19,8 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from o2u_server.datasets.csv_manifest import load_csv_manifest
 from o2u_server.datasets.dataset import (
+    Allocate,
     DatasetLimits,
     LoadedDataset,
     Loader,
@@ -42,6 +45,7 @@ from o2u_server.text import shown
 __all__ = [
     "FOLDER_FORMAT",
     "FORMATS",
+    "Allocate",
     "DatasetLimits",
     "FormatSpec",
     "LoadedDataset",
@@ -62,7 +66,7 @@ class FormatSpec:
 
 def _without_options(load: PlainLoader) -> Loader:
     """The loader of a format that has no options (`check_dataset_options` refuses any for it)."""
-    return lambda uri, storage, limits, field, _options: load(uri, storage, limits, field)
+    return lambda uri, storage, limits, field, _options, allocate: load(uri, storage, limits, field, allocate)
 
 
 FORMATS: dict[DatasetFormat, FormatSpec] = {
@@ -134,16 +138,18 @@ def load_dataset(
     *,
     options: DatasetOptions | None = None,
     field: str = "dataset.uri",
+    allocate: Allocate = np.empty,
 ) -> LoadedDataset:
     """Read, check and decode the dataset at `uri` (`dataset_format` None: inferred from the URI)
-    as `options` say (None: the format's defaults), with its content digest set.
+    as `options` say (None: the format's defaults), with its content digest set. Images, parquet
+    embeddings and a local .npz's `x` are decoded into an array from `allocate`.
 
     Raises InvalidArgument, PermissionDenied, NotFound, ResourceExhausted (limits) or Unavailable,
     and storage.Stopped when the storage's job is asked to stop.
     """
     spec = _spec(uri, dataset_format)
     reference = storage.parse(uri, field=field, allow_prefix=spec.prefix)
-    dataset = spec.load(uri, storage, limits, field, options or DatasetOptions())
+    dataset = spec.load(uri, storage, limits, field, options or DatasetOptions(), allocate)
     dataset.source = reference.scheme
     check_loaded(dataset, uri, limits)
     dataset.digest = content_digest(dataset, storage.reads.check)

@@ -11,7 +11,7 @@ import csv
 import io
 from collections.abc import Iterator
 
-from o2u_server.datasets.dataset import DatasetLimits, LoadedDataset, invalid_dataset
+from o2u_server.datasets.dataset import Allocate, DatasetLimits, LoadedDataset, invalid_dataset
 from o2u_server.datasets.manifests import ManifestRow, load_manifest
 from o2u_server.storage import Storage
 from o2u_server.text import shown
@@ -19,8 +19,12 @@ from o2u_server.text import shown
 __all__ = ["csv_rows", "load_csv_manifest"]
 
 
-def load_csv_manifest(uri: str, storage: Storage, limits: DatasetLimits, field: str) -> LoadedDataset:
-    return load_manifest(uri, storage, limits, field, parse_rows=csv_rows, digit_labels_are_indices=True)
+def load_csv_manifest(
+    uri: str, storage: Storage, limits: DatasetLimits, field: str, allocate: Allocate
+) -> LoadedDataset:
+    return load_manifest(
+        uri, storage, limits, field, allocate, parse_rows=csv_rows, digit_labels_are_indices=True
+    )
 
 
 def csv_rows(text: str, uri: str) -> Iterator[ManifestRow]:

@@ -25,6 +25,7 @@ from o2u_server.text import shown, text_problem
 __all__ = [
     "MAX_CLASS_NAME_CHARS",
     "MAX_KEY_CHARS",
+    "Allocate",
     "DatasetLimits",
     "LoadedDataset",
     "Loader",
@@ -75,12 +76,15 @@ class LoadedDataset:
     skipped: list[SkippedRecords] = field(default_factory=list)  # records left out, per reason
 
 
-# A format's loader: (uri, storage, limits, field, options) -> the dataset, every limit checked as
-# early as the information exists. `field` names the request field in errors ("dataset.uri");
-# `options` are the job's, already checked to suit the format (`datasets.options`).
-Loader = Callable[[str, Storage, DatasetLimits, str, DatasetOptions], LoadedDataset]
+# Where a loader decodes the samples: (shape, dtype) -> an uninitialized C-ordered array. np.empty,
+# or shared memory when the job trains in other processes that read the samples from there.
+Allocate = Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray[Any, Any]]
+# A format's loader: (uri, storage, limits, field, options, allocate) -> the dataset, every limit
+# checked as early as the information exists. `field` names the request field in errors
+# ("dataset.uri"); `options` are the job's, already checked to suit the format (`datasets.options`).
+Loader = Callable[[str, Storage, DatasetLimits, str, DatasetOptions, Allocate], LoadedDataset]
 # A loader of a format that has no options.
-PlainLoader = Callable[[str, Storage, DatasetLimits, str], LoadedDataset]
+PlainLoader = Callable[[str, Storage, DatasetLimits, str, Allocate], LoadedDataset]
 
 
 def invalid_dataset(message: str) -> InvalidArgument:

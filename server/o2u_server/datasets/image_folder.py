@@ -12,6 +12,7 @@ import numpy as np
 
 from o2u_server.datasets.dataset import (
     MAX_KEY_CHARS,
+    Allocate,
     DatasetLimits,
     LoadedDataset,
     empty_dataset,
@@ -29,7 +30,9 @@ __all__ = ["IMAGE_EXTENSIONS", "load_image_folder"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
-def load_image_folder(uri: str, storage: Storage, limits: DatasetLimits, field: str) -> LoadedDataset:
+def load_image_folder(
+    uri: str, storage: Storage, limits: DatasetLimits, field: str, allocate: Allocate
+) -> LoadedDataset:
     prefix = uri if uri.endswith("/") else uri + "/"
     found: list[tuple[str, ImageItem]] = []
     total_bytes = 0
@@ -62,6 +65,7 @@ def load_image_folder(uri: str, storage: Storage, limits: DatasetLimits, field: 
         field=field,
         max_pixels=limits.max_image_pixels,
         max_decoded_bytes=limits.max_decoded_bytes,
+        allocate=allocate,
     )
     keys = [item.key for item in items]
     return LoadedDataset(images, labels, keys, class_names, bytes_read, "file", files_read=len(items))

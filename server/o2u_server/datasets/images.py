@@ -3,7 +3,8 @@
 Images are read concurrently (a small thread pool with a bounded window of requests in flight) and
 each one's header is parsed as soon as it arrives, so an image whose declared width x height passes
 `max_image_pixels` - a decompression bomb - is refused before a single pixel is decoded. Then, once
-the decoded size has passed `max_decoded_bytes`, every image is decoded into one preallocated array:
+the decoded size has passed `max_decoded_bytes`, every image is decoded into one array from `allocate`
+(shared memory when other processes train on it):
 
 - mode: the majority of the images' modes, grayscale (`L`) or colour (`RGB`; ties go to colour);
   the minority is converted;
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
+from o2u_server.datasets.dataset import Allocate
 from o2u_server.errors import InvalidArgument, ResourceExhausted
 from o2u_server.storage import ObjectInfo, Storage
 
@@ -137,6 +139,7 @@ def load_images(
     field: str,
     max_pixels: int,
     max_decoded_bytes: int,
+    allocate: Allocate,
 ) -> tuple[np.ndarray[Any, np.dtype[np.uint8]], int]:
     """All images as one array (see the module docstring) and the bytes read from storage."""
 
@@ -165,7 +168,7 @@ def load_images(
                 reason="DATASET_TOO_LARGE",
                 metadata={"limit": "max_decoded_bytes"},
             )
-        images = np.empty(shape, dtype=np.uint8)
+        images = allocate(shape, np.dtype(np.uint8))
 
         def decode(index: int) -> None:
             storage.reads.check()  # a cancelled job stops decoding too

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from o2u_server.datasets.dataset import DatasetLimits, LoadedDataset, invalid_dataset
+from o2u_server.datasets.dataset import Allocate, DatasetLimits, LoadedDataset, invalid_dataset
 from o2u_server.datasets.manifests import ManifestRow, load_manifest
 from o2u_server.storage import Storage
 from o2u_server.text import shown
@@ -17,8 +17,10 @@ from o2u_server.text import shown
 __all__ = ["jsonl_rows", "load_jsonl_manifest"]
 
 
-def load_jsonl_manifest(uri: str, storage: Storage, limits: DatasetLimits, field: str) -> LoadedDataset:
-    return load_manifest(uri, storage, limits, field, parse_rows=jsonl_rows)
+def load_jsonl_manifest(
+    uri: str, storage: Storage, limits: DatasetLimits, field: str, allocate: Allocate
+) -> LoadedDataset:
+    return load_manifest(uri, storage, limits, field, allocate, parse_rows=jsonl_rows)
 
 
 def jsonl_rows(text: str, uri: str) -> Iterator[ManifestRow]:

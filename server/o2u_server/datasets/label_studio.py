@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
-from o2u_server.datasets.dataset import DatasetLimits, LoadedDataset, invalid_dataset
+from o2u_server.datasets.dataset import Allocate, DatasetLimits, LoadedDataset, invalid_dataset
 from o2u_server.datasets.manifests import ManifestRow, load_manifest
 from o2u_server.datasets.options import DEFAULT_IMAGE_FIELD
 from o2u_server.domain import DatasetOptions, LabelStudioOptions, SkippedRecords
@@ -150,7 +150,7 @@ def skipped_records(skipped: Mapping[str, Sequence[str]]) -> list[SkippedRecords
 
 
 def load_label_studio(
-    uri: str, storage: Storage, limits: DatasetLimits, field: str, options: DatasetOptions
+    uri: str, storage: Storage, limits: DatasetLimits, field: str, options: DatasetOptions, allocate: Allocate
 ) -> LoadedDataset:
     task_ids: dict[str, str] = {}
     skipped: dict[str, list[str]] = {}
@@ -159,6 +159,7 @@ def load_label_studio(
         storage,
         limits,
         field,
+        allocate,
         parse_rows=lambda text, u: label_studio_rows(text, u, task_ids, skipped, options.label_studio),
     )
     return dataclasses.replace(

@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 from o2u_server.datasets.dataset import (
     MAX_KEY_CHARS,
+    Allocate,
     DatasetLimits,
     LoadedDataset,
     empty_dataset,
@@ -54,6 +55,7 @@ def load_manifest(
     storage: Storage,
     limits: DatasetLimits,
     field: str,
+    allocate: Allocate,
     *,
     parse_rows: RowParser,
     digit_labels_are_indices: bool = False,
@@ -74,7 +76,9 @@ def load_manifest(
         isinstance(label, str) and _DIGITS.match(label) for label in raw_labels
     ):
         raw_labels = _class_indices([str(label) for label in raw_labels], uri=uri, limits=limits)
-    return load_listed_images(uri, keys, raw_labels, storage, limits, field, manifest_bytes=len(raw))
+    return load_listed_images(
+        uri, keys, raw_labels, storage, limits, field, allocate, manifest_bytes=len(raw)
+    )
 
 
 def load_listed_images(
@@ -84,6 +88,7 @@ def load_listed_images(
     storage: Storage,
     limits: DatasetLimits,
     field: str,
+    allocate: Allocate,
     *,
     manifest_bytes: int,
 ) -> LoadedDataset:
@@ -101,6 +106,7 @@ def load_listed_images(
         field=field,
         max_pixels=limits.max_image_pixels,
         max_decoded_bytes=limits.max_decoded_bytes,
+        allocate=allocate,
     )
     return LoadedDataset(
         images, labels, keys, class_names, bytes_read + manifest_bytes, "file", files_read=len(keys) + 1

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from o2u_server.datasets.dataset import (
+    Allocate,
     DatasetLimits,
     LoadedDataset,
     empty_dataset,
@@ -35,7 +36,9 @@ from o2u_server.text import shown
 __all__ = ["load_npz"]
 
 
-def load_npz(uri: str, storage: Storage, limits: DatasetLimits, field: str) -> LoadedDataset:
+def load_npz(
+    uri: str, storage: Storage, limits: DatasetLimits, field: str, allocate: Allocate
+) -> LoadedDataset:
     handle = storage.open_local(uri, field=field)
     source: io.BufferedIOBase | bytearray
     if handle is not None:
@@ -59,7 +62,7 @@ def load_npz(uri: str, storage: Storage, limits: DatasetLimits, field: str) -> L
         keys = _strings(archive.load("ids"), uri=where, name="ids") if "ids" in archive.members else None
         if keys is not None and len(set(keys)) != len(keys):
             raise invalid_dataset(f"{where}: ids must be unique")
-        features = archive.load("x")
+        features = archive.load("x", allocate)
     if handle is not None:
         storage.reads.add(0, files=1)  # a download counted itself
     return LoadedDataset(

@@ -22,6 +22,7 @@ from typing import IO, Any, cast
 import numpy as np
 from numpy.lib import format as npy_format
 
+from o2u_server.datasets.dataset import Allocate
 from o2u_server.errors import InvalidArgument
 from o2u_server.storage import ReadMonitor
 from o2u_server.text import shown
@@ -134,8 +135,9 @@ class NpzArchive:
             )
         return member_header
 
-    def load(self, name: str) -> np.ndarray[Any, Any]:
-        """The array `name` in owned memory; call only after its header passed the limits."""
+    def load(self, name: str, allocate: Allocate = np.empty) -> np.ndarray[Any, Any]:
+        """The array `name`, read into an array from `allocate` (a member stored uncompressed in a
+        downloaded buffer: a view of that buffer); call only after its header passed the limits."""
         member = self.members[name]
         if member.nbytes == 0:
             return np.empty(member.shape, dtype=member.dtype, order="F" if member.fortran_order else "C")
@@ -148,20 +150,24 @@ class NpzArchive:
                 member.shape, order="F" if member.fortran_order else "C"
             )
             return viewed
+        # A Fortran-ordered member is the transpose of the C-ordered array of the reversed shape.
+        memory = allocate(member.shape[::-1] if member.fortran_order else member.shape, member.dtype)
         try:
             if member.data_offset is not None:
                 self._handle.seek(member.data_offset)
-                return self._fill(member, self._handle.readinto)
-            with self._zip.open(name + ".npy") as stream:
-                _read_npy_header(stream)  # inflated member: skip to the data
-                return self._fill(member, cast(io.BufferedIOBase, stream).readinto)
+                self._fill(member, memory, self._handle.readinto)
+            else:
+                with self._zip.open(name + ".npy") as stream:
+                    _read_npy_header(stream)  # inflated member: skip to the data
+                    self._fill(member, memory, cast(io.BufferedIOBase, stream).readinto)
         except _READ_ERRORS as error:
             raise self._invalid(f"array {shown(name, 80)!r} could not be read: {error}") from error
+        return memory.T if member.fortran_order else memory
 
-    def _fill(self, member: NpzMember, read_into: Callable[[Any], int | None]) -> np.ndarray[Any, Any]:
-        """A new array for `member`, filled chunk by chunk from `read_into`."""
-        array = np.empty(member.shape, dtype=member.dtype, order="F" if member.fortran_order else "C")
-        memory = array.T if member.fortran_order else array  # the C-ordered view of its memory
+    def _fill(
+        self, member: NpzMember, memory: np.ndarray[Any, Any], read_into: Callable[[Any], int | None]
+    ) -> None:
+        """Fill `memory` (C-ordered, `member`'s bytes) chunk by chunk from `read_into`."""
         buffer = memory.reshape(-1).view(np.uint8).data
         position = 0
         while position < len(buffer):
@@ -173,4 +179,3 @@ class NpzArchive:
                 )
             position += count
             self._reads.add(count)
-        return array

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from o2u_server.datasets.dataset import (
+    Allocate,
     DatasetLimits,
     LoadedDataset,
     empty_dataset,
@@ -209,7 +210,7 @@ def _image_rows(
 
 
 def _load_embeddings(
-    where: str, parquet: pq.ParquetFile, columns: Columns, limits: DatasetLimits
+    where: str, parquet: pq.ParquetFile, columns: Columns, limits: DatasetLimits, allocate: Allocate
 ) -> tuple[np.ndarray[Any, Any], list[Any], list[str]]:
     assert columns.features is not None
     count = parquet.metadata.num_rows
@@ -219,7 +220,7 @@ def _load_embeddings(
     decoded = count * width * 4
     if decoded > limits.max_decoded_bytes:
         raise too_much_decoded(f"{where} (its features, decoded)", decoded, limits)
-    features = np.empty((count, width), dtype=np.float32)
+    features = allocate((count, width), np.dtype(np.float32))
     raw_labels, keys = _fill(where, parquet, features, columns)
     return features, raw_labels, keys
 
@@ -230,7 +231,7 @@ def _check_unique(where: str, keys: list[str], columns: Columns) -> None:
 
 
 def load_parquet(
-    uri: str, storage: Storage, limits: DatasetLimits, field: str, options: DatasetOptions
+    uri: str, storage: Storage, limits: DatasetLimits, field: str, options: DatasetOptions, allocate: Allocate
 ) -> LoadedDataset:
     where = shown(uri)
     source, size, local = _open(uri, storage, limits, field)
@@ -249,7 +250,7 @@ def load_parquet(
         keys: list[str] = []
         try:
             if columns.image_key is None:
-                features, raw_labels, keys = _load_embeddings(where, parquet, columns, limits)
+                features, raw_labels, keys = _load_embeddings(where, parquet, columns, limits, allocate)
             else:
                 rows = _image_rows(where, parquet, columns, keys)
                 image_keys, raw_labels = parse_manifest(rows, uri=uri, limits=limits)
@@ -262,7 +263,9 @@ def load_parquet(
     if local:
         storage.reads.add(size, files=1)  # a download counted itself
     if columns.image_key is not None:
-        dataset = load_listed_images(uri, image_keys, raw_labels, storage, limits, field, manifest_bytes=size)
+        dataset = load_listed_images(
+            uri, image_keys, raw_labels, storage, limits, field, allocate, manifest_bytes=size
+        )
         dataset.source = "file" if local else "s3"
         if columns.key is not None:
             dataset.keys = keys

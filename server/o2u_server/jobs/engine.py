@@ -45,10 +45,10 @@ from o2u_engine import (
 )
 from o2u_engine.accuracy import AccuracyEstimate, label_accuracy, per_class_label_accuracy
 from o2u_engine.config import validate_config
-from o2u_engine.launch import SharedMemoryFull, WorkerFailed, score_noise_workers, shared_tensor
+from o2u_engine.launch import SharedMemoryFull, WorkerFailed, score_noise_workers, shared_array, shared_tensor
 from o2u_engine.process import TrainingError, TrainingProcesses
 from o2u_engine.validate import MIN_SAMPLES
-from o2u_server.datasets import LoadedDataset
+from o2u_server.datasets import Allocate, LoadedDataset
 from o2u_server.domain import (
     ClassNoise,
     CleanRetrainingInfo,
@@ -137,6 +137,12 @@ class Engine:
         """Whether score_noise trains in other processes, which read the samples from shared memory."""
         return self.processes is not None or self.world_size > 1
 
+    @property
+    def allocate(self) -> Allocate:
+        """Where a job's loader decodes the samples: shared memory when score_noise trains in other
+        processes, so that `share_samples` moves nothing and the samples are never held twice."""
+        return shared_array if self.trains_elsewhere else np.empty
+
     def start(self, devices: Sequence[str]) -> None:
         """Before the first job: start a training process per worker slot (they import torch meanwhile)."""
         if self.processes is not None:
@@ -208,8 +214,9 @@ class Engine:
 def share_samples(dataset: LoadedDataset) -> tuple[torch.Tensor, torch.Tensor]:
     """Move the dataset's features and labels into shared memory, where other processes read them
     without a copy each, and leave the dataset holding views of them (its own arrays are freed once
-    nothing else refers to them): the shared tensors. SharedMemoryFull when /dev/shm cannot hold
-    them (the dataset is left as it was)."""
+    nothing else refers to them): the shared tensors. Features a loader decoded into shared memory
+    (`Engine.allocate`) stay where they are. SharedMemoryFull when /dev/shm cannot hold them (the
+    dataset is left as it was)."""
     features = shared_tensor(dataset.features)
     labels = shared_tensor(dataset.labels, torch.int64)
     dataset.features, dataset.labels = features.numpy(), labels.numpy()

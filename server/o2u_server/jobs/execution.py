@@ -234,7 +234,12 @@ class Execution:
 
         storage = self._storage.for_job(control.requested, loading_progress(on_loading))
         dataset = load_dataset(
-            spec.dataset_uri, spec.dataset_format, storage, self._limits, options=spec.dataset_options
+            spec.dataset_uri,
+            spec.dataset_format,
+            storage,
+            self._limits,
+            options=spec.dataset_options,
+            allocate=self._engine.allocate,
         )
         self._metrics.dataset_bytes_read.labels(source=dataset.source).inc(dataset.bytes_read)
         reads = storage.reads

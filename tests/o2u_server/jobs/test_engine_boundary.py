@@ -16,7 +16,7 @@ import torch
 
 import o2u_engine
 from o2u_engine import ConfigError, DataValidationError, DeviceOutOfMemory, O2UConfig
-from o2u_engine.launch import SharedMemoryFull
+from o2u_engine.launch import SharedMemoryFull, shared_array
 from o2u_engine.process import TrainingError
 from o2u_server.datasets import LoadedDataset
 from o2u_server.domain import Progress, Stage
@@ -186,10 +186,32 @@ def test_samples_for_other_processes_are_held_once_in_shared_memory(
     np.testing.assert_array_equal(dataset.labels, blobs.labels)
 
 
+@pytest.mark.parametrize(
+    "engine_for",
+    [partial(Engine, world_size=2), partial(Engine, processes=TrainingProcesses())],
+    ids=["workers", "process"],
+)
+def test_samples_decoded_into_shared_memory_are_not_moved(
+    engine_for: Callable[..., Engine], blobs: LoadedDataset, tmp_path: Path
+) -> None:
+    """A job that trains in other processes has its loader decode into shared memory
+    (`Engine.allocate`), so the samples reach score_noise where the loader put them: the server
+    never holds a second copy, not even for the moment of a move."""
+    engine = engine_for()
+    assert engine.allocate is shared_array
+    decoded = engine.allocate(blobs.features.shape, blobs.features.dtype)
+    decoded[:] = blobs.features
+    dataset = dataclasses.replace(blobs, features=decoded, labels=blobs.labels.copy())
+    features, _ = _samples_received(engine_for, dataset, tmp_path)
+    assert features.data_ptr() == decoded.ctypes.data
+    np.testing.assert_array_equal(dataset.features, blobs.features)
+
+
 def test_samples_trained_in_the_servers_thread_stay_where_they_are(
     blobs: LoadedDataset, tmp_path: Path
 ) -> None:
     assert not Engine().trains_elsewhere
+    assert Engine().allocate is np.empty  # the loader's own array
     dataset = _copy(blobs)
     features, labels = dataset.features, dataset.labels
     received = _samples_received(Engine, dataset, tmp_path)
