@@ -109,7 +109,9 @@ def _shared_view(array: np.ndarray) -> torch.Tensor | None:
     owner: object = array
     while isinstance(owner, np.ndarray):
         owner = owner.base
-    if not isinstance(owner, torch.Tensor) or not owner.is_shared() or not array.dtype.isnative:  # type: ignore[no-untyped-call]
+    if not isinstance(owner, torch.Tensor) or not array.dtype.isnative:
+        return None
+    if not owner.is_shared():  # type: ignore[no-untyped-call]
         return None
     try:
         layout = torch.from_numpy(array)  # dtype, shape and strides, over the same memory
