@@ -219,7 +219,9 @@ def _launch(
     # dies, even in the middle of a message, reading here ends (EOFError) instead of waiting forever.
     pipes = [context.Pipe(duplex=False) for _ in range(job.world_size)]
     processes = [
-        context.Process(target=_worker, args=(rank, job, pipes[rank][1], cancel), daemon=True)
+        context.Process(
+            target=_worker, args=(rank, job, pipes[rank][1], cancel), daemon=True, name=f"o2u-worker-{rank}"
+        )
         for rank in range(job.world_size)
     ]
     for process, (_, writer) in zip(processes, pipes, strict=True):

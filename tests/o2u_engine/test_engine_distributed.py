@@ -108,11 +108,13 @@ def test_a_killed_worker_fails_the_run(
     events: list[int] = []
     killed: list[int] = []
     stores: list[Path] = []
+    names: list[str] = []
 
     def kill_worker_1_after_first_epoch() -> bool:  # polled by the caller's thread
         workers = multiprocessing.active_children()
         if events and not killed and len(workers) == 2:
             stores.extend(tmp_path.glob("o2u-rendezvous-*/store"))
+            names.extend(sorted(worker.name for worker in workers))
             killed.append(max(worker.pid for worker in workers if worker.pid is not None))
             os.kill(killed[0], signal.SIGKILL)
         return False
@@ -128,6 +130,7 @@ def test_a_killed_worker_fails_the_run(
             should_cancel=kill_worker_1_after_first_epoch,
         )
     assert killed
+    assert names == ["o2u-worker-0", "o2u-worker-1"]  # told apart from the caller's other children
     assert multiprocessing.active_children() == []
     assert stores, "the workers met through a file store in a folder of their own"
     assert list(tmp_path.glob("o2u-rendezvous-*")) == [], "the rendezvous store outlived the run"

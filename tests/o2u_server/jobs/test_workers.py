@@ -73,6 +73,11 @@ def _wait_cyclic(stub: Stub, job_id: str, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+def _workers() -> set[int]:
+    """The pids of this process's data-parallel training workers (not any other child it has)."""
+    return {p.pid for p in multiprocessing.active_children() if p.name.startswith("o2u-worker-") and p.pid}
+
+
 def _scored(
     tmp_path: Path, uri: str, root: Path, name: str, **overrides: Any
 ) -> tuple[pb.ScoringJob, dict[int, float]]:
@@ -108,7 +113,7 @@ def test_cancel_stops_both_workers(tmp_path: Path) -> None:
         stub = Stub(channel)
         job_id = create_job(stub, uri, LONG_CONFIG).job_id
         _wait_cyclic(stub, job_id)
-        assert len(multiprocessing.active_children()) == 2
+        assert len(_workers()) == 2
         stub.CancelScoringJob(pb.CancelScoringJobRequest(job_id=job_id), timeout=10)
         assert wait_for_job(stub, job_id, timeout=30).state == pb.JOB_STATE_CANCELLED
         deadline = time.monotonic() + 15
@@ -121,7 +126,7 @@ def _kill_a_new_worker(known: set[int], timeout: float = 60) -> set[int]:
     """SIGKILL one of the job's worker processes that is not in `known` as soon as one is running;
     returns the pids of the workers seen then."""
     deadline = time.monotonic() + timeout
-    while not (fresh := {w.pid for w in multiprocessing.active_children() if w.pid is not None} - known):
+    while not (fresh := _workers() - known):
         assert time.monotonic() < deadline, "no new training worker started"
         time.sleep(0.01)
     os.kill(max(fresh), signal.SIGKILL)
