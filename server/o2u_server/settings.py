@@ -80,8 +80,8 @@ class Settings(BaseSettings):
     `process`, in a long-lived training process per worker slot, started with the server: training
     then never waits for the interpreter lock the RPCs hold, and a crash in training (a device
     fault, the kernel's OOM killer) ends only that attempt, which resumes from its checkpoint. Each
-    job's samples then move to shared memory (/dev/shm) before it trains. Data-parallel jobs
-    (gpus_per_job > 1) always train in worker processes."""
+    job's samples are then decoded into shared memory (/dev/shm), where the training process reads
+    them. Data-parallel jobs (gpus_per_job > 1) always train in worker processes."""
     cpu_threads: int | None = Field(default=None, ge=1)
     """Torch threads for training on the CPU; default one per CPU this process may use (affinity and
     cgroup quota). On a host whose cores are busy with other work, 1 is often several times faster."""
