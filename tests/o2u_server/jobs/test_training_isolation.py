@@ -2,7 +2,8 @@
 real server: the process starts with the server and serves one job after another, the scores are
 those of training in the server's thread, a cancel stops the training and keeps the process, and
 a killed training process puts the job back in the queue to resume from its checkpoint (the same
-scores again) while the server keeps answering."""
+scores again) while the server keeps answering; in a /dev/shm of the server's own, samples that do
+not fit fail the job at once, and every job gives its shared memory back."""
 
 from __future__ import annotations
 
@@ -196,7 +197,19 @@ def test_o2u_server_drains_a_training_process_job_on_sigterm_and_resumes_it(tmp_
     assert resumed.progress.epoch > 1  # resumed from the epoch the drain checkpointed
 
 
-SMALL_SHM = ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs /dev/shm && exec "$@"', "sh"]
+def _own_shm(size: str) -> list[str]:
+    """The wrapper that starts a server in a mount namespace with a /dev/shm of `size` of its own."""
+    return [
+        "unshare",
+        "--mount",
+        "sh",
+        "-c",
+        f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$@"',
+        "sh",
+    ]
+
+
+SMALL_SHM = _own_shm("64k")
 
 
 def _require_own_mounts() -> None:
@@ -239,3 +252,34 @@ def test_samples_that_do_not_fit_shared_memory_fail_the_job_at_once(tmp_path: Pa
     assert "torch_" not in job.error.message  # torch's name for the segment is for the log
     assert re.search(r"^o2u_training_worker_failures_total 0\.0$", metrics, re.MULTILINE)
     assert "No space left on device" in server.log_tail(20_000)  # the operator's log has the cause
+
+
+def _shm_used(server: ServerProcess) -> int:
+    """Bytes in use in the server's own /dev/shm (seen through its root, in its mount namespace)."""
+    stats = os.statvfs(f"/proc/{server.pid}/root/dev/shm")
+    return (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+
+
+def test_every_job_gives_its_shared_memory_back(tmp_path: Path) -> None:
+    """Each job's samples live in /dev/shm while it trains and are freed when it ends: in a /dev/shm
+    that holds the digits' samples about three times, six jobs in a row all succeed, and it is as
+    empty after them as before (a leak would fail the fourth SHARED_MEMORY_FULL)."""
+    _require_own_mounts()
+    uri, root = _digits(tmp_path)
+    server = ServerProcess(
+        tmp_path / "state", root, wrapper=_own_shm("400k"), O2U_TRAINING_ISOLATION="process"
+    )
+    try:
+        server.start()
+        before = _shm_used(server)
+        with grpc.insecure_channel(server.address) as channel:
+            stub = Stub(channel)
+            jobs = [
+                wait_for_job(stub, create_job(stub, uri, {**CONFIG, "seed": seed}).job_id)
+                for seed in range(6)
+            ]
+        after = _shm_used(server)
+    finally:
+        server.stop()
+    assert [job.state for job in jobs] == [pb.JOB_STATE_SUCCEEDED] * 6, [job.error for job in jobs]
+    assert after <= before + 64 * 1024, (before, after)
