@@ -263,7 +263,8 @@ def _shm_used(server: ServerProcess) -> int:
 def test_every_job_gives_its_shared_memory_back(tmp_path: Path) -> None:
     """Each job's samples live in /dev/shm while it trains and are freed when it ends: in a /dev/shm
     that holds the digits' samples about three times, six jobs in a row all succeed, and it is as
-    empty after them as before (a leak would fail the fourth SHARED_MEMORY_FULL)."""
+    empty after them and a cancelled one as before (a leak would fail the fourth
+    SHARED_MEMORY_FULL)."""
     _require_own_mounts()
     uri, root = _digits(tmp_path)
     server = ServerProcess(
@@ -278,8 +279,13 @@ def test_every_job_gives_its_shared_memory_back(tmp_path: Path) -> None:
                 wait_for_job(stub, create_job(stub, uri, {**CONFIG, "seed": seed}).job_id)
                 for seed in range(6)
             ]
+            cancelled = create_job(stub, uri, LONG_CONFIG).job_id  # and one that ends early
+            _wait_cyclic(stub, cancelled)
+            stub.CancelScoringJob(pb.CancelScoringJobRequest(job_id=cancelled), timeout=10)
+            jobs.append(wait_for_job(stub, cancelled))
         after = _shm_used(server)
     finally:
         server.stop()
-    assert [job.state for job in jobs] == [pb.JOB_STATE_SUCCEEDED] * 6, [job.error for job in jobs]
+    states = [pb.JOB_STATE_SUCCEEDED] * 6 + [pb.JOB_STATE_CANCELLED]
+    assert [job.state for job in jobs] == states, [job.error for job in jobs]
     assert after <= before + 64 * 1024, (before, after)
