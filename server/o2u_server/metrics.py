@@ -8,6 +8,7 @@ per-sample labels, which would grow without bound.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -55,6 +56,33 @@ class _DeviceMemoryCollector(Collector):
         yield family
 
 
+class _SharedMemoryCollector(Collector):
+    """o2u_shared_memory_size_bytes and o2u_shared_memory_used_bytes of /dev/shm, read at scrape
+    time: jobs that train in other processes (several GPUs, or the training process) keep their
+    samples there, and one that does not fit fails SHARED_MEMORY_FULL. Nothing where there is none."""
+
+    def __init__(self, path: str = "/dev/shm") -> None:
+        self._path = path
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            stats = os.statvfs(self._path)
+        except OSError:
+            return
+        size = stats.f_blocks * stats.f_frsize
+        used = (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+        yield GaugeMetricFamily(
+            "o2u_shared_memory_size_bytes",
+            "Size of /dev/shm (the chart's shm.sizeLimit), in bytes",
+            value=size,
+        )
+        yield GaugeMetricFamily(
+            "o2u_shared_memory_used_bytes",
+            "Bytes in use in /dev/shm, mostly the samples of jobs that train in other processes",
+            value=used,
+        )
+
+
 class ServerMetrics:
     """Every metric the server exports."""
 
@@ -63,6 +91,7 @@ class ServerMetrics:
         self._count_lock = threading.Lock()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
+        self.registry.register(_SharedMemoryCollector())
         if torch.cuda.is_available():
             self.registry.register(_DeviceMemoryCollector())
         registry = self.registry

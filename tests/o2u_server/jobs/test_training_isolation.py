@@ -254,17 +254,18 @@ def test_samples_that_do_not_fit_shared_memory_fail_the_job_at_once(tmp_path: Pa
     assert "No space left on device" in server.log_tail(20_000)  # the operator's log has the cause
 
 
-def _shm_used(server: ServerProcess) -> int:
-    """Bytes in use in the server's own /dev/shm (seen through its root, in its mount namespace)."""
-    stats = os.statvfs(f"/proc/{server.pid}/root/dev/shm")
-    return (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+def _shm_bytes(server: ServerProcess, name: str) -> float:
+    """The server's o2u_shared_memory_<name>_bytes, as scraped."""
+    match = re.search(rf"^o2u_shared_memory_{name}_bytes (\S+)$", server.scrape(), re.MULTILINE)
+    assert match, f"o2u_shared_memory_{name}_bytes is not exported"
+    return float(match[1])
 
 
 def test_every_job_gives_its_shared_memory_back(tmp_path: Path) -> None:
     """Each job's samples live in /dev/shm while it trains and are freed when it ends: in a /dev/shm
     that holds the digits' samples about three times, six jobs in a row all succeed, and it is as
-    empty after them and a cancelled one as before (a leak would fail the fourth
-    SHARED_MEMORY_FULL)."""
+    empty after them and a cancelled one as before, by the server's own metrics (a leak would fail
+    the fourth SHARED_MEMORY_FULL)."""
     _require_own_mounts()
     uri, root = _digits(tmp_path)
     server = ServerProcess(
@@ -272,7 +273,7 @@ def test_every_job_gives_its_shared_memory_back(tmp_path: Path) -> None:
     )
     try:
         server.start()
-        before = _shm_used(server)
+        size, before = _shm_bytes(server, "size"), _shm_bytes(server, "used")
         with grpc.insecure_channel(server.address) as channel:
             stub = Stub(channel)
             jobs = [
@@ -283,9 +284,10 @@ def test_every_job_gives_its_shared_memory_back(tmp_path: Path) -> None:
             _wait_cyclic(stub, cancelled)
             stub.CancelScoringJob(pb.CancelScoringJobRequest(job_id=cancelled), timeout=10)
             jobs.append(wait_for_job(stub, cancelled))
-        after = _shm_used(server)
+        after = _shm_bytes(server, "used")
     finally:
         server.stop()
     states = [pb.JOB_STATE_SUCCEEDED] * 6 + [pb.JOB_STATE_CANCELLED]
     assert [job.state for job in jobs] == states, [job.error for job in jobs]
+    assert size == 400 * 1024  # the metrics read the server's own /dev/shm
     assert after <= before + 64 * 1024, (before, after)
