@@ -128,6 +128,27 @@ CASES: dict[str, tuple[list[dict[str, str]], list[tuple[str, str, list[dict[str,
         ],
         [("30m", "O2UJobsNotClaimed", [])],
     ),
+    "shared memory held by an idle server": (
+        [
+            series("o2u_shared_memory_used_bytes", "0x5 1073741824x60"),
+            series("o2u_replica_jobs_running", "1x5 0x60"),
+        ],
+        [
+            ("20m", "O2USharedMemoryHeld", []),
+            ("45m", "O2USharedMemoryHeld", firing(instance="10.0.0.7:9464")),
+        ],
+    ),
+    "shared memory held by a running job": (
+        [series("o2u_shared_memory_used_bytes", "1073741824x60"), series("o2u_replica_jobs_running", "1x60")],
+        [("45m", "O2USharedMemoryHeld", [])],
+    ),
+    "shared memory freed after each job": (
+        [
+            series("o2u_shared_memory_used_bytes", "1073741824x10 65536x50"),
+            series("o2u_replica_jobs_running", "1x10 0x50"),
+        ],
+        [("55m", "O2USharedMemoryHeld", [])],
+    ),
     "server errors": (
         [
             series("o2u_grpc_requests_total", "0+100x30", method="GetScoringJob", code="OK"),
