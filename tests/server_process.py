@@ -11,17 +11,19 @@ Usage::
     server.signal(signal.SIGKILL)       # a crash; start() again to restart on the same state
     server.spawned_children()           # pids of its training workers or processes
     server.scrape()                     # its /metrics text
+    server.gauge("o2u_jobs_queued")     # one unlabelled gauge of it
     server.stop()                       # always, in a finally
 
 Settings are O2U_* environment variables given as keywords; the gRPC and metrics ports are free
 loopback ports chosen once, so a restarted server keeps its address. `wrapper` is a command put in
-front of the server's, which must exec it (so signals reach the server), e.g. to give it a mount
-namespace of its own.
+front of the server's, which must exec it (so signals reach the server), e.g. `own_shm(size)`, a
+mount namespace with a /dev/shm of that size of its own (`require_own_mounts` first).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -32,9 +34,38 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-__all__ = ["ServerProcess"]
+__all__ = ["ServerProcess", "own_shm", "require_own_mounts"]
+
+
+def own_shm(size: str) -> list[str]:
+    """A `wrapper` that starts the server in a mount namespace with a /dev/shm of `size` of its own."""
+    return [
+        "unshare",
+        "--mount",
+        "sh",
+        "-c",
+        f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$@"',
+        "sh",
+    ]
+
+
+def require_own_mounts() -> None:
+    """Skip unless this process may give a child a mount namespace with a /dev/shm of its own
+    (root and util-linux's unshare); fail under CI=true, which runs as root."""
+    try:
+        probe = subprocess.run([*own_shm("64k"), "true"], capture_output=True, timeout=30)
+        reason = probe.stderr.decode(errors="replace").strip() or f"exit status {probe.returncode}"
+        allowed = probe.returncode == 0
+    except FileNotFoundError:
+        allowed, reason = False, "unshare (util-linux) is not installed"
+    if not allowed:
+        message = f"a server with a /dev/shm of its own needs root and unshare: {reason}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 def _free_port() -> int:
@@ -136,6 +167,12 @@ class ServerProcess:
         with urllib.request.urlopen(url, timeout=10) as response:
             text: str = response.read().decode()
         return text
+
+    def gauge(self, name: str) -> float:
+        """The value of the unlabelled metric `name` in its /metrics."""
+        match = re.search(rf"^{re.escape(name)} (\S+)$", self.scrape(), re.MULTILINE)
+        assert match, f"{name} is not exported"
+        return float(match[1])
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

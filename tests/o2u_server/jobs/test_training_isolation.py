@@ -11,18 +11,16 @@ import multiprocessing
 import os
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, own_shm, require_own_mounts
 from tests.server_testing import (
     assert_requeued_and_resumed,
     create_job,
@@ -197,41 +195,13 @@ def test_o2u_server_drains_a_training_process_job_on_sigterm_and_resumes_it(tmp_
     assert resumed.progress.epoch > 1  # resumed from the epoch the drain checkpointed
 
 
-def _own_shm(size: str) -> list[str]:
-    """The wrapper that starts a server in a mount namespace with a /dev/shm of `size` of its own."""
-    return [
-        "unshare",
-        "--mount",
-        "sh",
-        "-c",
-        f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$@"',
-        "sh",
-    ]
-
-
-SMALL_SHM = _own_shm("64k")
-
-
-def _require_own_mounts() -> None:
-    """Skip unless this process may give a child a mount namespace with a /dev/shm of its own
-    (root and util-linux's unshare); fail under CI=true, which runs as root."""
-    try:
-        probe = subprocess.run([*SMALL_SHM, "true"], capture_output=True, timeout=30)
-        reason = probe.stderr.decode(errors="replace").strip() or f"exit status {probe.returncode}"
-        allowed = probe.returncode == 0
-    except FileNotFoundError:
-        allowed, reason = False, "unshare (util-linux) is not installed"
-    if not allowed:
-        message = f"a server with a 64 KiB /dev/shm of its own needs root and unshare: {reason}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+SMALL_SHM = own_shm("64k")
 
 
 def test_samples_that_do_not_fit_shared_memory_fail_the_job_at_once(tmp_path: Path) -> None:
     """A real /dev/shm too small for the digits: the job fails RESOURCE_EXHAUSTED on its first
     attempt, saying what to do, instead of being retried as a dead worker; the server serves on."""
-    _require_own_mounts()
+    require_own_mounts()
     uri, root = _digits(tmp_path)
     server = ServerProcess(tmp_path / "state", root, wrapper=SMALL_SHM, O2U_TRAINING_ISOLATION="process")
     try:
@@ -254,26 +224,22 @@ def test_samples_that_do_not_fit_shared_memory_fail_the_job_at_once(tmp_path: Pa
     assert "No space left on device" in server.log_tail(20_000)  # the operator's log has the cause
 
 
-def _shm_bytes(server: ServerProcess, name: str) -> float:
-    """The server's o2u_shared_memory_<name>_bytes, as scraped."""
-    match = re.search(rf"^o2u_shared_memory_{name}_bytes (\S+)$", server.scrape(), re.MULTILINE)
-    assert match, f"o2u_shared_memory_{name}_bytes is not exported"
-    return float(match[1])
-
-
 def test_every_job_gives_its_shared_memory_back(tmp_path: Path) -> None:
     """Each job's samples live in /dev/shm while it trains and are freed when it ends: in a /dev/shm
-    that holds the digits' samples about three times, six jobs in a row all succeed, and it is as
-    empty after them and a cancelled one as before, by the server's own metrics (a leak would fail
-    the fourth SHARED_MEMORY_FULL)."""
-    _require_own_mounts()
+    with room for the digits' samples three times but not four, six jobs in a row all succeed, and
+    it is as empty after them and a cancelled one as before, by the server's own metrics (a leak
+    would fail the fourth SHARED_MEMORY_FULL)."""
+    require_own_mounts()
     uri, root = _digits(tmp_path)
     server = ServerProcess(
-        tmp_path / "state", root, wrapper=_own_shm("400k"), O2U_TRAINING_ISOLATION="process"
+        tmp_path / "state", root, wrapper=own_shm("400k"), O2U_TRAINING_ISOLATION="process"
     )
     try:
         server.start()
-        size, before = _shm_bytes(server, "size"), _shm_bytes(server, "used")
+        size, before = (
+            server.gauge("o2u_shared_memory_size_bytes"),
+            server.gauge("o2u_shared_memory_used_bytes"),
+        )
         with grpc.insecure_channel(server.address) as channel:
             stub = Stub(channel)
             jobs = [
@@ -284,7 +250,7 @@ def test_every_job_gives_its_shared_memory_back(tmp_path: Path) -> None:
             _wait_cyclic(stub, cancelled)
             stub.CancelScoringJob(pb.CancelScoringJobRequest(job_id=cancelled), timeout=10)
             jobs.append(wait_for_job(stub, cancelled))
-        after = _shm_bytes(server, "used")
+        after = server.gauge("o2u_shared_memory_used_bytes")
     finally:
         server.stop()
     states = [pb.JOB_STATE_SUCCEEDED] * 6 + [pb.JOB_STATE_CANCELLED]

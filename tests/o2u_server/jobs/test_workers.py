@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, own_shm, require_own_mounts
 from tests.server_testing import (
     assert_requeued_and_resumed,
     create_job,
@@ -225,6 +225,27 @@ def test_resume_after_sigkill_gives_the_uninterrupted_scores(tmp_path: Path) -> 
             assert _scores(stub, job_id) == expected
     finally:
         server.stop()
+
+
+def test_a_data_parallel_job_gives_its_shared_memory_back(tmp_path: Path) -> None:
+    """The samples the workers read from /dev/shm are freed when the job ends: in a server's own
+    /dev/shm, by its own metrics, as empty after a 2-worker job as before it."""
+    require_own_mounts()
+    uri, _, root = _digits(tmp_path)
+    server = ServerProcess(
+        tmp_path / "state", root, wrapper=own_shm("400k"), O2U_GPUS_PER_JOB="2", O2U_CPU_THREADS="1"
+    )
+    try:
+        server.start()
+        before = server.gauge("o2u_shared_memory_used_bytes")
+        with server_channel(server) as stub:
+            job = wait_for_job(stub, create_job(stub, uri, CONFIG).job_id, timeout=240)
+        after = server.gauge("o2u_shared_memory_used_bytes")
+    finally:
+        server.stop()
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    assert job.run_info.world_size == 2
+    assert after <= before + 64 * 1024, (before, after)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
