@@ -27,6 +27,7 @@ and resumed from its checkpoint.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import sqlite3
 import threading
 import time
@@ -56,6 +57,7 @@ __all__ = [
     "ErrorDetails",
     "RunningServer",
     "call_error",
+    "child_pids",
     "create_job",
     "error_details",
     "rpc_error",
@@ -210,6 +212,13 @@ def write_noisy_blobs(
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, x=features, y=labels)
     return flipped
+
+
+def child_pids(name_prefix: str) -> set[int]:
+    """The pids of this process's multiprocessing children whose name starts with `name_prefix`:
+    "o2u-training" for training processes, "o2u-worker-" for data-parallel workers (never another
+    child the test process may have)."""
+    return {p.pid for p in multiprocessing.active_children() if p.name.startswith(name_prefix) and p.pid}
 
 
 def create_job(

@@ -7,7 +7,6 @@ not fit fail the job at once, and every job gives its shared memory back."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import re
 import signal
@@ -23,6 +22,7 @@ from o2u.v1 import scoring_pb2_grpc
 from tests.server_process import ServerProcess, own_shm, require_own_mounts
 from tests.server_testing import (
     assert_requeued_and_resumed,
+    child_pids,
     create_job,
     running_server,
     test_settings,
@@ -54,10 +54,6 @@ def _scores(stub: Stub, job_id: str) -> dict[int, float]:
     return {s.sample_id: s.score for s in stub.ListNoiseScores(request, timeout=30).noise_scores}
 
 
-def _training_pids() -> set[int]:
-    return {p.pid for p in multiprocessing.active_children() if p.name == "o2u-training" and p.pid}
-
-
 def _wait_cyclic(stub: Stub, job_id: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     request = pb.GetScoringJobRequest(job_id=job_id)
@@ -69,9 +65,9 @@ def _wait_cyclic(stub: Stub, job_id: str, timeout: float = 120) -> None:
 
 def _wait_no_training_process(timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
-    while _training_pids() and time.monotonic() < deadline:
+    while child_pids("o2u-training") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _training_pids() == set()
+    assert child_pids("o2u-training") == set()
 
 
 def test_the_training_process_scores_as_the_server_thread_does(tmp_path: Path) -> None:
@@ -80,19 +76,19 @@ def test_the_training_process_scores_as_the_server_thread_does(tmp_path: Path) -
     with running_server(settings) as server, server.channel() as channel:
         stub = Stub(channel)
         in_thread = _scores(stub, wait_for_job(stub, create_job(stub, uri, CONFIG).job_id).job_id)
-        assert _training_pids() == set()
+        assert child_pids("o2u-training") == set()
 
     settings = test_settings(state_dir=tmp_path / "process", data_roots=[root], training_isolation="process")
     with running_server(settings) as server, server.channel() as channel:
         stub = Stub(channel)
-        started = _training_pids()
+        started = child_pids("o2u-training")
         assert len(started) == 1  # started with the server, before any job
         first = wait_for_job(stub, create_job(stub, uri, CONFIG).job_id)
         second = wait_for_job(stub, create_job(stub, uri, CONFIG).job_id)
         assert (first.state, second.state) == (pb.JOB_STATE_SUCCEEDED,) * 2, (first.error, second.error)
         assert _scores(stub, first.job_id) == in_thread  # score for score
         assert _scores(stub, second.job_id) == in_thread
-        assert _training_pids() == started  # both jobs in the same process
+        assert child_pids("o2u-training") == started  # both jobs in the same process
     _wait_no_training_process()  # stopped with the server
 
 
@@ -101,15 +97,15 @@ def test_cancel_stops_the_training_and_keeps_the_process(tmp_path: Path) -> None
     settings = test_settings(state_dir=tmp_path / "state", data_roots=[root], training_isolation="process")
     with running_server(settings) as server, server.channel() as channel:
         stub = Stub(channel)
-        started = _training_pids()
+        started = child_pids("o2u-training")
         job_id = create_job(stub, uri, LONG_CONFIG).job_id
         _wait_cyclic(stub, job_id)
         stub.CancelScoringJob(pb.CancelScoringJobRequest(job_id=job_id), timeout=10)
         assert wait_for_job(stub, job_id, timeout=30).state == pb.JOB_STATE_CANCELLED
-        assert _training_pids() == started
+        assert child_pids("o2u-training") == started
         after = wait_for_job(stub, create_job(stub, uri, CONFIG).job_id)
         assert after.state == pb.JOB_STATE_SUCCEEDED, after.error
-        assert _training_pids() == started
+        assert child_pids("o2u-training") == started
 
 
 def test_a_killed_training_process_is_retried_from_the_checkpoint(tmp_path: Path) -> None:
@@ -128,7 +124,7 @@ def test_a_killed_training_process_is_retried_from_the_checkpoint(tmp_path: Path
         assert reference.state == pb.JOB_STATE_SUCCEEDED, reference.error
         job_id = create_job(stub, uri, config).job_id
         _wait_cyclic(stub, job_id)
-        (killed,) = _training_pids()
+        (killed,) = child_pids("o2u-training")
         os.kill(killed, signal.SIGKILL)
         answer = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING  # the server lives on
@@ -137,7 +133,7 @@ def test_a_killed_training_process_is_retried_from_the_checkpoint(tmp_path: Path
         assert job.attempts == 2
         assert _scores(stub, job_id) == _scores(stub, reference.job_id)  # as if never interrupted
         events = [r.event for r in stub.WatchScoringJob(pb.WatchScoringJobRequest(job_id=job_id), timeout=30)]
-        fresh = _training_pids()
+        fresh = child_pids("o2u-training")
         assert re.search(r"^o2u_training_worker_failures_total 1\.0$", server.scrape(), re.MULTILINE)
         assert len(fresh) == 1
         assert killed not in fresh  # the next attempt started a new one

@@ -26,6 +26,7 @@ from o2u.v1 import scoring_pb2_grpc
 from tests.server_process import ServerProcess, own_shm, require_own_mounts
 from tests.server_testing import (
     assert_requeued_and_resumed,
+    child_pids,
     create_job,
     running_server,
     test_settings,
@@ -73,11 +74,6 @@ def _wait_cyclic(stub: Stub, job_id: str, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def _workers() -> set[int]:
-    """The pids of this process's data-parallel training workers (not any other child it has)."""
-    return {p.pid for p in multiprocessing.active_children() if p.name.startswith("o2u-worker-") and p.pid}
-
-
 def _scored(
     tmp_path: Path, uri: str, root: Path, name: str, **overrides: Any
 ) -> tuple[pb.ScoringJob, dict[int, float]]:
@@ -113,7 +109,7 @@ def test_cancel_stops_both_workers(tmp_path: Path) -> None:
         stub = Stub(channel)
         job_id = create_job(stub, uri, LONG_CONFIG).job_id
         _wait_cyclic(stub, job_id)
-        assert len(_workers()) == 2
+        assert len(child_pids("o2u-worker-")) == 2
         stub.CancelScoringJob(pb.CancelScoringJobRequest(job_id=job_id), timeout=10)
         assert wait_for_job(stub, job_id, timeout=30).state == pb.JOB_STATE_CANCELLED
         deadline = time.monotonic() + 15
@@ -126,7 +122,7 @@ def _kill_a_new_worker(known: set[int], timeout: float = 60) -> set[int]:
     """SIGKILL one of the job's worker processes that is not in `known` as soon as one is running;
     returns the pids of the workers seen then."""
     deadline = time.monotonic() + timeout
-    while not (fresh := _workers() - known):
+    while not (fresh := child_pids("o2u-worker-") - known):
         assert time.monotonic() < deadline, "no new training worker started"
         time.sleep(0.01)
     os.kill(max(fresh), signal.SIGKILL)
