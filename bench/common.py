@@ -2,11 +2,11 @@
 
 Every benchmark scores the same thing - how well a method ranks the samples whose labels were
 flipped on purpose - so the data (scikit-learn's real digits, or a synthetic feature set of any
-size), the noise injection (symmetric or pair, exact per-class rates, seeded) and the metrics
-(AUROC, average precision, precision/recall at k = number of flipped labels, F1 of a method's own
-suspected set) live here once. It imports NumPy, scikit-learn and the standard library at the
-top (torch and the engine only inside the two functions that need them), so the GPU script can
-use it on a machine without the service's other dependencies.
+size), the noise injection (symmetric, pair or on look-alike samples, exact per-class rates,
+seeded) and the metrics (AUROC, average precision, precision/recall at k = number of flipped
+labels, F1 of a method's own suspected set) live here once. It imports NumPy, scikit-learn and
+the standard library at the top (torch and the engine only inside the two functions that need
+them), so the GPU script can use it on a machine without the service's other dependencies.
 """
 
 from __future__ import annotations
@@ -146,6 +146,43 @@ def inject_noise(
             noisy[chosen] = (c + 1) % num_classes
         else:  # a uniform draw over the K-1 other classes
             noisy[chosen] = (c + rng.integers(1, num_classes, size=len(chosen))) % num_classes
+        flipped[chosen] = True
+    return noisy, flipped
+
+
+def lookalike_noise(
+    samples: np.ndarray, labels: np.ndarray, rate: float, num_classes: int, *, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Instance-dependent noise on look-alike samples; returns (noisy labels, flipped mask).
+
+    Annotators err on samples that resemble another class, towards that class. A multinomial
+    logistic regression on the standardized, flattened samples gives every sample out-of-fold
+    probabilities (5 seeded folds, so no sample's own label shapes its own); in every class c,
+    exactly round(rate x n_c) members are drawn without replacement with a probability
+    proportional to the largest probability of another class, and take that class. So a sample
+    that looks like another class is likely to be flipped, towards the class it looks like, but
+    as in real annotation, many look-alikes keep their right label and a few clear samples do not.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    flat = np.asarray(samples, dtype=np.float32).reshape(len(labels), -1)
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    probabilities = cross_val_predict(model, flat, labels, cv=folds, method="predict_proba")
+    probabilities[np.arange(len(labels)), labels] = -1.0  # the most likely *other* class
+    other = probabilities.argmax(axis=1)
+    resemblance = probabilities.max(axis=1) + 1e-6  # every member can be drawn
+    rng = np.random.default_rng(seed)
+    noisy = labels.copy()
+    flipped = np.zeros(len(labels), dtype=bool)
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        weights = resemblance[members] / resemblance[members].sum()
+        chosen = rng.choice(members, size=round(rate * len(members)), replace=False, p=weights)
+        noisy[chosen] = other[chosen]
         flipped[chosen] = True
     return noisy, flipped
 
