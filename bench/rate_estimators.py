@@ -118,6 +118,13 @@ class RecordingTrainer(Trainer):
         return outcome
 
 
+def plain_disagreement(counts: np.ndarray, labels: np.ndarray) -> float:
+    """The share of samples whose most-voted class over the cyclic epochs is not the given label
+    (a tie with the given label keeps it)."""
+    rows = np.arange(labels.shape[0])
+    return float((counts[rows, labels] < counts.max(axis=1)).mean())
+
+
 def calibrated_joint_rate(counts: np.ndarray, labels: np.ndarray) -> float:
     """1 - trace of the confident joint after calibrating each row to its label count."""
     shares, reaches = confident_classes(counts, labels)
@@ -147,7 +154,7 @@ def estimate_all(
     losses = noise_scores(statistics.mean.cpu().numpy())
     mixture = fit_two_gaussians(report.noise_scores)
     rates = {
-        "plain": float((report.suggested_labels != labels).mean()),
+        "plain": plain_disagreement(counts, labels),
         "confident": float(disagrees.mean()),
         "calibrated": calibrated_joint_rate(counts, labels),
         "mixture": float(mixture.weights[1]) if mixture is not None else 0.0,
@@ -183,7 +190,7 @@ def estimate_features(
     losses = noise_scores(statistics.mean.cpu().numpy())
     mixture = fit_two_gaussians(np.cbrt(losses - losses.min()))
     rates = {
-        "plain": float((report.suggested_labels != labels).mean()),
+        "plain": plain_disagreement(counts, labels),
         "confident": float(disagrees.mean()),
         "calibrated": calibrated_joint_rate(counts, labels),
         "loss mixture": estimate_noise(losses, disagrees, min_separation=0.0).rate,

@@ -32,7 +32,7 @@ from o2u_engine.statistics import CyclicStatistics
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1  # bump when the stored state changes: older checkpoints are then refused
+CHECKPOINT_FORMAT = 2  # bump when the stored state changes: older checkpoints are then refused
 # Knobs that change where data lives, not what is computed; a retry may pick another placement.
 _PLACEMENT_FIELDS = ("data_placement", "stream_chunk_samples")
 

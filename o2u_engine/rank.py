@@ -54,7 +54,16 @@ estimate, its probability fitted isotonically against the ranking score (isotoni
 the suspects are the top of the ranking and the rate is the `aum` score's (it was the losses'
 mixture, which gave 0.381 for the clean digit images, where the margins' gives 0.000).
 
-The suggested label is the class the network predicted most often over the cyclic epochs.
+The suggested label is the class with the highest mean softmax probability over the cyclic
+epochs, and for a suspected sample the highest among the classes other than its given label: a
+suspect is one whose given label is believed wrong, so offering it back would fix nothing, and a
+reviewer working down the list needs the likeliest alternative. Under instance-dependent noise
+(`bench/lookalike_noise.py`) the network often still predicts a look-alike's given label at every
+cyclic epoch, so the most-voted class (the suggestion before) offered the given label back for 15%
+of the wrong labels in the digit images' top k; the mean probability also ranks the other classes
+of a sample the votes never name, and picks the right one more often among those it does (on 1,500
+CIFAR-10N images with aggregate labels, the true class for 0.512 of the wrong labels in the top k,
+against 0.442 for the votes).
 """
 
 from __future__ import annotations
@@ -405,16 +414,23 @@ def cyclic_suspects(
 
 
 def suggest_labels(
-    prediction_counts: np.ndarray, labels: np.ndarray, epochs: int
+    mean_probabilities: np.ndarray, labels: np.ndarray, suspected: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Most predicted class per sample (ties keep the given label, else the lowest class) and the
-    fraction of the `epochs` cyclic epochs that predicted it."""
-    suggested = prediction_counts.argmax(axis=1).astype(np.int64)
-    best = prediction_counts[np.arange(labels.shape[0]), suggested]
-    given_ties = prediction_counts[np.arange(labels.shape[0]), labels] == best
+    """The suggested label of each sample and its mean probability, from the mean softmax
+    probabilities (N, K) of the cyclic epochs (see the module docstring): the likeliest class, a
+    tie keeping the given label (else the lowest class); for a `suspected` (N,) sample the likeliest
+    class other than its given label, a tie taking the lowest."""
+    probabilities = np.nan_to_num(np.asarray(mean_probabilities, dtype=np.float64), nan=0.0)
+    labels = np.asarray(labels, dtype=np.int64)
+    rows = np.arange(labels.shape[0])
+    suggested = probabilities.argmax(axis=1).astype(np.int64)
+    given_ties = probabilities[rows, labels] >= probabilities[rows, suggested]
     suggested = np.where(given_ties, labels, suggested)
-    confidence = best.astype(np.float64) / max(epochs, 1)
-    return suggested, np.clip(confidence, 0.0, 1.0)
+    suspects = np.flatnonzero(suspected)
+    others = probabilities[suspects]  # a copy of the suspects' rows only
+    others[np.arange(suspects.shape[0]), labels[suspects]] = -np.inf
+    suggested[suspects] = others.argmax(axis=1)
+    return suggested, np.clip(probabilities[rows, suggested], 0.0, 1.0)
 
 
 def transition_matrix(
@@ -451,10 +467,10 @@ def noise_ranking(
     mean: np.ndarray,
     variance: np.ndarray,
     prediction_counts: np.ndarray,
+    mean_probabilities: np.ndarray,
     labels: np.ndarray,
     *,
     num_classes: int,
-    cyclic_epochs: int,
     noise_rate: float,
     score: str = "o2u_loss",
     images: bool = True,
@@ -462,10 +478,10 @@ def noise_ranking(
 ) -> NoiseRanking:
     """Everything the report holds per sample and per class; `noise_rate` 0 means estimate it.
     `mean` is the per-sample noise score of the `score` kind before cleaning (see
-    CyclicStatistics.scores); `images` and `rate_scores` as in cyclic_suspects."""
+    CyclicStatistics.scores), `prediction_counts` (N, K) the cyclic stage's votes and
+    `mean_probabilities` (N, K) its mean softmax; `images` and `rate_scores` as in cyclic_suspects."""
     scores = noise_scores(mean)
     variance = np.nan_to_num(np.maximum(np.asarray(variance, dtype=np.float64), 0.0), nan=0.0, posinf=0.0)
-    suggested, confidence = suggest_labels(prediction_counts, labels, cyclic_epochs)
     suspects = cyclic_suspects(
         scores,
         prediction_counts,
@@ -475,6 +491,7 @@ def noise_ranking(
         noise_rate=noise_rate,
         rate_scores=rate_scores,
     )
+    suggested, confidence = suggest_labels(mean_probabilities, labels, suspects.suspected)
     class_counts = np.bincount(labels, minlength=num_classes).astype(np.int64)
     class_suspected = np.bincount(labels[suspects.suspected], minlength=num_classes).astype(np.int64)
     class_rates = class_suspected / np.maximum(class_counts, 1)

@@ -53,8 +53,10 @@ class NoiseReport:
     noise_probability: np.ndarray  # (N,) float64 in [0, 1]
     suspected: np.ndarray  # (N,) bool, the top round(noise_rate_used * N) ranks
     labels: np.ndarray  # (N,) int64, the given labels
-    suggested_labels: np.ndarray  # (N,) int64, class predicted most often in the cyclic epochs
-    suggested_label_confidence: np.ndarray  # (N,) float64, fraction of cyclic epochs predicting it
+    # (N,) int64: the likeliest class by the cyclic epochs' mean softmax; for a suspect, the
+    # likeliest other than its given label
+    suggested_labels: np.ndarray
+    suggested_label_confidence: np.ndarray  # (N,) float64, that class's mean softmax probability
     num_classes: int
     estimated_noise_rate: float  # in [0, 0.5]
     noise_rate_used: float  # config.noise_rate if given, else estimated_noise_rate

@@ -1,6 +1,6 @@
-"""Running per-sample statistics of stage 2: Welford mean/variance of the normalized loss and
-counts of the predicted classes and the summed margins (AUM), kept on the device in O(N) (and
-O(N K) for predictions) memory.
+"""Running per-sample statistics of stage 2: Welford mean/variance of the normalized loss, counts
+of the predicted classes, the summed softmax probabilities and the summed margins (AUM), kept on
+the device in O(N) (and O(N K) for the predictions and probabilities) memory.
 
 Each cyclic epoch contributes one output per sample: the training steps `record` each batch's
 per-sample losses and logits into this epoch's buffers, and `end_epoch` folds the whole epoch in
@@ -33,12 +33,17 @@ class CyclicStatistics:
         self.m2 = torch.zeros(num_samples, dtype=torch.float64, device=device)
         # How often each class was predicted for each sample, (N, K)
         self.prediction_counts = torch.zeros(num_samples, num_classes, dtype=torch.int32, device=device)
+        # Sum over the cyclic epochs of each sample's softmax probabilities, (N, K): where the
+        # suggested labels come from
+        self.probability_sum = torch.zeros(num_samples, num_classes, dtype=torch.float32, device=device)
         self.class_sizes = torch.bincount(labels, minlength=num_classes).to(torch.float64)  # (K,)
         # This epoch's outputs, (N,) each, filled batch by batch; not checkpointed, since a
         # checkpoint is taken between epochs
         self.epoch_losses = torch.zeros(num_samples, dtype=torch.float32, device=device)
         self.epoch_predictions = torch.zeros(num_samples, dtype=torch.int64, device=device)
         self.epoch_margins = torch.zeros(num_samples, dtype=torch.float32, device=device)
+        # (N, K) in half precision: a probability needs no more digits than its sum's
+        self.epoch_probabilities = torch.zeros(num_samples, num_classes, dtype=torch.float16, device=device)
         # Sum over the cyclic epochs of the margin: given-label logit minus the largest other, (N,)
         self.margin_sum = torch.zeros(num_samples, dtype=torch.float64, device=device)
 
@@ -49,6 +54,7 @@ class CyclicStatistics:
         self.epoch_losses[indices] = losses
         self.epoch_predictions[indices] = logits.argmax(dim=1)
         logits = logits.float()
+        self.epoch_probabilities[indices] = logits.softmax(dim=1).to(torch.float16)
         given = self.labels[indices]  # (B,)
         given_logit = logits.gather(1, given[:, None])[:, 0]  # (B,)
         others = logits.scatter(1, given[:, None], float("-inf"))  # (B, K), the given class masked
@@ -59,6 +65,7 @@ class CyclicStatistics:
         accumulators with its loss normalized by the epoch (or class) mean."""
         predicted = self.epoch_predictions.unsqueeze(1)  # (N, 1)
         self.prediction_counts.scatter_add_(1, predicted, torch.ones_like(predicted, dtype=torch.int32))
+        self.probability_sum += self.epoch_probabilities
         losses = self.epoch_losses.to(torch.float64)
         if self.class_aware:
             class_sums = torch.zeros(self.num_classes, dtype=torch.float64, device=losses.device)
@@ -76,6 +83,10 @@ class CyclicStatistics:
     def variance(self) -> torch.Tensor:
         """Population variance of the normalized loss over the epochs folded in so far, (N,)."""
         return self.m2 / max(self.epochs, 1)
+
+    def mean_probabilities(self) -> torch.Tensor:
+        """Mean softmax probability of every class over the epochs folded in so far, (N, K)."""
+        return self.probability_sum / max(self.epochs, 1)
 
     def mean_margin(self) -> torch.Tensor:
         """Mean margin over the epochs folded in so far (AUM), (N,); low means suspicious."""
@@ -106,6 +117,7 @@ class CyclicStatistics:
             "mean": self.mean.cpu(),
             "m2": self.m2.cpu(),
             "prediction_counts": self.prediction_counts.cpu(),
+            "probability_sum": self.probability_sum.cpu(),
             "margin_sum": self.margin_sum.cpu(),
         }
 
@@ -117,6 +129,7 @@ class CyclicStatistics:
             ("mean", self.mean),
             ("m2", self.m2),
             ("prediction_counts", self.prediction_counts),
+            ("probability_sum", self.probability_sum),
             ("margin_sum", self.margin_sum),
         ):
             source = state[name]

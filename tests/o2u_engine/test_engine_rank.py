@@ -210,12 +210,24 @@ def test_the_suspected_set_uses_the_given_rate_or_else_the_estimated_one() -> No
     assert np.array_equal(given.ranks, estimated.ranks)
 
 
-def test_suggested_labels_prefer_the_given_label_on_ties() -> None:
-    counts = np.array([[3, 3, 0], [0, 1, 5], [2, 2, 2], [0, 6, 0]], dtype=np.int32)
+def test_suggested_labels_are_the_likeliest_class_and_prefer_the_given_label_on_ties() -> None:
+    probabilities = np.array([[0.4, 0.4, 0.2], [0.1, 0.2, 0.7], [1 / 3, 1 / 3, 1 / 3], [0.0, 1.0, 0.0]])
     labels = np.array([1, 1, 0, 2])
-    suggested, confidence = suggest_labels(counts, labels, epochs=6)
+    suggested, confidence = suggest_labels(probabilities, labels, np.zeros(4, dtype=bool))
     assert suggested.tolist() == [1, 2, 0, 1]
-    np.testing.assert_allclose(confidence, [0.5, 5 / 6, 2 / 6, 1.0])
+    np.testing.assert_allclose(confidence, [0.4, 0.7, 1 / 3, 1.0])
+
+
+def test_a_suspect_is_never_suggested_its_given_label() -> None:
+    # The network still favours the given label of samples 0 and 2; as suspects they get the
+    # likeliest other class (ties: the lowest), while sample 1, not suspected, keeps its own.
+    probabilities = np.array([[0.1, 0.6, 0.3], [0.2, 0.7, 0.1], [0.0, 0.0, 1.0], [0.5, 0.1, 0.4]])
+    labels = np.array([1, 1, 2, 2])
+    suspected = np.array([True, False, True, True])
+    suggested, confidence = suggest_labels(probabilities, labels, suspected)
+    assert suggested.tolist() == [2, 1, 0, 0]
+    np.testing.assert_allclose(confidence, [0.3, 0.7, 0.0, 0.5])
+    assert not np.any(suggested[suspected] == labels[suspected])
 
 
 def test_transition_matrix_counts_suspects_toward_suggested_label_and_others_toward_given() -> None:
@@ -239,8 +251,9 @@ def test_noise_ranking_summaries() -> None:
     counts[np.arange(100), labels] = 4
     counts[:10] = 0
     counts[np.arange(10), (labels[:10] + 1) % 4] = 4
+    probabilities = counts / 4.0
     ranking = noise_ranking(
-        scores, np.zeros(100), counts, labels, num_classes=4, cyclic_epochs=4, noise_rate=0.0
+        scores, np.zeros(100), counts, probabilities, labels, num_classes=4, noise_rate=0.0
     )
     assert ranking.suspects.estimated_noise_rate == pytest.approx(0.1, abs=0.02)
     assert set(np.flatnonzero(ranking.suspects.suspected)) == set(range(10))
@@ -249,8 +262,10 @@ def test_noise_ranking_summaries() -> None:
     np.testing.assert_allclose(ranking.class_noise_rates, [0.12, 0.12, 0.08, 0.08])
     np.testing.assert_allclose(ranking.transition_matrix[0], [0.88, 0.12, 0, 0])
     np.testing.assert_allclose(np.diag(ranking.transition_matrix), 1 - ranking.class_noise_rates)
+    np.testing.assert_array_equal(ranking.suggested_labels[:10], (labels[:10] + 1) % 4)
+    np.testing.assert_array_equal(ranking.suggested_labels[10:], labels[10:])
     fixed = noise_ranking(
-        scores, np.zeros(100), counts, labels, num_classes=4, cyclic_epochs=4, noise_rate=0.05
+        scores, np.zeros(100), counts, probabilities, labels, num_classes=4, noise_rate=0.05
     )
     assert fixed.suspects.noise_rate_used == 0.05
     assert fixed.suspects.suspected.sum() == 5

@@ -46,6 +46,21 @@ def test_the_state_round_trips_between_epochs() -> None:
     assert torch.equal(restored.m2, statistics.m2)
     assert torch.equal(restored.prediction_counts, statistics.prediction_counts)
     assert torch.equal(restored.margin_sum, statistics.margin_sum)
+    assert torch.equal(restored.probability_sum, statistics.probability_sum)
+    assert restored.probability_sum.abs().sum() > 0
+
+
+def test_mean_probabilities_average_each_epochs_softmax() -> None:
+    statistics = CyclicStatistics(LABELS, 2, class_aware=False)
+    record_epoch(statistics, [1.0, 1.0, 1.0, 1.0])
+    # A batch recorded again in the same epoch (a retried step) replaces its first outputs.
+    statistics.record(torch.tensor([0]), torch.tensor([1.0]), torch.tensor([[0.0, 0.0]]))
+    statistics.record(torch.tensor([0]), torch.tensor([1.0]), LOGITS[:1])
+    statistics.end_epoch()
+    expected = LOGITS.softmax(dim=1)
+    # The epoch's probabilities are kept in half precision until they are folded in.
+    torch.testing.assert_close(statistics.mean_probabilities(), expected, atol=1e-3, rtol=0)
+    torch.testing.assert_close(statistics.mean_probabilities().sum(dim=1), torch.ones(4), atol=2e-3, rtol=0)
 
 
 def test_margins_are_the_given_logit_minus_the_largest_other_averaged_over_epochs() -> None:

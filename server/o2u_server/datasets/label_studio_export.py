@@ -5,8 +5,8 @@ sample's object or file, when the dataset lists files: a folder's or manifest's 
 against the dataset's URI; the `o2u_*` fields: key, sample id, rank, noise score and probability),
 for a Label Studio dataset, the task's own `data` as exported (keys are task ids);
 `annotations` the given label as a `choices` result to check, and `predictions` one entry with the
-suggested label (`result`), our confidence in it (`score`: the share of cyclic epochs that
-predicted it) and `model_version` = the job id. The result names `from_name` `label` and
+suggested label (`result`), our confidence in it (`score`: its mean softmax probability over the
+cyclic epochs) and `model_version` = the job id. The result names `from_name` `label` and
 `to_name` `image`, the names of the labeling config `docs/pipelines.md` gives. Non-suspected rows
 are left out.
 """

@@ -1011,10 +1011,12 @@ class NoiseScore(_message.Message):
     suspected: _builtins.bool
     """Whether the sample is in the suspected set (top noise_rate x N)."""
     suggested_label: _builtins.int
-    """The class the network predicted most often during the cyclic stage."""
+    """The likeliest class by the network's mean softmax over the cyclic stage; for a suspected
+    sample, the likeliest class other than its given label.
+    """
     suggested_label_name: _builtins.str
     suggested_label_confidence: _builtins.float
-    """Fraction of cyclic epochs that predicted the suggested label, in [0, 1]."""
+    """Mean softmax probability of the suggested label over the cyclic epochs, in [0, 1]."""
     def __init__(
         self,
         *,

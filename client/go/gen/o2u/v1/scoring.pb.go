@@ -1826,10 +1826,11 @@ type NoiseScore struct {
 	NoiseProbability float64 `protobuf:"fixed64,8,opt,name=noise_probability,json=noiseProbability,proto3" json:"noise_probability,omitempty"`
 	// Whether the sample is in the suspected set (top noise_rate x N).
 	Suspected bool `protobuf:"varint,9,opt,name=suspected,proto3" json:"suspected,omitempty"`
-	// The class the network predicted most often during the cyclic stage.
+	// The likeliest class by the network's mean softmax over the cyclic stage; for a suspected
+	// sample, the likeliest class other than its given label.
 	SuggestedLabel     int32  `protobuf:"varint,10,opt,name=suggested_label,json=suggestedLabel,proto3" json:"suggested_label,omitempty"`
 	SuggestedLabelName string `protobuf:"bytes,11,opt,name=suggested_label_name,json=suggestedLabelName,proto3" json:"suggested_label_name,omitempty"`
-	// Fraction of cyclic epochs that predicted the suggested label, in [0, 1].
+	// Mean softmax probability of the suggested label over the cyclic epochs, in [0, 1].
 	SuggestedLabelConfidence float64 `protobuf:"fixed64,12,opt,name=suggested_label_confidence,json=suggestedLabelConfidence,proto3" json:"suggested_label_confidence,omitempty"`
 }
 
