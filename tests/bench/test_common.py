@@ -21,7 +21,7 @@ def test_look_alike_noise_flips_an_exact_share_of_every_class_to_another_class()
 
 def test_look_alike_noise_falls_on_samples_that_resemble_their_new_class() -> None:
     """A held-out classifier gives a flipped sample's new label far more probability than a
-    symmetric flip's, and each class's flips go mostly to the classes it is confused with."""
+    symmetric flip's (measured: 0.23 against 0.015 on average)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
 
