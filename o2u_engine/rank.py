@@ -420,7 +420,8 @@ def suggest_labels(
     probabilities (N, K) of the cyclic epochs (see the module docstring): the likeliest class, a
     tie keeping the given label (else the lowest class); for a `suspected` (N,) sample the likeliest
     class other than its given label, a tie taking the lowest."""
-    probabilities = np.nan_to_num(np.asarray(mean_probabilities, dtype=np.float64), nan=0.0)
+    # float32, the sums' own precision: one (N, K) copy, where float64 would take two of twice the size
+    probabilities = np.nan_to_num(np.asarray(mean_probabilities, dtype=np.float32), nan=0.0)
     labels = np.asarray(labels, dtype=np.int64)
     rows = np.arange(labels.shape[0])
     suggested = probabilities.argmax(axis=1).astype(np.int64)
@@ -430,7 +431,7 @@ def suggest_labels(
     others = probabilities[suspects]  # a copy of the suspects' rows only
     others[np.arange(suspects.shape[0]), labels[suspects]] = -np.inf
     suggested[suspects] = others.argmax(axis=1)
-    return suggested, np.clip(probabilities[rows, suggested], 0.0, 1.0)
+    return suggested, np.clip(probabilities[rows, suggested], 0.0, 1.0).astype(np.float64)
 
 
 def transition_matrix(

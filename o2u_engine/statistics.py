@@ -17,6 +17,16 @@ import torch
 
 from o2u_engine.rank import rate_score
 
+# Device bytes per (sample, class) pair while the cyclic stage runs: the int32 vote counts, the
+# float32 probability sums and this epoch's float16 probabilities. The server refuses a dataset
+# whose N x K state would pass its decoded-size limit (tested against the buffers themselves).
+STATE_BYTES_PER_SAMPLE_CLASS = 4 + 4 + 2
+
+
+def state_bytes(num_samples: int, num_classes: int) -> int:
+    """Device bytes of the cyclic stage's per-class state for `num_samples` x `num_classes`."""
+    return STATE_BYTES_PER_SAMPLE_CLASS * num_samples * num_classes
+
 
 class CyclicStatistics:
     """Per-sample accumulators for the cyclic stage, on the device of `labels`."""

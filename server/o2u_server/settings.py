@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     so max_message_bytes must hold about 8 K^2 bytes (checked at start)."""
     max_decoded_bytes: int = Field(default=8 * GIB, ge=1)
     """Largest in-memory size of a dataset once decoded (inflated .npz arrays, decoded images, and
-    stage 2's per-sample class counts of 4 x N x K bytes), in bytes; checked from the headers
+    stage 2's per-class votes and probabilities of 10 x N x K bytes), in bytes; checked from the headers
     before anything is inflated or decoded."""
     max_image_pixels: int = Field(default=16_777_216, ge=1)
     """Largest width x height of one image, checked before decoding (decompression bombs)."""

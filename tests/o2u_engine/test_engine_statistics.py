@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from o2u_engine.statistics import CyclicStatistics, average_ranks
+from o2u_engine.statistics import CyclicStatistics, average_ranks, state_bytes
 
 LABELS = torch.tensor([0, 0, 1, 1])
 LOGITS = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.0]])  # predicts 0, 1, 1, 0
@@ -61,6 +61,17 @@ def test_mean_probabilities_average_each_epochs_softmax() -> None:
     # The epoch's probabilities are kept in half precision until they are folded in.
     torch.testing.assert_close(statistics.mean_probabilities(), expected, atol=1e-3, rtol=0)
     torch.testing.assert_close(statistics.mean_probabilities().sum(dim=1), torch.ones(4), atol=2e-3, rtol=0)
+
+
+def test_the_per_class_state_is_the_size_the_server_checks() -> None:
+    num_samples, num_classes = 5, 7  # neither 1 nor equal, so a (N,) or (K,) buffer cannot pass for (N, K)
+    statistics = CyclicStatistics(torch.arange(num_samples) % 2, num_classes, class_aware=False)
+    per_class = sum(
+        value.numel() * value.element_size()
+        for value in vars(statistics).values()
+        if isinstance(value, torch.Tensor) and value.shape == (num_samples, num_classes)
+    )
+    assert per_class == state_bytes(num_samples, num_classes) == 10 * num_samples * num_classes
 
 
 def test_margins_are_the_given_logit_minus_the_largest_other_averaged_over_epochs() -> None:

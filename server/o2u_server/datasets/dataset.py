@@ -2,9 +2,9 @@
 errors that name the dataset, the limit and its setting.
 
 `check_loaded` is the last check of every loaded dataset, whatever its format: the decoded size and
-stage 2's N x K class counts against `max_decoded_bytes`, and every key and class name against
-the text rules (`o2u_server.text`). `content_digest` is what the job remembers of the data it
-trained on, so a resumed job notices when the dataset changed in between.
+stage 2's N x K per-class state (votes and probabilities) against `max_decoded_bytes`, and every
+key and class name against the text rules (`o2u_server.text`). `content_digest` is what the job
+remembers of the data it trained on, so a resumed job notices when the dataset changed in between.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from o2u_engine.statistics import state_bytes
 from o2u_server.domain import DatasetOptions, SkippedRecords
 from o2u_server.errors import InvalidArgument, ResourceExhausted
 from o2u_server.settings import MAX_CLASS_NAME_CHARS, Settings
@@ -50,7 +51,7 @@ class DatasetLimits:
     max_samples: int
     max_image_pixels: int  # width x height of one image
     max_classes: int = 1000
-    max_decoded_bytes: int = 8 * 1024**3  # decoded arrays, and stage 2's N x K class counts
+    max_decoded_bytes: int = 8 * 1024**3  # decoded arrays, and stage 2's N x K per-class state
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DatasetLimits:
@@ -146,11 +147,12 @@ def check_loaded(dataset: LoadedDataset, uri: str, limits: DatasetLimits) -> Non
         raise too_many_classes(shown(uri), num_classes, limits)
     if dataset.features.nbytes > limits.max_decoded_bytes:
         raise too_much_decoded(f"{shown(uri)} (decoded)", dataset.features.nbytes, limits)
-    counts = 4 * num_samples * num_classes  # stage 2 counts each sample's predicted classes (int32)
-    if counts > limits.max_decoded_bytes:
+    per_class = state_bytes(num_samples, num_classes)  # stage 2's votes and probabilities per class
+    if per_class > limits.max_decoded_bytes:
         raise too_much_decoded(
-            f"{shown(uri)}: stage 2's class counts for {num_samples} samples x {num_classes} classes",
-            counts,
+            f"{shown(uri)}: stage 2's per-class votes and probabilities for {num_samples} samples x "
+            f"{num_classes} classes",
+            per_class,
             limits,
         )
     _check_strings(dataset.class_names, what="class name", max_chars=MAX_CLASS_NAME_CHARS, uri=uri)

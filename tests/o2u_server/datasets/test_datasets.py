@@ -142,6 +142,18 @@ def test_npz_limits_are_checked_before_loading(store: Store, monkeypatch: pytest
 # ---- manifests ------------------------------------------------------------------------------------
 
 
+def test_stage_2s_per_class_state_counts_against_the_decoded_limit(store: Store) -> None:
+    # 100 samples x 50 classes: 800 bytes of features, 10 x 100 x 50 = 50,000 bytes of stage 2's
+    # votes and probabilities, which would take the device past the limit as surely as the samples
+    labels = np.arange(100) % 50
+    uri = store.put("sets/classes.npz", npz_bytes(x=np.zeros((100, 2), dtype=np.float32), y=labels))
+    limits = DatasetLimits(LIMITS.max_bytes, 100, LIMITS.max_image_pixels, 50, 50_000)
+    assert len(load_dataset(uri, None, store.storage, limits).labels) == 100
+    tight = DatasetLimits(LIMITS.max_bytes, 100, LIMITS.max_image_pixels, 50, 49_999)
+    with pytest.raises(ResourceExhausted, match=r"100 samples x 50 classes.* 50000 bytes.*max_decoded_bytes"):
+        load_dataset(uri, None, store.storage, tight)
+
+
 def test_csv_manifest_with_integer_labels(store: Store) -> None:
     expected = make_folder(store, "manifested")
     rows = "key,label\n" + "".join(f"{key},{i % 2}\n" for i, key in enumerate(sorted(expected)))
