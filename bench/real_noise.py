@@ -154,14 +154,22 @@ def row(  # type: ignore[no-untyped-def]
 
 
 def run_set(
-    name: str, images: np.ndarray, labels: np.ndarray, clean: np.ndarray, device: str, paper_score: bool
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    clean: np.ndarray,
+    device: str,
+    paper_score: bool,
+    *,
+    num_classes: int = NUM_CLASSES,
 ) -> list[Row]:
-    """Every method on one labelled set (`clean`: the true labels), with the same network and
-    budget per training (`paper_score`: also O2U with the paper's o2u_loss score, one more training)."""
+    """Every method on one labelled set (`clean`: the true labels) of `num_classes` classes, with
+    the same network and budget per training (`paper_score`: also O2U with the paper's o2u_loss
+    score, one more training)."""
     wrong = labels != clean
     with stopwatch() as o2u_seconds:
         report = o2u_engine.score_noise(
-            images, labels, config=O2UConfig(), num_classes=NUM_CLASSES, device=device
+            images, labels, config=O2UConfig(), num_classes=num_classes, device=device
         )
     rows = [
         row(
@@ -187,7 +195,7 @@ def run_set(
     if paper_score:
         with stopwatch() as paper_seconds:
             paper = o2u_engine.score_noise(
-                images, labels, config=O2UConfig(score="o2u_loss"), num_classes=NUM_CLASSES, device=device
+                images, labels, config=O2UConfig(score="o2u_loss"), num_classes=num_classes, device=device
             )
         rows.append(
             row(
@@ -202,7 +210,7 @@ def run_set(
             )
         )
         show(rows[-1])
-    baselines = BaselineTrainer(images, labels, NUM_CLASSES, report.config, device=device)
+    baselines = BaselineTrainer(images, labels, num_classes, report.config, device=device)
     cleanlab = baselines.cleanlab(folds=5)
     rows.append(
         row(
