@@ -80,6 +80,7 @@ EM_MAX_ITERATIONS = 500
 EM_TOLERANCE = 1e-9  # change in mean log-likelihood per sample
 EM_MAX_FIT_SAMPLES = 200_000  # a strided subsample pins five parameters; EM on millions only costs time
 ISOTONIC_BINS = 1000  # score bins of the isotonic fit of the confident disagreement's flags
+CHUNK_ENTRIES = 1 << 22  # (sample, class) entries a chunk of the per-class reads holds: 32 MiB in float64
 
 
 @dataclass(frozen=True)
@@ -245,19 +246,31 @@ def estimate_noise(
     return NoiseEstimate(probability, rate, capped)
 
 
-def confident_classes(prediction_counts: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(vote shares (N, K), counts (N, K) bool): each sample's share of the cyclic epochs that
-    predicted each class, and whether that share reaches the class's threshold - the mean share
-    the class gets from the samples labeled with it (the confident joint's per-class thresholds).
-    A class with no votes from its own samples never counts (its threshold would be 0, met by
-    every sample), nor does a class with no vote for the sample."""
-    counts = np.asarray(prediction_counts, dtype=np.float64)
+def class_thresholds(prediction_counts: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(K,) float64: each class's threshold of the confident joint, the mean vote share the class
+    gets from the samples labeled with it (0 for a class without samples)."""
+    counts = np.asarray(prediction_counts)
     labels = np.asarray(labels, dtype=np.int64)
     num_classes = counts.shape[1]
-    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
-    own = shares[np.arange(labels.shape[0]), labels]
+    totals = counts.sum(axis=1, dtype=np.float64)
+    own = counts[np.arange(labels.shape[0]), labels] / np.maximum(totals, 1.0)
     sizes = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    thresholds = np.bincount(labels, weights=own, minlength=num_classes) / np.maximum(sizes, 1.0)
+    thresholds: np.ndarray = np.bincount(labels, weights=own, minlength=num_classes) / np.maximum(sizes, 1.0)
+    return thresholds
+
+
+def confident_classes(
+    prediction_counts: np.ndarray, labels: np.ndarray, thresholds: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(vote shares (N, K), counts (N, K) bool): each sample's share of the cyclic epochs that
+    predicted each class, and whether that share reaches the class's threshold (class_thresholds,
+    computed from these rows unless given) - the confident joint's per-class thresholds. A class
+    with no votes from its own samples never counts (its threshold would be 0, met by every
+    sample), nor does a class with no vote for the sample."""
+    counts = np.asarray(prediction_counts, dtype=np.float64)
+    if thresholds is None:
+        thresholds = class_thresholds(prediction_counts, labels)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
     # A share reaches its class's threshold up to rounding: a mean of equal shares may land an ulp above
     reaches = (shares > 0) & (shares >= thresholds[None, :] - 1e-12) & (thresholds[None, :] > 0)
     return shares, reaches
@@ -267,16 +280,24 @@ def confident_disagreement(prediction_counts: np.ndarray, labels: np.ndarray) ->
     """(N,) bool: the samples in the off-diagonal of the confident joint of the cyclic stage's
     votes (see the module docstring and confident_classes): another class than the given label
     reaches its threshold and gets more votes than the given label, if that one counts at all; on
-    a tie with the given label the given label wins."""
+    a tie with the given label the given label wins. Computed CHUNK_ENTRIES votes at a time, so
+    the float64 shares of a million samples of a thousand classes never exist at once."""
+    prediction_counts = np.asarray(prediction_counts)
     labels = np.asarray(labels, dtype=np.int64)
+    flagged = np.zeros(labels.shape[0], dtype=bool)
     if labels.shape[0] == 0:
-        return np.zeros(0, dtype=bool)
-    shares, reaches = confident_classes(prediction_counts, labels)
-    rows = np.arange(labels.shape[0])
-    confident = np.where(reaches, shares, -1.0)
-    given = confident[rows, labels].copy()
-    confident[rows, labels] = -1.0
-    flagged: np.ndarray = confident.max(axis=1) > given
+        return flagged
+    thresholds = class_thresholds(prediction_counts, labels)
+    step = max(1, CHUNK_ENTRIES // max(prediction_counts.shape[1], 1))
+    for start in range(0, labels.shape[0], step):
+        chunk = slice(start, start + step)
+        chunk_labels = labels[chunk]
+        shares, reaches = confident_classes(prediction_counts[chunk], chunk_labels, thresholds)
+        rows = np.arange(chunk_labels.shape[0])
+        confident = np.where(reaches, shares, -1.0)
+        given = confident[rows, chunk_labels].copy()
+        confident[rows, chunk_labels] = -1.0
+        flagged[chunk] = confident.max(axis=1) > given
     return flagged
 
 
@@ -419,19 +440,30 @@ def suggest_labels(
     """The suggested label of each sample and its mean probability, from the mean softmax
     probabilities (N, K) of the cyclic epochs (see the module docstring): the likeliest class, a
     tie keeping the given label (else the lowest class); for a `suspected` (N,) sample the likeliest
-    class other than its given label, a tie taking the lowest."""
-    # float32, the sums' own precision: one (N, K) copy, where float64 would take two of twice the size
-    probabilities = np.nan_to_num(np.asarray(mean_probabilities, dtype=np.float32), nan=0.0)
+    class other than its given label, a tie taking the lowest. Read CHUNK_ENTRIES probabilities at
+    a time, in float32 (their sums' own precision), so no copy of all of them is made."""
+    probabilities = np.asarray(mean_probabilities)
     labels = np.asarray(labels, dtype=np.int64)
-    rows = np.arange(labels.shape[0])
-    suggested = probabilities.argmax(axis=1).astype(np.int64)
-    given_ties = probabilities[rows, labels] >= probabilities[rows, suggested]
-    suggested = np.where(given_ties, labels, suggested)
-    suspects = np.flatnonzero(suspected)
-    others = probabilities[suspects]  # a copy of the suspects' rows only
-    others[np.arange(suspects.shape[0]), labels[suspects]] = -np.inf
-    suggested[suspects] = others.argmax(axis=1)
-    return suggested, np.clip(probabilities[rows, suggested], 0.0, 1.0).astype(np.float64)
+    suspected = np.asarray(suspected, dtype=bool)
+    suggested = np.empty(labels.shape[0], dtype=np.int64)
+    confidence = np.empty(labels.shape[0], dtype=np.float64)
+    step = max(1, CHUNK_ENTRIES // max(probabilities.shape[1], 1))
+    for start in range(0, labels.shape[0], step):
+        chunk = slice(start, start + step)
+        given, suspects = labels[chunk], suspected[chunk]
+        rows = np.arange(given.shape[0])
+        chunk_probabilities = np.nan_to_num(np.array(probabilities[chunk], dtype=np.float32), nan=0.0)
+        likeliest = chunk_probabilities.argmax(axis=1)
+        likeliest = np.where(
+            chunk_probabilities[rows, given] >= chunk_probabilities[rows, likeliest], given, likeliest
+        )
+        # A suspect's given label is masked, so it gets the likeliest other class; its suggestion is
+        # then never the masked entry, and every probability read below is unmasked.
+        chunk_probabilities[rows[suspects], given[suspects]] = -np.inf
+        likeliest[suspects] = chunk_probabilities[suspects].argmax(axis=1)
+        suggested[chunk] = likeliest
+        confidence[chunk] = np.clip(chunk_probabilities[rows, likeliest], 0.0, 1.0)
+    return suggested, confidence
 
 
 def transition_matrix(

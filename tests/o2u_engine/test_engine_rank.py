@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
+from o2u_engine import rank
 from o2u_engine.rank import (
     confident_disagreement,
     cyclic_suspects,
@@ -228,6 +231,47 @@ def test_a_suspect_is_never_suggested_its_given_label() -> None:
     assert suggested.tolist() == [2, 1, 0, 0]
     np.testing.assert_allclose(confidence, [0.3, 0.7, 0.0, 0.5])
     assert not np.any(suggested[suspected] == labels[suspected])
+
+
+def per_class_inputs(num_samples: int, num_classes: int) -> tuple[np.ndarray, ...]:
+    """Votes (int32), mean probabilities (float32, a few NaN, some ties), labels and suspects."""
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 4, (num_samples, num_classes)).astype(np.int32)
+    probabilities = rng.random((num_samples, num_classes)).astype(np.float32)
+    probabilities[:, 1] = probabilities[:, 0]
+    probabilities[rng.random(probabilities.shape) < 0.01] = np.nan
+    return counts, probabilities, rng.integers(0, num_classes, num_samples), rng.random(num_samples) < 0.4
+
+
+def test_the_per_class_reads_give_the_same_answers_chunk_by_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    counts, probabilities, labels, suspected = per_class_inputs(301, 7)
+    whole = confident_disagreement(counts, labels), *suggest_labels(probabilities, labels, suspected)
+    monkeypatch.setattr(rank, "CHUNK_ENTRIES", 10)  # one sample at a time, the last chunk short
+    chunked = confident_disagreement(counts, labels), *suggest_labels(probabilities, labels, suspected)
+    for one, other in zip(whole, chunked, strict=True):
+        np.testing.assert_array_equal(one, other)
+    assert whole[0].any()
+    assert not whole[0].all()
+
+
+def test_the_per_class_reads_never_copy_all_the_votes_or_probabilities(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A million samples of a thousand classes are 4 GB of votes and 4 GB of probabilities: one
+    # float64 copy of either would be 8 GB more. Here 5,000,000 entries, chunks of 65,536.
+    counts, probabilities, labels, suspected = per_class_inputs(100_000, 50)
+    monkeypatch.setattr(rank, "CHUNK_ENTRIES", 1 << 16)
+    for read in (
+        lambda: confident_disagreement(counts, labels),
+        lambda: suggest_labels(probabilities, labels, suspected),
+    ):
+        tracemalloc.start()
+        try:
+            read()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < counts.nbytes // 4  # a float64 copy would be twice counts.nbytes
 
 
 def test_transition_matrix_counts_suspects_toward_suggested_label_and_others_toward_given() -> None:
