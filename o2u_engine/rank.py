@@ -103,22 +103,23 @@ def _otsu_threshold(sorted_values: np.ndarray) -> int:
     return int(np.argmax(between)) + 1
 
 
-def _component_log_density(values: np.ndarray, mixture: GaussianMixture1D) -> np.ndarray:
-    """log(weight_j * N(value; mean_j, var_j)), (N, 2)."""
-    deviation = values[:, None] - mixture.means[None, :]
-    log_density: np.ndarray = (
-        np.log(mixture.weights)[None, :]
-        - 0.5 * np.log(2 * math.pi * mixture.variances)[None, :]
-        - 0.5 * deviation**2 / mixture.variances[None, :]
+def _component_log_densities(values: np.ndarray, mixture: GaussianMixture1D) -> tuple[np.ndarray, np.ndarray]:
+    """log(weight_j * N(value; mean_j, var_j)) for the low (j = 0) and the high component, (N,) each.
+    Two flat arrays rather than one (N, 2): reductions over an axis of two cost a pass per row."""
+    low, high = (
+        np.log(mixture.weights[j])
+        - 0.5 * np.log(2 * math.pi * mixture.variances[j])
+        - 0.5 * (values - mixture.means[j]) ** 2 / mixture.variances[j]
+        for j in (0, 1)
     )
-    return log_density
+    return low, high
 
 
-def _posteriors(values: np.ndarray, mixture: GaussianMixture1D) -> tuple[np.ndarray, float]:
-    log_density = _component_log_density(values, mixture)
-    peak = log_density.max(axis=1, keepdims=True)
-    log_total = peak[:, 0] + np.log(np.exp(log_density - peak).sum(axis=1))
-    return np.exp(log_density - log_total[:, None]), float(log_total.mean())
+def _posteriors(values: np.ndarray, mixture: GaussianMixture1D) -> tuple[np.ndarray, np.ndarray, float]:
+    """(posterior of the low component (N,), of the high one (N,), mean log-likelihood per value)."""
+    low, high = _component_log_densities(values, mixture)
+    log_total = np.logaddexp(low, high)
+    return np.exp(low - log_total), np.exp(high - log_total), float(log_total.mean())
 
 
 def fit_two_gaussians(values: np.ndarray) -> GaussianMixture1D | None:
@@ -142,12 +143,14 @@ def fit_two_gaussians(values: np.ndarray) -> GaussianMixture1D | None:
     )
     previous = -math.inf
     for _ in range(EM_MAX_ITERATIONS):
-        responsibilities, log_likelihood = _posteriors(values, mixture)
-        totals = responsibilities.sum(axis=0)  # (2,)
+        *responsibilities, log_likelihood = _posteriors(values, mixture)
+        totals = np.array([r.sum() for r in responsibilities])  # (2,)
         if (totals < 1e-9 * values.size).any():  # a component died: the data is one cluster
             break
-        means = (responsibilities * values[:, None]).sum(axis=0) / totals
-        variances = (responsibilities * (values[:, None] - means) ** 2).sum(axis=0) / totals
+        means = np.array([r @ values for r in responsibilities]) / totals
+        variances = (
+            np.array([r @ (values - m) ** 2 for r, m in zip(responsibilities, means, strict=True)]) / totals
+        )
         mixture = GaussianMixture1D(totals / values.size, means, np.maximum(variances, variance_floor))
         if log_likelihood - previous < EM_TOLERANCE:
             break
@@ -165,11 +168,10 @@ def _monotone_noise_probability(values: np.ndarray, mixture: GaussianMixture1D) 
     the posterior already increases, so the tails are clamped to its values at the means and a
     running maximum fixes what is left.
     """
-    posterior, _ = _posteriors(values, mixture)
-    probability = posterior[:, 1]
-    at_means, _ = _posteriors(mixture.means, mixture)
-    probability = np.where(values <= mixture.means[0], np.minimum(probability, at_means[0, 1]), probability)
-    probability = np.where(values >= mixture.means[1], np.maximum(probability, at_means[1, 1]), probability)
+    _, probability, _ = _posteriors(values, mixture)
+    _, at_means, _ = _posteriors(mixture.means, mixture)
+    probability = np.where(values <= mixture.means[0], np.minimum(probability, at_means[0]), probability)
+    probability = np.where(values >= mixture.means[1], np.maximum(probability, at_means[1]), probability)
     order = np.argsort(values, kind="stable")
     monotone = np.empty_like(probability)
     monotone[order] = np.maximum.accumulate(probability[order])
