@@ -18,8 +18,8 @@ import torch
 from o2u_engine.rank import rate_score
 
 # Device bytes per (sample, class) pair while the cyclic stage runs: the int32 vote counts, the
-# float32 probability sums and this epoch's float16 probabilities. The server refuses a dataset
-# whose N x K state would pass its decoded-size limit (tested against the buffers themselves).
+# float32 probability sums and this epoch's float16 probabilities (tested against the buffers
+# themselves), for a service to bound before it trains.
 STATE_BYTES_PER_SAMPLE_CLASS = 4 + 4 + 2
 
 

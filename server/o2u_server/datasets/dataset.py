@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from o2u_engine.statistics import state_bytes
 from o2u_server.domain import DatasetOptions, SkippedRecords
 from o2u_server.errors import InvalidArgument, ResourceExhausted
 from o2u_server.settings import MAX_CLASS_NAME_CHARS, Settings
@@ -43,6 +42,12 @@ __all__ = [
 
 MAX_KEY_CHARS = 1024  # a sample key (file path, manifest key or `ids` entry), in characters
 _DIGEST_CHUNK = 16 * 1024 * 1024
+
+
+# Training-device bytes of stage 2's votes and probabilities per (sample, class): the engine's
+# o2u_engine.statistics.STATE_BYTES_PER_SAMPLE_CLASS, restated so that loading data never imports
+# the engine (and torch); a test keeps the two equal.
+STAGE_2_BYTES_PER_SAMPLE_CLASS = 10
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,7 @@ def check_loaded(dataset: LoadedDataset, uri: str, limits: DatasetLimits) -> Non
         raise too_many_classes(shown(uri), num_classes, limits)
     if dataset.features.nbytes > limits.max_decoded_bytes:
         raise too_much_decoded(f"{shown(uri)} (decoded)", dataset.features.nbytes, limits)
-    per_class = state_bytes(num_samples, num_classes)  # stage 2's votes and probabilities per class
+    per_class = STAGE_2_BYTES_PER_SAMPLE_CLASS * num_samples * num_classes
     if per_class > limits.max_decoded_bytes:
         raise too_much_decoded(
             f"{shown(uri)}: stage 2's per-class votes and probabilities for {num_samples} samples x "
