@@ -69,6 +69,7 @@ against 0.442 for the votes).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -248,6 +249,14 @@ def estimate_noise(
     return NoiseEstimate(probability, rate, capped)
 
 
+def _row_chunks(num_rows: int, num_classes: int) -> Iterator[slice]:
+    """Consecutive row slices of an (N, K) array holding at most CHUNK_ENTRIES entries each (at
+    least one row)."""
+    step = max(1, CHUNK_ENTRIES // max(num_classes, 1))
+    for start in range(0, num_rows, step):
+        yield slice(start, start + step)
+
+
 def class_thresholds(prediction_counts: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """(K,) float64: each class's threshold of the confident joint, the mean vote share the class
     gets from the samples labeled with it (0 for a class without samples)."""
@@ -290,9 +299,7 @@ def confident_disagreement(prediction_counts: np.ndarray, labels: np.ndarray) ->
     if labels.shape[0] == 0:
         return flagged
     thresholds = class_thresholds(prediction_counts, labels)
-    step = max(1, CHUNK_ENTRIES // max(prediction_counts.shape[1], 1))
-    for start in range(0, labels.shape[0], step):
-        chunk = slice(start, start + step)
+    for chunk in _row_chunks(*prediction_counts.shape):
         chunk_labels = labels[chunk]
         shares, reaches = confident_classes(prediction_counts[chunk], chunk_labels, thresholds)
         rows = np.arange(chunk_labels.shape[0])
@@ -449,9 +456,7 @@ def suggest_labels(
     suspected = np.asarray(suspected, dtype=bool)
     suggested = np.empty(labels.shape[0], dtype=np.int64)
     confidence = np.empty(labels.shape[0], dtype=np.float64)
-    step = max(1, CHUNK_ENTRIES // max(probabilities.shape[1], 1))
-    for start in range(0, labels.shape[0], step):
-        chunk = slice(start, start + step)
+    for chunk in _row_chunks(*probabilities.shape):
         given, suspects = labels[chunk], suspected[chunk]
         rows = np.arange(given.shape[0])
         chunk_probabilities = np.nan_to_num(np.array(probabilities[chunk], dtype=np.float32), nan=0.0)

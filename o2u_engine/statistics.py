@@ -23,11 +23,6 @@ from o2u_engine.rank import rate_score
 STATE_BYTES_PER_SAMPLE_CLASS = 4 + 4 + 2
 
 
-def state_bytes(num_samples: int, num_classes: int) -> int:
-    """Device bytes of the cyclic stage's per-class state for `num_samples` x `num_classes`."""
-    return STATE_BYTES_PER_SAMPLE_CLASS * num_samples * num_classes
-
-
 class CyclicStatistics:
     """Per-sample accumulators for the cyclic stage, on the device of `labels`."""
 

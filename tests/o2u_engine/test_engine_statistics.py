@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from o2u_engine.statistics import CyclicStatistics, average_ranks, state_bytes
+from o2u_engine.statistics import STATE_BYTES_PER_SAMPLE_CLASS, CyclicStatistics, average_ranks
 
 LABELS = torch.tensor([0, 0, 1, 1])
 LOGITS = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.0]])  # predicts 0, 1, 1, 0
@@ -71,7 +71,11 @@ def test_the_per_class_state_is_the_size_the_server_checks() -> None:
         for value in vars(statistics).values()
         if isinstance(value, torch.Tensor) and value.shape == (num_samples, num_classes)
     )
-    assert per_class == state_bytes(num_samples, num_classes) == 10 * num_samples * num_classes
+    assert (
+        per_class
+        == STATE_BYTES_PER_SAMPLE_CLASS * num_samples * num_classes
+        == 10 * num_samples * num_classes
+    )
 
 
 def test_margins_are_the_given_logit_minus_the_largest_other_averaged_over_epochs() -> None:

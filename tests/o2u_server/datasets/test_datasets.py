@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from o2u_engine.statistics import state_bytes
+from o2u_engine.statistics import STATE_BYTES_PER_SAMPLE_CLASS
 from o2u_server.datasets import DatasetLimits, load_dataset
 from o2u_server.datasets.dataset import STAGE_2_BYTES_PER_SAMPLE_CLASS
 from o2u_server.domain import DatasetFormat
@@ -145,7 +145,7 @@ def test_npz_limits_are_checked_before_loading(store: Store, monkeypatch: pytest
 
 
 def test_the_per_class_state_charged_is_the_engines() -> None:
-    assert state_bytes(3, 7) == STAGE_2_BYTES_PER_SAMPLE_CLASS * 3 * 7
+    assert STAGE_2_BYTES_PER_SAMPLE_CLASS == STATE_BYTES_PER_SAMPLE_CLASS
 
 
 def test_stage_2s_per_class_state_counts_against_the_decoded_limit(store: Store) -> None:
