@@ -150,18 +150,23 @@ class PreparedData:
         return x.round_().clamp_(0, 255).to(torch.uint8).contiguous()  # (n, C, S, S)
 
     def _alias(self) -> torch.Tensor | None:
-        """The input itself, when it already is the stored form on the CPU: no copy at all."""
+        """The input itself, when it already holds the stored values on the CPU: no copy at all.
+
+        uint8 images at their own size qualify in any layout: `(N, H, W, C)`, as the loaders
+        decode them, becomes a `(N, C, H, W)` view with channels-last strides, whose gathered
+        batches hold the same values as a contiguous copy's.
+        """
         raw = self.samples
         if self.device.type != "cpu" or not raw.flags.c_contiguous or self._resizes or self._scale_to_bytes:
             return None
-        if self.layout.is_images and (raw.dtype != np.uint8 or self.layout.channels_last):
-            return None
-        if not self.layout.is_images and raw.dtype != np.float32:
+        if (raw.dtype != np.uint8) if self.layout.is_images else (raw.dtype != np.float32):
             return None
         with warnings.catch_warnings():  # read-only memmaps: the engine never writes to its input
             warnings.simplefilter("ignore", UserWarning)
             tensor = torch.from_numpy(raw)
-        return tensor.unsqueeze(1) if tensor.ndim == 3 else tensor
+        if tensor.ndim == 3:
+            return tensor.unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
+        return tensor.permute(0, 3, 1, 2) if self.layout.channels_last else tensor
 
     def _build_resident(self) -> torch.Tensor:
         aliased = self._alias()

@@ -104,6 +104,30 @@ def test_a_read_only_memmap_is_used_in_place_on_the_cpu(tmp_path: Path) -> None:
     assert data.storage.data_ptr() == images.ctypes.data  # no copy of the dataset
 
 
+def test_channels_last_images_are_used_in_place_and_give_the_copys_batches() -> None:
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, size=(40, 6, 6, 3), dtype=np.uint8)  # (N, H, W, C), as loaders decode
+    layout = infer_layout(images.shape[1:])
+    stats = scan_samples(images, layout)
+    cpu = torch.device("cpu")
+    data = PreparedData(
+        images, layout, stats, image_size=6, device=cpu, placement="resident", chunk_samples=0
+    )
+    assert data.storage is not None
+    assert data.storage.data_ptr() == images.ctypes.data  # no copy of the dataset
+    assert data.storage.shape == (40, 3, 6, 6)
+    copy = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    for batch in data.batches(order, 8):
+        assert torch.equal(batch.stored, copy[batch.indices])
+        assert torch.equal(data.normalize(batch.stored), (copy[batch.indices].float() - data.mean) / data.std)
+    resized = PreparedData(
+        images, layout, stats, image_size=4, device=cpu, placement="resident", chunk_samples=0
+    )
+    assert resized.storage is not None
+    assert not np.shares_memory(resized.storage.numpy(), images)  # resized: a copy
+
+
 @pytest.mark.parametrize(
     ("shape", "dtype", "image_size"),
     [
