@@ -249,3 +249,13 @@ def test_augment_and_score_flags_set_the_enum_fields(
     assert document["job"]["run_info"]["resolved_config"]["score"] == "o2u_loss"
     assert run(capsys, *flags, "--augment=flip")[0] == 2  # not a choice: a usage error
     assert run(capsys, *flags, "--score=loss")[0] == 2
+
+
+def test_help_prints_the_exit_status_table_of_the_api_reference(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "--help")
+    assert status == 0
+    helped = re.findall(r"^  (\d+)\s+(.+)$", out.split("exit status:", 1)[1], flags=re.MULTILINE)
+    reference = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    table = reference.split("### Exit status", 1)[1].split("\n\n", 2)[1]
+    documented = re.findall(r"^\| (\d+) \| (.+) \|$", table, flags=re.MULTILINE)
+    assert [(code, text.replace("`", "")) for code, text in documented] == helped

@@ -63,3 +63,18 @@ def test_score_gate_exit_codes_and_json(
     assert main([*base, "--max-noise-rate", "0.0001"]) == EXIT_GATE_FAILED
     assert "gate FAILED" in capsys.readouterr().out
     assert main([*base, "--max-noise-rate", "2"]) == 2
+
+
+def test_gate_with_no_wait_is_a_usage_error_and_submits_nothing(
+    capsys: pytest.CaptureFixture[str], server: RunningServer, dataset_uri: str
+) -> None:
+    with Client(server.address) as client:
+        before = len(list(client.list()))
+    base = ["--target", server.address, "score", dataset_uri, *TINY_FLAGS, "--no-wait"]
+    for gate in (["--max-noise-rate", "0.1"], ["--min-label-accuracy", "0.9"]):
+        assert main([*base, *gate]) == 2
+        assert (
+            "the gate (--max-noise-rate / --min-label-accuracy) waits for the job" in capsys.readouterr().err
+        )
+    with Client(server.address) as client:
+        assert len(list(client.list())) == before

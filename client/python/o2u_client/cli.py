@@ -45,17 +45,19 @@ EXIT_FAILED_JOB = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
+EXIT_NOTES = {grpc.StatusCode.UNAVAILABLE: " (health: not serving or unreachable)"}
 EPILOG = (
     "exit status:\n"
-    "  0   success\n"
+    "  0   success (health: SERVING)\n"
     f"  {EXIT_FAILED_JOB}   the job ended FAILED or CANCELLED (score, watch)\n"
-    f"  {EXIT_USAGE}   usage error (bad option, unreadable certificate or token file)\n"
-    f"  {EXIT_GENERIC_ERROR}   any other gRPC error\n"
+    f"  {EXIT_USAGE}   usage error: bad option, unreadable certificate or token file, unknown config field\n"
+    f"  {EXIT_GENERIC_ERROR}   any gRPC error not listed below\n"
     + "".join(
-        f"  {status:<3} {code.name}\n" for code, status in sorted(EXIT_CODES.items(), key=lambda kv: kv[1])
+        f"  {status:<3} {code.name}{EXIT_NOTES.get(code, '')}\n"
+        for code, status in sorted(EXIT_CODES.items(), key=lambda kv: kv[1])
     )
     + f"  {EXIT_GATE_FAILED}  the batch failed the gate (score --max-noise-rate / --min-label-accuracy)\n"
-    + f"  {EXIT_INTERRUPTED} interrupted (Ctrl-C); a running job keeps running\n"
+    + f"  {EXIT_INTERRUPTED} interrupted (Ctrl-C); a submitted job keeps running on the server\n"
     "errors are printed to stderr as `error: <CODE>: <message>`.\n"
     "environment: O2U_TARGET (default localhost:50051), O2U_TOKEN_FILE."
 )
@@ -110,6 +112,11 @@ def cmd_score(args: argparse.Namespace, client: Client, out: Output) -> int:
         "webhook_url": args.webhook,
         "dataset_options": dataset_options(args),
     }
+    gated = args.max_noise_rate is not None or args.min_label_accuracy is not None
+    if args.no_wait and gated:
+        raise ValueError(
+            "the gate (--max-noise-rate / --min-label-accuracy) waits for the job: drop --no-wait"
+        )
     if args.no_wait:
         job = client.submit(args.uri, config=_config(args), **options)
         if out.json_mode:
@@ -125,7 +132,6 @@ def cmd_score(args: argparse.Namespace, client: Client, out: Output) -> int:
         top=args.top,
         **options,
     )
-    gated = args.max_noise_rate is not None or args.min_label_accuracy is not None
     if gated and outcome.summary is not None:
         return _gate(args, outcome.summary, out)
     if out.json_mode:
