@@ -50,8 +50,8 @@ class O2UConfig:
     cyclic_batch_size: int | None = None  # samples per step in stage 2 (smaller than stage 1)
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # SGD L2 penalty coefficient
-    # none | crop | crop_flip; None: auto (images `none`, features `none`). The legacy booleans
-    # mean True -> "crop" (never a flip), False -> "none".
+    # none | crop | crop_flip; None: auto (images under 16 px `crop`, larger ones and features
+    # `none`). The legacy booleans mean True -> "crop" (never a flip), False -> "none".
     augment: str | bool | None = None
     # auto | aum | o2u_loss (the paper's) | loss_margin; auto: images aum, features loss_margin
     score: str = "auto"

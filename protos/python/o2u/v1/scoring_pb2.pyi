@@ -101,7 +101,9 @@ class _DatasetFormat:
 class _DatasetFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DatasetFormat.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     DATASET_FORMAT_UNSPECIFIED: _DatasetFormat.ValueType  # 0
-    """Inferred from the URI: `.npz` file, `.csv`/`.jsonl` manifest, `.parquet`, else an image folder."""
+    """Inferred from the URI: `.npz` file, `.csv`/`.jsonl`/`.ndjson` manifest, `.parquet`/`.pq`,
+    `.json` (a Label Studio export), else an image folder.
+    """
     DATASET_FORMAT_NPZ: _DatasetFormat.ValueType  # 1
     """NumPy archive with `x` (images N,H,W[,C] or features N,D), `y` (labels) and optional `ids`."""
     DATASET_FORMAT_IMAGE_FOLDER: _DatasetFormat.ValueType  # 2
@@ -121,7 +123,9 @@ class DatasetFormat(_DatasetFormat, metaclass=_DatasetFormatEnumTypeWrapper):
     """DatasetFormat says how to read the object(s) behind a dataset URI."""
 
 DATASET_FORMAT_UNSPECIFIED: DatasetFormat.ValueType  # 0
-"""Inferred from the URI: `.npz` file, `.csv`/`.jsonl` manifest, `.parquet`, else an image folder."""
+"""Inferred from the URI: `.npz` file, `.csv`/`.jsonl`/`.ndjson` manifest, `.parquet`/`.pq`,
+`.json` (a Label Studio export), else an image folder.
+"""
 DATASET_FORMAT_NPZ: DatasetFormat.ValueType  # 1
 """NumPy archive with `x` (images N,H,W[,C] or features N,D), `y` (labels) and optional `ids`."""
 DATASET_FORMAT_IMAGE_FOLDER: DatasetFormat.ValueType  # 2
@@ -177,7 +181,9 @@ class _Augmentation:
 class _AugmentationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Augmentation.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     AUGMENTATION_UNSPECIFIED: _Augmentation.ValueType  # 0
-    """The server's default: none (also for feature vectors), or what the legacy `augment` says."""
+    """The server's default: a crop for images under 16 px, else none (also for feature vectors);
+    or what the legacy `augment` says.
+    """
     AUGMENTATION_NONE: _Augmentation.ValueType  # 1
     """Images as given."""
     AUGMENTATION_CROP: _Augmentation.ValueType  # 2
@@ -191,7 +197,9 @@ class Augmentation(_Augmentation, metaclass=_AugmentationEnumTypeWrapper):
     """
 
 AUGMENTATION_UNSPECIFIED: Augmentation.ValueType  # 0
-"""The server's default: none (also for feature vectors), or what the legacy `augment` says."""
+"""The server's default: a crop for images under 16 px, else none (also for feature vectors);
+or what the legacy `augment` says.
+"""
 AUGMENTATION_NONE: Augmentation.ValueType  # 1
 """Images as given."""
 AUGMENTATION_CROP: Augmentation.ValueType  # 2

@@ -160,7 +160,8 @@ func (Stage) EnumDescriptor() ([]byte, []int) {
 type DatasetFormat int32
 
 const (
-	// Inferred from the URI: `.npz` file, `.csv`/`.jsonl` manifest, `.parquet`, else an image folder.
+	// Inferred from the URI: `.npz` file, `.csv`/`.jsonl`/`.ndjson` manifest, `.parquet`/`.pq`,
+	// `.json` (a Label Studio export), else an image folder.
 	DatasetFormat_DATASET_FORMAT_UNSPECIFIED DatasetFormat = 0
 	// NumPy archive with `x` (images N,H,W[,C] or features N,D), `y` (labels) and optional `ids`.
 	DatasetFormat_DATASET_FORMAT_NPZ DatasetFormat = 1
@@ -291,7 +292,8 @@ func (ExportFormat) EnumDescriptor() ([]byte, []int) {
 type Augmentation int32
 
 const (
-	// The server's default: none (also for feature vectors), or what the legacy `augment` says.
+	// The server's default: a crop for images under 16 px, else none (also for feature vectors);
+	// or what the legacy `augment` says.
 	Augmentation_AUGMENTATION_UNSPECIFIED Augmentation = 0
 	// Images as given.
 	Augmentation_AUGMENTATION_NONE Augmentation = 1
