@@ -1,8 +1,10 @@
 """Bearer tokens and TLS from the client's side: plain metadata on an insecure loopback channel,
-call credentials over mutual TLS, token files re-read when they change, and the CLI options."""
+call credentials over mutual TLS, token files re-read when they change, the CLI options, and an
+admin's listing of one tenant's jobs (`list(owner=...)`, `o2u jobs --owner`)."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +16,7 @@ from o2u_client import Client, UnauthenticatedError
 from o2u_client.channel import TokenSource
 from o2u_client.cli import main
 from tests.o2u_server.tls_material import make_pki
-from tests.server_testing import RunningServer
+from tests.server_testing import TINY_CONFIG, RunningServer
 
 
 def test_token_source_rereads_a_changed_file(tmp_path: Path) -> None:
@@ -89,3 +91,40 @@ def test_mutual_tls_with_a_token_as_call_credentials(
     assert main([*flags, "health"]) == 0
     assert main([*flags[:4], "--client-cert", str(pki.client_cert), "jobs"]) == 2  # key missing
     assert "client_cert and client_key must be given together" in capsys.readouterr().err
+
+
+def test_an_admin_lists_one_principals_jobs(
+    start_server: Callable[..., RunningServer],
+    dataset_uri: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tokens = {"alice": "alice-token-0123456789", "bob": "bob-token-9876543210", "root": "root-token-5555"}
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text("".join(f"{name}: {token}\n" for name, token in tokens.items()))
+    server = start_server(tokens_file=tokens_file, admin_principals=["root"])
+    clients = {name: Client(server.address, token=token) for name, token in tokens.items()}
+    try:
+        jobs = {
+            name: clients[name].submit(dataset_uri, config=TINY_CONFIG).job_id for name in ("alice", "bob")
+        }
+        admin, alice = clients["root"], clients["alice"]
+        assert {job.job_id for job in admin.list()} == set(jobs.values())
+        assert [(job.job_id, job.owner) for job in admin.list(owner="alice")] == [(jobs["alice"], "alice")]
+        assert [job.job_id for job in admin.job_page(owner="bob", page_size=1).jobs] == [jobs["bob"]]
+        # Another caller lists only its own jobs, whatever owner it names.
+        assert [job.job_id for job in alice.list(owner="bob")] == [jobs["alice"]]
+        for job_id in jobs.values():
+            admin.wait(job_id, timeout=300)
+    finally:
+        for client in clients.values():
+            client.close()
+
+    root_token = tmp_path / "root-token"
+    root_token.write_text(tokens["root"])
+    cli = ["--target", server.address, "--token-file", str(root_token), "--json", "jobs", "--owner", "bob"]
+    assert main(cli) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(job["job_id"], job["owner"]) for job in listed] == [(jobs["bob"], "bob")]
+    assert main([*cli[:-1], "no such principal!"]) == 5
+    assert "owner must be a principal name" in capsys.readouterr().err

@@ -152,7 +152,7 @@ def _gate(args: argparse.Namespace, summary: DatasetSummary, out: Output) -> int
 
 
 def cmd_jobs(args: argparse.Namespace, client: Client, out: Output) -> int:
-    jobs = client.list(state=args.state, page_size=args.page_size)
+    jobs = client.list(state=args.state, owner=args.owner, page_size=args.page_size)
     if out.json_mode:
         for job in jobs:
             out.document(job)
@@ -300,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = command("jobs", cmd_jobs, "list jobs, newest first")
     jobs.add_argument(
         "--state", type=str.upper, choices=[s.value for s in JobState if s != JobState.UNSPECIFIED]
+    )
+    jobs.add_argument(
+        "--owner",
+        default="",
+        metavar="PRINCIPAL",
+        help="one principal's jobs (admins; others see only their own)",
     )
     jobs.add_argument("--page-size", type=int, default=0)
     command("get", cmd_get, "show one job").add_argument("job_id")

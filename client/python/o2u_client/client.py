@@ -176,20 +176,29 @@ class Client:
         return Job.from_proto(self._unary(self._stub.GetScoringJob, request, idempotent=True).job)
 
     def job_page(
-        self, *, state: JobState | str | None = None, page_size: int = 0, page_token: str = ""
+        self,
+        *,
+        state: JobState | str | None = None,
+        owner: str = "",
+        page_size: int = 0,
+        page_token: str = "",
     ) -> JobPage:
-        """One page of jobs, newest first."""
+        """One page of jobs, newest first. `owner`: one principal's jobs, for an admin (any other
+        caller lists only its own jobs, whatever it names)."""
         request = scoring_pb2.ListScoringJobsRequest(
-            page_size=page_size, page_token=page_token, state=job_state(state)
+            page_size=page_size, page_token=page_token, state=job_state(state), owner=owner
         )
         response = self._unary(self._stub.ListScoringJobs, request, idempotent=True)
         return JobPage([Job.from_proto(job) for job in response.jobs], response.next_page_token)
 
-    def list(self, state: JobState | str | None = None, *, page_size: int = 0) -> Iterator[Job]:
-        """Every job (optionally only those in `state`), newest first, fetching pages lazily."""
+    def list(
+        self, state: JobState | str | None = None, *, owner: str = "", page_size: int = 0
+    ) -> Iterator[Job]:
+        """Every job (optionally only those in `state`, or of `owner` for an admin), newest first,
+        fetching pages lazily."""
         token = ""
         while True:
-            page = self.job_page(state=state, page_size=page_size, page_token=token)
+            page = self.job_page(state=state, owner=owner, page_size=page_size, page_token=token)
             yield from page.jobs
             token = page.next_page_token
             if not token:
