@@ -67,11 +67,14 @@ class Tour:
             text = text.replace(scratch, f"{self.home}{scratch}")
         return text
 
-    def bash(self, script: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    def bash(
+        self, script: str, *, timeout: float = 180, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """`script` as the reader would run it (after substitute()); it must exit 0."""
         result = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", self.substitute(script)],
             cwd=self.home,
-            env=self.env,
+            env={**self.env, **(env or {})},
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -212,28 +215,10 @@ def test_the_go_block_builds_and_runs_the_example(tour: Tour) -> None:
     from tests.go.test_go_client import _require_go
 
     _require_go()
-    env = {**tour.env, "GOCACHE": str(tour.home / "tmp" / "go-cache"), "GOPROXY": "off"}
-    script = tour.substitute(tour.blocks[3][1])
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=tour.home,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, f"{script}\nexit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    lines = result.stdout.splitlines()
+    go_env = {"GOCACHE": str(tour.home / "tmp" / "go-cache"), "GOPROXY": "off"}
+    lines = tour.bash(tour.blocks[3][1], timeout=300, env=go_env).stdout.splitlines()
     assert any(line.startswith(f"{DEMO_SAMPLES} samples, 10 classes, model mlp") for line in lines), lines
     assert "top 10 suspects:" in lines
     # The block may run again: its link to the module is replaced, not nested inside it.
-    again = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=tour.home,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert again.returncode == 0, again.stderr
+    tour.bash(tour.blocks[3][1], timeout=300, env=go_env)
     assert not (tour.home / "client" / "go" / "go").exists()
