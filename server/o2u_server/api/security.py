@@ -3,19 +3,20 @@
 `server_credentials` turns the TLS settings into gRPC server credentials (TLS, or mutual TLS when a
 client CA bundle is configured), checking every PEM file up front so a misconfigured deployment fails
 at start with a message naming the setting and the file, not at the first handshake.
-`BearerTokenInterceptor` admits a call only if it carries `authorization: Bearer <token>` matching the
-configured token file; the health and reflection services stay open so probes and tooling need no
-secret. Rejections go through the one error mapping (`o2u_server.api.status`), so callers get
-UNAUTHENTICATED with a google.rpc.ErrorInfo like every other error of the service.
+`read_token_file` reads and checks the single bearer token (auth_token_file); `_digest` and
+`_rejection` are what `o2u_server.api.tenancy`'s interceptor compares tokens with and refuses calls
+with, before their request is parsed. The health and reflection services stay open
+(`EXEMPT_METHOD_PREFIXES`) so probes and tooling need no secret. Rejections go through the one error
+mapping (`o2u_server.api.status`), so callers get UNAUTHENTICATED with a google.rpc.ErrorInfo like
+every other error of the service.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,9 +28,7 @@ from o2u_server.settings import Settings
 
 __all__ = [
     "EXEMPT_METHOD_PREFIXES",
-    "BearerTokenInterceptor",
     "SecurityConfigError",
-    "auth_interceptors",
     "check_security_files",
     "read_token_file",
     "server_credentials",
@@ -170,10 +169,6 @@ def _digest(token: str | bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _authorization_values(metadata: Any) -> list[str | bytes]:
-    return [value for key, value in (metadata or ()) if key == "authorization"]
-
-
 def _rejection(reason: str, message: str) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler that ends the call with UNAUTHENTICATED without reading the request.
 
@@ -188,70 +183,6 @@ def _rejection(reason: str, message: str) -> grpc.RpcMethodHandler[Any, Any]:
         await context.abort(status.code, status.details, status.trailing_metadata)
 
     return grpc.stream_stream_rpc_method_handler(reject)
-
-
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Admits a call only with `authorization: Bearer <token>` equal to the configured token.
-
-    Every failure is UNAUTHENTICATED, with ErrorInfo reason MISSING_CREDENTIALS (no or malformed
-    header) or INVALID_CREDENTIALS (a token that is not the configured one). There is one token and
-    so one identity: a wrong token proves nothing about who the caller is, which is what
-    UNAUTHENTICATED means; PERMISSION_DENIED stays reserved for authenticated callers reaching for a
-    path or bucket they may not use.
-    """
-
-    def __init__(self, token: str, *, exempt_prefixes: tuple[str, ...] = EXEMPT_METHOD_PREFIXES) -> None:
-        if not token:
-            raise SecurityConfigError("the bearer token must not be empty")
-        self._expected = _digest(token)
-        self._exempt_prefixes = exempt_prefixes
-        self._missing = _rejection(
-            "MISSING_CREDENTIALS", "this server requires an 'authorization: Bearer <token>' metadata entry"
-        )
-        self._invalid = _rejection("INVALID_CREDENTIALS", "the bearer token is not valid")
-
-    def check(self, metadata: Any) -> grpc.RpcMethodHandler[Any, Any] | None:
-        """None if the metadata authenticates the caller, else the handler that rejects the call."""
-        values = _authorization_values(metadata)
-        if len(values) != 1:
-            return self._missing  # none, or several that could disagree
-        value = values[0]
-        if isinstance(value, bytes):
-            return self._missing
-        scheme, _, presented = value.strip().partition(" ")
-        presented = presented.strip()
-        if scheme.lower() != "bearer" or not presented:
-            return self._missing
-        if len(presented) > _MAX_TOKEN_BYTES:
-            return self._invalid
-        if not hmac.compare_digest(_digest(presented), self._expected):
-            return self._invalid
-        return None
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        method = handler_call_details.method or ""
-        if method.startswith(self._exempt_prefixes):
-            return await continuation(handler_call_details)
-        rejection = self.check(handler_call_details.invocation_metadata)
-        if rejection is not None:
-            logger.info("refused unauthenticated call", extra={"method": method})
-            return rejection
-        return await continuation(handler_call_details)
-
-
-def auth_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
-    """The authentication interceptors the settings ask for (empty without a token file)."""
-    if settings.auth_token_file is None:
-        return []
-    if settings.tls_cert_file is None:
-        logger.warning(
-            "O2U_AUTH_TOKEN_FILE is set without TLS: the bearer token crosses the network in plaintext"
-        )
-    return [BearerTokenInterceptor(read_token_file(settings.auth_token_file))]
 
 
 def check_security_files(settings: Settings) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from o2u_server.api.security import (
+    _MAX_TOKEN_BYTES,
     EXEMPT_METHOD_PREFIXES,
     SecurityConfigError,
     _digest,
@@ -102,7 +103,7 @@ class PrincipalInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         presented = presented.strip()
         if scheme.lower() != "bearer" or not presented:
             return self._missing
-        digest = _digest(presented[:4097])
+        digest = _digest(presented[: _MAX_TOKEN_BYTES + 1])  # longer ones cannot match: no need to hash them
         found: str | None = None
         for expected, name in self._tokens:  # every entry, so the time says nothing about which
             if hmac.compare_digest(digest, expected) and found is None:

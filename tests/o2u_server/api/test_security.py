@@ -1,8 +1,10 @@
 """TLS credentials and bearer-token authentication, against a small real grpc.aio server.
 
 The server here registers only the health service and a canned ScoringService (one unary and one
-server-streaming method), so `o2u_server.api.security` is tested on its own: handshakes with trusted,
-untrusted and missing certificates, and calls with missing, malformed, wrong and right tokens.
+server-streaming method), so the TLS credentials of `o2u_server.api.security` and the interceptor the
+server installs for tokens (`o2u_server.api.tenancy.principal_interceptors`, here with the single
+token file) are tested on their own: handshakes with trusted, untrusted and missing certificates,
+and calls with missing, malformed, wrong and right tokens.
 """
 
 from __future__ import annotations
@@ -22,13 +24,12 @@ from grpc_status import rpc_status
 
 from o2u.v1 import scoring_pb2, scoring_pb2_grpc
 from o2u_server.api.security import (
-    BearerTokenInterceptor,
     SecurityConfigError,
-    auth_interceptors,
     check_security_files,
     read_token_file,
     server_credentials,
 )
+from o2u_server.api.tenancy import principal_interceptors
 from o2u_server.settings import Settings
 from tests.o2u_server.tls_material import Pki, make_pki, write_encrypted_key
 
@@ -250,12 +251,10 @@ def test_read_token_file_strips_and_validates(tmp_path: Path, token_file: Path) 
         read_token_file(spaced)
     with pytest.raises(SecurityConfigError, match="does not exist"):
         read_token_file(tmp_path / "absent")
-    with pytest.raises(SecurityConfigError, match="must not be empty"):
-        BearerTokenInterceptor("")
 
 
 def test_no_token_file_means_no_interceptor() -> None:
-    assert auth_interceptors(Settings()) == []
+    assert principal_interceptors(Settings()) == []
 
 
 @pytest.mark.parametrize(
@@ -277,7 +276,7 @@ def test_calls_without_the_right_token_are_unauthenticated(
     token_file: Path, metadata: tuple[tuple[str, str], ...], reason: str
 ) -> None:
     with (
-        serve(None, auth_interceptors(Settings(auth_token_file=token_file))) as port,
+        serve(None, principal_interceptors(Settings(auth_token_file=token_file))) as port,
         grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
     ):
         with pytest.raises(grpc.RpcError) as unary:
@@ -298,7 +297,7 @@ def test_calls_without_the_right_token_are_unauthenticated(
 
 def test_right_token_is_accepted_for_unary_and_streaming_calls(token_file: Path) -> None:
     with (
-        serve(None, auth_interceptors(Settings(auth_token_file=token_file))) as port,
+        serve(None, principal_interceptors(Settings(auth_token_file=token_file))) as port,
         grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
     ):
         for scheme in ("Bearer", "bearer"):
@@ -312,7 +311,7 @@ def test_right_token_is_accepted_for_unary_and_streaming_calls(token_file: Path)
 
 def test_unauthenticated_payload_is_never_parsed_and_unknown_methods_stay_hidden(token_file: Path) -> None:
     with (
-        serve(None, auth_interceptors(Settings(auth_token_file=token_file))) as port,
+        serve(None, principal_interceptors(Settings(auth_token_file=token_file))) as port,
         grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
     ):
         raw = channel.unary_unary("/o2u.v1.ScoringService/GetScoringJob", None, None)
@@ -336,7 +335,7 @@ def test_token_over_mutual_tls(pki: Pki, token_file: Path) -> None:
         auth_token_file=token_file,
     )
     with (
-        serve(server_credentials(settings), auth_interceptors(settings)) as port,
+        serve(server_credentials(settings), principal_interceptors(settings)) as port,
         _tls_channel(port, pki, client="client") as channel,
     ):
         assert _get(channel, (("authorization", f"Bearer {TOKEN}"),)) == "job-1"
