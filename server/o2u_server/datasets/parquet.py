@@ -15,13 +15,20 @@ schema (fixed-size lists) or the first row group (lists), so `max_samples` and
 `max_decoded_bytes` are checked before the feature matrix is allocated. The matrix is then filled
 one row group at a time, reading only the named columns, so the peak is the float32 matrix plus
 one row group's columns: for a million 512-d rows no more than the `.npz` path needs.
+
+Parquet's encodings let a small file declare a great deal: a dictionary page holding one long
+string that every row refers to, or run-length-encoded lists. So before a row group is read its
+footer's value counts bound the embedding values it decodes (`max_decoded_bytes`), and the string
+columns are read dictionary-encoded, their length once expanded summed from the dictionary and the
+indices and held to the same limit before any string is built. A row group is read only after the
+job's read monitor says it may go on: a cancelled job or a draining server stops between row groups.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +103,9 @@ def resolve_columns(options: ParquetOptions, schema: pa.Schema, where: str) -> C
 
 
 def _is_string(column_type: pa.DataType) -> bool:
+    """Strings, plain or dictionary-encoded (a pandas categorical of strings)."""
+    if pa.types.is_dictionary(column_type):
+        column_type = column_type.value_type
     return bool(pa.types.is_string(column_type) or pa.types.is_large_string(column_type))
 
 
@@ -139,10 +149,31 @@ def _open(uri: str, storage: Storage, limits: DatasetLimits, field: str) -> tupl
     return pa.BufferReader(pa.py_buffer(buffer)), size, False
 
 
-def _width(where: str, parquet: pq.ParquetFile, column: str) -> int:
+def _leaf_values(parquet: pq.ParquetFile, group: int, column: str) -> int:
+    """The values the footer says the row group's `column` (its leaf: a list's elements) holds."""
+    row_group = parquet.metadata.row_group(group)
+    for index in range(row_group.num_columns):
+        chunk = row_group.column(index)
+        if chunk.path_in_schema.split(".", 1)[0] == column:
+            return int(chunk.num_values)
+    return 0
+
+
+def _check_feature_values(
+    where: str, parquet: pq.ParquetFile, group: int, column: str, limits: DatasetLimits
+) -> None:
+    """Refuse a row group whose embedding values, as the footer counts them, decode past the limit."""
+    value_type = parquet.schema_arrow.field(column).type.value_type
+    decoded = _leaf_values(parquet, group, column) * max(1, value_type.bit_width // 8)
+    if decoded > limits.max_decoded_bytes:
+        raise too_much_decoded(f"{where} (row group {group} of column {column}, decoded)", decoded, limits)
+
+
+def _width(where: str, parquet: pq.ParquetFile, column: str, limits: DatasetLimits) -> int:
     column_type = parquet.schema_arrow.field(column).type
     if pa.types.is_fixed_size_list(column_type):
         return int(column_type.list_size)
+    _check_feature_values(where, parquet, 0, column, limits)
     first = parquet.read_row_group(0, columns=[column]).column(0)
     lengths = first.combine_chunks().value_lengths() if first.num_chunks else pa.array([], pa.int32())
     if len(lengths) == 0 or lengths.null_count:
@@ -150,23 +181,59 @@ def _width(where: str, parquet: pq.ParquetFile, column: str) -> int:
     return int(pa.compute.max(lengths).as_py())
 
 
-def _keys(where: str, table: pa.Table, column: str, group: int) -> list[str]:
-    values: list[str] = table.column(column).to_pylist()
+class StringBudget:
+    """What the string columns may take once expanded from their dictionaries: max_decoded_bytes,
+    shared by every string column and row group of the file."""
+
+    def __init__(self, where: str, limits: DatasetLimits) -> None:
+        self.where = where
+        self.limits = limits
+        self.used = 0
+
+    def strings(self, table: pa.Table, column: str, group: int) -> list[Any]:
+        """The column's values as Python objects, once their expanded length fits the budget."""
+        values = table.column(column).combine_chunks()
+        if pa.types.is_dictionary(values.type):
+            lengths = pa.compute.binary_length(values.dictionary).take(values.indices)
+            self.used += int(pa.compute.sum(lengths).as_py() or 0)
+        elif _is_string(values.type):
+            self.used += int(pa.compute.sum(pa.compute.binary_length(values)).as_py() or 0)
+        if self.used > self.limits.max_decoded_bytes:
+            what = f"{self.where} (its string columns, expanded, through row group {group} of {column})"
+            raise too_much_decoded(what, self.used, self.limits)
+        result: list[Any] = values.to_pylist()
+        return result
+
+
+def _keys(where: str, budget: StringBudget, table: pa.Table, column: str, group: int) -> list[str]:
+    values: list[str] = budget.strings(table, column, group)
     if any(value is None or value == "" for value in values):
         raise invalid_dataset(f"{where}: row group {group} has empty values in column {column}")
     return values
 
 
+def _row_group(parquet: pq.ParquetFile, group: int, columns: Columns, check: Callable[[], None]) -> pa.Table:
+    check()  # raises Stopped for a cancelled job or a draining server
+    return parquet.read_row_group(group, columns=columns.names)
+
+
 def _fill(
-    where: str, parquet: pq.ParquetFile, features: np.ndarray[Any, Any], columns: Columns
+    where: str,
+    parquet: pq.ParquetFile,
+    features: np.ndarray[Any, Any],
+    columns: Columns,
+    limits: DatasetLimits,
+    check: Callable[[], None],
 ) -> tuple[list[Any], list[str]]:
     assert columns.features is not None
     labels: list[Any] = []
     keys: list[str] = []
+    budget = StringBudget(where, limits)
     row = 0
     width = features.shape[1]
     for group in range(parquet.num_row_groups):
-        table = parquet.read_row_group(group, columns=columns.names)
+        _check_feature_values(where, parquet, group, columns.features, limits)
+        table = _row_group(parquet, group, columns, check)
         column = table.column(columns.features).combine_chunks()
         if column.null_count or table.column(columns.label).null_count:
             raise invalid_dataset(f"{where}: row group {group} has null labels or features")
@@ -182,46 +249,58 @@ def _fill(
             )
         values = column.flatten().to_numpy(zero_copy_only=False)
         features[row : row + len(column)] = values.reshape(len(column), width)
-        labels.extend(table.column(columns.label).to_pylist())
+        labels.extend(budget.strings(table, columns.label, group))
         if columns.key is not None:
-            keys.extend(_keys(where, table, columns.key, group))
+            keys.extend(_keys(where, budget, table, columns.key, group))
         row += len(column)
         del table, column, values
     return labels, keys
 
 
 def _image_rows(
-    where: str, parquet: pq.ParquetFile, columns: Columns, keys: list[str]
+    where: str,
+    parquet: pq.ParquetFile,
+    columns: Columns,
+    keys: list[str],
+    limits: DatasetLimits,
+    check: Callable[[], None],
 ) -> Iterator[ManifestRow]:
     """(row number, image key, label) per row, one row group at a time; sample keys into `keys`."""
     assert columns.image_key is not None
+    budget = StringBudget(where, limits)
     row = 0
     for group in range(parquet.num_row_groups):
-        table = parquet.read_row_group(group, columns=columns.names)
+        table = _row_group(parquet, group, columns, check)
         if table.column(columns.label).null_count:
             raise invalid_dataset(f"{where}: row group {group} has null labels")
-        image_keys = _keys(where, table, columns.image_key, group)
+        image_keys = _keys(where, budget, table, columns.image_key, group)
         if columns.key is not None:
-            keys.extend(_keys(where, table, columns.key, group))
-        for image_key, label in zip(image_keys, table.column(columns.label).to_pylist(), strict=True):
+            keys.extend(_keys(where, budget, table, columns.key, group))
+        labels = budget.strings(table, columns.label, group)
+        for image_key, label in zip(image_keys, labels, strict=True):
             yield row, image_key, label
             row += 1
         del table
 
 
 def _load_embeddings(
-    where: str, parquet: pq.ParquetFile, columns: Columns, limits: DatasetLimits, allocate: Allocate
+    where: str,
+    parquet: pq.ParquetFile,
+    columns: Columns,
+    limits: DatasetLimits,
+    allocate: Allocate,
+    check: Callable[[], None],
 ) -> tuple[np.ndarray[Any, Any], list[Any], list[str]]:
     assert columns.features is not None
     count = parquet.metadata.num_rows
-    width = _width(where, parquet, columns.features)
+    width = _width(where, parquet, columns.features, limits)
     if width <= 0:
         raise invalid_dataset(f"{where}: the rows of the embedding column {columns.features} are empty")
     decoded = count * width * 4
     if decoded > limits.max_decoded_bytes:
         raise too_much_decoded(f"{where} (its features, decoded)", decoded, limits)
     features = allocate((count, width), np.dtype(np.float32))
-    raw_labels, keys = _fill(where, parquet, features, columns)
+    raw_labels, keys = _fill(where, parquet, features, columns, limits, check)
     return features, raw_labels, keys
 
 
@@ -246,13 +325,19 @@ def load_parquet(
             raise too_many_samples(where, count, limits)
         if count == 0:
             raise empty_dataset(where, "the file has no rows")
-        columns = resolve_columns(options.parquet or ParquetOptions(), parquet.schema_arrow, where)
+        schema = parquet.schema_arrow
+        columns = resolve_columns(options.parquet or ParquetOptions(), schema, where)
+        strings = [name for name in columns.names if _is_string(schema.field(name).type)]
+        if strings:  # read dictionary-encoded, so that StringBudget sizes them before they expand
+            parquet = pq.ParquetFile(source, read_dictionary=strings)
         keys: list[str] = []
         try:
             if columns.image_key is None:
-                features, raw_labels, keys = _load_embeddings(where, parquet, columns, limits, allocate)
+                features, raw_labels, keys = _load_embeddings(
+                    where, parquet, columns, limits, allocate, storage.reads.check
+                )
             else:
-                rows = _image_rows(where, parquet, columns, keys)
+                rows = _image_rows(where, parquet, columns, keys, limits, storage.reads.check)
                 image_keys, raw_labels = parse_manifest(rows, uri=uri, limits=limits)
         except (pa.ArrowException, OSError) as error:
             raise invalid_dataset(f"{where}: unreadable row group: {error}") from error

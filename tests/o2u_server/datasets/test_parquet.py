@@ -15,6 +15,7 @@ from o2u_server.datasets import infer_format, load_dataset
 from o2u_server.datasets.exports import EXPORT_COLUMNS, infer_export_format, write_export
 from o2u_server.domain import DatasetFormat, DatasetOptions, ExportFormat, ParquetOptions
 from o2u_server.errors import Code, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from o2u_server.storage.reads import Stopped
 from tests.o2u_server.dataset_files import COLOURS, LIMITS, Store, png, solid
 from tests.s3_server import S3Server
 
@@ -101,6 +102,60 @@ def test_malformed_files_are_invalid_argument(store: Store) -> None:
     uri = store.put("sets/junk.parquet", b"PAR1 not really")
     with pytest.raises(InvalidArgument, match="not a readable Parquet file"):
         load_dataset(uri, None, store.storage, LIMITS)
+
+
+def _one_string_everywhere(length: int, rows: int) -> pa.DictionaryArray:
+    """`rows` references to one string of `length` characters: a few bytes in a dictionary page."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, dtype=np.int32)), pa.array(["x" * length]))
+
+
+@pytest.mark.parametrize("column", ["label", "key"])
+@pytest.mark.parametrize("store_schema", [True, False])
+def test_strings_that_expand_past_the_limit_are_refused_before_they_are_built(
+    store: Store, column: str, store_schema: bool
+) -> None:
+    rows, length = 4_000, 64 * 1024  # 256 MiB of strings once expanded
+    table = embeddings(rows, 2, True, keys=column == "key")
+    table = table.set_column(
+        table.schema.get_field_index(column), column, _one_string_everywhere(length, rows)
+    )
+    sink = io.BytesIO()
+    pq.write_table(table, sink, store_schema=store_schema)  # without the Arrow schema: plain strings
+    assert len(sink.getvalue()) < 256 * 1024
+    uri = store.put(f"sets/expand-{column}.parquet", sink.getvalue())
+    with pytest.raises(ResourceExhausted, match=rf"string columns, expanded.*{column}.*max_decoded_bytes"):
+        load_dataset(uri, None, store.storage, dataclasses.replace(LIMITS, max_decoded_bytes=32 * 1024**2))
+
+
+def test_categorical_string_labels_are_read(store: Store) -> None:
+    table = embeddings(6, 2, True, keys=False)
+    labels = pa.array(["cat", "dog", "cat", "emu", "dog", "cat"]).dictionary_encode()
+    uri = store.put("sets/categorical.parquet", parquet_bytes(table.set_column(0, "label", labels)))
+    dataset = load_dataset(uri, None, store.storage, LIMITS)
+    assert dataset.class_names == ["cat", "dog", "emu"]
+    assert dataset.labels.tolist() == [0, 1, 0, 2, 1, 0]
+
+
+def test_run_length_lists_past_the_limit_are_refused_from_the_footer(store: Store) -> None:
+    width = 1 << 22  # one row of four million equal floats: a few kilobytes on disk, 16 MiB decoded
+    flat = pa.array(np.zeros(width, dtype=np.float32))
+    features = pa.ListArray.from_arrays(pa.array([0, width], type=pa.int32()), flat)
+    uri = store.put("sets/long-row.parquet", parquet_bytes(pa.table({"label": [0], "features": features})))
+    with pytest.raises(ResourceExhausted, match=r"row group 0 of column features.*max_decoded_bytes"):
+        load_dataset(uri, None, store.storage, dataclasses.replace(LIMITS, max_decoded_bytes=8 * 1024**2))
+
+
+def test_a_cancelled_job_stops_between_row_groups(store: Store) -> None:
+    uri = store.put("sets/groups.parquet", parquet_bytes(embeddings(50, 8, False), row_group_size=5))
+    checks: list[int] = []
+
+    def stop_at_the_fourth_check() -> bool:
+        checks.append(1)
+        return len(checks) >= 4
+
+    with pytest.raises(Stopped):
+        load_dataset(uri, None, store.storage.for_job(stop_at_the_fourth_check), LIMITS)
+    assert len(checks) == 4, "one check per row group read, then none after the stop"
 
 
 # ---- options: other column names, image keys ---------------------------------------------------------
