@@ -185,6 +185,8 @@ def test_probes_under_tls_run_the_healthcheck_command() -> None:
         assert command[0] == "o2u-healthcheck"
         assert command[command.index("--address") + 1] == f"127.0.0.1:{grpc_port}"
         assert "--tls" in command
+        service = command[command.index("--service") + 1] if "--service" in command else ""
+        assert service == (SCORING_SERVICE if kind == "readinessProbe" else ""), kind
         for argument in command:
             if argument.startswith("/etc/o2u/"):
                 assert mount_for(container, argument) is not None, f"{argument} is not mounted"

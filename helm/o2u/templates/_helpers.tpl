@@ -98,19 +98,26 @@ namespace="{{ .Release.Namespace }}", job="{{ include "o2u.fullname" . }}"
 {{- end -}}
 
 {{/*
-Arguments of o2u-healthcheck for a given address and timeout, with the TLS options when TLS is on:
-the server certificate is verified with tls.caKey against tls.serverName, and under mutual TLS
-the check presents the server's own certificate (which the client CA must have signed).
+Arguments of o2u-healthcheck for a given address and timeout (and, optionally, the health service
+name to ask for: the whole server when left out), with the TLS options when TLS is on: the server
+certificate is verified with tls.caKey against tls.serverName, and under mutual TLS the check
+presents the server's own certificate (which the client CA must have signed).
 */}}
 {{- define "o2u.healthcheckArgs" -}}
 {{- $ := index . 0 -}}
 {{- $address := index . 1 -}}
 {{- $timeout := index . 2 -}}
+{{- $service := "" -}}
+{{- if gt (len .) 3 }}{{ $service = index . 3 }}{{ end -}}
 - o2u-healthcheck
 - --address
 - {{ $address | quote }}
 - --timeout
 - {{ $timeout | quote }}
+{{- with $service }}
+- --service
+- {{ . }}
+{{- end }}
 {{- if $.Values.tls.enabled }}
 - --tls
 - --server-name
@@ -131,8 +138,8 @@ the check presents the server's own certificate (which the client CA must have s
 {{/*
 Startup, liveness and readiness probes against the gRPC health service: native gRPC probes
 over plaintext, or o2u-healthcheck run in the container when TLS is on (the kubelet's gRPC
-probe cannot do TLS). Readiness asks for the ScoringService, which turns NOT_SERVING while the
-server drains on SIGTERM, so the Service stops sending it calls.
+probe cannot do TLS). Readiness asks for the ScoringService (both ways), which turns NOT_SERVING
+while the server drains on SIGTERM, so the Service stops sending it calls.
 */}}
 {{- define "o2u.probes" -}}
 {{- $ := index . 0 -}}
@@ -143,7 +150,7 @@ server drains on SIGTERM, so the Service stops sending it calls.
   {{- if $.Values.tls.enabled }}
   exec:
     command:
-      {{- include "o2u.healthcheckArgs" (list $ (printf "127.0.0.1:%d" $port) $probe.timeoutSeconds) | nindent 6 }}
+      {{- include "o2u.healthcheckArgs" (list $ (printf "127.0.0.1:%d" $port) $probe.timeoutSeconds (ternary "o2u.v1.ScoringService" "" (eq $kind "readiness"))) | nindent 6 }}
   {{- else }}
   grpc:
     port: {{ $port }}
