@@ -233,7 +233,17 @@ var ErrStop = errors.New("o2u: stop iteration")
 
 // ListJobs calls fn for every job (newest first), page after page; state UNSPECIFIED lists all.
 func (c *Client) ListJobs(ctx context.Context, state o2uv1.JobState, fn func(*o2uv1.ScoringJob) error) error {
-	req := &o2uv1.ListScoringJobsRequest{State: state}
+	return c.ListJobsMatching(ctx, &o2uv1.ListScoringJobsRequest{State: state}, fn)
+}
+
+// ListJobsMatching calls fn for every job matching req's filters (state, and owner: an admin's
+// view of one principal's jobs; any other caller lists only its own), newest first, fetching page
+// after page. req.PageToken is where iteration starts and req is not modified.
+func (c *Client) ListJobsMatching(ctx context.Context, req *o2uv1.ListScoringJobsRequest, fn func(*o2uv1.ScoringJob) error) error {
+	req, ok := proto.Clone(req).(*o2uv1.ListScoringJobsRequest)
+	if !ok {
+		return errors.New("o2u: cannot copy the ListScoringJobsRequest")
+	}
 	for {
 		callCtx, cancel := c.unary(ctx)
 		resp, err := c.rpc.ListScoringJobs(callCtx, req, c.callOpts...)

@@ -30,6 +30,8 @@ type fakeServer struct {
 	scores        []*o2uv1.NoiseScore
 	pageTokens    []string
 	authorization []string
+	jobs          []*o2uv1.ScoringJob
+	listed        []string // "owner@page token" of every ListScoringJobs call
 }
 
 func (f *fakeServer) CreateScoringJob(ctx context.Context, req *o2uv1.CreateScoringJobRequest) (*o2uv1.CreateScoringJobResponse, error) {
@@ -58,6 +60,25 @@ func (f *fakeServer) WatchScoringJob(req *o2uv1.WatchScoringJobRequest, stream o
 		return stream.Send(&o2uv1.WatchScoringJobResponse{Event: &o2uv1.JobEvent{Sequence: seq, Type: kind, State: state}})
 	}
 	return f.watchScript(call, req.GetAfterSequence(), send)
+}
+
+func (f *fakeServer) ListScoringJobs(_ context.Context, req *o2uv1.ListScoringJobsRequest) (*o2uv1.ListScoringJobsResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.listed = append(f.listed, fmt.Sprintf("%s@%s", req.GetOwner(), req.GetPageToken()))
+	var jobs []*o2uv1.ScoringJob
+	for _, job := range f.jobs {
+		if req.GetOwner() == "" || job.GetOwner() == req.GetOwner() {
+			jobs = append(jobs, job)
+		}
+	}
+	if req.GetPageToken() == "" && len(jobs) > 1 {
+		return &o2uv1.ListScoringJobsResponse{Jobs: jobs[:1], NextPageToken: "second"}, nil
+	}
+	if req.GetPageToken() != "" {
+		jobs = jobs[1:]
+	}
+	return &o2uv1.ListScoringJobsResponse{Jobs: jobs}, nil
 }
 
 func (f *fakeServer) ListNoiseScores(_ context.Context, req *o2uv1.ListNoiseScoresRequest) (*o2uv1.ListNoiseScoresResponse, error) {
@@ -249,5 +270,31 @@ func TestScoresAllFollowsEveryPage(t *testing.T) {
 	}
 	if fmt.Sprint(ranks) != "[1 2 3 4 5 6 7]" || fmt.Sprint(f.pageTokens) != "[ p3 p6]" || req.GetPageToken() != "" {
 		t.Fatalf("ranks %v, tokens %q", ranks, f.pageTokens)
+	}
+}
+
+func TestListJobsMatchingSendsTheOwnerOnEveryPage(t *testing.T) {
+	f := &fakeServer{jobs: []*o2uv1.ScoringJob{
+		{JobId: "job-3", Owner: "alice"}, {JobId: "job-2", Owner: "bob"}, {JobId: "job-1", Owner: "alice"},
+	}}
+	client := startFake(t, f)
+	req := &o2uv1.ListScoringJobsRequest{Owner: "alice"}
+	var ids []string
+	err := client.ListJobsMatching(context.Background(), req, func(job *o2uv1.ScoringJob) error {
+		ids = append(ids, job.GetJobId())
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(ids) != "[job-3 job-1]" || fmt.Sprint(f.listed) != "[alice@ alice@second]" || req.GetPageToken() != "" {
+		t.Fatalf("ids %v, calls %q, request token %q", ids, f.listed, req.GetPageToken())
+	}
+	ids = nil
+	if err := client.ListJobs(context.Background(), o2uv1.JobState_JOB_STATE_UNSPECIFIED, func(job *o2uv1.ScoringJob) error {
+		ids = append(ids, job.GetJobId())
+		return ErrStop
+	}); err != nil || fmt.Sprint(ids) != "[job-3]" {
+		t.Fatalf("ListJobs with ErrStop: ids %v, err %v", ids, err)
 	}
 }
