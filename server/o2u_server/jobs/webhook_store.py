@@ -5,7 +5,9 @@ a job its final state (so the result and its notice are never apart), and the de
 A claim moves the row's next attempt past the send timeout, in one transaction that locks the row
 with FOR UPDATE SKIP LOCKED on PostgreSQL: several replicas polling the same database never send one
 delivery at the same time, and a replica that dies mid-send leaves the row to be retried once the
-claim runs out. Attempts are a small JSON list on the row, read whole for GetScoringJob.
+claim runs out. Claims and retries are timed on the database's clock, as leases are, so replicas
+whose clocks disagree still hold a claimed delivery from each other for its whole hold. Attempts are
+a small JSON list on the row, read whole for GetScoringJob.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import ColumnElement, Connection, bindparam, select, update
 
 from o2u_server.domain import JobState, WebhookAttempt
 from o2u_server.jobs.database import Database
@@ -86,14 +88,20 @@ class WebhookStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def claim(self, now: float, hold_seconds: float) -> Due | None:
-        """The oldest due delivery, held for `hold_seconds` against other senders; None if none is due."""
+    def _clock(self, now: float | None) -> float | ColumnElement[float]:
+        """`now` when given (tests step through time), else the database's clock."""
+        return self.db.clock() if now is None else now
+
+    def claim(self, hold_seconds: float, *, now: float | None = None) -> Due | None:
+        """The oldest due delivery, held for `hold_seconds` against other senders; None if none is due.
+        Due and held are on the database's clock unless `now` is given."""
+        clock = self._clock(now)
 
         def claim() -> Due | None:
             with self.db.write() as conn:
                 query = (
                     select(_table)
-                    .where(_table.c.state == PENDING, _table.c.next_attempt_at <= now)
+                    .where(_table.c.state == PENDING, _table.c.next_attempt_at <= clock)
                     .order_by(_table.c.next_attempt_at)
                     .limit(1)
                     .with_for_update(skip_locked=True)
@@ -104,7 +112,7 @@ class WebhookStore:
                 conn.execute(
                     update(_table)
                     .where(_table.c.delivery_id == row["delivery_id"])
-                    .values(next_attempt_at=now + hold_seconds)
+                    .values(next_attempt_at=clock + hold_seconds)
                 )
                 return Due(
                     row["delivery_id"],
@@ -117,8 +125,12 @@ class WebhookStore:
 
         return self.db.retry(claim)
 
-    def record(self, due: Due, attempt: WebhookAttempt, retry_at: float | None) -> None:
-        """Store the attempt; the delivery is closed when `attempt.final`, else retried at `retry_at`."""
+    def record(
+        self, due: Due, attempt: WebhookAttempt, retry_in: float | None, *, now: float | None = None
+    ) -> None:
+        """Store the attempt; the delivery is closed when `attempt.final`, else retried `retry_in`
+        seconds from now (the database's clock unless `now` is given)."""
+        clock = self._clock(now)
 
         def write() -> None:
             with self.db.write(durable=True) as conn:
@@ -137,8 +149,8 @@ class WebhookStore:
                     "attempts": attempt.attempt,
                     "attempts_json": json.dumps(attempts),
                 }
-                if retry_at is not None:
-                    values["next_attempt_at"] = retry_at
+                if retry_in is not None:
+                    values["next_attempt_at"] = clock + retry_in
                 conn.execute(update(_table).where(_table.c.delivery_id == due.delivery_id).values(values))
 
         self.db.retry(write)

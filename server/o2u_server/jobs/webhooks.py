@@ -192,7 +192,7 @@ class WebhookDeliverer:
     def deliver_one(self) -> bool:
         """Claim and attempt one due delivery; False when none was due."""
         hold = self._settings.webhook_timeout_seconds + 30
-        due = self._store.webhooks.claim(time.time(), hold)
+        due = self._store.webhooks.claim(hold)  # held on the database's clock, as leases are
         if due is None:
             return False
         try:
@@ -203,12 +203,12 @@ class WebhookDeliverer:
             status, outcome, error = self._send(due.url, self._event(due))
         now = time.time()
         final = outcome in ("delivered", "not_allowed") or due.attempt >= self._settings.webhook_max_attempts
-        retry_at = None
+        retry_in = None
         if not final:
             backoff = self._settings.webhook_retry_seconds * 2 ** (due.attempt - 1)
-            retry_at = now + min(backoff, _MAX_BACKOFF_SECONDS)
+            retry_in = min(backoff, _MAX_BACKOFF_SECONDS)
         attempt = WebhookAttempt(due.attempt, now, status, outcome, error, final)
-        self._store.webhooks.record(due, attempt, retry_at)
+        self._store.webhooks.record(due, attempt, retry_in)
         self._metrics.webhook_deliveries.labels(outcome=outcome).inc()
         logger.info(
             "webhook attempt",

@@ -27,7 +27,7 @@ def _cancelled(store: JobStore, n: int, spec: object = HOOKED) -> str:
 def test_a_final_state_queues_one_delivery(store: JobStore, second: JobStore) -> None:
     hooked = _cancelled(store, 1)
     _cancelled(store, 2, dataclasses.replace(SPEC, request_id=None))  # no webhook: nothing queued
-    due = store.webhooks.claim(100.0, hold_seconds=40.0)
+    due = store.webhooks.claim(40.0, now=100.0)
     assert due is not None
     assert (due.job_id, due.url, due.event_type, due.attempt) == (
         hooked,
@@ -35,15 +35,19 @@ def test_a_final_state_queues_one_delivery(store: JobStore, second: JobStore) ->
         "io.o2u.scoring.job.cancelled",
         1,
     )
-    assert second.webhooks.claim(100.0, hold_seconds=40.0) is None  # held by the first claim
-    assert store.webhooks.claim(139.0, hold_seconds=40.0) is None
-    store.webhooks.record(due, WebhookAttempt(1, 101.0, 500, "http_error", "HTTP 500"), retry_at=105.0)
-    assert second.webhooks.claim(104.0, hold_seconds=40.0) is None
-    again = second.webhooks.claim(105.0, hold_seconds=40.0)
+    assert second.webhooks.claim(40.0, now=100.0) is None  # held by the first claim
+    assert store.webhooks.claim(40.0, now=139.0) is None
+    store.webhooks.record(
+        due, WebhookAttempt(1, 101.0, 500, "http_error", "HTTP 500"), retry_in=4.0, now=101.0
+    )
+    assert second.webhooks.claim(40.0, now=104.0) is None
+    again = second.webhooks.claim(40.0, now=105.0)
     assert again is not None
     assert (again.delivery_id, again.attempt) == (due.delivery_id, 2)
-    second.webhooks.record(again, WebhookAttempt(2, 106.0, 200, "delivered", final=True), retry_at=None)
-    assert store.webhooks.claim(10_000.0, hold_seconds=40.0) is None  # delivered: closed
+    second.webhooks.record(
+        again, WebhookAttempt(2, 106.0, 200, "delivered", final=True), retry_in=None, now=106.0
+    )
+    assert store.webhooks.claim(40.0, now=10_000.0) is None  # delivered: closed
     attempts = store.get_job(hooked).webhook_deliveries
     assert [(a.attempt, a.outcome, a.http_status, a.final) for a in attempts] == [
         (1, "http_error", 500, False),
@@ -66,6 +70,25 @@ def test_a_locked_delivery_is_skipped_not_waited_for(
             select(webhook_deliveries.c.job_id).where(webhook_deliveries.c.job_id == first).with_for_update()
         ).scalar_one()
         assert locked == first
-        due = second.webhooks.claim(100.0, hold_seconds=40.0)  # would block without SKIP LOCKED
+        due = second.webhooks.claim(40.0, now=100.0)  # would block without SKIP LOCKED
         assert due is not None
         assert due.job_id == other
+
+
+def test_claims_and_retries_run_on_the_database_clock(store: JobStore, second: JobStore) -> None:
+    """Without an explicit time, due and held are the database's: a replica whose own clock runs
+    ahead can never take a delivery another replica holds."""
+    hooked = _cancelled(store, 1)  # queued at time 21: due long ago on any clock
+    due = store.webhooks.claim(40.0)
+    assert due is not None
+    assert due.job_id == hooked
+    assert second.webhooks.claim(40.0) is None  # held, whatever time second's host says it is
+    with store.db.read() as conn:
+        database_now = conn.execute(select(store.db.clock())).scalar_one()
+        held_until = conn.execute(select(webhook_deliveries.c.next_attempt_at)).scalar_one()
+    assert database_now <= held_until <= database_now + 41.0
+    store.webhooks.record(due, WebhookAttempt(1, 0.0, 500, "http_error", "HTTP 500"), retry_in=3_600.0)
+    with store.db.read() as conn:
+        retry_at = conn.execute(select(webhook_deliveries.c.next_attempt_at)).scalar_one()
+    assert database_now + 3_599.0 <= retry_at <= database_now + 3_700.0
+    assert second.webhooks.claim(40.0) is None  # not due for an hour on the database's clock
