@@ -329,7 +329,7 @@ def load_parquet(
         columns = resolve_columns(options.parquet or ParquetOptions(), schema, where)
         strings = [name for name in columns.names if _is_string(schema.field(name).type)]
         if strings:  # read dictionary-encoded, so that StringBudget sizes them before they expand
-            parquet = pq.ParquetFile(source, read_dictionary=strings)
+            parquet = pq.ParquetFile(source, metadata=parquet.metadata, read_dictionary=strings)
         keys: list[str] = []
         try:
             if columns.image_key is None:
