@@ -13,11 +13,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 import numpy as np
 
-from o2u_server.datasets.label_studio_export import label_studio_tasks, original_data
+from o2u_server.datasets.label_studio_export import label_studio_tasks, original_data, suspected_rows
 from o2u_server.datasets.parquet_export import parquet_export
 from o2u_server.domain import DatasetFormat, ExportFormat, Job
 from o2u_server.errors import InvalidArgument
@@ -119,8 +119,9 @@ def _csv(rows: Iterable[dict[str, object]], buffer: io.StringIO, columns: Sequen
 _WRITERS = {ExportFormat.JSONL: _jsonl, ExportFormat.CSV: _csv}
 
 
-def _originals(job: Job, storage: Storage) -> dict[str, dict[str, object]] | None:
-    """A Label Studio dataset's tasks' data by id, read again from the dataset (None for others)."""
+def _originals(job: Job, storage: Storage, keys: Collection[str]) -> dict[str, dict[str, object]] | None:
+    """A Label Studio dataset's tasks' data by id, of the tasks `keys` names, read again from the
+    dataset (None for other formats)."""
     dataset_format = job.spec.dataset_format
     if dataset_format is None:
         from o2u_server.datasets import infer_format  # the package imports this module
@@ -130,8 +131,8 @@ def _originals(job: Job, storage: Storage) -> dict[str, dict[str, object]] | Non
         return None
     raw = storage.read_bytes(job.spec.dataset_uri, max_bytes=MAX_ORIGINALS_BYTES)
     try:
-        return original_data(raw)
-    except (ValueError, RecursionError):
+        return original_data(raw, keys)
+    except (ValueError, InvalidArgument):
         return None  # the dataset changed since it was scored; tasks keep only o2u's fields
 
 
@@ -150,7 +151,9 @@ def write_export(
     if export_format == ExportFormat.LABEL_STUDIO:
         if job is None:
             raise ValueError("a Label Studio export needs the job")
-        count, data = label_studio_tasks(rows, job.job_id, job.spec, _originals(job, storage))
+        suspects = suspected_rows(rows)
+        originals = _originals(job, storage, {str(row["key"]) for row in suspects})
+        count, data = label_studio_tasks(suspects, job.job_id, job.spec, originals)
     elif export_format == ExportFormat.PARQUET:
         count, data = parquet_export(rows, columns or EXPORT_COLUMNS)
     else:

@@ -11,6 +11,10 @@ else the last listed), or with the option `annotation_rule: majority` the most f
 counted per reason (`SKIP_REASONS`) with their first task ids, which the job reports in its run
 info; the loaded dataset's keys are the task ids, so results map back to the tasks. The images are
 then read as a CSV or JSONL manifest's are (`manifests.load_manifest`).
+
+The export is decoded one task at a time (`export_tasks`), and its rows are yielded as they are
+found, so the sample limit stops a long export at its task max + 1 and memory holds the text, the
+rows and one task's objects (`json.loads` of the whole export took about 6 times its size).
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
@@ -34,13 +39,18 @@ from o2u_server.text import shown
 __all__ = [
     "MAX_SKIPPED_KEYS",
     "SKIP_REASONS",
+    "SkippedTasks",
     "choose_label",
+    "export_tasks",
     "label_studio_rows",
     "load_label_studio",
-    "skipped_records",
 ]
 
 _LOCAL_FILES = "/data/local-files/"
+_WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's insignificant whitespace
+# what a JSON text that is not an array starts with
+_JSON_VALUES = {"{": "an object", '"': "a string", "t": "true", "f": "false", "n": "null"}
+_JSON_VALUES |= dict.fromkeys("-0123456789", "a number")
 MAX_SKIPPED_KEYS = 10  # task ids kept per skip reason
 SKIP_REASONS = {
     "NO_ANNOTATIONS": "the task has no annotations",
@@ -105,26 +115,67 @@ def _relative(image: str, folder: str) -> str | None:
     return image
 
 
+def export_tasks(text: str, where: str) -> Iterator[object]:
+    """The elements of the JSON array `text`, decoded one at a time: only the task being read is
+    held as Python objects, not the whole export (which takes about 6 times its size as text)."""
+    decoder = json.JSONDecoder()
+    position = _skip_whitespace(text, 0)
+    if not text.startswith("[", position):
+        found = _JSON_VALUES.get(text[position : position + 1]) if position < len(text) else None
+        if found is None:
+            raise invalid_dataset(f"{where}: not valid JSON: expected '[' at {_place(text, position)}")
+        raise invalid_dataset(f"{where}: expected a Label Studio JSON export (a list of tasks), not {found}")
+    position = _skip_whitespace(text, position + 1)
+    if text.startswith("]", position):
+        position = _skip_whitespace(text, position + 1)
+    else:
+        while True:
+            try:
+                task, position = decoder.raw_decode(text, position)
+            except (ValueError, RecursionError) as error:  # also too deep, or an integer of 4,300+ digits
+                raise invalid_dataset(f"{where}: not valid JSON: {error}") from error
+            yield task
+            position = _skip_whitespace(text, position)
+            if text.startswith("]", position):
+                position = _skip_whitespace(text, position + 1)
+                break
+            if not text.startswith(",", position):
+                raise invalid_dataset(
+                    f"{where}: not valid JSON: expected ',' or ']' at {_place(text, position)}"
+                )
+            position = _skip_whitespace(text, position + 1)
+    if position < len(text):
+        raise invalid_dataset(
+            f"{where}: not valid JSON: extra data after the list at {_place(text, position)}"
+        )
+
+
+def _skip_whitespace(text: str, position: int) -> int:
+    match = _WHITESPACE.match(text, position)
+    return match.end() if match else position
+
+
+def _place(text: str, position: int) -> str:
+    """'line L column C (char P)', as json's own errors name a place."""
+    line = text.count("\n", 0, position) + 1
+    column = position - text.rfind("\n", 0, position)
+    return f"line {line} column {column} (char {position})"
+
+
 def label_studio_rows(
     text: str,
     uri: str,
     task_ids: dict[str, str],
-    skipped: dict[str, list[str]],
+    skipped: SkippedTasks,
     options: LabelStudioOptions | None = None,
 ) -> Iterator[ManifestRow]:
-    """The manifest rows of the export's usable tasks; each skipped task's id goes to
-    `skipped[reason]`, and each row's task id to `task_ids[image key]`."""
+    """The manifest rows of the export's usable tasks; each skipped task goes to `skipped` with its
+    reason, and each row's task id to `task_ids[image key]`."""
     options = options or LabelStudioOptions()
     image_field = options.image_field or DEFAULT_IMAGE_FIELD
     where = shown(uri)
-    try:
-        tasks = json.loads(text)
-    except (ValueError, RecursionError) as error:
-        raise invalid_dataset(f"{where}: not valid JSON: {error}") from error
-    if not isinstance(tasks, list):
-        raise invalid_dataset(f"{where}: expected a Label Studio JSON export (a list of tasks)")
     folder = uri.rsplit("/", 1)[0]
-    for index, task in enumerate(tasks, start=1):
+    for index, task in enumerate(export_tasks(text, where), start=1):
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise invalid_dataset(f"{where}: task {index} is not an object with a data object")
         task_id = str(task.get("id", index))
@@ -132,28 +183,40 @@ def label_studio_rows(
         key = _relative(image, folder) if isinstance(image, str) and image else None
         label, reason = choose_label(task.get("annotations"), options.annotation_rule or "latest")
         if key is None or label is None:
-            skipped.setdefault(reason or "NO_IMAGE", []).append(task_id)
+            skipped.add(reason or "NO_IMAGE", task_id)
             continue
         task_ids[key] = task_id
         yield index, key, label
 
 
-def skipped_records(skipped: Mapping[str, Sequence[str]]) -> list[SkippedRecords]:
-    """One entry per reason, in SKIP_REASONS order, with the first MAX_SKIPPED_KEYS task ids."""
-    return [
-        SkippedRecords(
-            reason, SKIP_REASONS[reason], len(skipped[reason]), tuple(skipped[reason][:MAX_SKIPPED_KEYS])
-        )
-        for reason in SKIP_REASONS
-        if skipped.get(reason)
-    ]
+class SkippedTasks:
+    """The tasks skipped per SKIP_REASONS code: how many, and the first MAX_SKIPPED_KEYS ids (an
+    export of millions of unusable tasks keeps ten ids per reason, not millions)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.first_ids: dict[str, list[str]] = {}
+
+    def add(self, reason: str, task_id: str) -> None:
+        self.counts[reason] += 1
+        first = self.first_ids.setdefault(reason, [])
+        if len(first) < MAX_SKIPPED_KEYS:
+            first.append(task_id)
+
+    def records(self) -> list[SkippedRecords]:
+        """One entry per reason that skipped a task, in SKIP_REASONS order."""
+        return [
+            SkippedRecords(reason, SKIP_REASONS[reason], self.counts[reason], tuple(self.first_ids[reason]))
+            for reason in SKIP_REASONS
+            if self.counts[reason]
+        ]
 
 
 def load_label_studio(
     uri: str, storage: Storage, limits: DatasetLimits, field: str, options: DatasetOptions, allocate: Allocate
 ) -> LoadedDataset:
     task_ids: dict[str, str] = {}
-    skipped: dict[str, list[str]] = {}
+    skipped = SkippedTasks()
     dataset = load_manifest(
         uri,
         storage,
@@ -163,5 +226,5 @@ def load_label_studio(
         parse_rows=lambda text, u: label_studio_rows(text, u, task_ids, skipped, options.label_studio),
     )
     return dataclasses.replace(
-        dataset, keys=[task_ids[key] for key in dataset.keys], skipped=skipped_records(skipped)
+        dataset, keys=[task_ids[key] for key in dataset.keys], skipped=skipped.records()
     )

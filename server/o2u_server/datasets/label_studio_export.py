@@ -14,11 +14,12 @@ are left out.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
+from o2u_server.datasets.label_studio import export_tasks
 from o2u_server.domain import DatasetFormat, JobSpec
 
-__all__ = ["FROM_NAME", "TO_NAME", "label_studio_tasks", "original_data"]
+__all__ = ["FROM_NAME", "TO_NAME", "label_studio_tasks", "original_data", "suspected_rows"]
 
 FROM_NAME = "label"
 TO_NAME = "image"
@@ -70,14 +71,22 @@ def _task(
     }
 
 
-def original_data(raw: bytes) -> dict[str, dict[str, object]]:
-    """The `data` of each task of a Label Studio export, by task id (a dataset's keys)."""
-    tasks = json.loads(raw)
-    return {
-        str(t.get("id", index)): dict(t["data"])
-        for index, t in enumerate(tasks, start=1)
-        if isinstance(t, dict) and isinstance(t.get("data"), dict)
-    }
+def original_data(raw: bytes, keys: Collection[str] | None = None) -> dict[str, dict[str, object]]:
+    """The `data` of each task of a Label Studio export by task id (a dataset's keys), of the tasks
+    whose id is in `keys` when given. The tasks are decoded one at a time, so only the data kept is
+    held. ValueError when `raw` is not UTF-8, InvalidArgument when it is no Label Studio export."""
+    originals: dict[str, dict[str, object]] = {}
+    for index, task in enumerate(export_tasks(raw.decode("utf-8-sig"), "the dataset"), start=1):
+        if isinstance(task, dict) and isinstance(task.get("data"), dict):
+            task_id = str(task.get("id", index))
+            if keys is None or task_id in keys:
+                originals[task_id] = dict(task["data"])
+    return originals
+
+
+def suspected_rows(rows: Iterable[dict[str, object]]) -> list[dict[str, object]]:
+    """The suspected `rows`, by rank: the samples a Label Studio export holds."""
+    return sorted((row for row in rows if row.get("suspected")), key=lambda row: int(str(row["rank"])))
 
 
 def label_studio_tasks(
@@ -88,6 +97,6 @@ def label_studio_tasks(
 ) -> tuple[int, bytes]:
     """(tasks written, the JSON array's bytes) of the suspected `rows`, by rank; `originals` (a
     Label Studio dataset's tasks' data by id) gives each task its original data."""
-    suspects = sorted((row for row in rows if row.get("suspected")), key=lambda row: int(str(row["rank"])))
+    suspects = suspected_rows(rows)
     tasks = [_task(row, job_id, spec, originals or {}) for row in suspects]
     return len(tasks), json.dumps(tasks, indent=None, separators=(",", ":")).encode("utf-8")

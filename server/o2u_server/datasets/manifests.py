@@ -64,10 +64,12 @@ def load_manifest(
 
     With `digit_labels_are_indices`, string labels that are all made of digits are class indices."""
     raw = storage.read_bytes(uri, field=field, max_bytes=limits.max_bytes)
+    manifest_bytes = len(raw)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise invalid_dataset(f"{shown(uri)} is not UTF-8 text: {error}") from error
+    del raw  # the text is what the rows are parsed from; the bytes would double the manifest's memory
     keys, raw_labels = parse_manifest(parse_rows(text, uri), uri=uri, limits=limits)
     del text
     if not keys:
@@ -77,7 +79,7 @@ def load_manifest(
     ):
         raw_labels = _class_indices([str(label) for label in raw_labels], uri=uri, limits=limits)
     return load_listed_images(
-        uri, keys, raw_labels, storage, limits, field, allocate, manifest_bytes=len(raw)
+        uri, keys, raw_labels, storage, limits, field, allocate, manifest_bytes=manifest_bytes
     )
 
 

@@ -5,13 +5,22 @@ real files and a real S3 server."""
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from o2u_server.datasets import infer_format, load_dataset
-from o2u_server.datasets.label_studio import MAX_SKIPPED_KEYS, SKIP_REASONS, choose_label
+from o2u_server.datasets.label_studio import (
+    MAX_SKIPPED_KEYS,
+    SKIP_REASONS,
+    SkippedTasks,
+    choose_label,
+    export_tasks,
+    label_studio_rows,
+)
+from o2u_server.datasets.label_studio_export import original_data
 from o2u_server.domain import DatasetFormat, DatasetOptions, LabelStudioOptions, SkippedRecords
 from o2u_server.errors import InvalidArgument, NotFound
 from tests.o2u_server.dataset_files import COLOURS, LIMITS, Store, png, solid
@@ -218,3 +227,66 @@ def test_not_an_export_is_invalid(store: Store) -> None:
     uri = store.put("ls/bad.json", b'{"tasks": []}')
     with pytest.raises(InvalidArgument, match="list of tasks"):
         load_dataset(uri, DatasetFormat.LABEL_STUDIO, store.storage, LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "not valid JSON: expected '\\[' at line 1 column 1"),
+        ('{"tasks": []}', r"a list of tasks\), not an object"),
+        ('"tasks"', r"a list of tasks\), not a string"),
+        ("[{}, ]", "not valid JSON: Expecting value: line 1 column 6"),
+        ("[{} {}]", "not valid JSON: expected ',' or ']' at line 1 column 5"),
+        ("[{}", "not valid JSON: expected ',' or ']' at line 1 column 4"),
+        ("[]\n[]", "not valid JSON: extra data after the list at line 2 column 1"),
+        ("[" * 100_000, "not valid JSON: maximum recursion depth"),
+    ],
+)
+def test_a_malformed_export_is_refused_naming_the_place(text: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        list(export_tasks(text, "export.json"))
+
+
+def test_an_export_is_decoded_one_task_at_a_time() -> None:
+    """Only the task being read is held as objects: json.loads of the whole export took about 6
+    times its size, here the rows and keys kept are most of what is allocated."""
+    tasks = [
+        task(i, f"images/{i:06d}.png", [annotation(i, i, "red", "2024-01-02T03:04:05Z")])
+        for i in range(20_000)
+    ]
+    text = json.dumps(tasks)
+    del tasks
+    tracemalloc.start()
+    try:
+        rows = list(label_studio_rows(text, "file:///data/export.json", {}, SkippedTasks()))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(rows) == 20_000
+    assert peak < len(text)  # json.loads: 6 times the text
+
+
+def test_original_data_keeps_the_named_tasks_only() -> None:
+    tasks = [task(i, f"images/{i:02d}.png", []) for i in (1, 2, 3)] + [{"no": "data"}]
+    raw = json.dumps(tasks).encode()
+    assert original_data(raw) == {str(i): {"image": f"images/{i:02d}.png"} for i in (1, 2, 3)}
+    assert original_data(raw, {"2", "9"}) == {"2": {"image": "images/02.png"}}
+    with pytest.raises(InvalidArgument, match="list of tasks"):
+        original_data(b"5")
+
+
+def test_unusable_tasks_are_counted_without_being_kept() -> None:
+    """An export crafted of tasks that are all skipped (json.loads took 21 times its size) keeps
+    counts and the first ids only."""
+    text = "[" + ",".join(['{"data": {}}'] * 100_000) + "]"
+    skipped = SkippedTasks()
+    tracemalloc.start()
+    try:
+        assert list(label_studio_rows(text, "file:///data/export.json", {}, skipped)) == []
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < len(text) // 100
+    [record] = skipped.records()
+    assert (record.reason, record.count) == ("NO_ANNOTATIONS", 100_000)
+    assert record.first_keys == tuple(str(i) for i in range(1, MAX_SKIPPED_KEYS + 1))
