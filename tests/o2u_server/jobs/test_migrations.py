@@ -9,6 +9,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
@@ -16,7 +17,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 from o2u_server.domain import DatasetOptions, JobState, LabelStudioOptions, SkippedRecords
-from o2u_server.jobs.migrate import SCRIPT_LOCATION, head_revision
+from o2u_server.jobs.migrate import SCRIPT_LOCATION, NewerSchemaError, head_revision
 from o2u_server.jobs.store import JobStore
 from o2u_server.jobs.tables import metadata
 from tests.o2u_server.jobs.store_testing import INFO, SPEC, claim, job_id
@@ -172,3 +173,23 @@ def test_dataset_options_and_skipped_records_survive_a_restart(database: str | P
         assert job.run_info.skipped == skipped
     finally:
         reopened.close()
+
+
+def test_a_store_migrated_by_a_newer_server_is_refused_untouched(tmp_path: Path) -> None:
+    """A rollback after an upgrade: the older server names the revision it does not know and what
+    to do, and writes nothing (its own head is not stamped over the newer schema)."""
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    store.open()
+    store.close()
+    newer = sqlite3.connect(path)
+    with newer:
+        newer.execute("UPDATE alembic_version SET version_num = '0099'")
+    newer.close()
+    with pytest.raises(
+        NewerSchemaError, match=rf"revision 0099, newer than this server's newest \({head_revision()}\)"
+    ):
+        JobStore(path).open()
+    check = sqlite3.connect(path)
+    assert check.execute("SELECT version_num FROM alembic_version").fetchall() == [("0099",)]
+    check.close()
