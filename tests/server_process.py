@@ -68,6 +68,13 @@ def require_own_mounts() -> None:
         pytest.skip(message)
 
 
+def unlabelled_gauge(exposition: str, name: str) -> float:
+    """The value of the unlabelled metric `name` in a /metrics text."""
+    match = re.search(rf"^{re.escape(name)} (\S+)$", exposition, re.MULTILINE)
+    assert match, f"{name} is not exported"
+    return float(match[1])
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -170,9 +177,7 @@ class ServerProcess:
 
     def gauge(self, name: str) -> float:
         """The value of the unlabelled metric `name` in its /metrics."""
-        match = re.search(rf"^{re.escape(name)} (\S+)$", self.scrape(), re.MULTILINE)
-        assert match, f"{name} is not exported"
-        return float(match[1])
+        return unlabelled_gauge(self.scrape(), name)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

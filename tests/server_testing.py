@@ -49,6 +49,7 @@ from o2u.v1 import scoring_pb2_grpc
 from o2u_server.app import O2UServer, create_server
 from o2u_server.jobs.engine import Engine
 from o2u_server.settings import Settings
+from tests.server_process import unlabelled_gauge
 
 __all__ = [
     "DIGITS_SAMPLES",
@@ -130,6 +131,10 @@ class RunningServer:
         with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
             text: str = response.read().decode()
         return text
+
+    def gauge(self, name: str) -> float:
+        """The value of the unlabelled metric `name` in its /metrics."""
+        return unlabelled_gauge(self.scrape(), name)
 
     def run(self, function: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
         async def call() -> T:

@@ -82,6 +82,7 @@ class O2UServer:
         self.storage = Storage(settings)
         self.checkpoints = checkpoint_store(settings, self.storage.object_store)
         self.volume = StateVolume.of_server(settings, self.store.db, self.checkpoints)
+        self.metrics.watch_state_volume(self.volume.free_bytes, self.volume.min_free_bytes)
         # Names this process in leases and job events: the pod's name, and the process within it.
         self.replica = f"{socket.gethostname()}/{os.getpid()}"
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lack aio

@@ -83,6 +83,25 @@ class _SharedMemoryCollector(Collector):
         )
 
 
+class _StateVolumeCollector(Collector):
+    """o2u_state_volume_free_bytes, read at scrape time: the free bytes of the fullest state folder
+    (`StateVolume.free_bytes`); below min_free_state_bytes no job is claimed or accepted."""
+
+    def __init__(self, free_bytes: Callable[[], int]) -> None:
+        self._free_bytes = free_bytes
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            free = self._free_bytes()
+        except OSError:
+            return
+        yield GaugeMetricFamily(
+            "o2u_state_volume_free_bytes",
+            "Free bytes on the fullest volume of the server's job state (state_dir, SQLite, checkpoints)",
+            value=free,
+        )
+
+
 class ServerMetrics:
     """Every metric the server exports."""
 
@@ -121,6 +140,16 @@ class ServerMetrics:
         )
         for outcome in ("delivered", "http_error", "timeout", "network_error", "not_allowed"):
             self.webhook_deliveries.labels(outcome=outcome)
+        self.job_store_up = Gauge(
+            "o2u_job_store_up",
+            "1 when this replica's last lease round reached the job store, 0 when it failed",
+            registry=registry,
+        )
+        self.state_volume_min_free = Gauge(
+            "o2u_state_volume_min_free_bytes",
+            "min_free_state_bytes: below it on the state volume, no job is claimed or accepted",
+            registry=registry,
+        )
         self.job_claims = Counter(
             "o2u_job_claims", "Job attempts this replica claimed from the queue", registry=registry
         )
@@ -197,6 +226,11 @@ class ServerMetrics:
             self.grpc_duration.labels(method=method)
         for source in ("s3", "file"):
             self.dataset_bytes_read.labels(source=source)
+
+    def watch_state_volume(self, free_bytes: Callable[[], int], min_free_bytes: int) -> None:
+        """Export the state volume's free bytes (read at each scrape) and the floor it must keep."""
+        self.registry.register(_StateVolumeCollector(free_bytes))
+        self.state_volume_min_free.set(min_free_bytes)
 
     def count_jobs(self, read_counts: Callable[[], Mapping[JobState, int]]) -> None:
         """Set the queued and running gauges from the store's count of jobs per state.

@@ -175,6 +175,25 @@ def test_replicas_share_postgresql_and_object_storage() -> None:
     assert headless["spec"]["selector"] == spec["selector"]["matchLabels"]
 
 
+def test_a_rollout_without_a_spare_gpu_replaces_one_pod_at_a_time() -> None:
+    objects = render({**REPLICAS, "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}})
+    assert deployment(objects)["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+def test_a_changed_chart_secret_restarts_the_pods() -> None:
+    """The server reads tokens and keys at start: a new value must roll the pods, as a config change does."""
+
+    def annotations(values: dict[str, Any]) -> dict[str, str]:
+        annotated: dict[str, str] = deployment(render(values))["spec"]["template"]["metadata"]["annotations"]
+        return annotated
+
+    first = annotations({"auth": {"enabled": True, "token": "first-token"}})
+    assert annotations({"auth": {"enabled": True, "token": "first-token"}}) == first
+    second = annotations({"auth": {"enabled": True, "token": "second-token"}})
+    assert second["checksum/secrets"] != first["checksum/secrets"]
+    assert second["checksum/config"] == first["checksum/config"]
+
+
 def test_one_replica_on_postgresql_keeps_local_checkpoints_on_the_volume() -> None:
     objects = render({"database": {"url": "postgresql://o2u@postgres:5432/o2u"}})
     assert deployment(objects)["spec"]["strategy"] == {"type": "Recreate"}
@@ -297,7 +316,20 @@ def test_tls_and_token_secrets_are_mounted() -> None:
         ({"tls": {"enabled": True}}, "tls.secretName"),
         ({"tls": {"clientCA": {"enabled": True}}}, "needs tls.enabled"),
         ({"auth": {"enabled": True}}, "auth.existingSecret or auth.token"),
-        ({"terminationGracePeriodSeconds": 20}, "must exceed config.shutdown_grace_seconds"),
+        (
+            {"terminationGracePeriodSeconds": 20},
+            "must exceed the server's drain, config.shutdown_grace_seconds (20) = 20 s",
+        ),
+        (
+            {
+                "terminationGracePeriodSeconds": 60,
+                "config": {"shutdown_grace_seconds": 50, "webhook_timeout_seconds": 60},
+                "webhooks": {"secret": {"existingSecret": "hooks"}},
+                "database": {"url": "postgresql://o2u@db/o2u"},
+            },
+            "config.shutdown_grace_seconds (50) + config.webhook_timeout_seconds (60) + 5 s for the webhook "
+            "sender + 5 s for the PostgreSQL notice listener = 120 s",
+        ),
     ],
 )
 def test_inconsistent_values_fail_to_render(values: dict[str, Any], message: str) -> None:

@@ -29,6 +29,9 @@ def second_replica(metric: str, values: str) -> dict[str, str]:
     }
 
 
+SECOND = {**SCOPE, "instance": "10.0.0.8:9464"}
+
+
 def firing(severity: str = "warning", **labels: str) -> list[dict[str, Any]]:
     return [{"exp_labels": {"severity": severity, **SCOPE, **labels}}]
 
@@ -64,7 +67,7 @@ CASES: dict[str, tuple[list[dict[str, str]], list[tuple[str, str, list[dict[str,
         [series("o2u_jobs_queued", "1+1x60")],
         [
             ("10m", "O2UQueueBacklogGrowing", []),
-            ("40m", "O2UQueueBacklogGrowing", firing(instance="10.0.0.7:9464")),
+            ("40m", "O2UQueueBacklogGrowing", firing()),
         ],
     ),
     "queue drains": (
@@ -148,6 +151,78 @@ CASES: dict[str, tuple[list[dict[str, str]], list[tuple[str, str, list[dict[str,
             series("o2u_replica_jobs_running", "1x10 0x50"),
         ],
         [("55m", "O2USharedMemoryHeld", [])],
+    ),
+    "one replica of two goes down": (
+        [series("up", "1x30"), second_replica("up", "1x5 0x25")],
+        [
+            ("4m", "O2UReplicaDown", []),
+            ("15m", "O2UReplicaDown", [{"exp_labels": {"severity": "warning", **SECOND}}]),
+            ("15m", "O2UServerDown", []),
+        ],
+    ),
+    "every replica goes down": (
+        [series("up", "1x5 0x25"), second_replica("up", "1x5 0x25")],
+        [("15m", "O2UReplicaDown", []), ("15m", "O2UServerDown", firing("critical"))],
+    ),
+    "a backlog on two replicas is one alert": (
+        [series("o2u_jobs_queued", "1+1x60"), second_replica("o2u_jobs_queued", "1+1x60")],
+        [("40m", "O2UQueueBacklogGrowing", firing())],
+    ),
+    "the job store becomes unreachable": (
+        [series("o2u_job_store_up", "1x5 0x20 1x10")],
+        [
+            ("6m", "O2UJobStoreUnreachable", []),
+            ("10m", "O2UJobStoreUnreachable", firing("critical", instance="10.0.0.7:9464")),
+            ("30m", "O2UJobStoreUnreachable", []),
+        ],
+    ),
+    "the state volume fills": (
+        [
+            series("o2u_state_volume_free_bytes", "1000x10 400x10 100x20"),
+            series("o2u_state_volume_min_free_bytes", "256x40"),
+        ],
+        [
+            ("8m", "O2UStateVolumeLow", []),
+            ("18m", "O2UStateVolumeLow", firing(instance="10.0.0.7:9464")),
+            ("18m", "O2UStateVolumeFull", []),
+            ("30m", "O2UStateVolumeFull", firing("critical", instance="10.0.0.7:9464")),
+        ],
+    ),
+    "no floor on the state volume": (
+        [series("o2u_state_volume_free_bytes", "0x30"), series("o2u_state_volume_min_free_bytes", "0x30")],
+        [("20m", "O2UStateVolumeLow", []), ("20m", "O2UStateVolumeFull", [])],
+    ),
+    "a replica keeps losing leases": (
+        [series("o2u_job_leases_lost_total", "0x10 1 2 3 3x30")],
+        [
+            ("11m", "O2UJobLeasesLost", []),
+            ("15m", "O2UJobLeasesLost", firing(instance="10.0.0.7:9464")),
+        ],
+    ),
+    "a lease lost now and then": (
+        [series("o2u_job_leases_lost_total", "0x10 1x30 2x40")],
+        [("60m", "O2UJobLeasesLost", [])],
+    ),
+    "training workers keep dying": (
+        [series("o2u_training_worker_failures_total", "0x10 1x5 2x5 3x20")],
+        [
+            ("12m", "O2UTrainingWorkerFailures", []),
+            ("25m", "O2UTrainingWorkerFailures", firing(instance="10.0.0.7:9464")),
+        ],
+    ),
+    "webhooks fail": (
+        [
+            series("o2u_webhook_deliveries_total", "0+1x60", outcome="delivered"),
+            series("o2u_webhook_deliveries_total", "0+3x60", outcome="timeout"),
+        ],
+        [("45m", "O2UWebhookDeliveriesFailing", firing())],
+    ),
+    "webhooks mostly delivered": (
+        [
+            series("o2u_webhook_deliveries_total", "0+9x60", outcome="delivered"),
+            series("o2u_webhook_deliveries_total", "0+1x60", outcome="http_error"),
+        ],
+        [("45m", "O2UWebhookDeliveriesFailing", [])],
     ),
     "server errors": (
         [

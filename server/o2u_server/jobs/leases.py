@@ -88,8 +88,10 @@ class LeaseKeeper:
         lease_seconds: float,
         max_attempts: int,
         after_round: Callable[[Recovery], None],
+        store_reached: Callable[[bool], None] = lambda reached: None,
     ) -> None:
         self._claims, self._attempts = claims, attempts
+        self._store_reached = store_reached
         self.lease_seconds = lease_seconds
         self.interval = lease_seconds / 3
         self._max_attempts = max_attempts
@@ -110,15 +112,19 @@ class LeaseKeeper:
             try:
                 self.round()
             except Exception:
+                self._store_reached(False)
                 logger.exception("lease keeper round failed; retrying next round")
 
     def round(self) -> None:
-        """Renew, pass on cancels, stop lost attempts, requeue orphans (also callable from tests)."""
+        """Renew, pass on cancels, stop lost attempts, requeue orphans (also callable from tests);
+        then tell `store_reached` whether every read and write of the round reached the store."""
+        reached = True
         for lease in self._attempts.leases():
             try:
                 cancel = self._claims.renew_lease(lease, self.lease_seconds)
             except ServiceError as error:  # the database is unreachable: try again next round
                 logger.warning("could not renew a lease: %s", error.message, extra={"job_id": lease.job_id})
+                reached = False
                 continue
             if cancel is None:
                 logger.warning(
@@ -132,3 +138,4 @@ class LeaseKeeper:
         for job_id in recovery.queued:
             logger.info("requeued a job whose lease expired", extra={"job_id": job_id})
         self._after_round(recovery)
+        self._store_reached(reached)

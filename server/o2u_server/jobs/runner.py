@@ -88,6 +88,7 @@ class JobRunner:
             lease_seconds=settings.lease_seconds,
             max_attempts=settings.max_job_attempts,
             after_round=self._after_round,
+            store_reached=lambda reached: self._metrics.job_store_up.set(int(reached)),
         )
 
     # -- lifecycle (called from the event loop) ---------------------------------------------------
@@ -95,6 +96,7 @@ class JobRunner:
     def start(self) -> None:
         """Start the workers (they claim queued jobs, oldest first) and the lease keeper."""
         self._metrics.worker_slots.set(len(self._devices))
+        self._metrics.job_store_up.set(1)  # the server has just opened it; each lease round updates it
         self._engine.start(self._devices)
         for index, device in enumerate(self._devices):
             thread = threading.Thread(

@@ -90,7 +90,10 @@ def test_a_full_state_volume_refuses_new_work_keeps_reads_and_recovers_by_itself
         stub = Stub(channel)
         done = wait_for_job(stub, create_job(stub, digits_uri).job_id)
         assert done.state == pb.JOB_STATE_SUCCEEDED
+        assert server.gauge("o2u_state_volume_min_free_bytes") == 1024 * 1024
+        assert server.gauge("o2u_state_volume_free_bytes") > 1024 * 1024
         ballast = fill(volume)
+        assert server.gauge("o2u_state_volume_free_bytes") < 1024 * 1024  # read at the scrape
 
         refused = call_error(lambda: create_job(stub, digits_uri))
         assert (refused.code, refused.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "STATE_DISK_FULL")
@@ -103,6 +106,7 @@ def test_a_full_state_volume_refuses_new_work_keeps_reads_and_recovers_by_itself
         assert _serving(channel)
 
         ballast.unlink()  # an operator frees space; nothing is restarted
+        assert server.gauge("o2u_state_volume_free_bytes") > 1024 * 1024
         again = wait_for_job(stub, create_job(stub, digits_uri).job_id)
         assert again.state == pb.JOB_STATE_SUCCEEDED, again.error
 

@@ -5,6 +5,7 @@ a database restart in the middle of a job loses nothing."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,23 @@ def test_a_database_restart_mid_job_loses_nothing(cluster: Cluster, digits_root:
     }
     expected = {(pb.STAGE_PRETRAINING, n) for n in range(1, 7)} | {(pb.STAGE_CYCLIC, n) for n in range(1, 7)}
     assert expected <= epochs, "every epoch's progress event was stored"
+
+
+def _store_up_everywhere(cluster: Cluster, expected: float, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while {replica.gauge("o2u_job_store_up") for replica in cluster.replicas} != {expected}:
+        assert time.monotonic() < deadline, f"o2u_job_store_up did not become {expected} on every replica"
+        time.sleep(0.2)
+
+
+def test_every_replica_reports_the_database_down_and_back(cluster: Cluster) -> None:
+    """o2u_job_store_up, which O2UJobStoreUnreachable alerts on: 0 on every replica within a lease
+    round of the database stopping (health stays SERVING, so nothing else would say it), 1 again
+    once it is back, without a restart."""
+    _store_up_everywhere(cluster, 1.0)
+    cluster.postgres.stop()
+    try:
+        _store_up_everywhere(cluster, 0.0)
+    finally:
+        cluster.postgres.start()
+    _store_up_everywhere(cluster, 1.0)
