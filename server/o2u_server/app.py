@@ -134,7 +134,7 @@ class O2UServer:
         self._server = server = self._grpc_server(self._manager)
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        credentials = server_credentials(self.settings)
+        credentials = server_credentials(self.settings, certificate_loaded=self.metrics.certificate_loaded)
         address = self.settings.listen_address
         if credentials is None:
             self.port = server.add_insecure_port(address)

@@ -8,6 +8,7 @@ per-sample labels, which would grow without bound.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -22,9 +23,12 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from o2u.v1 import scoring_pb2
+from o2u_server.api.certificates import not_after
 from o2u_server.domain import JobState, Progress, Stage
 
 __all__ = ["METHOD_LABELS", "UNKNOWN_METHOD", "MetricsServer", "ServerMetrics"]
+
+logger = logging.getLogger(__name__)
 
 # The `method` label of the request metrics, by full gRPC method name: a closed set, so a caller
 # inventing method names cannot grow /metrics (every other name is UNKNOWN_METHOD).
@@ -150,6 +154,7 @@ class ServerMetrics:
             "min_free_state_bytes: below it on the state volume, no job is claimed or accepted",
             registry=registry,
         )
+        self._tls_expiry: Gauge | None = None  # certificate_loaded
         self.job_claims = Counter(
             "o2u_job_claims", "Job attempts this replica claimed from the queue", registry=registry
         )
@@ -226,6 +231,23 @@ class ServerMetrics:
             self.grpc_duration.labels(method=method)
         for source in ("s3", "file"):
             self.dataset_bytes_read.labels(source=source)
+
+    def certificate_loaded(self, chain: bytes) -> None:
+        """Export when the TLS certificate chain the server now serves expires; the gauge exists
+        only on a server with TLS, so no alert reads a plaintext server's 0 as expired."""
+        try:
+            expiry = not_after(chain)
+        except ValueError as error:
+            logger.warning("cannot read the TLS certificate's expiry: %s", error)
+            return
+        with self._count_lock:
+            if self._tls_expiry is None:
+                self._tls_expiry = Gauge(
+                    "o2u_tls_certificate_expiry_timestamp_seconds",
+                    "When the earliest certificate of the TLS chain in use expires (seconds since the epoch)",
+                    registry=self.registry,
+                )
+        self._tls_expiry.set(expiry)
 
     def watch_state_volume(self, free_bytes: Callable[[], int], min_free_bytes: int) -> None:
         """Export the state volume's free bytes (read at each scrape) and the floor it must keep."""

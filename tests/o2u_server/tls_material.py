@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+DEFAULT_VALIDITY = datetime.timedelta(days=1)
+
 
 @dataclass(frozen=True)
 class Pki:
@@ -45,7 +47,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _builder(
-    subject: str, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey
+    subject: str, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, valid_for: datetime.timedelta
 ) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.UTC)
     return (
@@ -55,14 +57,16 @@ def _builder(
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_after(now + valid_for)
     )
 
 
-def _authority(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _authority(
+    common_name: str, valid_for: datetime.timedelta = DEFAULT_VALIDITY
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _key()
     certificate = (
-        _builder(common_name, _name(common_name), key.public_key())
+        _builder(common_name, _name(common_name), key.public_key(), valid_for)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -88,12 +92,13 @@ def _leaf(
     authority: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
     *,
     server: bool,
+    valid_for: datetime.timedelta = DEFAULT_VALIDITY,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _key()
     ca_cert, ca_key = authority
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
-        _builder(common_name, ca_cert.subject, key.public_key())
+        _builder(common_name, ca_cert.subject, key.public_key(), valid_for)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     )
@@ -130,11 +135,12 @@ def write_encrypted_key(path: Path) -> Path:
     return path
 
 
-def make_pki(directory: Path) -> Pki:
-    """Write a CA, server and client certificates, and an unrelated CA with its client, to `directory`."""
+def make_pki(directory: Path, *, valid_for: datetime.timedelta = DEFAULT_VALIDITY) -> Pki:
+    """Write a CA, server and client certificates, and an unrelated CA with its client, to
+    `directory`; the CA and the server certificate are valid for `valid_for` from now."""
     directory.mkdir(parents=True, exist_ok=True)
-    authority = _authority("o2u test CA")
-    server_cert, server_key = _leaf("o2u server", authority, server=True)
+    authority = _authority("o2u test CA", valid_for)
+    server_cert, server_key = _leaf("o2u server", authority, server=True, valid_for=valid_for)
     client_cert, client_key = _leaf("o2u client", authority, server=False)
     other = _authority("unrelated CA")
     other_client_cert, other_client_key = _leaf("stranger", other, server=False)

@@ -224,6 +224,18 @@ CASES: dict[str, tuple[list[dict[str, str]], list[tuple[str, str, list[dict[str,
         ],
         [("45m", "O2UWebhookDeliveriesFailing", [])],
     ),
+    "the certificate is not renewed": (
+        # Expiry in 8 days from the start (time() is 0 then), a minute nearer every minute.
+        [series("o2u_tls_certificate_expiry_timestamp_seconds", "691200x2000")],
+        [
+            ("30m", "O2UTLSCertificateExpiring", []),
+            ("1d2h", "O2UTLSCertificateExpiring", firing(instance="10.0.0.7:9464")),
+        ],
+    ),
+    "the certificate is renewed in time": (
+        [series("o2u_tls_certificate_expiry_timestamp_seconds", "691200x100 4000000x100")],
+        [("3h", "O2UTLSCertificateExpiring", [])],
+    ),
     "server errors": (
         [
             series("o2u_grpc_requests_total", "0+100x30", method="GetScoringJob", code="OK"),

@@ -16,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
 
+from o2u_server.api.certificates import CertificateFiles, TlsMaterial
 from o2u_server.api.status import grpc_status
 from o2u_server.errors import Unauthenticated
 from o2u_server.settings import Settings
@@ -99,12 +100,28 @@ def _check_ca(ca_file: Path) -> None:
         ) from None
 
 
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+def _tls_material(cert_file: Path, key_file: Path, ca_file: Path | None) -> TlsMaterial:
+    """The TLS files read and checked: SecurityConfigError names the setting of a bad one."""
+    certificate_chain = _read_pem(cert_file, "O2U_TLS_CERT_FILE")
+    private_key = _read_pem(key_file, "O2U_TLS_KEY_FILE")
+    _check_pair(cert_file, key_file)
+    client_ca: bytes | None = None
+    if ca_file is not None:
+        client_ca = _read_pem(ca_file, "O2U_TLS_CLIENT_CA_FILE")
+        _check_ca(ca_file)
+    return TlsMaterial(private_key, certificate_chain, client_ca)
+
+
+def server_credentials(
+    settings: Settings, *, certificate_loaded: Callable[[bytes], None] = lambda chain: None
+) -> grpc.ServerCredentials | None:
     """gRPC server credentials from the TLS settings, or None for plaintext.
 
     TLS needs both tls_cert_file and tls_key_file; tls_client_ca_file additionally requires every
     client to present a certificate signed by that CA (mutual TLS). Raises SecurityConfigError naming
     the setting when a file is missing, unreadable, not PEM, or the key does not match the certificate.
+    The files are read again when they change (a renewed certificate; `certificates.CertificateFiles`),
+    and `certificate_loaded` is told each certificate chain that goes into use.
     """
     cert_file, key_file, ca_file = settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
     if cert_file is None and key_file is None:
@@ -119,17 +136,15 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         raise SecurityConfigError(
             f"TLS needs both O2U_TLS_CERT_FILE and O2U_TLS_KEY_FILE; {missing} is not set"
         )
-    certificate_chain = _read_pem(cert_file, "O2U_TLS_CERT_FILE")
-    private_key = _read_pem(key_file, "O2U_TLS_KEY_FILE")
-    _check_pair(cert_file, key_file)
-    client_ca: bytes | None = None
-    if ca_file is not None:
-        client_ca = _read_pem(ca_file, "O2U_TLS_CLIENT_CA_FILE")
-        _check_ca(ca_file)
-    return grpc.ssl_server_credentials(
-        [(private_key, certificate_chain)],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
+    files = CertificateFiles(
+        tuple(path for path in (cert_file, key_file, ca_file) if path is not None),
+        lambda: _tls_material(cert_file, key_file, ca_file),
+        certificate_loaded,
+    )
+    return grpc.dynamic_ssl_server_credentials(
+        files.material.configuration(),
+        files.fetch,  # type: ignore[arg-type]  # the stubs omit None, which gRPC documents as "no change"
+        require_client_authentication=ca_file is not None,
     )
 
 
