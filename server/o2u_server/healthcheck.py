@@ -16,13 +16,31 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 __all__ = ["check", "main"]
 
 
+# What to check when a file named on the command line is missing: the chart's probes name files of
+# the mounted TLS Secret, and a Secret made by `kubectl create secret tls` has no ca.crt.
+_MISSING = {
+    "--ca": "with the Helm chart, tls.caKey names the CA's key in the TLS Secret (empty: the system roots)",
+    "--cert": "with the Helm chart, the TLS Secret's tls.crt",
+    "--key": "with the Helm chart, the TLS Secret's tls.key",
+}
+
+
+def _read(path: str | None, flag: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag} {path} does not exist; {_MISSING[flag]}") from None
+
+
 def _channel(args: argparse.Namespace) -> grpc.Channel:
     if not (args.tls or args.ca or args.cert):
         return grpc.insecure_channel(args.address)
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=Path(args.ca).read_bytes() if args.ca else None,
-        private_key=Path(args.key).read_bytes() if args.key else None,
-        certificate_chain=Path(args.cert).read_bytes() if args.cert else None,
+        root_certificates=_read(args.ca, "--ca"),
+        private_key=_read(args.key, "--key"),
+        certificate_chain=_read(args.cert, "--cert"),
     )
     options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
     return grpc.secure_channel(args.address, credentials, options=options)

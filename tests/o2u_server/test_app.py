@@ -72,6 +72,19 @@ def test_healthcheck_command_fails_without_a_server(capsys: pytest.CaptureFixtur
     assert "health check failed" in capsys.readouterr().err
 
 
+def test_healthcheck_names_what_to_set_when_the_ca_file_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A TLS Secret made by `kubectl create secret tls` has no ca.crt, which the chart's probes name
+    by default: the probe's output (in the pod's events) says which value to set."""
+    missing = tmp_path / "ca.crt"
+    assert healthcheck.main(["--address", "127.0.0.1:1", "--ca", str(missing), "--timeout", "1"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"health check failed: --ca {missing} does not exist; with the Helm chart, tls.caKey names "
+        "the CA's key in the TLS Secret (empty: the system roots)"
+    )
+
+
 def test_build_info_and_process_metrics_are_exported(server: RunningServer) -> None:
     text = server.scrape()
     assert 'o2u_build_info{device="cpu"' in text
