@@ -61,9 +61,13 @@ SKIP_REASONS = {
 
 
 def _choices(annotation: dict[str, Any]) -> str | None:
-    for result in annotation.get("result") or []:
+    """The first choice of the annotation's first `choices` result; None when it has none (results
+    of other shapes than Label Studio writes are no choice, not an error)."""
+    results = annotation.get("result")
+    for result in results if isinstance(results, list) else ():
         if isinstance(result, dict) and result.get("type") == "choices":
-            choices = (result.get("value") or {}).get("choices")
+            value = result.get("value")
+            choices = value.get("choices") if isinstance(value, dict) else None
             if isinstance(choices, list) and choices and isinstance(choices[0], str) and choices[0]:
                 return choices[0]
     return None
@@ -175,6 +179,7 @@ def label_studio_rows(
     image_field = options.image_field or DEFAULT_IMAGE_FIELD
     where = shown(uri)
     folder = uri.rsplit("/", 1)[0]
+    task_at: dict[str, int] = {}  # the id of each usable task -> its place in the export
     for index, task in enumerate(export_tasks(text, where), start=1):
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise invalid_dataset(f"{where}: task {index} is not an object with a data object")
@@ -185,6 +190,12 @@ def label_studio_rows(
         if key is None or label is None:
             skipped.add(reason or "NO_IMAGE", task_id)
             continue
+        if task_id in task_at:  # the ids are the dataset's keys: results must map back to one task
+            raise invalid_dataset(
+                f"{where}: task {index} has the id {shown(task_id, 80)!r} of task {task_at[task_id]}; "
+                "task ids must be unique"
+            )
+        task_at[task_id] = index
         task_ids[key] = task_id
         yield index, key, label
 

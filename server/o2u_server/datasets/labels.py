@@ -13,7 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from o2u_server.datasets.dataset import DatasetLimits, invalid_dataset, too_many_classes
+from o2u_server.datasets.dataset import (
+    MAX_CLASS_NAME_CHARS,
+    DatasetLimits,
+    invalid_dataset,
+    too_many_classes,
+)
+from o2u_server.text import shown, text_problem
 
 __all__ = ["encode_labels"]
 
@@ -30,6 +36,12 @@ def encode_labels(
     ResourceExhausted (TOO_MANY_CLASSES) when K would exceed `limits.max_classes`."""
     if class_names is not None and len(class_names) > limits.max_classes:
         raise too_many_classes(where, len(class_names), limits, " (in class_names)")
+    if class_names is not None and len(set(class_names)) < len(class_names):
+        repeated = next(name for i, name in enumerate(class_names) if name in class_names[:i])
+        raise invalid_dataset(f"{where}: class_names lists {shown(repeated, 80)!r} more than once")
+    if not isinstance(labels, np.ndarray) and labels and all(isinstance(label, str) for label in labels):
+        # Not through a fixed-width NumPy array: one long label would make every row that wide.
+        return _string_label_list(labels, class_names=class_names, where=where, limits=limits)  # type: ignore[arg-type]
     values = np.asarray(labels)
     if values.ndim != 1:
         raise invalid_dataset(f"{where}: labels must be one-dimensional, got shape {values.shape}")
@@ -74,6 +86,33 @@ def _integer_labels(
                 f"({len(names)} class_names given, so labels must be 0..{len(names) - 1})"
             )
     return values.astype(np.int64), names
+
+
+def _string_label_list(
+    labels: Sequence[str], *, class_names: Sequence[str] | None, where: str, limits: DatasetLimits
+) -> tuple[np.ndarray[Any, np.dtype[np.int64]], list[str]]:
+    """String labels from a list (a manifest's or Parquet column's), each distinct one checked as a
+    class name as soon as it is seen, and counted against max_classes."""
+    if class_names is not None:
+        return _string_labels(
+            np.asarray(labels, dtype=object), class_names=class_names, where=where, limits=limits
+        )
+    first_seen: dict[str, int] = {}
+    for index, label in enumerate(labels):
+        if label in first_seen:
+            continue
+        problem = text_problem(label, max_chars=MAX_CLASS_NAME_CHARS)
+        if problem is not None:
+            raise invalid_dataset(f"{where}: label {shown(label, 80)!r} at index {index} {problem}")
+        first_seen[label] = len(first_seen)
+        if len(first_seen) > limits.max_classes:
+            raise too_many_classes(where, len(first_seen), limits, " (distinct labels)")
+    names = sorted(first_seen)  # by code point, as np.unique orders them
+    rank_of_first = np.empty(len(names), dtype=np.int64)
+    for rank, name in enumerate(names):
+        rank_of_first[first_seen[name]] = rank
+    order = np.fromiter((first_seen[label] for label in labels), dtype=np.int64, count=len(labels))
+    return rank_of_first[order], names
 
 
 def _string_labels(

@@ -355,7 +355,7 @@ def load_parquet(
         if columns.key is not None:
             dataset.keys = keys
         return dataset
-    labels, names = encode_labels(np.asarray(raw_labels), class_names=None, where=where, limits=limits)
+    labels, names = encode_labels(raw_labels, class_names=None, where=where, limits=limits)
     return LoadedDataset(
         features=features,
         labels=labels,

@@ -245,7 +245,7 @@ def check_scorable(dataset: LoadedDataset, uri: str) -> None:
 
 def service_error(exc: Exception) -> ServiceError:
     """What a job failed with: service errors as raised, the engine's validation errors as
-    INVALID_ARGUMENT, device memory as RESOURCE_EXHAUSTED, anything else INTERNAL."""
+    INVALID_ARGUMENT, device and host memory as RESOURCE_EXHAUSTED, anything else INTERNAL."""
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, SharedMemoryFull):
@@ -265,6 +265,12 @@ def service_error(exc: Exception) -> ServiceError:
         return InvalidArgument(str(exc), reason="INVALID_DATASET", field="dataset")
     if isinstance(exc, ConfigError):
         return InvalidArgument(str(exc), reason="INVALID_CONFIG", field="config")
+    if isinstance(exc, MemoryError):  # an allocation the limits did not foresee; the server goes on
+        return ResourceExhausted(
+            f"the server ran out of memory for this job ({exc or 'an allocation failed'}); lower "
+            "max_decoded_bytes or max_samples, or give the server more memory",
+            reason="OUT_OF_MEMORY",
+        )
     if isinstance(exc, TrainingError):  # raised in the training process: the message names its type
         return Internal(f"internal error: {exc}", reason="INTERNAL")
     return Internal(f"internal error: {type(exc).__name__}: {exc}", reason="INTERNAL")

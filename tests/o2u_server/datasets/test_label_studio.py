@@ -290,3 +290,23 @@ def test_unusable_tasks_are_counted_without_being_kept() -> None:
     [record] = skipped.records()
     assert (record.reason, record.count) == ("NO_ANNOTATIONS", 100_000)
     assert record.first_keys == tuple(str(i) for i in range(1, MAX_SKIPPED_KEYS + 1))
+
+
+def test_results_of_other_shapes_are_no_choice_not_an_error() -> None:
+    shapes: list[object] = [
+        5,
+        "cat",
+        [{"type": "choices", "value": "cat"}],
+        [{"type": "choices", "value": {"choices": 3}}],
+    ]
+    for result in shapes:
+        label, reason = choose_label([{"id": 1, "result": result}])
+        assert (label, reason) == (None, "NO_CHOICES_RESULT"), result
+
+
+def test_repeated_task_ids_are_refused(store: Store) -> None:
+    usable = [annotation(1, 1, "red", "2026-11-30T10:00:00Z")]
+    tasks = [task(7, "images/00.png", usable), task(7, "images/01.png", usable)]
+    uri = store.put("ls-ids/export.json", json.dumps(tasks).encode())
+    with pytest.raises(InvalidArgument, match="task 2 has the id '7' of task 1; task ids must be unique"):
+        load_dataset(uri, None, store.storage, LIMITS)

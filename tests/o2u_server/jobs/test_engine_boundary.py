@@ -105,6 +105,10 @@ def test_engine_errors_become_service_errors() -> None:
     assert "4,096 bytes" in shm.message
     assert "shm.sizeLimit" in shm.message
     assert "torch_" not in shm.message
+    host = service_error(MemoryError("Unable to allocate 74.5 GiB for an array"))
+    assert (host.code, host.reason) == (Code.RESOURCE_EXHAUSTED, "OUT_OF_MEMORY")
+    assert "74.5 GiB" in host.message
+    assert "max_decoded_bytes" in host.message
     missing = NotFound("gone", reason="OBJECT_NOT_FOUND")
     assert service_error(missing) is missing
     unexpected = service_error(KeyError("x"))
