@@ -190,10 +190,41 @@ def _utf8_name(relative: str, uri: str, field: str) -> str:
     return relative
 
 
+def _children(directory: str, fail: Callable[[OSError], None]) -> list[os.DirEntry[str]]:
+    """The entries of `directory` that are not hidden, in the order their relative keys sort: a
+    folder by its name + "/", so visiting folders depth first yields every key below in the order of
+    the keys as whole strings (a folder "a" comes after "a-b", as "a/x" sorts after "a-b/x")."""
+    try:
+        with os.scandir(directory) as listing:
+            entries = [entry for entry in listing if not entry.name.startswith(".")]
+    except OSError as error:
+        fail(error)
+        return []
+    entries.sort(key=lambda entry: entry.name + "/" if _is_folder(entry) else entry.name)
+    return entries
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    """A folder to descend into: a real one, not a symlink to one."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _linked_folder(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_symlink() and entry.is_dir()
+    except OSError:
+        return False
+
+
 def iter_files(
     folder: str, *, uri: str, roots: Sequence[str], field: str, on_entry: Callable[[], None] = lambda: None
 ) -> Iterator[LocalEntry]:
-    """Regular files below the resolved `folder`, sorted by relative key; hidden names are skipped.
+    """Regular files below the resolved `folder`, in the order of their relative keys; hidden names
+    are skipped. Lazy: a folder's entries are listed when the walk reaches it, so a caller that
+    needs the first file (or stops at a limit) never walks the rest of a large tree.
 
     Symlinked folders are not descended into; a symlinked file counts if it resolves inside a root,
     and one that resolves outside raises PermissionDenied naming it. `on_entry` is called for every
@@ -205,34 +236,37 @@ def iter_files(
         raise os_error(error, uri, field) from error
     if not stat.S_ISDIR(file_status.st_mode):
         raise InvalidArgument(f"{field} {shown(uri)} is not a folder", reason="NOT_A_FOLDER", field=field)
-    entries: list[LocalEntry] = []
 
     def fail(error: OSError) -> None:
         raise os_error(error, uri, field)
 
-    for directory, subdirectories, files in os.walk(folder, onerror=fail):
-        subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
-        for name in files:
-            if name.startswith("."):
-                continue
-            on_entry()
-            path = os.path.join(directory, name)
-            real = os.path.realpath(path)
-            relative = _utf8_name(os.path.relpath(path, folder).replace(os.sep, "/"), uri, field)
-            if not any(inside(real, root) for root in roots):
-                raise PermissionDenied(
-                    f"{field}: {shown(relative, 80)!r} in {shown(uri)} links outside the server's data roots",
-                    reason="PATH_OUTSIDE_DATA_ROOTS",
-                    field=field,
-                )
-            try:
-                file_stat = os.stat(real)
-            except OSError as error:
-                raise os_error(error, f"{uri.rstrip('/')}/{relative}", field) from error
-            if stat.S_ISREG(file_stat.st_mode):
-                entries.append((real, relative, file_stat.st_size, _etag(file_stat)))
-    entries.sort(key=lambda entry: entry[1])
-    yield from entries
+    stack: list[tuple[Iterator[os.DirEntry[str]], str]] = [(iter(_children(folder, fail)), "")]
+    while stack:
+        entries, prefix = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
+        if _is_folder(entry):
+            stack.append((iter(_children(entry.path, fail)), f"{prefix}{entry.name}/"))
+            continue
+        if _linked_folder(entry):
+            continue
+        on_entry()
+        relative = _utf8_name(prefix + entry.name, uri, field)
+        real = os.path.realpath(entry.path)
+        if not any(inside(real, root) for root in roots):
+            raise PermissionDenied(
+                f"{field}: {shown(relative, 80)!r} in {shown(uri)} links outside the server's data roots",
+                reason="PATH_OUTSIDE_DATA_ROOTS",
+                field=field,
+            )
+        try:
+            file_stat = os.stat(real)
+        except OSError as error:
+            raise os_error(error, f"{uri.rstrip('/')}/{relative}", field) from error
+        if stat.S_ISREG(file_stat.st_mode):
+            yield real, relative, file_stat.st_size, _etag(file_stat)
 
 
 def stat_entry(path: str, *, uri: str, field: str) -> tuple[int, str]:

@@ -140,6 +140,45 @@ def test_listing_refuses_a_file_linking_outside(storage: Storage, root: Path) ->
         list(storage.iter_objects(f"file://{root}/data"))
 
 
+def test_a_folder_lists_in_the_order_of_its_keys_as_whole_strings(storage: Storage, root: Path) -> None:
+    """The walk goes folder by folder but yields keys in plain string order ("a-b/x" before "a/x",
+    "a.png" before "a/", "B" before "a"), hidden names and symlinked folders left out."""
+    folder = root / "data" / "tree"
+    names = ["a/x", "a-b/x", "a.png", "a/b/c", "a/b.png", "ab", "B", "é/1", "z9/10", "z9/9", "a0/x"]
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    (folder / ".hidden").write_bytes(b"x")
+    (folder / "a" / ".cache").mkdir()
+    (folder / "a" / ".cache" / "y").write_bytes(b"x")
+    (folder / "linked").symlink_to(folder / "a", target_is_directory=True)
+    keys = [info.relative_key for info in storage.iter_objects(f"file://{folder}")]
+    assert keys == sorted(names)
+
+
+def test_the_first_file_of_a_large_folder_is_found_without_walking_the_rest(
+    storage: Storage, root: Path
+) -> None:
+    """check_dataset_exists takes the first entry: it must not list every folder first."""
+    folder = root / "data" / "large"
+    for part in range(50):
+        (folder / f"part-{part:02d}").mkdir(parents=True)
+        for n in range(20):
+            (folder / f"part-{part:02d}" / f"{n:02d}.png").write_bytes(b"x")
+    listed: list[str] = []
+    real_scandir = os.scandir
+
+    def scandir(path: Any) -> Any:
+        listed.append(str(path))
+        return real_scandir(path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "scandir", scandir)
+        first = next(iter(storage.iter_objects(f"file://{folder}")))
+    assert first.relative_key == "part-00/00.png"
+    assert len(listed) == 2  # the folder and its first subfolder
+
+
 @pytest.mark.parametrize(
     "uri",
     [
