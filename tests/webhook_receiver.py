@@ -24,7 +24,8 @@ SECRET = b"webhook-test-secret"
 
 @dataclass
 class Receiver:
-    """An HTTP server that answers each POST with the next planned answer (a status, or "hang")."""
+    """An HTTP server that answers each POST with the next planned answer: a status, "hang" (a 200
+    after 2 s) or "drip" (a 200 whose header arrives a byte at a time over 3 s)."""
 
     plan: list[Any] = field(default_factory=list)
     default: Any = 200
@@ -59,6 +60,14 @@ def serve_receiver(tls: ssl.SSLContext | None = None) -> Iterator[Receiver]:
             if answer == "hang":
                 time.sleep(2.0)
                 answer = 200
+            if answer == "drip":  # a 200 sent a byte every 0.1 s: every read gets data in time
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                for _ in range(30):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+                self.wfile.write(b"\r\nContent-Length: 0\r\n\r\n")
+                return
             self.send_response(answer)
             self.send_header("Content-Length", "0")
             self.end_headers()

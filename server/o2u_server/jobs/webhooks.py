@@ -17,12 +17,14 @@ so deliveries pending at a restart resume after it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import http.client
 import ipaddress
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -264,16 +266,36 @@ class WebhookDeliverer:
             SIGNATURE_HEADER: sign(self._secret, int(time.time()), body),
             "User-Agent": "o2u-server-webhooks",
         }
+        # The socket timeout bounds each read, not the attempt: a receiver that sends a byte now and
+        # then would hold the one deliverer thread (every other job's webhooks) for as long as it
+        # likes. At the deadline the socket is shut down, which ends a read in progress.
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            with contextlib.suppress(OSError):
+                if connection.sock is not None:
+                    connection.sock.shutdown(socket.SHUT_RDWR)
+
+        deadline = threading.Timer(timeout, expire)
+        deadline.daemon = True
+        deadline.start()
         try:
+            connection.connect()  # itself bounded by the timeout, which started with the deadline
+            if expired.is_set():
+                raise TimeoutError
             connection.request("POST", path, body=body, headers=headers)
             response = connection.getresponse()
             response.read(64 * 1024)
-        except TimeoutError:
-            return 0, "timeout", f"no answer within {timeout:g} s"
         except (OSError, http.client.HTTPException) as exc:
+            if expired.is_set() or isinstance(exc, TimeoutError):
+                return 0, "timeout", f"no complete answer within {timeout:g} s"
             return 0, "network_error", type(exc).__name__
         finally:
+            deadline.cancel()
             connection.close()
+        if expired.is_set():  # the shutdown reads as the end of the answer: what arrived is cut short
+            return 0, "timeout", f"no complete answer within {timeout:g} s"
         if 200 <= response.status < 300:
             return response.status, "delivered", ""
         return response.status, "http_error", f"HTTP {response.status}"

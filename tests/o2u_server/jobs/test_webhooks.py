@@ -132,6 +132,22 @@ def test_deliveries_are_retried_after_500s_and_timeouts_then_given_up(
         assert 'o2u_webhook_deliveries_total{outcome="network_error"} 0.0' in text
 
 
+def test_a_receiver_that_answers_a_byte_at_a_time_times_out_at_the_attempt_deadline(
+    tmp_path: Path, data_root: Path, digits_uri: str, receiver: Receiver
+) -> None:
+    """webhook_timeout_seconds bounds the whole attempt, not each read: a receiver trickling its
+    answer (every read gets a byte in time) would otherwise hold the one deliverer thread, and with
+    it every other job's webhooks, for as long as it trickles."""
+    receiver.plan = ["drip", 200]
+    settings = _settings(tmp_path, data_root, receiver)
+    with running_server(settings) as server, server.channel() as channel:
+        stub = Stub(channel)
+        job = _wait_attempts(stub, create_job(stub, digits_uri, webhook=_webhook(receiver)).job_id, 2)
+        outcomes = [(d.outcome, d.final) for d in job.webhook_deliveries]
+        assert outcomes == [(pb.WEBHOOK_OUTCOME_TIMEOUT, False), (pb.WEBHOOK_OUTCOME_DELIVERED, True)]
+        assert "no complete answer within 0.5 s" in job.webhook_deliveries[0].error
+
+
 def test_failed_and_cancelled_jobs_post_their_events(
     tmp_path: Path, data_root: Path, digits_uri: str, receiver: Receiver
 ) -> None:
