@@ -11,6 +11,7 @@ in the object store. Then `datasets.images` reads and decodes them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -48,6 +49,7 @@ ManifestRow = tuple[int, str, object]  # (line number, key, label as parsed: an 
 # (text, uri) -> rows, produced lazily; invalid_dataset if malformed
 RowParser = Callable[[str, str], Iterable[ManifestRow]]
 _DIGITS = re.compile(r"^[0-9]+$")
+LISTING_SLACK = 1000  # objects a manifest's listing may read beyond twice its keys before it looks them up one by one
 
 
 def load_manifest(
@@ -193,10 +195,24 @@ def locate_keys(manifest_uri: str, keys: list[str], storage: Storage, *, field: 
     listing_prefix = common + "/" if common else ""
     wanted = set(full_keys)
     listed: dict[str, ObjectInfo] = {}
+    # The listing covers the keys' common folder, which can be the whole bucket (a manifest at its
+    # root, or keys in unrelated folders): past a budget of objects it stops, and the keys still
+    # missing are looked up one by one, so the cost follows the manifest, not the bucket.
+    budget = 2 * len(wanted) + LISTING_SLACK
+    seen = 0
     for info in storage.iter_objects(s3_uri(reference.bucket, listing_prefix), field=field):
         name = listing_prefix + info.relative_key
         if name in wanted:
             listed[name] = info
+            if len(listed) == len(wanted):
+                break
+        seen += 1
+        if seen > budget:
+            for name in wanted - listed.keys():
+                storage.reads.check()
+                with contextlib.suppress(NotFound):  # reported below, with the manifest's line
+                    listed[name] = storage.stat(s3_uri(reference.bucket, name), field=field)
+            break
     infos = []
     for key, full_key in zip(keys, full_keys, strict=True):
         if full_key not in listed:

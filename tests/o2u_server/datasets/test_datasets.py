@@ -16,6 +16,7 @@ from o2u_server.domain import DatasetFormat
 from o2u_server.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from o2u_server.storage import Storage
 from tests.o2u_server.dataset_files import (
+    COLOURS,
     LIMITS,
     Store,
     make_folder,
@@ -227,3 +228,36 @@ def test_manifest_sample_limit(store: Store) -> None:
     uri = store.put("many/labels.csv", rows.encode())
     with pytest.raises(ResourceExhausted, match="max_samples"):
         load_dataset(uri, None, store.storage, DatasetLimits(LIMITS.max_bytes, 9, 1000))
+
+
+def test_a_manifest_over_a_wide_folder_looks_its_keys_up_instead_of_listing_it_all(
+    root: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys in unrelated folders of the manifest's folder (here with 60 other objects between
+    them): the listing stops after twice the keys plus LISTING_SLACK objects, and the keys still
+    missing are looked up one by one."""
+    from o2u_server.datasets import manifests
+
+    store = Store(root, s3, "s3")
+    monkeypatch.setattr(manifests, "LISTING_SLACK", 5)
+    keys = ["a/0.png", "a/1.png", "z/0.png", "z/1.png"]
+    for index, key in enumerate(keys):
+        store.put(f"wide/{key}", png(solid(COLOURS["cat" if index % 2 else "dog"], index)))
+    for n in range(60):
+        store.put(f"wide/m/{n:02d}.bin", b"another team's object")
+    rows = "key,label\n" + "".join(f"{key},{'cat' if i % 2 else 'dog'}\n" for i, key in enumerate(keys))
+    uri = store.put("wide/labels.csv", rows.encode())
+    listed: list[str] = []
+    real_iter_objects = store.storage.iter_objects
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        for info in real_iter_objects(*args, **kwargs):
+            listed.append(info.relative_key)
+            yield info
+
+    monkeypatch.setattr(store.storage, "iter_objects", counting)
+    dataset = load_dataset(uri, None, store.storage, LIMITS)
+    assert dataset.keys == keys
+    assert dataset.class_names == ["cat", "dog"]
+    assert len(listed) == 2 * len(keys) + 5 + 1  # the budget, then one object past it
+    assert "z/0.png" not in listed  # found by its own lookup
