@@ -60,6 +60,9 @@ def _open(data: bytes, key: str, *, field: str, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise _too_many_pixels(key, str(error), max_pixels=max_pixels) from error
+    except Image.UnidentifiedImageError as error:  # its message names an in-memory stream's address
+        size = f"{len(data)} bytes" if data else "empty"
+        raise _invalid(key, field, f"neither format's signature ({size})") from error
     except Exception as error:  # untrusted bytes: any decoder failure means a bad file, not a server bug
         raise _invalid(key, field, error) from error
     width, height = image.size
@@ -82,7 +85,7 @@ def _too_many_pixels(key: str, detail: str, *, max_pixels: int) -> ResourceExhau
     )
 
 
-def _invalid(key: str, field: str, error: Exception) -> InvalidArgument:
+def _invalid(key: str, field: str, error: Exception | str) -> InvalidArgument:
     return InvalidArgument(
         f"image {key!r} is not a readable PNG or JPEG file: {error}",
         reason="INVALID_IMAGE",

@@ -90,6 +90,18 @@ def test_broken_images_are_invalid_naming_the_key(store: Store, damage: str) -> 
     with pytest.raises(InvalidArgument, match=r"'emu/bad\.png'") as caught:
         load_dataset(store.uri("broken"), None, store.storage, LIMITS)
     assert caught.value.metadata["key"] == "emu/bad.png"
+    assert " at 0x" not in caught.value.message  # no in-memory stream's address
+
+
+@pytest.mark.parametrize(("data", "said"), [(b"", "empty"), (b"just text, no image", "19 bytes")])
+def test_a_file_that_is_no_image_says_so_plainly(store: Store, data: bytes, said: str) -> None:
+    make_folder(store, "plain", per_class=1)
+    store.put("plain/emu/notes.png", data)
+    with pytest.raises(InvalidArgument) as caught:
+        load_dataset(store.uri("plain"), None, store.storage, LIMITS)
+    assert caught.value.message == (
+        f"image 'emu/notes.png' is not a readable PNG or JPEG file: neither format's signature ({said})"
+    )
 
 
 def test_image_folder_limits_are_named(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
