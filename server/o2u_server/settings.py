@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     """Largest dataset (sum of object sizes) a job may read, in bytes."""
     max_samples: int = Field(default=5_000_000, ge=1)
     """Largest number of samples in one dataset."""
+    max_epochs_per_job: int = Field(default=20_000, ge=1)
+    """Most training epochs one job may run over all its stages (pretraining, cyclic, and both models
+    of clean retraining): explicit epochs are refused at submission (RESOURCE_EXHAUSTED,
+    TOO_MANY_EPOCHS), the defaults chosen for the data once it is read (the job fails so). Bounds
+    how long one caller can hold a worker."""
     max_classes: int = Field(default=1000, ge=2)
     """Largest number of classes in one dataset (K; integer labels mean K = the largest label + 1),
     checked before any per-class list or K x K matrix is built. A summary carries K x K numbers,

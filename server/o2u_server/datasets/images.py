@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from o2u_server.datasets.dataset import Allocate
 from o2u_server.errors import InvalidArgument, ResourceExhausted
@@ -60,7 +60,7 @@ def _open(data: bytes, key: str, *, field: str, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise _too_many_pixels(key, str(error), max_pixels=max_pixels) from error
-    except Image.UnidentifiedImageError as error:  # its message names an in-memory stream's address
+    except UnidentifiedImageError as error:  # its message names an in-memory stream's address
         size = f"{len(data)} bytes" if data else "empty"
         raise _invalid(key, field, f"neither format's signature ({size})") from error
     except Exception as error:  # untrusted bytes: any decoder failure means a bad file, not a server bug

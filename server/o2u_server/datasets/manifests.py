@@ -49,7 +49,9 @@ ManifestRow = tuple[int, str, object]  # (line number, key, label as parsed: an 
 # (text, uri) -> rows, produced lazily; invalid_dataset if malformed
 RowParser = Callable[[str, str], Iterable[ManifestRow]]
 _DIGITS = re.compile(r"^[0-9]+$")
-LISTING_SLACK = 1000  # objects a manifest's listing may read beyond twice its keys before it looks them up one by one
+LISTING_SLACK = (
+    1000  # objects a manifest's listing may read beyond twice its keys before it looks them up one by one
+)
 
 
 def load_manifest(
@@ -199,14 +201,13 @@ def locate_keys(manifest_uri: str, keys: list[str], storage: Storage, *, field: 
     # root, or keys in unrelated folders): past a budget of objects it stops, and the keys still
     # missing are looked up one by one, so the cost follows the manifest, not the bucket.
     budget = 2 * len(wanted) + LISTING_SLACK
-    seen = 0
-    for info in storage.iter_objects(s3_uri(reference.bucket, listing_prefix), field=field):
+    listing = storage.iter_objects(s3_uri(reference.bucket, listing_prefix), field=field)
+    for seen, info in enumerate(listing, start=1):
         name = listing_prefix + info.relative_key
         if name in wanted:
             listed[name] = info
             if len(listed) == len(wanted):
                 break
-        seen += 1
         if seen > budget:
             for name in wanted - listed.keys():
                 storage.reads.check()

@@ -46,6 +46,7 @@ from o2u_engine import (
 from o2u_engine.accuracy import AccuracyEstimate, label_accuracy, per_class_label_accuracy
 from o2u_engine.config import validate_config
 from o2u_engine.launch import SharedMemoryFull, WorkerFailed, score_noise_workers, shared_array, shared_tensor
+from o2u_engine.phases import plan_phases
 from o2u_engine.process import TrainingError, TrainingProcesses
 from o2u_engine.validate import MIN_SAMPLES
 from o2u_server.datasets import Allocate, LoadedDataset
@@ -73,6 +74,8 @@ __all__ = [
     "SharedMemoryFull",
     "TrainingProcesses",
     "WorkerFailed",
+    "check_epochs",
+    "check_requested_epochs",
     "engine_config",
     "job_results",
     "run_info",
@@ -105,6 +108,36 @@ def engine_config(requested: Mapping[str, Any]) -> O2UConfig:
             reason="INVALID_CONFIG",
             field=f"config.{name}" if name else "config",
         ) from exc
+
+
+def _too_many_epochs(epochs: int, limit: int, what: str) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"{what} {epochs} training epochs over its stages, more than max_epochs_per_job "
+        f"(O2U_MAX_EPOCHS_PER_JOB) = {limit}; ask for fewer pretrain_epochs, cycle_length_epochs or "
+        "num_cycles",
+        reason="TOO_MANY_EPOCHS",
+        metadata={"limit": "max_epochs_per_job"},
+    )
+
+
+def check_requested_epochs(config: O2UConfig, limit: int) -> None:
+    """ResourceExhausted (TOO_MANY_EPOCHS) when the epochs a request names explicitly already pass
+    `limit`: those left to `auto` count as few as they can (0 pretraining epochs, 1 for a cycle's
+    length or count), since the defaults are chosen only once the data is read (`check_epochs`)."""
+    pretraining = config.pretrain_epochs or 0
+    named = config.cycle_length_epochs is not None or config.num_cycles is not None
+    cyclic = (config.cycle_length_epochs or 1) * (config.num_cycles or 1) if named else 0
+    epochs = (pretraining + cyclic) * (3 if config.clean_retraining else 1)  # stage 3: two models
+    if epochs > limit:
+        raise _too_many_epochs(epochs, limit, "the config asks for at least")
+
+
+def check_epochs(config: ResolvedConfig, num_samples: int, limit: int) -> None:
+    """ResourceExhausted (TOO_MANY_EPOCHS) when the config that will run trains more than `limit`
+    epochs over all its phases."""
+    epochs = sum(phase.epochs for phase in plan_phases(config, num_samples))
+    if epochs > limit:
+        raise _too_many_epochs(epochs, limit, "the job would train")
 
 
 # ---- running --------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from o2u_server.jobs.engine import (
     Engine,
     SharedMemoryFull,
     WorkerFailed,
+    check_epochs,
     job_results,
     run_info,
     service_error,
@@ -256,6 +257,7 @@ class Execution:
         dataset = self._load(job, control)
         num_samples = len(dataset.labels)
         config = self._engine.resolve(spec.config, dataset, device, uri=spec.dataset_uri)
+        check_epochs(config, num_samples, self._settings.max_epochs_per_job)
         planned = run_info(
             config,
             device=device,

@@ -129,7 +129,7 @@ class JobManager:
                 reason="SERVER_SHUTTING_DOWN",
                 retry_after_seconds=5,
             )
-        check_job_spec(spec, self._storage)
+        check_job_spec(spec, self._storage, max_epochs=self._settings.max_epochs_per_job)
         if spec.webhook_url is not None:
             check_webhook_url(spec.webhook_url, self._settings)
         return await self._blocking(self._create, dataclasses.replace(spec, owner=current_principal().name))

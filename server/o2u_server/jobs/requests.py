@@ -14,7 +14,7 @@ import uuid
 from o2u_server.datasets import check_dataset_options, check_dataset_uri
 from o2u_server.domain import JobSpec, ScoreFilter
 from o2u_server.errors import InvalidArgument
-from o2u_server.jobs.engine import engine_config
+from o2u_server.jobs.engine import check_requested_epochs, engine_config
 from o2u_server.storage import Storage
 from o2u_server.text import text_problem
 
@@ -40,8 +40,9 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
-def check_job_spec(spec: JobSpec, storage: Storage) -> None:
-    """A new job's request_id, display name, config values, URIs and dataset options, in that order."""
+def check_job_spec(spec: JobSpec, storage: Storage, *, max_epochs: int | None = None) -> None:
+    """A new job's request_id, display name, config values (and, with `max_epochs`, the epochs it
+    names), URIs and dataset options, in that order."""
     if spec.request_id is not None and not _REQUEST_ID.fullmatch(spec.request_id):
         raise InvalidArgument(
             "request_id must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_' (a UUID is recommended)",
@@ -51,7 +52,9 @@ def check_job_spec(spec: JobSpec, storage: Storage) -> None:
     problem = text_problem(spec.display_name, max_chars=MAX_DISPLAY_NAME)
     if problem is not None:
         raise InvalidArgument(f"display_name {problem}", reason="INVALID_DISPLAY_NAME", field="display_name")
-    engine_config(spec.config)  # INVALID_ARGUMENT naming the field, before anything is stored
+    config = engine_config(spec.config)  # INVALID_ARGUMENT naming the field, before anything is stored
+    if max_epochs is not None:
+        check_requested_epochs(config, max_epochs)
     check_dataset_uri(spec.dataset_uri, spec.dataset_format, storage)
     check_dataset_options(spec.dataset_uri, spec.dataset_format, spec.dataset_options)
     if spec.initial_weights_uri:

@@ -147,6 +147,30 @@ def test_dataset_limits_are_named(start_server: Callable[..., RunningServer], da
         assert _serving(channel)
 
 
+def test_a_job_of_too_many_epochs_is_refused_at_submission_or_fails_once_resolved(
+    start_server: Callable[..., RunningServer], digits_uri: str
+) -> None:
+    """max_epochs_per_job bounds how long one caller holds a worker: epochs the config names are
+    refused before the job is stored, the defaults chosen for the data fail the job once read."""
+    running = start_server(max_epochs_per_job=40)
+    with running.channel() as channel:
+        stub = Stub(channel)
+        explicit = {"cycle_length_epochs": 5, "num_cycles": 3, "clean_retraining": True}  # 15 x 3
+        refused = call_error(lambda: create_job(stub, digits_uri, config=explicit))
+        assert (refused.code, refused.reason) == (EXHAUSTED, "TOO_MANY_EPOCHS")
+        assert "at least 45 training epochs" in refused.message
+        assert "max_epochs_per_job (O2U_MAX_EPOCHS_PER_JOB) = 40" in refused.message
+        resolved = {"num_cycles": 8}  # with the defaults' pretraining and cycle length, more than 40
+        job = wait_for_job(stub, create_job(stub, digits_uri, config=resolved).job_id)
+        assert job.state == pb.JOB_STATE_FAILED
+        assert (job.error.code, job.error.reason) == (EXHAUSTED.value[0], "TOO_MANY_EPOCHS")
+        assert "the job would train" in job.error.message
+        fits = create_job(
+            stub, digits_uri, config={"pretrain_epochs": 4, "cycle_length_epochs": 2, "num_cycles": 2}
+        )
+        assert wait_for_job(stub, fits.job_id).state == pb.JOB_STATE_SUCCEEDED
+
+
 def _oom_after(failures: int) -> Callable[[str, int], None]:
     """A fault hook that raises a device out-of-memory error on its first `failures` calls."""
     calls = [0]
