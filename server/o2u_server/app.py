@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from o2u.v1 import scoring_pb2, scoring_pb2_grpc
 from o2u_server import __version__
+from o2u_server.api.certificates import not_after
 from o2u_server.api.interceptors import ServiceInterceptor
 from o2u_server.api.security import server_credentials
 from o2u_server.api.servicer import ScoringServicer
@@ -134,7 +135,7 @@ class O2UServer:
         self._server = server = self._grpc_server(self._manager)
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        credentials = server_credentials(self.settings, certificate_loaded=self.metrics.certificate_loaded)
+        credentials = server_credentials(self.settings, certificate_loaded=self._certificate_loaded)
         address = self.settings.listen_address
         if credentials is None:
             self.port = server.add_insecure_port(address)
@@ -230,6 +231,13 @@ class O2UServer:
         await self.health.enter_graceful_shutdown()
         if self._manager is not None:
             self._manager.drain()
+
+    def _certificate_loaded(self, chain: bytes) -> None:
+        """A TLS certificate chain went into use (at start, or renewed): export its expiry."""
+        try:
+            self.metrics.certificate_expires(not_after(chain))
+        except ValueError as error:
+            logger.warning("cannot read the TLS certificate's expiry: %s", error)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain, let running jobs checkpoint and in-flight calls finish for up to `grace` seconds, close."""

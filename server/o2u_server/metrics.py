@@ -8,7 +8,6 @@ per-sample labels, which would grow without bound.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -23,12 +22,9 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from o2u.v1 import scoring_pb2
-from o2u_server.api.certificates import not_after
 from o2u_server.domain import JobState, Progress, Stage
 
 __all__ = ["METHOD_LABELS", "UNKNOWN_METHOD", "MetricsServer", "ServerMetrics"]
-
-logger = logging.getLogger(__name__)
 
 # The `method` label of the request metrics, by full gRPC method name: a closed set, so a caller
 # inventing method names cannot grow /metrics (every other name is UNKNOWN_METHOD).
@@ -232,14 +228,10 @@ class ServerMetrics:
         for source in ("s3", "file"):
             self.dataset_bytes_read.labels(source=source)
 
-    def certificate_loaded(self, chain: bytes) -> None:
-        """Export when the TLS certificate chain the server now serves expires; the gauge exists
-        only on a server with TLS, so no alert reads a plaintext server's 0 as expired."""
-        try:
-            expiry = not_after(chain)
-        except ValueError as error:
-            logger.warning("cannot read the TLS certificate's expiry: %s", error)
-            return
+    def certificate_expires(self, expiry: float) -> None:
+        """Export when the TLS certificate chain the server now serves expires (seconds since the
+        epoch); the gauge exists only on a server with TLS, so no alert reads a plaintext server's 0
+        as expired."""
         with self._count_lock:
             if self._tls_expiry is None:
                 self._tls_expiry = Gauge(
