@@ -14,6 +14,7 @@ import csv
 import io
 import json
 from collections.abc import Collection, Iterable, Sequence
+from typing import TextIO
 
 import numpy as np
 
@@ -92,7 +93,7 @@ def _csv_cell(value: object) -> object:
     return value
 
 
-def _jsonl(rows: Iterable[dict[str, object]], buffer: io.StringIO, columns: Sequence[str] | None) -> int:
+def _jsonl(rows: Iterable[dict[str, object]], buffer: TextIO, columns: Sequence[str] | None) -> int:
     count = 0
     for row in rows:
         buffer.write(json.dumps(row, default=_plain, ensure_ascii=False, separators=(",", ":")))
@@ -101,7 +102,7 @@ def _jsonl(rows: Iterable[dict[str, object]], buffer: io.StringIO, columns: Sequ
     return count
 
 
-def _csv(rows: Iterable[dict[str, object]], buffer: io.StringIO, columns: Sequence[str] | None) -> int:
+def _csv(rows: Iterable[dict[str, object]], buffer: TextIO, columns: Sequence[str] | None) -> int:
     count = 0
     writer: csv.DictWriter[str] | None = None
     if columns is not None:
@@ -157,8 +158,14 @@ def write_export(
     elif export_format == ExportFormat.PARQUET:
         count, data = parquet_export(rows, columns or EXPORT_COLUMNS)
     else:
-        buffer = io.StringIO()
-        count = _WRITERS[export_format](rows, buffer, columns)
-        data = buffer.getvalue().encode("utf-8")
+        # Encoded as it is written, into the bytes that are sent: a text buffer and its encoded copy
+        # held the file two to three times over.
+        encoded = io.BytesIO()
+        text = io.TextIOWrapper(encoded, encoding="utf-8", newline="")
+        count = _WRITERS[export_format](rows, text, columns)
+        text.flush()
+        text.detach()
+        data = encoded.getvalue()
+        del encoded
     written = storage.create_export(uri, data, field=field, content_type=_CONTENT_TYPES[export_format])
     return count, written

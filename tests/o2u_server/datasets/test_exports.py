@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +92,29 @@ def test_destination_implies_the_format() -> None:
 
 def test_export_columns_are_score_fields() -> None:
     assert set(EXPORT_COLUMNS) <= set(NoiseScoreRow.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("export_format", [ExportFormat.JSONL, ExportFormat.CSV])
+def test_an_export_is_held_in_memory_about_once(
+    storage: Storage, root: Path, export_format: ExportFormat
+) -> None:
+    """The file is encoded as it is written into the bytes that are sent: a text buffer and its
+    encoded copy held it two to three times over (an export runs on an RPC thread, several at once)."""
+    rows = (
+        {
+            "rank": i,
+            "key": f"images/é-{i % 10}/{i:08d}.png",
+            "score": 0.123456789 * i,
+            "suspected": i % 3 == 0,
+        }
+        for i in range(50_000)
+    )
+    uri = f"file://{root}/exports/memory.{export_format.name.lower()}"
+    tracemalloc.start()
+    try:
+        _, size = write_export(rows, uri, export_format, storage)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert size > 2_000_000
+    assert peak < 1.3 * size
