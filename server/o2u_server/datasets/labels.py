@@ -128,7 +128,7 @@ def _string_labels(
     for i, value in enumerate(values.tolist()):
         if value not in index_of:
             raise invalid_dataset(
-                f"{where}: label {value!r} at index {i} is not one of the given class_names"
+                f"{where}: label {shown(str(value), 80)!r} at index {i} is not one of the given class_names"
             )
         encoded[i] = index_of[value]
     return encoded, list(class_names)
