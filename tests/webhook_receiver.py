@@ -25,7 +25,8 @@ SECRET = b"webhook-test-secret"
 @dataclass
 class Receiver:
     """An HTTP server that answers each POST with the next planned answer: a status, "hang" (a 200
-    after 2 s) or "drip" (a 200 whose header arrives a byte at a time over 3 s)."""
+    after 2 s; ("hang", seconds) after that long) or "drip" (a 200 whose header arrives a byte at
+    a time over 3 s)."""
 
     plan: list[Any] = field(default_factory=list)
     default: Any = 200
@@ -57,8 +58,8 @@ def serve_receiver(tls: ssl.SSLContext | None = None) -> Iterator[Receiver]:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             answer = state.answer()
             state.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-            if answer == "hang":
-                time.sleep(2.0)
+            if answer == "hang" or isinstance(answer, tuple):  # ("hang", seconds)
+                time.sleep(2.0 if answer == "hang" else answer[1])
                 answer = 200
             if answer == "drip":  # a 200 sent a byte every 0.1 s: every read gets data in time
                 self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")

@@ -28,6 +28,7 @@ import socket
 import ssl
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote, urlsplit
 
 from o2u_server.domain import WebhookAttempt
@@ -53,6 +54,7 @@ OUTCOMES = ("delivered", "http_error", "timeout", "network_error", "not_allowed"
 SIGNATURE_HEADER = "O2U-Signature"
 EVENT_SOURCE = "o2u-server"
 _POLL_SECONDS = 0.5
+SENDERS = 4  # attempts under way at once per replica
 _MAX_BACKOFF_SECONDS = 3600.0
 
 
@@ -158,7 +160,9 @@ def _rfc3339(seconds: float) -> str:
 
 
 class WebhookDeliverer:
-    """The background thread that sends this replica's share of the queued webhook events."""
+    """Sends this replica's share of the queued webhook events: one thread claims due deliveries
+    while one of SENDERS sender threads is free, so a receiver that answers slowly (each attempt
+    ends within webhook_timeout_seconds) holds one sender, not every job's webhooks."""
 
     def __init__(self, settings: Settings, store: JobStore, metrics: ServerMetrics) -> None:
         self._settings = settings
@@ -167,36 +171,61 @@ class WebhookDeliverer:
         self._secret = b""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._free = threading.Semaphore(SENDERS)
+        self._senders: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
         secret = read_webhook_secret(self._settings)
         if secret is None:
             return
         self._secret = secret
+        self._senders = ThreadPoolExecutor(SENDERS, thread_name_prefix="o2u-webhook-sender")
         self._thread = threading.Thread(target=self._run, name="o2u-webhooks", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop claiming, and wait up to webhook_timeout_seconds + 5 s for the attempts under way
+        (each ends within the timeout); one still running then leaves its claim to expire."""
         self._stop.set()
+        deadline = time.monotonic() + self._settings.webhook_timeout_seconds + 5
         if self._thread is not None:
-            self._thread.join(timeout=self._settings.webhook_timeout_seconds + 5)
+            self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        for _ in range(SENDERS if self._senders is not None else 0):
+            if not self._free.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                break
+        if self._senders is not None:
+            self._senders.shutdown(wait=False)
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if not self._free.acquire(timeout=_POLL_SECONDS):
+                continue  # every sender is busy
+            due = None
             try:
-                sent = self.deliver_one()
+                due = self._claim()
             except Exception:
                 logger.exception("webhook delivery loop error; retrying")
-                sent = False
-            if not sent:
+            if due is None:
+                self._free.release()
                 self._stop.wait(_POLL_SECONDS)
+                continue
+            assert self._senders is not None
+            self._senders.submit(self._attempt_and_free, due)
 
-    def deliver_one(self) -> bool:
-        """Claim and attempt one due delivery; False when none was due."""
+    def _claim(self) -> Due | None:
         hold = self._settings.webhook_timeout_seconds + 30
-        due = self._store.webhooks.claim(hold)  # held on the database's clock, as leases are
-        if due is None:
-            return False
+        return self._store.webhooks.claim(hold)  # held on the database's clock, as leases are
+
+    def _attempt_and_free(self, due: Due) -> None:
+        try:
+            self.attempt(due)
+        except Exception:
+            logger.exception("webhook delivery failed to record; its claim expires and it is retried")
+        finally:
+            self._free.release()
+
+    def attempt(self, due: Due) -> None:
+        """Send one claimed delivery and record the attempt."""
         try:
             check_webhook_url(due.url, self._settings)  # the allow-list may have shrunk since submit
         except ServiceError:
@@ -216,7 +245,6 @@ class WebhookDeliverer:
             "webhook attempt",
             extra={"job_id": due.job_id, "attempt": due.attempt, "outcome": outcome, "http_status": status},
         )
-        return True
 
     def _event(self, due: Due) -> bytes:
         """The CloudEvent of the delivery's job, as sent (the same id on every attempt)."""

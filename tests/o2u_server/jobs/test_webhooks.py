@@ -148,6 +148,31 @@ def test_a_receiver_that_answers_a_byte_at_a_time_times_out_at_the_attempt_deadl
         assert "no complete answer within 0.5 s" in job.webhook_deliveries[0].error
 
 
+def test_a_slow_receiver_holds_one_sender_not_every_job_s_webhooks(
+    tmp_path: Path, data_root: Path, digits_uri: str, receiver: Receiver
+) -> None:
+    """While one attempt waits on a receiver that takes its time, the next job's event goes out on
+    another sender: it is delivered, and recorded, before the slow attempt ends."""
+    receiver.plan = [("hang", 8.0), 200]
+    settings = _settings(tmp_path, data_root, receiver, webhook_timeout_seconds=20.0)
+    with running_server(settings) as server, server.channel() as channel:
+        stub = Stub(channel)
+        slow = create_job(stub, digits_uri, webhook=_webhook(receiver))
+        deadline = time.monotonic() + 60
+        while not receiver.received:  # the first event is at the receiver, which holds it
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        quick = create_job(stub, digits_uri, webhook=_webhook(receiver))
+        second = _wait_attempts(stub, quick.job_id, 1)
+        first = _wait_attempts(stub, slow.job_id, 1)
+    assert [d.outcome for d in (*first.webhook_deliveries, *second.webhook_deliveries)] == [
+        pb.WEBHOOK_OUTCOME_DELIVERED,
+        pb.WEBHOOK_OUTCOME_DELIVERED,
+    ]
+    quick_time = second.webhook_deliveries[0].time.ToDatetime()
+    assert quick_time < first.webhook_deliveries[0].time.ToDatetime()
+
+
 def test_failed_and_cancelled_jobs_post_their_events(
     tmp_path: Path, data_root: Path, digits_uri: str, receiver: Receiver
 ) -> None:
