@@ -24,11 +24,11 @@ import http.client
 import ipaddress
 import json
 import logging
+import queue
 import socket
 import ssl
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote, urlsplit
 
 from o2u_server.domain import WebhookAttempt
@@ -161,8 +161,9 @@ def _rfc3339(seconds: float) -> str:
 
 class WebhookDeliverer:
     """Sends this replica's share of the queued webhook events: one thread claims due deliveries
-    while one of SENDERS sender threads is free, so a receiver that answers slowly (each attempt
-    ends within webhook_timeout_seconds) holds one sender, not every job's webhooks."""
+    while one of SENDERS sender threads is free, so a receiver that answers slowly (an attempt's
+    exchange ends by webhook_timeout_seconds after it starts) holds one sender, not every job's
+    webhooks."""
 
     def __init__(self, settings: Settings, store: JobStore, metrics: ServerMetrics) -> None:
         self._settings = settings
@@ -172,14 +173,22 @@ class WebhookDeliverer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._free = threading.Semaphore(SENDERS)
-        self._senders: ThreadPoolExecutor | None = None
+        self._claimed: queue.SimpleQueue[Due | None] = queue.SimpleQueue()  # None: stop
+        self._senders: list[threading.Thread] = []
 
     def start(self) -> None:
         secret = read_webhook_secret(self._settings)
         if secret is None:
             return
         self._secret = secret
-        self._senders = ThreadPoolExecutor(SENDERS, thread_name_prefix="o2u-webhook-sender")
+        # Daemon threads, as the claiming one: an attempt still running at exit (its claim expires
+        # and another replica retries it) must not hold the process up.
+        self._senders = [
+            threading.Thread(target=self._send_claimed, name=f"o2u-webhook-sender-{n}", daemon=True)
+            for n in range(SENDERS)
+        ]
+        for sender in self._senders:
+            sender.start()
         self._thread = threading.Thread(target=self._run, name="o2u-webhooks", daemon=True)
         self._thread.start()
 
@@ -190,11 +199,10 @@ class WebhookDeliverer:
         deadline = time.monotonic() + self._settings.webhook_timeout_seconds + 5
         if self._thread is not None:
             self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        for _ in range(SENDERS if self._senders is not None else 0):
-            if not self._free.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                break
-        if self._senders is not None:
-            self._senders.shutdown(wait=False)
+        for _ in self._senders:
+            self._claimed.put(None)  # the end of the queue, once per sender
+        for sender in self._senders:
+            sender.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -209,20 +217,20 @@ class WebhookDeliverer:
                 self._free.release()
                 self._stop.wait(_POLL_SECONDS)
                 continue
-            assert self._senders is not None
-            self._senders.submit(self._attempt_and_free, due)
+            self._claimed.put(due)
 
     def _claim(self) -> Due | None:
         hold = self._settings.webhook_timeout_seconds + 30
         return self._store.webhooks.claim(hold)  # held on the database's clock, as leases are
 
-    def _attempt_and_free(self, due: Due) -> None:
-        try:
-            self.attempt(due)
-        except Exception:
-            logger.exception("webhook delivery failed to record; its claim expires and it is retried")
-        finally:
-            self._free.release()
+    def _send_claimed(self) -> None:
+        while (due := self._claimed.get()) is not None:
+            try:
+                self.attempt(due)
+            except Exception:
+                logger.exception("webhook delivery failed to record; its claim expires and it is retried")
+            finally:
+                self._free.release()
 
     def attempt(self, due: Due) -> None:
         """Send one claimed delivery and record the attempt."""
@@ -295,34 +303,44 @@ class WebhookDeliverer:
             "User-Agent": "o2u-server-webhooks",
         }
         # The socket timeout bounds each read, not the attempt: a receiver that sends a byte now and
-        # then would hold the one deliverer thread (every other job's webhooks) for as long as it
-        # likes. At the deadline the socket is shut down, which ends a read in progress.
-        expired = threading.Event()
+        # then would hold its sender for as long as it likes. At the deadline the socket is shut
+        # down, which ends a read in progress.
+        # Whichever comes first, the answer read in full or the deadline, decides (under `lock`).
+        lock = threading.Lock()
+        ended: list[str] = []  # "answered" or "expired"
 
         def expire() -> None:
-            expired.set()
-            with contextlib.suppress(OSError):
-                if connection.sock is not None:
-                    connection.sock.shutdown(socket.SHUT_RDWR)
+            with lock:
+                if ended:
+                    return
+                ended.append("expired")
+            sock = connection.sock  # read once: close() may set it to None meanwhile
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
         deadline = threading.Timer(timeout, expire)
         deadline.daemon = True
         deadline.start()
         try:
-            connection.connect()  # itself bounded by the timeout, which started with the deadline
-            if expired.is_set():
-                raise TimeoutError
+            connection.connect()  # its own timeout (per address tried) started with the deadline
+            with lock:
+                if ended:
+                    raise TimeoutError
             connection.request("POST", path, body=body, headers=headers)
             response = connection.getresponse()
             response.read(64 * 1024)
+            with lock:
+                if not ended:
+                    ended.append("answered")
         except (OSError, http.client.HTTPException) as exc:
-            if expired.is_set() or isinstance(exc, TimeoutError):
+            if ended == ["expired"] or isinstance(exc, TimeoutError):
                 return 0, "timeout", f"no complete answer within {timeout:g} s"
             return 0, "network_error", type(exc).__name__
         finally:
             deadline.cancel()
             connection.close()
-        if expired.is_set():  # the shutdown reads as the end of the answer: what arrived is cut short
+        if ended == ["expired"]:  # the shutdown reads as the end of the answer: it was cut short
             return 0, "timeout", f"no complete answer within {timeout:g} s"
         if 200 <= response.status < 300:
             return response.status, "delivered", ""
