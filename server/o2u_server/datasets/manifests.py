@@ -11,7 +11,6 @@ in the object store. Then `datasets.images` reads and decodes them.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -209,10 +208,13 @@ def locate_keys(manifest_uri: str, keys: list[str], storage: Storage, *, field: 
             if len(listed) == len(wanted):
                 break
         if seen > budget:
-            for name in wanted - listed.keys():
-                storage.reads.check()
-                with contextlib.suppress(NotFound):  # reported below, with the manifest's line
-                    listed[name] = storage.stat(s3_uri(reference.bucket, name), field=field)
+            for name in full_keys:  # in manifest order, up to the first that does not exist
+                if name not in listed:
+                    storage.reads.check()
+                    try:
+                        listed[name] = storage.stat(s3_uri(reference.bucket, name), field=field)
+                    except NotFound:
+                        break  # reported below, with the manifest's key
             break
     infos = []
     for key, full_key in zip(keys, full_keys, strict=True):

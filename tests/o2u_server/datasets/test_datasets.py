@@ -261,3 +261,30 @@ def test_a_manifest_over_a_wide_folder_looks_its_keys_up_instead_of_listing_it_a
     assert dataset.class_names == ["cat", "dog"]
     assert len(listed) == 2 * len(keys) + 5 + 1  # the budget, then one object past it
     assert "z/0.png" not in listed  # found by its own lookup
+
+
+def test_past_the_listing_budget_keys_are_looked_up_in_order_up_to_the_first_missing_one(
+    root: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from o2u_server.datasets import manifests
+
+    store = Store(root, s3, "s3")
+    monkeypatch.setattr(manifests, "LISTING_SLACK", 0)
+    for n in range(20):
+        store.put(f"gap/m/{n:02d}.bin", b"another team's object")
+    keys = ["a/missing.png", *(f"z/{n}.png" for n in range(5))]  # their common folder: gap/
+    for key in keys[1:]:
+        store.put(f"gap/{key}", png(solid(COLOURS["cat"], 0)))
+    rows = "key,label\n" + "".join(f"{key},cat\n" for key in keys)
+    uri = store.put("gap/labels.csv", rows.encode())
+    looked_up: list[str] = []
+    real_stat = store.storage.stat
+
+    def counting(uri: str, **kwargs: Any) -> Any:
+        looked_up.append(uri)
+        return real_stat(uri, **kwargs)
+
+    monkeypatch.setattr(store.storage, "stat", counting)
+    with pytest.raises(NotFound, match=r"lists 'a/missing\.png'"):
+        load_dataset(uri, None, store.storage, LIMITS)
+    assert looked_up == ["s3://datasets/gap/a/missing.png"]  # not the five after it
