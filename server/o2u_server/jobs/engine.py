@@ -300,7 +300,7 @@ def service_error(exc: Exception) -> ServiceError:
         return InvalidArgument(str(exc), reason="INVALID_CONFIG", field="config")
     if isinstance(exc, MemoryError):  # an allocation the limits did not foresee; the server goes on
         return ResourceExhausted(
-            f"the server ran out of memory for this job ({exc or 'an allocation failed'}); lower "
+            f"the server ran out of memory for this job ({str(exc) or 'an allocation failed'}); lower "
             "max_decoded_bytes or max_samples, or give the server more memory",
             reason="OUT_OF_MEMORY",
         )

@@ -109,6 +109,7 @@ def test_engine_errors_become_service_errors() -> None:
     assert (host.code, host.reason) == (Code.RESOURCE_EXHAUSTED, "OUT_OF_MEMORY")
     assert "74.5 GiB" in host.message
     assert "max_decoded_bytes" in host.message
+    assert "(an allocation failed)" in service_error(MemoryError()).message
     missing = NotFound("gone", reason="OBJECT_NOT_FOUND")
     assert service_error(missing) is missing
     unexpected = service_error(KeyError("x"))
