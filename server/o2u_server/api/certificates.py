@@ -7,7 +7,8 @@ every replica would fail at once. `CertificateFiles` gives gRPC a certificate co
 (`grpc.dynamic_ssl_server_credentials`): before each new connection's handshake it compares the
 files' identity (device, inode, size and modification time, following symlinks) with what it last
 loaded, and only when they changed reads and checks them as at start (`load`). A renewal that is
-half written or invalid is logged and the certificate in use stays, until the files change again.
+half written or invalid is logged and the certificate in use stays; the files are read again when
+they change, or RETRY_SECONDS later.
 
 `not_after` reads a PEM chain's expiry from its DER encoding (the validity field of RFC 5280's
 TBSCertificate), so the `o2u_tls_certificate_expiry_timestamp_seconds` gauge needs no X.509 library.
@@ -21,6 +22,7 @@ import os
 import re
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ __all__ = ["CertificateFiles", "TlsMaterial", "not_after"]
 
 logger = logging.getLogger(__name__)
 
+RETRY_SECONDS = 10.0  # after a failed reload, the files are read again this long after
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 _UTC_TIME, _GENERALIZED_TIME, _SEQUENCE, _CONTEXT_0 = 0x17, 0x18, 0x30, 0xA0
 
@@ -133,6 +136,7 @@ class CertificateFiles:
         self._loaded = loaded
         self._lock = threading.Lock()
         self._seen = self._identities()
+        self._retry_at: float | None = None  # after a failed load: when to read the same files again
         self.material = load()
         loaded(self.material.certificate_chain)
 
@@ -147,14 +151,19 @@ class CertificateFiles:
         (keep the current one). Called before every new connection's handshake."""
         with self._lock:
             identities = self._identities()
-            if identities is None or identities == self._seen:
+            retry = self._retry_at is not None and time.monotonic() >= self._retry_at
+            if identities is None or (identities == self._seen and not retry):
                 return None
             self._seen = identities
             try:
                 material = self._load()
-            except ValueError as error:  # SecurityConfigError: the message names the setting
+            except (ValueError, OSError) as error:  # SecurityConfigError names the setting
+                # Read again in RETRY_SECONDS even if nothing changes: a file replaced between two
+                # reads of one load (mid-swap) is whole by then; a bad renewal is logged again.
+                self._retry_at = time.monotonic() + RETRY_SECONDS
                 logger.error("the changed TLS files were not loaded; serving the previous ones: %s", error)
                 return None
+            self._retry_at = None
             self.material = material
         self._loaded(material.certificate_chain)
         logger.info("reloaded the TLS certificate and key after their files changed")

@@ -109,6 +109,16 @@ def _tls_material(cert_file: Path, key_file: Path, ca_file: Path | None) -> TlsM
     if ca_file is not None:
         client_ca = _read_pem(ca_file, "O2U_TLS_CLIENT_CA_FILE")
         _check_ca(ca_file)
+    # The checks open the files again: what they checked must be the bytes that are served.
+    again = (
+        _read_pem(cert_file, "O2U_TLS_CERT_FILE"),
+        _read_pem(key_file, "O2U_TLS_KEY_FILE"),
+        None if ca_file is None else _read_pem(ca_file, "O2U_TLS_CLIENT_CA_FILE"),
+    )
+    if again != (certificate_chain, private_key, client_ca):
+        raise SecurityConfigError(
+            "O2U_TLS_CERT_FILE/O2U_TLS_KEY_FILE: the files changed while they were read; reading them again"
+        )
     return TlsMaterial(private_key, certificate_chain, client_ca)
 
 

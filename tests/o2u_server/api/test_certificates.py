@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from o2u_server.api.certificates import not_after
+from o2u_server.api import certificates
+from o2u_server.api.certificates import CertificateFiles, TlsMaterial, not_after
 from o2u_server.api.security import server_credentials
 from o2u_server.settings import Settings
 from tests.o2u_server.api.test_security import serve
@@ -180,3 +181,28 @@ def test_the_server_exports_the_expiry_of_the_certificate_it_serves(
 def test_a_plaintext_server_exports_no_expiry(data_root: Path, tmp_path: Path) -> None:
     with running_server(test_settings(state_dir=tmp_path / "state", data_roots=[data_root])) as server:
         assert "o2u_tls_certificate_expiry_timestamp_seconds" not in server.scrape()
+
+
+def test_a_load_that_fails_mid_swap_is_tried_again_without_another_change(
+    secret: MountedSecret, pkis: tuple[Pki, Pki], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file replaced between two reads of one load (an OSError, a changed file) leaves nothing
+    that changes again; the files are read again RETRY_SECONDS later."""
+    first, renewed = pkis
+    outcomes: list[Exception | None] = [None, FileNotFoundError("tls.key: gone mid-swap"), None]
+    chains: list[bytes] = []
+
+    def load() -> TlsMaterial:
+        failure = outcomes.pop(0)
+        if failure is not None:
+            raise failure
+        return TlsMaterial(secret.key.read_bytes(), secret.certificate.read_bytes(), None)
+
+    files = CertificateFiles((secret.certificate, secret.key), load, chains.append)
+    secret.publish(renewed.server_cert, renewed.server_key)
+    assert files.fetch() is None  # the failed load
+    assert files.fetch() is None  # nothing changed, and the retry is not due
+    monkeypatch.setattr(certificates, "RETRY_SECONDS", 0.0)
+    files._retry_at = 0.0  # due now
+    assert files.fetch() is not None
+    assert chains == [first.read("server_cert"), renewed.read("server_cert")]
