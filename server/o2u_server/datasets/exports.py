@@ -130,6 +130,8 @@ def _originals(job: Job, storage: Storage, keys: Collection[str]) -> dict[str, d
         dataset_format = infer_format(job.spec.dataset_uri)
     if dataset_format is not DatasetFormat.LABEL_STUDIO:
         return None
+    if not keys:
+        return {}  # no suspect needs its task's data
     raw = storage.read_bytes(job.spec.dataset_uri, max_bytes=MAX_ORIGINALS_BYTES)
     try:
         return original_data(raw, keys)

@@ -44,6 +44,7 @@ __all__ = [
     "export_tasks",
     "label_studio_rows",
     "load_label_studio",
+    "task_key",
 ]
 
 _LOCAL_FILES = "/data/local-files/"
@@ -166,6 +167,12 @@ def _place(text: str, position: int) -> str:
     return f"line {line} column {column} (char {position})"
 
 
+def task_key(task: dict[str, Any], index: int) -> str:
+    """A task's key in the dataset: its id, or its 1-based place in the export when it has none."""
+    ident = task.get("id")
+    return str(index) if ident is None else str(ident)
+
+
 def label_studio_rows(
     text: str,
     uri: str,
@@ -183,7 +190,7 @@ def label_studio_rows(
     for index, task in enumerate(export_tasks(text, where), start=1):
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise invalid_dataset(f"{where}: task {index} is not an object with a data object")
-        task_id = str(task.get("id", index))
+        task_id = task_key(task, index)
         image = task["data"].get(image_field)
         key = _relative(image, folder) if isinstance(image, str) and image else None
         label, reason = choose_label(task.get("annotations"), options.annotation_rule or "latest")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Iterable, Mapping
 
-from o2u_server.datasets.label_studio import export_tasks
+from o2u_server.datasets.label_studio import export_tasks, task_key
 from o2u_server.domain import DatasetFormat, JobSpec
 
 __all__ = ["FROM_NAME", "TO_NAME", "label_studio_tasks", "original_data", "suspected_rows"]
@@ -78,7 +78,7 @@ def original_data(raw: bytes, keys: Collection[str] | None = None) -> dict[str, 
     originals: dict[str, dict[str, object]] = {}
     for index, task in enumerate(export_tasks(raw.decode("utf-8-sig"), "the dataset"), start=1):
         if isinstance(task, dict) and isinstance(task.get("data"), dict):
-            task_id = str(task.get("id", index))
+            task_id = task_key(task, index)
             if keys is None or task_id in keys:
                 originals[task_id] = dict(task["data"])
     return originals

@@ -286,7 +286,7 @@ def test_unusable_tasks_are_counted_without_being_kept() -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < len(text) // 100
+    assert peak < len(text) // 10  # json.loads: 21 times the text; tracemalloc also sees other threads
     [record] = skipped.records()
     assert (record.reason, record.count) == ("NO_ANNOTATIONS", 100_000)
     assert record.first_keys == tuple(str(i) for i in range(1, MAX_SKIPPED_KEYS + 1))
@@ -310,3 +310,17 @@ def test_repeated_task_ids_are_refused(store: Store) -> None:
     uri = store.put("ls-ids/export.json", json.dumps(tasks).encode())
     with pytest.raises(InvalidArgument, match="task 2 has the id '7' of task 1; task ids must be unique"):
         load_dataset(uri, None, store.storage, LIMITS)
+
+
+def test_tasks_without_an_id_are_keyed_by_their_place(store: Store) -> None:
+    usable = [annotation(1, 1, "red", "2026-11-30T10:00:00Z")]
+    tasks = [task(0, "images/00.png", usable), task(0, "images/01.png", usable)]
+    tasks[0]["id"] = None
+    del tasks[1]["id"]
+    uri = store.put("ls-noid/export.json", json.dumps(tasks).encode())
+    rows = list(label_studio_rows(json.dumps(tasks), uri, {}, SkippedTasks()))
+    assert [key for _, key, _ in rows] == ["images/00.png", "images/01.png"]
+    assert original_data(json.dumps(tasks).encode()) == {
+        "1": {"image": "images/00.png"},
+        "2": {"image": "images/01.png"},
+    }
