@@ -320,6 +320,7 @@ def test_tls_and_token_secrets_are_mounted() -> None:
             {"terminationGracePeriodSeconds": 20},
             "must exceed the server's drain, config.shutdown_grace_seconds (20) = 20 s",
         ),
+        ({**REPLICAS, "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "0%"}}, "cannot both be 0"),
         (
             {
                 "terminationGracePeriodSeconds": 60,
