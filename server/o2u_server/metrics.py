@@ -142,9 +142,10 @@ class ServerMetrics:
             self.webhook_deliveries.labels(outcome=outcome)
         self.job_store_up = Gauge(
             "o2u_job_store_up",
-            "1 when this replica's last lease round reached the job store, 0 when it failed",
+            "0 when this replica's last lease round failed to reach the job store, else 1",
             registry=registry,
         )
+        self.job_store_up.set(1)  # while the store opens (migrations included), until a round fails
         self.state_volume_min_free = Gauge(
             "o2u_state_volume_min_free_bytes",
             "min_free_state_bytes: below it on the state volume, no job is claimed or accepted",

@@ -96,7 +96,6 @@ class JobRunner:
     def start(self) -> None:
         """Start the workers (they claim queued jobs, oldest first) and the lease keeper."""
         self._metrics.worker_slots.set(len(self._devices))
-        self._metrics.job_store_up.set(1)  # the server has just opened it; each lease round updates it
         self._engine.start(self._devices)
         for index, device in enumerate(self._devices):
             thread = threading.Thread(
