@@ -3,9 +3,11 @@
 
 Rows are dictionaries of plain values (NumPy scalars are accepted). JSONL writes one compact JSON
 object per row; CSV writes a header of the first row's keys (or the given columns) and one line per
-row, with booleans as `true`/`false` and missing values empty. The whole file is built in memory and
-written in one call, so it appears complete or not at all; an existing file or object is never
-replaced (ALREADY_EXISTS), so an export cannot overwrite a dataset or anyone's earlier export.
+row, with booleans as `true`/`false` and missing values empty. A JSONL or CSV file is written as the
+rows come into a temporary file beside the destination, then linked into place; an object (and a
+Parquet or Label Studio file) is built in memory and sent in one PUT. Either way it appears complete
+or not at all; an existing file or object is never replaced (ALREADY_EXISTS), so an export cannot
+overwrite a dataset or anyone's earlier export.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import csv
 import io
 import json
 from collections.abc import Collection, Iterable, Sequence
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 import numpy as np
 
@@ -160,14 +162,19 @@ def write_export(
     elif export_format == ExportFormat.PARQUET:
         count, data = parquet_export(rows, columns or EXPORT_COLUMNS)
     else:
-        # Encoded as it is written, into the bytes that are sent: a text buffer and its encoded copy
-        # held the file two to three times over.
-        encoded = io.BytesIO()
-        text = io.TextIOWrapper(encoded, encoding="utf-8", newline="")
-        count = _WRITERS[export_format](rows, text, columns)
-        text.flush()
-        text.detach()
-        data = encoded.getvalue()
-        del encoded
+        # Encoded as the rows come, into the file being written (a file:// destination holds
+        # nothing in memory) or the bytes that are sent: a text buffer and its encoded copy held
+        # the file two to three times over.
+        counted: list[int] = []
+        writer = _WRITERS[export_format]
+
+        def write(out: BinaryIO) -> None:
+            text = io.TextIOWrapper(out, encoding="utf-8", newline="")
+            counted.append(writer(rows, text, columns))
+            text.flush()
+            text.detach()
+
+        written = storage.create_export(uri, write, field=field, content_type=_CONTENT_TYPES[export_format])
+        return counted[0], written
     written = storage.create_export(uri, data, field=field, content_type=_CONTENT_TYPES[export_format])
     return count, written

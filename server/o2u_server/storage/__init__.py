@@ -13,12 +13,14 @@ chunk read and stops the read (`Stopped`) once the job is cancelled or the serve
 from __future__ import annotations
 
 import copy
+import io
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BufferedReader
 from pathlib import Path
+from typing import BinaryIO
 
 from o2u_server.errors import InvalidArgument, PermissionDenied
 from o2u_server.settings import Settings
@@ -264,19 +266,27 @@ class Storage:
     def create_export(
         self,
         uri: str,
-        data: bytes,
+        data: bytes | Callable[[BinaryIO], None],
         *,
         field: str = "destination_uri",
         content_type: str = "application/octet-stream",
     ) -> int:
         """Write a new file or object under an export location; AlreadyExists if the name is taken
-        (nothing is ever replaced). The result appears complete or not at all. Returns its size."""
+        (nothing is ever replaced). The result appears complete or not at all. Returns its size.
+
+        `data` is the bytes, or a function that writes them: into the new file's temporary twin
+        for a `file://` destination (nothing is held in memory), into memory for an object, which
+        goes in one PUT."""
         reference = self.parse_export(uri, field=field)
         if reference.scheme == "file":
-            localfiles.create_file(reference.key, data, uri=uri, roots=self.export_roots, field=field)
-        else:
-            store, bucket = self._s3(reference)
-            store.create(bucket, reference.key, data, content_type=content_type)
+            return localfiles.create_file(reference.key, data, uri=uri, roots=self.export_roots, field=field)
+        if callable(data):
+            buffer = io.BytesIO()
+            data(buffer)
+            data = buffer.getvalue()
+            del buffer
+        store, bucket = self._s3(reference)
+        store.create(bucket, reference.key, data, content_type=content_type)
         return len(data)
 
 

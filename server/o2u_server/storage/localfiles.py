@@ -19,6 +19,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from io import BufferedReader
+from typing import BinaryIO
 
 from o2u_server.errors import (
     AlreadyExists,
@@ -275,9 +276,12 @@ def stat_entry(path: str, *, uri: str, field: str) -> tuple[int, str]:
     return file_status.st_size, _etag(file_status)
 
 
-def create_file(path: str, data: bytes, *, uri: str, roots: Sequence[str], field: str) -> None:
-    """Write `data` to a new file at the resolved `path`, making missing folders; AlreadyExists if
-    anything is already there. The file appears complete or not at all."""
+def create_file(
+    path: str, data: bytes | Callable[[BinaryIO], None], *, uri: str, roots: Sequence[str], field: str
+) -> int:
+    """Write `data` (bytes, or a function writing them into the file) to a new file at the resolved
+    `path`, making missing folders; AlreadyExists if anything is already there. The file appears
+    complete or not at all. Returns its size."""
     parent = os.path.dirname(path)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -295,8 +299,12 @@ def create_file(path: str, data: bytes, *, uri: str, roots: Sequence[str], field
         raise os_error(error, uri, field) from error
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            if callable(data):
+                data(handle)
+            else:
+                handle.write(data)
             handle.flush()
+            size = handle.tell()
             os.fsync(handle.fileno())
             os.fchmod(handle.fileno(), 0o644)  # mkstemp's 0600 would hide exports from labeling tools
         os.link(temporary, path)  # unlike a rename, never replaces what is there
@@ -311,3 +319,4 @@ def create_file(path: str, data: bytes, *, uri: str, roots: Sequence[str], field
     finally:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
+    return size

@@ -13,9 +13,11 @@ import pytest
 
 from o2u_server.datasets.exports import EXPORT_COLUMNS, infer_export_format, write_export
 from o2u_server.domain import ExportFormat, NoiseScoreRow
-from o2u_server.errors import AlreadyExists, InvalidArgument, PermissionDenied
+from o2u_server.errors import AlreadyExists, InvalidArgument, PermissionDenied, ResourceExhausted
+from o2u_server.settings import Settings
 from o2u_server.storage import Storage
 from tests.o2u_server.dataset_files import Store, make_storage
+from tests.o2u_server.jobs.full_volumes import mounted_tmpfs
 from tests.s3_server import S3Server
 
 
@@ -95,11 +97,12 @@ def test_export_columns_are_score_fields() -> None:
 
 
 @pytest.mark.parametrize("export_format", [ExportFormat.JSONL, ExportFormat.CSV])
-def test_an_export_is_held_in_memory_about_once(
+def test_a_file_export_is_written_as_the_rows_come(
     storage: Storage, root: Path, export_format: ExportFormat
 ) -> None:
-    """The file is encoded as it is written into the bytes that are sent: a text buffer and its
-    encoded copy held it two to three times over (an export runs on an RPC thread, several at once)."""
+    """A file:// export is encoded into the file as the rows come, holding next to nothing in
+    memory: a text buffer and its encoded copy held it two to three times over (an export runs on
+    an RPC thread, several at once)."""
     rows = (
         {
             "rank": i,
@@ -117,4 +120,17 @@ def test_an_export_is_held_in_memory_about_once(
     finally:
         tracemalloc.stop()
     assert size > 2_000_000
-    assert peak < 1.3 * size
+    assert peak < size / 10
+    assert (root / "exports" / f"memory.{export_format.name.lower()}").stat().st_size == size
+
+
+def test_a_file_export_that_does_not_fit_leaves_nothing_behind(tmp_path: Path, s3: S3Server) -> None:
+    """Written as the rows come, an export that fills its volume midway is NO_SPACE_LEFT and leaves
+    neither the file nor its temporary twin."""
+    with mounted_tmpfs(tmp_path / "small", 256 * 1024) as volume:
+        storage = Storage(Settings(data_roots=[volume], export_uris=[f"file://{volume}/exports"]))
+        rows = ({"rank": i, "key": f"images/{i:08d}.png", "score": 0.5} for i in range(50_000))
+        with pytest.raises(ResourceExhausted) as caught:
+            write_export(rows, f"file://{volume}/exports/scores.jsonl", ExportFormat.JSONL, storage)
+        assert caught.value.reason == "NO_SPACE_LEFT"
+        assert list((volume / "exports").iterdir()) == []
