@@ -48,9 +48,8 @@ ManifestRow = tuple[int, str, object]  # (line number, key, label as parsed: an 
 # (text, uri) -> rows, produced lazily; invalid_dataset if malformed
 RowParser = Callable[[str, str], Iterable[ManifestRow]]
 _DIGITS = re.compile(r"^[0-9]+$")
-LISTING_SLACK = (
-    1000  # objects a manifest's listing may read beyond twice its keys before it looks them up one by one
-)
+# Objects a manifest's listing may read beyond twice its keys before it looks them up one by one.
+LISTING_SLACK = 1000
 
 
 def load_manifest(
