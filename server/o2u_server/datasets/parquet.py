@@ -17,11 +17,14 @@ one row group at a time, reading only the named columns, so the peak is the floa
 one row group's columns: for a million 512-d rows no more than the `.npz` path needs.
 
 Parquet's encodings let a small file declare a great deal: a dictionary page holding one long
-string that every row refers to, or run-length-encoded lists. So before a row group is read its
-footer's value counts bound the embedding values it decodes (`max_decoded_bytes`), and the string
-columns are read dictionary-encoded, their length once expanded summed from the dictionary and the
-indices and held to the same limit before any string is built. A row group is read only after the
-job's read monitor says it may go on: a cancelled job or a draining server stops between row groups.
+string that every row refers to, or run-length-encoded lists. So before a row group is read, the
+page headers of every column read are walked (`parquet_pages`: the reader decodes what the pages
+declare, not what the footer counts, which a crafted file understates): the values they declare,
+at the width of one decoded value, and their uncompressed sizes are each held to
+`max_decoded_bytes` over the row group's columns. The string columns are read dictionary-encoded,
+their length once expanded summed from the dictionary and the indices and held to the same limit
+before any string is built. A row group is read only after the job's read monitor says it may go
+on: a cancelled job or a draining server stops between row groups.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from o2u_server.datasets.options import (
     DEFAULT_LABEL_COLUMN,
     missing_column,
 )
+from o2u_server.datasets.parquet_pages import PageHeaderError, chunk_pages
 from o2u_server.domain import DatasetOptions, ParquetOptions
 from o2u_server.storage import Storage
 from o2u_server.text import shown
@@ -149,35 +153,85 @@ def _open(uri: str, storage: Storage, limits: DatasetLimits, field: str) -> tupl
     return pa.BufferReader(pa.py_buffer(buffer)), size, False
 
 
-def _leaf_values(parquet: pq.ParquetFile, group: int, column: str) -> int:
-    """The values the footer says the row group's `column` (its leaf: a list's elements) holds."""
-    row_group = parquet.metadata.row_group(group)
-    for index in range(row_group.num_columns):
-        chunk = row_group.column(index)
-        if chunk.path_in_schema.split(".", 1)[0] == column:
-            return int(chunk.num_values)
-    return 0
+@dataclass(frozen=True)
+class _File:
+    """An open Parquet file, and what reading it is held to."""
+
+    where: str
+    parquet: pq.ParquetFile
+    read_at: Callable[[int, int], bytes]  # (offset, size) -> the file's bytes there
+    limits: DatasetLimits
+    check: Callable[[], None]  # raises Stopped for a cancelled job or a draining server
+
+    def read(self, group: int, names: list[str], *, checked: bool = True) -> pa.Table:
+        """Row group `group`'s columns `names`, once the job may go on (unless not `checked`) and
+        their pages' declared sizes fit max_decoded_bytes."""
+        if checked:
+            self.check()
+        self._check_declared(group, names)
+        return self.parquet.read_row_group(group, columns=names)
+
+    def _check_declared(self, group: int, names: list[str]) -> None:
+        """Refuse a row group whose columns `names`, as their pages declare them, decode past the
+        limit (see the module docstring): their values at the width of one decoded value, or
+        their uncompressed pages. A page header that cannot be read is INVALID_DATASET."""
+        row_group = self.parquet.metadata.row_group(group)
+        schema = self.parquet.schema_arrow
+        values = uncompressed = 0
+        for index in range(row_group.num_columns):
+            chunk = row_group.column(index)
+            path = chunk.path_in_schema
+            # a leaf of a list is "name.list.element"; a name that holds dots counts for each prefix
+            for name in (n for n in names if path == n or path.startswith(n + ".")):
+                start = chunk.data_page_offset
+                if chunk.has_dictionary_page and 0 < chunk.dictionary_page_offset < start:
+                    start = chunk.dictionary_page_offset
+                try:
+                    pages = chunk_pages(
+                        self.read_at, start, chunk.total_compressed_size, chunk.num_values, self.check
+                    )
+                except PageHeaderError as error:
+                    raise invalid_dataset(
+                        f"{self.where}: row group {group} of column {name} is unreadable: {error}"
+                    ) from error
+                values += pages.values * _decoded_width(schema.field(name).type)
+                uncompressed += pages.uncompressed_bytes
+        for what, size in (("values", values), ("pages, uncompressed", uncompressed)):
+            if size > self.limits.max_decoded_bytes:
+                where = (
+                    f"{self.where} (row group {group}: the {what} of columns {', '.join(names)}, as declared)"
+                )
+                raise too_much_decoded(where, size, self.limits)
 
 
-def _check_feature_values(
-    where: str, parquet: pq.ParquetFile, group: int, column: str, limits: DatasetLimits
-) -> None:
-    """Refuse a row group whose embedding values, as the footer counts them, decode past the limit."""
-    value_type = parquet.schema_arrow.field(column).type.value_type
-    decoded = _leaf_values(parquet, group, column) * max(1, value_type.bit_width // 8)
-    if decoded > limits.max_decoded_bytes:
-        raise too_much_decoded(f"{where} (row group {group} of column {column}, decoded)", decoded, limits)
+def _decoded_width(column_type: pa.DataType) -> int:
+    """Bytes one value of a column takes decoded: a list's element (a number) at its width, any
+    other value (an integer label, a dictionary index or a string's offset) at 8."""
+    if (
+        pa.types.is_list(column_type)
+        or pa.types.is_large_list(column_type)
+        or pa.types.is_fixed_size_list(column_type)
+    ):
+        return max(1, int(column_type.value_type.bit_width) // 8)
+    return 8
 
 
-def _width(where: str, parquet: pq.ParquetFile, column: str, limits: DatasetLimits) -> int:
-    column_type = parquet.schema_arrow.field(column).type
+def _read_at(source: Any) -> Callable[[int, int], bytes]:
+    """(offset, size) -> bytes of a local file handle or of an in-memory pyarrow buffer reader."""
+    if isinstance(source, pa.NativeFile):
+        return lambda offset, size: bytes(source.read_at(size, offset))
+    descriptor = source.fileno()
+    return lambda offset, size: os.pread(descriptor, size, offset)
+
+
+def _width(file: _File, column: str) -> int:
+    column_type = file.parquet.schema_arrow.field(column).type
     if pa.types.is_fixed_size_list(column_type):
         return int(column_type.list_size)
-    _check_feature_values(where, parquet, 0, column, limits)
-    first = parquet.read_row_group(0, columns=[column]).column(0)
+    first = file.read(0, [column], checked=False).column(0)
     lengths = first.combine_chunks().value_lengths() if first.num_chunks else pa.array([], pa.int32())
     if len(lengths) == 0 or lengths.null_count:
-        raise invalid_dataset(f"{where}: the embedding column {column} has empty or null rows")
+        raise invalid_dataset(f"{file.where}: the embedding column {column} has empty or null rows")
     return int(pa.compute.max(lengths).as_py())
 
 
@@ -212,28 +266,16 @@ def _keys(where: str, budget: StringBudget, table: pa.Table, column: str, group:
     return values
 
 
-def _row_group(parquet: pq.ParquetFile, group: int, columns: Columns, check: Callable[[], None]) -> pa.Table:
-    check()  # raises Stopped for a cancelled job or a draining server
-    return parquet.read_row_group(group, columns=columns.names)
-
-
-def _fill(
-    where: str,
-    parquet: pq.ParquetFile,
-    features: np.ndarray[Any, Any],
-    columns: Columns,
-    limits: DatasetLimits,
-    check: Callable[[], None],
-) -> tuple[list[Any], list[str]]:
+def _fill(file: _File, features: np.ndarray[Any, Any], columns: Columns) -> tuple[list[Any], list[str]]:
     assert columns.features is not None
+    where = file.where
     labels: list[Any] = []
     keys: list[str] = []
-    budget = StringBudget(where, limits)
+    budget = StringBudget(where, file.limits)
     row = 0
     width = features.shape[1]
-    for group in range(parquet.num_row_groups):
-        _check_feature_values(where, parquet, group, columns.features, limits)
-        table = _row_group(parquet, group, columns, check)
+    for group in range(file.parquet.num_row_groups):
+        table = file.read(group, columns.names)
         column = table.column(columns.features).combine_chunks()
         if column.null_count or table.column(columns.label).null_count:
             raise invalid_dataset(f"{where}: row group {group} has null labels or features")
@@ -257,20 +299,14 @@ def _fill(
     return labels, keys
 
 
-def _image_rows(
-    where: str,
-    parquet: pq.ParquetFile,
-    columns: Columns,
-    keys: list[str],
-    limits: DatasetLimits,
-    check: Callable[[], None],
-) -> Iterator[ManifestRow]:
+def _image_rows(file: _File, columns: Columns, keys: list[str]) -> Iterator[ManifestRow]:
     """(row number, image key, label) per row, one row group at a time; sample keys into `keys`."""
     assert columns.image_key is not None
-    budget = StringBudget(where, limits)
+    where = file.where
+    budget = StringBudget(where, file.limits)
     row = 0
-    for group in range(parquet.num_row_groups):
-        table = _row_group(parquet, group, columns, check)
+    for group in range(file.parquet.num_row_groups):
+        table = file.read(group, columns.names)
         if table.column(columns.label).null_count:
             raise invalid_dataset(f"{where}: row group {group} has null labels")
         image_keys = _keys(where, budget, table, columns.image_key, group)
@@ -284,23 +320,19 @@ def _image_rows(
 
 
 def _load_embeddings(
-    where: str,
-    parquet: pq.ParquetFile,
-    columns: Columns,
-    limits: DatasetLimits,
-    allocate: Allocate,
-    check: Callable[[], None],
+    file: _File, columns: Columns, allocate: Allocate
 ) -> tuple[np.ndarray[Any, Any], list[Any], list[str]]:
     assert columns.features is not None
-    count = parquet.metadata.num_rows
-    width = _width(where, parquet, columns.features, limits)
+    where, limits = file.where, file.limits
+    count = file.parquet.metadata.num_rows
+    width = _width(file, columns.features)
     if width <= 0:
         raise invalid_dataset(f"{where}: the rows of the embedding column {columns.features} are empty")
     decoded = count * width * 4
     if decoded > limits.max_decoded_bytes:
         raise too_much_decoded(f"{where} (its features, decoded)", decoded, limits)
     features = allocate((count, width), np.dtype(np.float32))
-    raw_labels, keys = _fill(where, parquet, features, columns, limits, check)
+    raw_labels, keys = _fill(file, features, columns)
     return features, raw_labels, keys
 
 
@@ -331,13 +363,12 @@ def load_parquet(
         if strings:  # read dictionary-encoded, so that StringBudget sizes them before they expand
             parquet = pq.ParquetFile(source, metadata=parquet.metadata, read_dictionary=strings)
         keys: list[str] = []
+        file = _File(where, parquet, _read_at(source), limits, storage.reads.check)
         try:
             if columns.image_key is None:
-                features, raw_labels, keys = _load_embeddings(
-                    where, parquet, columns, limits, allocate, storage.reads.check
-                )
+                features, raw_labels, keys = _load_embeddings(file, columns, allocate)
             else:
-                rows = _image_rows(where, parquet, columns, keys, limits, storage.reads.check)
+                rows = _image_rows(file, columns, keys)
                 image_keys, raw_labels = parse_manifest(rows, uri=uri, limits=limits)
         except (pa.ArrowException, OSError) as error:
             raise invalid_dataset(f"{where}: unreadable row group: {error}") from error

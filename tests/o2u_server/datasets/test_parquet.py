@@ -136,13 +136,80 @@ def test_categorical_string_labels_are_read(store: Store) -> None:
     assert dataset.labels.tolist() == [0, 1, 0, 2, 1, 0]
 
 
-def test_run_length_lists_past_the_limit_are_refused_from_the_footer(store: Store) -> None:
+def test_run_length_lists_past_the_limit_are_refused_from_their_pages(store: Store) -> None:
     width = 1 << 22  # one row of four million equal floats: a few kilobytes on disk, 16 MiB decoded
     flat = pa.array(np.zeros(width, dtype=np.float32))
     features = pa.ListArray.from_arrays(pa.array([0, width], type=pa.int32()), flat)
     uri = store.put("sets/long-row.parquet", parquet_bytes(pa.table({"label": [0], "features": features})))
-    with pytest.raises(ResourceExhausted, match=r"row group 0 of column features.*max_decoded_bytes"):
+    with pytest.raises(ResourceExhausted, match=r"row group 0: the values of columns .*max_decoded_bytes"):
         load_dataset(uri, None, store.storage, dataclasses.replace(LIMITS, max_decoded_bytes=8 * 1024**2))
+
+
+def _footer_saying(data: bytes, count: int, instead: int) -> bytes:
+    """`data` with every field of value `count` in its footer (a zigzag varint) rewritten to say
+    `instead`, padded to the same length, as a crafted file would."""
+
+    def varint(value: int) -> bytearray:
+        out = bytearray()
+        while True:
+            low, value = value & 0x7F, value >> 7
+            out.append(low | (0x80 if value else 0))
+            if not value:
+                return out
+
+    raw = bytearray(data)
+    footer = len(raw) - 8 - int.from_bytes(raw[-8:-4], "little")
+    target, padded = varint(2 * count), varint(2 * instead)
+    assert len(padded) <= len(target)
+    while len(padded) < len(target):  # a non-minimal varint: the same value in more bytes
+        padded[-1] |= 0x80
+        padded.append(0)
+    position = raw.find(target, footer)
+    assert position > 0, "the count is in the footer"
+    while position > 0:
+        raw[position : position + len(target)] = padded
+        position = raw.find(target, position + len(target))
+    return bytes(raw)
+
+
+def test_a_footer_that_understates_its_values_is_refused_from_the_pages(store: Store) -> None:
+    rows, width = 20, 50_000  # a million equal floats: under 2 KB on disk, 4 MB decoded
+    flat = pa.array(np.zeros(rows * width, dtype=np.float32))
+    features = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32)), flat)
+    data = parquet_bytes(pa.table({"label": [0, 1] * (rows // 2), "features": features}))
+    crafted = _footer_saying(data, rows * width, 10)
+    metadata = pq.ParquetFile(io.BytesIO(crafted)).metadata
+    assert metadata.row_group(0).column(1).num_values == 10
+    decoded = pq.ParquetFile(io.BytesIO(crafted)).read_row_group(0, columns=["features"]).column(0)
+    assert len(decoded.combine_chunks().flatten()) == rows * width, (
+        "the reader decodes what the page declares"
+    )
+    uri = store.put("sets/understated.parquet", crafted)
+    with pytest.raises(ResourceExhausted, match=r"row group 0: the values of columns .*max_decoded_bytes"):
+        load_dataset(uri, None, store.storage, dataclasses.replace(LIMITS, max_decoded_bytes=2 * 1024**2))
+    with pytest.raises(InvalidArgument, match="unreadable row group"):  # within the limit: read, then refused
+        load_dataset(uri, None, store.storage, LIMITS)
+
+
+def test_a_row_group_holding_more_rows_than_its_footer_says_is_invalid(store: Store) -> None:
+    data = parquet_bytes(embeddings(1_000, 2, False, keys=False))
+    uri = store.put("sets/more-rows.parquet", _footer_saying(data, 1_000, 10))
+    with pytest.raises(
+        InvalidArgument, match=r"unreadable row group: .*expected length 10 but got length 1000"
+    ):
+        load_dataset(uri, None, store.storage, LIMITS)
+
+
+def test_an_unreadable_page_header_is_invalid(store: Store) -> None:
+    data = bytearray(parquet_bytes(embeddings(50, 4, True)))
+    chunk = pq.ParquetFile(io.BytesIO(bytes(data))).metadata.row_group(0).column(1)
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data[start] = 0x1D  # field 1 of type 13, which the compact protocol does not have
+    uri = store.put("sets/bad-page.parquet", bytes(data))
+    with pytest.raises(
+        InvalidArgument, match="row group 0 of column features is unreadable: unknown field type 13"
+    ):
+        load_dataset(uri, None, store.storage, LIMITS)
 
 
 def test_a_cancelled_job_stops_between_row_groups(store: Store) -> None:
