@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, bindparam, select, update
+from sqlalchemy import ColumnElement, Connection, and_, bindparam, or_, select, update
 
 from o2u_server.domain import JobState, WebhookAttempt
 from o2u_server.jobs.database import Database
@@ -84,6 +84,16 @@ class Due:
     attempt: int  # the number of the attempt about to be made
 
 
+def _to(origin: str) -> ColumnElement[bool]:
+    """True for a URL that is not under `origin` ("https://host:port": the origin itself, or it
+    followed by a path, a query or a fragment), so "https://a.example" leaves "https://a.example.org"."""
+    url = _table.c.url
+    return and_(
+        url != origin,
+        ~or_(*(url.startswith(origin + mark, autoescape=True) for mark in "/?#")),
+    )
+
+
 class WebhookStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -92,16 +102,21 @@ class WebhookStore:
         """`now` when given (tests step through time), else the database's clock."""
         return self.db.clock() if now is None else now
 
-    def claim(self, hold_seconds: float, *, now: float | None = None) -> Due | None:
+    def claim(
+        self, hold_seconds: float, *, now: float | None = None, excluding: Collection[str] = ()
+    ) -> Due | None:
         """The oldest due delivery, held for `hold_seconds` against other senders; None if none is due.
-        Due and held are on the database's clock unless `now` is given."""
+        Due and held are on the database's clock unless `now` is given. A delivery to one of the
+        `excluding` destinations (webhooks.destination: scheme and host with its port, as the URL
+        spells them) is left for a later claim."""
         clock = self._clock(now)
+        busy = [_to(origin) for origin in excluding]
 
         def claim() -> Due | None:
             with self.db.write() as conn:
                 query = (
                     select(_table)
-                    .where(_table.c.state == PENDING, _table.c.next_attempt_at <= clock)
+                    .where(_table.c.state == PENDING, _table.c.next_attempt_at <= clock, *busy)
                     .order_by(_table.c.next_attempt_at)
                     .limit(1)
                     .with_for_update(skip_locked=True)

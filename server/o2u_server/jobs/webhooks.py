@@ -11,8 +11,10 @@ the hex is HMAC-SHA256 under the server's webhook secret of `<t>.<body>` (docs/a
 receiver checks it). Redirects are not followed and https certificates are verified. A 2xx answer
 delivers the event; anything else (another status, a timeout, no connection) is retried with
 exponential backoff up to `webhook_max_attempts`, each attempt recorded on the job. Sending runs
-on its own thread, so a receiver that is down never slows a job, and the queue is in the job store,
-so deliveries pending at a restart resume after it.
+on its own threads, so a receiver that is down never slows a job, and the queue is in the job store,
+so deliveries pending at a restart resume after it. At most PER_DESTINATION of a replica's SENDERS
+attempts go to one destination (scheme, host and port) at once, so a receiver that answers slowly
+delays its own events, not every other receiver's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import Counter
 from urllib.parse import unquote, urlsplit
 
 from o2u_server.domain import WebhookAttempt
@@ -55,7 +58,16 @@ SIGNATURE_HEADER = "O2U-Signature"
 EVENT_SOURCE = "o2u-server"
 _POLL_SECONDS = 0.5
 SENDERS = 4  # attempts under way at once per replica
+PER_DESTINATION = SENDERS // 2  # of those, to one destination (webhook_store.claim's `excluding`)
 _MAX_BACKOFF_SECONDS = 3600.0
+
+
+def destination(url: str) -> str:
+    """The scheme and host (with its port) of a webhook URL, as the URL spells them: what
+    PER_DESTINATION counts ("https://hooks.example:8443" of "https://hooks.example:8443/o2u")."""
+    start = url.find("://") + 3 if "://" in url else 0
+    ends = [found for mark in "/?#" if (found := url.find(mark, start)) >= 0]
+    return url[: min(ends, default=len(url))]
 
 
 def _is_loopback(host: str) -> bool:
@@ -161,9 +173,10 @@ def _rfc3339(seconds: float) -> str:
 
 class WebhookDeliverer:
     """Sends this replica's share of the queued webhook events: one thread claims due deliveries
-    while one of SENDERS sender threads is free, so a receiver that answers slowly (an attempt's
-    exchange ends by webhook_timeout_seconds after it starts) holds one sender, not every job's
-    webhooks."""
+    while one of SENDERS sender threads is free, skipping those to a destination with
+    PER_DESTINATION attempts under way, so a receiver that answers slowly (an attempt's exchange
+    ends by webhook_timeout_seconds after it starts) holds at most PER_DESTINATION senders, and
+    the others go on sending every other receiver's events."""
 
     def __init__(self, settings: Settings, store: JobStore, metrics: ServerMetrics) -> None:
         self._settings = settings
@@ -175,6 +188,8 @@ class WebhookDeliverer:
         self._free = threading.Semaphore(SENDERS)
         self._claimed: queue.SimpleQueue[Due | None] = queue.SimpleQueue()  # None: stop
         self._senders: list[threading.Thread] = []
+        self._under_way: Counter[str] = Counter()  # attempts being sent, by destination
+        self._under_way_lock = threading.Lock()
 
     def start(self) -> None:
         secret = read_webhook_secret(self._settings)
@@ -221,7 +236,13 @@ class WebhookDeliverer:
 
     def _claim(self) -> Due | None:
         hold = self._settings.webhook_timeout_seconds + 30
-        return self._store.webhooks.claim(hold)  # held on the database's clock, as leases are
+        with self._under_way_lock:
+            busy = [origin for origin, count in self._under_way.items() if count >= PER_DESTINATION]
+        due = self._store.webhooks.claim(hold, excluding=busy)  # held on the database's clock
+        if due is not None:
+            with self._under_way_lock:
+                self._under_way[destination(due.url)] += 1
+        return due
 
     def _send_claimed(self) -> None:
         while (due := self._claimed.get()) is not None:
@@ -230,6 +251,10 @@ class WebhookDeliverer:
             except Exception:
                 logger.exception("webhook delivery failed to record; its claim expires and it is retried")
             finally:
+                with self._under_way_lock:
+                    self._under_way[destination(due.url)] -= 1
+                    if not self._under_way[destination(due.url)]:
+                        del self._under_way[destination(due.url)]
                 self._free.release()
 
     def attempt(self, due: Due) -> None:

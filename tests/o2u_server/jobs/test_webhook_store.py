@@ -92,3 +92,24 @@ def test_claims_and_retries_run_on_the_database_clock(store: JobStore, second: J
         retry_at = conn.execute(select(webhook_deliveries.c.next_attempt_at)).scalar_one()
     assert database_now + 3_599.0 <= retry_at <= database_now + 3_700.0
     assert second.webhooks.claim(40.0) is None  # not due for an hour on the database's clock
+
+
+def test_a_claim_leaves_the_deliveries_to_busy_destinations(store: JobStore) -> None:
+    urls = [
+        "https://busy.example/o2u",  # the oldest: skipped while its destination is busy
+        "https://busy.example?job=1",
+        "https://busy.example",
+        "https://busy.example.org/o2u",  # another host that starts with the busy one's name
+        "https://busy_example/o2u",  # a LIKE wildcard in the busy name must not match this
+        "https://busy.example:8443/o2u",  # another port: another destination
+    ]
+    for n, url in enumerate(urls, start=1):
+        _cancelled(store, n, dataclasses.replace(HOOKED, webhook_url=url))
+    excluding = ["https://busy.example", "https://busyXexample"]
+    claimed = []
+    while (due := store.webhooks.claim(40.0, now=100.0, excluding=excluding)) is not None:
+        claimed.append(due.url)
+    assert claimed == urls[3:]
+    first = store.webhooks.claim(40.0, now=100.0)
+    assert first is not None
+    assert first.url == urls[0]  # nothing excluded: the oldest

@@ -15,6 +15,7 @@ import pytest
 
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
+from o2u_server.jobs.webhooks import PER_DESTINATION, destination
 from o2u_server.main import main
 from tests.o2u_server.tls_material import make_pki
 from tests.server_testing import (
@@ -171,6 +172,49 @@ def test_a_slow_receiver_holds_one_sender_not_every_job_s_webhooks(
     ]
     quick_time = second.webhook_deliveries[0].time.ToDatetime()
     assert quick_time < first.webhook_deliveries[0].time.ToDatetime()
+
+
+def test_a_slow_receiver_holds_at_most_half_the_senders(
+    tmp_path: Path, data_root: Path, receiver: Receiver
+) -> None:
+    """Four events for a receiver that takes its time would hold all four senders; at most
+    PER_DESTINATION of them go to it at once, and another receiver's event, queued after them,
+    goes out on a free sender while they wait."""
+    (data_root / "broken.npz").write_bytes(b"this is not a zip archive")  # a job that fails at once
+    broken = (data_root / "broken.npz").as_uri()
+    receiver.default = ("hang", 6.0)
+    with serve_receiver() as other:
+        allowed = [f"http://127.0.0.1:{port}/hooks/" for port in (receiver.port, other.port)]
+        settings = _settings(
+            tmp_path, data_root, receiver, webhook_allowed_urls=allowed, webhook_timeout_seconds=20.0
+        )
+        with running_server(settings) as server, server.channel() as channel:
+            stub = Stub(channel)
+            slow = [
+                create_job(stub, broken, webhook=_webhook(receiver)).job_id
+                for _ in range(2 * PER_DESTINATION)
+            ]
+            deadline = time.monotonic() + 60
+            while len(receiver.received) < PER_DESTINATION:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            quick = _wait_attempts(stub, create_job(stub, broken, webhook=_webhook(other)).job_id, 1)
+            assert len(receiver.received) == PER_DESTINATION, "the others wait for a slow one to end"
+            first_slow = min(
+                (_wait_attempts(stub, job_id, 1).webhook_deliveries[0] for job_id in slow),
+                key=lambda attempt: attempt.time.ToDatetime(),
+            )
+    assert quick.webhook_deliveries[0].outcome == pb.WEBHOOK_OUTCOME_DELIVERED
+    assert first_slow.outcome == pb.WEBHOOK_OUTCOME_DELIVERED
+    assert quick.webhook_deliveries[0].time.ToDatetime() < first_slow.time.ToDatetime()
+    assert len(receiver.received) == 2 * PER_DESTINATION
+
+
+def test_a_destination_is_the_scheme_host_and_port_as_spelled() -> None:
+    assert destination("https://Hooks.example:8443/o2u?x=1") == "https://Hooks.example:8443"
+    assert destination("https://hooks.example?x=1") == "https://hooks.example"
+    assert destination("https://hooks.example#top") == "https://hooks.example"
+    assert destination("https://hooks.example") == "https://hooks.example"
 
 
 def test_failed_and_cancelled_jobs_post_their_events(
