@@ -40,7 +40,10 @@ class Attempt:
 
 
 class Attempts:
-    """The attempts this replica runs, by job id; thread-safe."""
+    """The attempts this replica runs, by job id; thread-safe. A job has one entry, its newest
+    attempt's: an older attempt of the job still winding down here (its lease lost, then the job
+    claimed again by another of this replica's workers) is flagged lost when the new one is added,
+    and its exit leaves the new one's entry alone, so the keeper goes on renewing it."""
 
     def __init__(self) -> None:
         self._running: dict[str, Attempt] = {}
@@ -50,14 +53,20 @@ class Attempts:
     def add(self, lease: Lease) -> Attempt:
         attempt = Attempt(lease)
         with self._lock:
+            older = self._running.get(lease.job_id)
             self._running[lease.job_id] = attempt
             if self._stopping:
                 attempt.stop.set()  # stop_all() ran between the claim and here
+        if older is not None:
+            older.lost.set()  # the store gave the job to `lease`: the older attempt's is gone
         return attempt
 
     def remove(self, lease: Lease) -> None:
+        """Forget `lease`'s attempt, unless a newer attempt of its job has replaced it."""
         with self._lock:
-            self._running.pop(lease.job_id, None)
+            attempt = self._running.get(lease.job_id)
+            if attempt is not None and attempt.lease == lease:
+                del self._running[lease.job_id]
 
     def signal(self, job_id: str, flag: str, lease: Lease | None = None) -> None:
         """Set `flag` (cancel, stop or lost) of the job's attempt here, if it is `lease`'s."""
