@@ -220,6 +220,11 @@ class O2UServer:
             )
         else:
             recovery = self.store.claims.recover(time.time(), max_attempts=self.settings.max_job_attempts)
+        # A crash between a job's final state and the removal of its checkpoints, or a job the
+        # recovery above ended, leaves them behind: no worker runs yet, so sweep them now.
+        swept = self.checkpoints.sweep(self.store.is_open)
+        if swept:
+            logger.info("removed the checkpoints of %d ended jobs", swept)
         self.metrics.count_jobs(self.store.state_counts)
         self.metrics.count_queue(self.store.queue_stats)
         if recovery.queued:

@@ -51,6 +51,7 @@ class CheckpointStore(Protocol):
     def sync(self, lease: Lease) -> None: ...
     def discard(self, lease: Lease) -> None: ...
     def delete(self, job_id: str) -> None: ...
+    def sweep(self, is_open: Callable[[str], bool]) -> int: ...
 
 
 class LocalCheckpoints:
@@ -83,6 +84,19 @@ class LocalCheckpoints:
         """The job ended: remove its checkpoint and staged initial weights."""
         for path in (self.path(job_id), self.path(job_id).with_suffix(".init.pt")):
             path.unlink(missing_ok=True)
+
+    def sweep(self, is_open: Callable[[str], bool]) -> int:
+        """At start, before any worker runs: delete the checkpoints of every job in the folder that
+        `is_open(job_id)` says has ended or is gone - a crash between a job's final state and its
+        `delete` leaves them. Returns how many jobs' files went."""
+        ended = {
+            name.removesuffix(".pt").removesuffix(".init")
+            for name in (path.name for path in self.directory.glob("*.pt"))
+        }
+        ended = {job_id for job_id in ended if not is_open(job_id)}
+        for job_id in ended:
+            self.delete(job_id)
+        return len(ended)
 
 
 class ObjectCheckpoints(LocalCheckpoints):
@@ -177,6 +191,23 @@ class ObjectCheckpoints(LocalCheckpoints):
                 self._objects.remove(self.bucket, name)
 
         self._quietly(remove_all, job_id)
+
+    def sweep(self, is_open: Callable[[str], bool]) -> int:
+        """As LocalCheckpoints.sweep, over the jobs with objects under the prefix (the staged
+        files went at `open`); an object store that does not answer leaves them to a later start."""
+        try:
+            named = {
+                name[len(self.prefix) :].split("/", 1)[0]
+                for name, _, _ in self._objects.iter_objects(self.bucket, self.prefix)
+                if _ATTEMPT.search(name)
+            }
+        except ServiceError as error:
+            logger.warning("could not list the checkpoints to sweep: %s", error.message)
+            return 0
+        ended = {job_id for job_id in named if not is_open(job_id)}
+        for job_id in ended:
+            self.delete(job_id)
+        return len(ended)
 
     @staticmethod
     def _quietly(operation: Callable[[], None], job_id: str) -> None:

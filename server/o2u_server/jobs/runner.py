@@ -59,6 +59,7 @@ class JobRunner:
         engine: Engine | None = None,
     ) -> None:
         self._store = store
+        self._checkpoints = checkpoints
         self._volume = volume
         self.owner = owner
         self._metrics = metrics
@@ -165,10 +166,12 @@ class JobRunner:
         return None
 
     def _after_round(self, recovery: Recovery) -> None:
-        """After the lease keeper's round: count and publish what it requeued, refresh the gauges."""
+        """After the lease keeper's round: count and publish what it requeued (a job it ended -
+        cancelled, or failed after too many crashes - loses its checkpoints), refresh the gauges."""
         for event in recovery.events:
             if event.terminal:
                 self._metrics.jobs_finished.labels(state=event.state.value).inc()
+                self._checkpoints.delete(event.job_id)
             self._execution.publish(event)
         self._metrics.count_jobs(self._store.state_counts)
         self._metrics.count_queue(self._store.queue_stats)

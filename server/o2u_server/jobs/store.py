@@ -188,6 +188,16 @@ class JobStore:
 
         return self.db.retry(read)
 
+    def is_open(self, job_id: str) -> bool:
+        """Whether the job exists and has not ended (queued or running)."""
+
+        def read() -> bool:
+            with self.db.read() as conn:
+                state = conn.execute(select(jobs.c.state).where(jobs.c.job_id == job_id)).scalar_one_or_none()
+                return state is not None and JobState(state) not in TERMINAL_STATES
+
+        return self.db.retry(read)
+
     def job_for_request(self, spec: JobSpec) -> Job | None:
         """The job created earlier for spec's request_id, if any (see create_job)."""
 

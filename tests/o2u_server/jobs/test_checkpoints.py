@@ -60,6 +60,33 @@ def test_each_attempt_uploads_its_own_object_and_the_next_resumes_from_the_newes
     assert not path.exists()
 
 
+def test_a_sweep_deletes_the_checkpoints_of_ended_and_unknown_jobs(tmp_path: Path, s3: S3Server) -> None:
+    running, ended = "job-" + "01" * 16, "job-" + "02" * 16
+    local = LocalCheckpoints(tmp_path / "local")
+    local.open()
+    for name in (f"{running}.pt", f"{ended}.pt", f"{ended}.init.pt", "unknown.pt", "notes.txt"):
+        (local.directory / name).write_bytes(b"x")
+    assert local.sweep(lambda job_id: job_id == running) == 2
+    assert sorted(path.name for path in local.directory.iterdir()) == [f"{running}.pt", "notes.txt"]
+
+    s3.make_bucket("swept")
+    settings = _settings(tmp_path, checkpoint_uri="s3://swept/o2u", **s3.settings_kwargs())
+    shared = checkpoint_store(settings, Storage(settings).object_store)
+    shared.open()
+    for job_id in (running, ended):
+        for attempt in (1, 2):
+            lease = Lease(job_id, attempt, "replica-a")
+            shared.prepare(lease).write_bytes(f"{job_id} {attempt}".encode())
+            shared.sync(lease)
+    s3.put("swept", "o2u/README", b"not a checkpoint")
+    assert shared.sweep(lambda job_id: job_id == running) == 1
+    assert _keys(s3, "swept", "o2u/") == [
+        "o2u/README",
+        f"o2u/{running}/attempt-000001.pt",
+        f"o2u/{running}/attempt-000002.pt",
+    ]
+
+
 def test_staged_copies_are_dropped_at_start_but_local_checkpoints_kept(tmp_path: Path, s3: S3Server) -> None:
     staged = tmp_path / "state" / "checkpoints"
     staged.mkdir(parents=True)

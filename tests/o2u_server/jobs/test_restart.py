@@ -50,8 +50,14 @@ def test_finished_jobs_and_scores_survive_a_restart(data_root: Path, tmp_path: P
         assert job.state == pb.JOB_STATE_SUCCEEDED
         page = stub.ListNoiseScores(pb.ListNoiseScoresRequest(job_id=job.job_id, page_size=50))
         events = list(stub.WatchScoringJob(pb.WatchScoringJobRequest(job_id=job.job_id)))
+    # What a crash between a job's final state and the removal of its checkpoint leaves behind
+    left = [settings.checkpoint_dir / f"{job.job_id}.pt", settings.checkpoint_dir / f"{job.job_id}.init.pt"]
+    left.append(settings.checkpoint_dir / "job-deleted-meanwhile.pt")
+    for path in left:
+        path.write_bytes(b"a checkpoint")
 
     with running_server(settings) as second, second.channel() as channel:
+        assert not any(path.exists() for path in left), "the start sweeps ended jobs' checkpoints"
         stub = Stub(channel)
         again = stub.GetScoringJob(pb.GetScoringJobRequest(job_id=job.job_id)).job
         assert again == job
