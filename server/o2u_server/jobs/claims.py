@@ -17,7 +17,7 @@ resumes it from its last checkpoint under the next attempt number.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from sqlalchemy import ColumnElement, Connection, and_, or_, select, update
@@ -197,7 +197,7 @@ class ClaimStore:
                     raise LeaseLost(lease)
                 return event
 
-        return self._db.retry(finish)
+        return self._final(lease, state, finish)
 
     def release_job(self, lease: Lease, now: float, *, message: str) -> JobEvent:
         """Give a stopped attempt's job back to the queue (or CANCELLED, if a cancel was pending)."""
@@ -283,7 +283,39 @@ class ClaimStore:
                 assert event is not None
                 return event
 
-        return self._db.retry(save)
+        return self._final(lease, JobState.SUCCEEDED, save)
+
+    def _final(self, lease: Lease, state: JobState, write: Callable[[], JobEvent]) -> JobEvent:
+        """Run `write`, the transaction that gives `lease`'s attempt the final `state`, again while
+        the database is unreachable. When a retry finds the lease gone, the try before it may have
+        committed and only lost its reply (the connection broke at COMMIT): then the store holds
+        `state` from this very attempt, and its event is the result, not LeaseLost."""
+        tries = 0
+
+        def once() -> JobEvent:
+            nonlocal tries
+            tries += 1
+            try:
+                return write()
+            except LeaseLost:
+                if tries > 1 and (event := self._committed(lease, state)) is not None:
+                    return event
+                raise
+
+        return self._db.retry(once)
+
+    def _committed(self, lease: Lease, state: JobState) -> JobEvent | None:
+        """The job's last event, if that is `lease`'s attempt reaching `state` (None otherwise)."""
+        with self._db.read() as conn:
+            row = conn.execute(
+                select(jobs.c.state, jobs.c.attempts, jobs.c.last_sequence).where(
+                    jobs.c.job_id == lease.job_id
+                )
+            ).first()
+            if row is None or row.state != state.value or row.attempts != lease.attempt:
+                return None
+            last = self._log.read(conn, lease.job_id, row.last_sequence - 1, row.last_sequence)
+        return last[0] if last and last[0].terminal else None
 
     # -- orphans ----------------------------------------------------------------------------------
 

@@ -7,9 +7,13 @@ these tests make a replica "pause past its lease" without waiting for one."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import Connection
+from sqlalchemy.exc import OperationalError
 
 from o2u_server.domain import JobError, JobSpec, JobState, Progress, RunInfo, ScoreFilter, Stage
 from o2u_server.jobs.store import JobStore, Lease, LeaseLost
@@ -171,3 +175,38 @@ def test_a_worker_failure_with_a_pending_cancel_cancels_the_job(store: JobStore,
     second.request_cancel(job_id(1), 3.0)
     event = store.claims.retry_job(lease, 4.0, cause="worker died", max_attempts=3)
     assert event.state is JobState.CANCELLED
+
+
+@pytest.mark.parametrize("final", [JobState.SUCCEEDED, JobState.CANCELLED])
+def test_a_final_write_whose_reply_was_lost_is_the_attempt_s_own(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch, final: JobState
+) -> None:
+    """The connection breaks after the COMMIT of a job's final state, before its reply: the store
+    retries the transaction, whose fence now finds the job ended. That is this attempt's own write,
+    not a lost lease (only PostgreSQL connections break and are retried)."""
+    if not store.db.postgresql:
+        pytest.skip("SQLite writes are not retried: its connection cannot break at COMMIT")
+    _queue(store, 1)
+    lease, _, _ = claim(store, "replica-a", lease_seconds=60.0)
+    real_write = store.db.write
+    broken: list[bool] = []
+
+    @contextlib.contextmanager
+    def write_losing_one_reply(*, durable: bool = False) -> Iterator[Connection]:
+        with real_write(durable=durable) as conn:
+            yield conn
+        if durable and not broken:  # committed; the reply is lost
+            broken.append(True)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(store.db, "write", write_losing_one_reply)
+    if final is JobState.SUCCEEDED:
+        event = store.claims.save_results(lease, score_rows(4), ["a", "b"], summary(job_id(1)), INFO, 13.0)
+    else:
+        event = store.claims.finish_job(lease, JobState.CANCELLED, 13.0, message="cancelled")
+    assert broken == [True]
+    assert (event.state, event.terminal) == (final, True)
+    assert store.get_job(job_id(1)).state is final
+    assert event == store.events.after(job_id(1), 0)[-1]
+    with pytest.raises(LeaseLost):  # a later try of the same write is still refused
+        store.claims.finish_job(lease, JobState.FAILED, 14.0, message="again")
