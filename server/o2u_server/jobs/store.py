@@ -21,7 +21,7 @@ from sqlalchemy import URL, Connection, Select, bindparam, delete, func, select,
 from sqlalchemy.exc import IntegrityError
 
 from o2u_server.domain import TERMINAL_STATES, EventType, Job, JobEvent, JobSpec, JobState
-from o2u_server.errors import AlreadyExists, FailedPrecondition, ResourceExhausted
+from o2u_server.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from o2u_server.jobs import records
 from o2u_server.jobs.claims import ClaimStore, Lease, LeaseLost, Recovery
 from o2u_server.jobs.database import Database
@@ -108,12 +108,17 @@ class JobStore:
         """
         try:
             return self.db.retry(lambda: self._create(job_id, spec, now, max_queued, max_per_owner))
-        except IntegrityError:
+        except IntegrityError as error:
             # Another replica inserted the same request_id between our check and our insert.
             existing = self.job_for_request(spec)
-            if existing is None:
-                raise
-            return existing, False
+            if existing is not None:
+                return existing, False
+            # Or a retried insert whose first try committed and only lost its reply: the job_id,
+            # this call's own, is taken by the job this call created.
+            try:
+                return self.get_job(job_id), True
+            except NotFound:
+                raise error from None
 
     def _create(
         self, job_id: str, spec: JobSpec, now: float, max_queued: int, max_per_owner: int

@@ -3,11 +3,15 @@ idempotency, recovery and locking (claims, leases and fencing: test_claims.py)."
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Connection, select
+from sqlalchemy.exc import OperationalError
 
 from o2u_server.domain import EventType, JobSpec, JobState, Progress, ScoreFilter, Stage
 from o2u_server.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
@@ -273,3 +277,30 @@ def test_the_state_dir_is_locked_and_reopens_with_its_secret(tmp_path: Path) -> 
 
 def test_replicas_of_one_database_share_its_secret(store: JobStore, second: JobStore) -> None:
     assert store.page_token_secret == second.page_token_secret
+
+
+def test_a_create_whose_reply_was_lost_returns_the_job_it_made(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection breaks after the COMMIT of a new job, before its reply: the retried insert
+    meets its own job_id. The call returns that job, created, even without a request id."""
+    if not store.db.postgresql:
+        pytest.skip("SQLite writes are not retried: its connection cannot break at COMMIT")
+    real_write = store.db.write
+    broken: list[bool] = []
+
+    @contextlib.contextmanager
+    def write_losing_one_reply(*, durable: bool = False) -> Iterator[Connection]:
+        with real_write(durable=durable) as conn:
+            yield conn
+        if durable and not broken:
+            broken.append(True)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(store.db, "write", write_losing_one_reply)
+    spec = dataclasses.replace(SPEC, request_id=None)
+    job, created = store.create_job(job_id(1), spec, 5.0, max_queued=10)
+    assert broken == [True]
+    assert created
+    assert (job.job_id, job.state) == (job_id(1), JobState.QUEUED)
+    assert [j.job_id for _, j in store.list_jobs(None, None, 10)] == [job_id(1)]
