@@ -2,10 +2,13 @@
 
 A checkpoint is the state of a run at an epoch boundary (`boundary_state`: the run's bookkeeping,
 generator, model, optimizer and statistics). It is written to a temporary file in the same
-directory and moved into place with `os.replace`, so a crash leaves either the previous
-checkpoint or the new one, never half of one, and read back with `torch.load(weights_only=True)`:
+directory, fsynced, and moved into place with `os.replace` (the directory fsynced after it, so the
+rename outlives a power loss), so a crash leaves either the previous checkpoint or the new one,
+never half of one, and read back with `torch.load(weights_only=True)`:
 the file holds state dicts, generator states and numbers only, so loading it cannot run code. A
-fingerprint of the resolved configuration and the labels guards against resuming a different run.
+fingerprint of the resolved configuration and the labels guards against resuming a different run,
+and a file that does not load (truncated, or damaged on its storage) is a ConfigError, which the
+caller answers by starting over.
 A checkpoint that cannot be written (a full disk) is logged and skipped: training goes on, and a
 crash would resume from the last checkpoint that was written.
 """
@@ -16,7 +19,6 @@ import copy
 import hashlib
 import logging
 import os
-import pickle
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -69,6 +71,21 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+    _sync_directory(directory)
+
+
+def _sync_directory(directory: str) -> None:
+    """fsync a directory, so a rename in it is on disk (where directories can be opened: POSIX)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # some filesystems refuse to fsync a directory; the rename is still atomic
+    finally:
+        os.close(descriptor)
 
 
 def load_checkpoint(path: str | os.PathLike[str], fingerprint: str) -> dict[str, Any] | None:
@@ -78,7 +95,9 @@ def load_checkpoint(path: str | os.PathLike[str], fingerprint: str) -> dict[str,
         return None
     try:
         state = torch.load(source, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+    except MemoryError:
+        raise
+    except Exception as error:  # a damaged file fails in many ways: a bad pickle, zip entry, or text
         raise ConfigError(
             f"checkpoint_path: {source} is not a readable o2u checkpoint ({type(error).__name__}); "
             "delete it to start over",

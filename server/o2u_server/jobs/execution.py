@@ -216,7 +216,9 @@ class Execution:
             now = time.monotonic()
             seconds, last[0] = now - last[0], now
             self._record_progress(lease, progress)
-            self._checkpoints.sync(lease)  # the engine checkpoints an epoch before reporting it
+            # Any checkpoint the engine wrote is on disk before the epoch is reported (with
+            # checkpoint_interval_seconds it writes one only every so often); sync uploads a new one
+            self._checkpoints.sync(lease)
             self._metrics.count_epoch(progress, seconds, num_samples)
 
         return on_progress
