@@ -12,11 +12,12 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 from sqlalchemy.exc import OperationalError
 
 from o2u_server.domain import JobError, JobSpec, JobState, Progress, RunInfo, ScoreFilter, Stage
 from o2u_server.jobs.store import JobStore, Lease, LeaseLost
+from o2u_server.jobs.tables import jobs
 from tests.o2u_server.jobs.store_testing import INFO, claim, job_id, score_rows, summary
 
 EXPIRED = -1.0  # lease_seconds of a lease that is over as soon as it is granted
@@ -210,3 +211,38 @@ def test_a_final_write_whose_reply_was_lost_is_the_attempt_s_own(
     assert event == store.events.after(job_id(1), 0)[-1]
     with pytest.raises(LeaseLost):  # a later try of the same write is still refused
         store.claims.finish_job(lease, JobState.FAILED, 14.0, message="again")
+
+
+def test_a_renewal_does_not_wait_for_a_job_row_another_write_holds(store: JobStore) -> None:
+    """While an attempt's long final write holds its job row, the keeper must still reach the other
+    jobs' leases in time: on PostgreSQL the held row is skipped this round, not waited for."""
+    if not store.db.postgresql:
+        pytest.skip("SQLite has one writer at a time: a renewal waits for any write")
+    _queue(store, 2)
+    busy, _, _ = claim(store, "replica-a", lease_seconds=60.0)
+    other, _, _ = claim(store, "replica-a", lease_seconds=60.0)
+    locked = threading.Event()
+    release = threading.Event()
+
+    def hold_the_row() -> None:
+        with store.db.write() as conn:
+            conn.execute(select(jobs.c.job_id).where(jobs.c.job_id == busy.job_id).with_for_update())
+            locked.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_the_row)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        renewed: list[bool | None] = []
+        renewal = threading.Thread(
+            target=lambda: renewed.extend(store.claims.renew_lease(held, 60) for held in (busy, other))
+        )
+        renewal.start()
+        renewal.join(10)
+        assert not renewal.is_alive(), "the renewal waited for the held row"
+        assert renewed == [False, False]  # the busy one is not lost, only not renewed this round
+    finally:
+        release.set()
+        holder.join(10)
+    assert store.claims.renew_lease(busy, 60) is False
