@@ -1,6 +1,7 @@
 """Bearer tokens and TLS from the client's side: plain metadata on an insecure loopback channel,
-call credentials over mutual TLS, token files re-read when they change, the CLI options, and an
-admin's listing of one tenant's jobs (`list(owner=...)`, `o2u jobs --owner`)."""
+and no token unencrypted to another host unless asked for; call credentials over mutual TLS, token
+files re-read when they change, the CLI options, a TLS server name only with TLS, and an admin's
+listing of one tenant's jobs (`list(owner=...)`, `o2u jobs --owner`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from o2u_client import Client, UnauthenticatedError
-from o2u_client.channel import TokenSource
+from o2u_client.channel import TokenSource, is_loopback_target
 from o2u_client.cli import main
 from tests.o2u_server.tls_material import make_pki
 from tests.server_testing import TINY_CONFIG, RunningServer
@@ -59,6 +60,68 @@ def test_bearer_token_on_an_insecure_channel(
     assert capsys.readouterr().out == ""
 
 
+REMOTE_TARGETS = [
+    "10.1.2.3:50051",
+    "o2u.example.internal:50051",
+    "dns:///o2u-headless.ml.svc:50051",
+    "dns://8.8.8.8/o2u.example.internal:50051",
+    "ipv4:127.0.0.1:50051,10.1.2.3:50051",
+    "[2001:db8::1]:50051",
+]
+LOOPBACK_TARGETS = [
+    "localhost:50051",
+    "127.0.0.1:50051",
+    "127.3.2.1:50051",
+    "[::1]:50051",
+    "dns:///localhost:50051",
+    "dns:localhost:50051",
+    "ipv4:127.0.0.1:50051",
+    "ipv6:[::1]:50051",
+    "unix:/run/o2u.sock",
+]
+
+
+def test_loopback_targets() -> None:
+    assert [target for target in LOOPBACK_TARGETS if not is_loopback_target(target)] == []
+    assert [target for target in REMOTE_TARGETS if is_loopback_target(target)] == []
+
+
+def test_a_token_goes_unencrypted_only_to_loopback_or_when_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for target in REMOTE_TARGETS:
+        with pytest.raises(ValueError, match=r"not a loopback address.*allow_plaintext_token=True"):
+            Client(target, token="a-long-random-token")
+    token_file = tmp_path / "token"
+    token_file.write_text("a-long-random-token")
+    with pytest.raises(ValueError, match="allow_plaintext_token"):
+        Client("10.1.2.3:50051", token_file=token_file)
+    for allowed in (
+        {"tls": True},
+        {"allow_plaintext_token": True},
+    ):
+        Client("10.1.2.3:50051", token="a-long-random-token", **allowed).close()
+    Client("10.1.2.3:50051").close()  # no token, nothing to protect
+    for target in LOOPBACK_TARGETS:
+        Client(target, token="a-long-random-token").close()
+
+    remote = ["--target", "10.1.2.3:50051", "--token-file", str(token_file), "--timeout", "0.5"]
+    assert main([*remote, "health"]) == 2
+    err = capsys.readouterr().err
+    assert "--allow-plaintext-token" in err
+    assert "a-long-random-token" not in err
+    # Asked for: the call is made (and finds nothing there: not serving).
+    assert main([*remote, "--allow-plaintext-token", "health"]) == 6
+
+
+def test_a_server_name_needs_tls(capsys: pytest.CaptureFixture[str], free_port: int) -> None:
+    with pytest.raises(ValueError, match=r"server_name 'o2u.internal' .* not TLS"):
+        Client(f"127.0.0.1:{free_port}", server_name="o2u.internal")
+    Client(f"127.0.0.1:{free_port}", server_name="o2u.internal", tls=True).close()
+    assert main(["--target", f"127.0.0.1:{free_port}", "--server-name", "o2u.internal", "health"]) == 2
+    assert "--server-name is the TLS server name to verify: it needs --tls" in capsys.readouterr().err
+
+
 def test_mutual_tls_with_a_token_as_call_credentials(
     start_server: Callable[..., RunningServer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -84,6 +147,11 @@ def test_mutual_tls_with_a_token_as_call_credentials(
         list(no_token.list())
     with Client(server.address, root_certificates=pki.ca_cert, timeout=5.0, wait_for_ready=False) as no_cert:
         assert not no_cert.healthy(), "the server requires a client certificate"
+    # The certificate names localhost: verified against that name, the address reaches it.
+    with Client(server.address, token="tls-token", server_name="localhost", **tls) as named:
+        assert list(named.list()) == []
+    with Client(server.address, server_name="elsewhere", timeout=5.0, wait_for_ready=False, **tls) as other:
+        assert not other.healthy(), "the certificate does not name the expected server"
 
     flags = ["--target", server.address, "--ca-cert", str(pki.ca_cert)]
     flags += ["--client-cert", str(pki.client_cert), "--client-key", str(pki.client_key)]

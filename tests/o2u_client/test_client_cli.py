@@ -1,11 +1,17 @@
 """The `o2u` CLI, run in-process through `main([...])` against a real server: JSON output that
 parses, exit statuses a shell can branch on, and `score` end to end with plain progress lines
-when stdout is not a terminal."""
+when stdout is not a terminal; `--json score`, run as a process and interrupted, has named its
+job on stderr as soon as it existed."""
 
 from __future__ import annotations
 
 import json
 import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,10 +20,10 @@ import numpy as np
 import pytest
 
 from o2u.v1 import scoring_pb2 as pb
-from o2u_client import Client, Job
+from o2u_client import Client, Job, JobState
 from o2u_client.cli import main
 from tests.server_testing import DIGITS_SAMPLES as NUM_SAMPLES
-from tests.server_testing import TINY_CONFIG, RunningServer
+from tests.server_testing import SLOW_CONFIG, TINY_CONFIG, RunningServer
 
 # A well-formed job id that no server ever issued.
 MISSING_JOB_ID = "job-" + "0" * 32
@@ -31,6 +37,10 @@ TINY_FLAGS = [
     "--pretrain-batch-size=64",
     "--cyclic-batch-size=32",
 ]
+
+
+O2U = Path(sys.executable).parent / "o2u"
+SUBMITTED = re.compile(r"submitted (job-[0-9a-f]{32}) \(request id ([0-9a-f-]{36})\)")
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -69,12 +79,14 @@ def test_score_end_to_end_prints_progress_lines_and_a_report(
 def test_score_json_and_no_wait(
     capsys: pytest.CaptureFixture[str], server: RunningServer, dataset_uri: str
 ) -> None:
-    status, out, _ = run(
+    status, out, err = run(
         capsys, "score", dataset_uri, "--target", server.address, "--json", *TINY_FLAGS, "--top=3"
     )
     assert status == 0
     document = json.loads(out)
     assert document["job"]["state"] == "SUCCEEDED"
+    assert SUBMITTED.fullmatch(err.strip()), err  # stdout stays one document; stderr names the job
+    assert err.split()[1] == document["job"]["job_id"]
     assert document["summary"]["num_samples"] == NUM_SAMPLES
     assert [s["rank"] for s in document["top_suspects"]] == [1, 2, 3]
 
@@ -259,3 +271,43 @@ def test_help_prints_the_exit_status_table_of_the_api_reference(capsys: pytest.C
     table = reference.split("### Exit status", 1)[1].split("\n\n", 2)[1]
     documented = re.findall(r"^\| (\d+) \| (.+) \|$", table, flags=re.MULTILINE)
     assert [(code, text.replace("`", "")) for code, text in documented] == helped
+
+
+def _stderr_line(process: subprocess.Popen[str], timeout: float) -> str:
+    """The first line the process writes to stderr, within `timeout` seconds."""
+    assert process.stderr is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stderr, selectors.EVENT_READ)
+        assert selector.select(timeout), f"nothing on stderr within {timeout} s"
+    return process.stderr.readline()
+
+
+def test_interrupted_json_score_has_named_its_job(server: RunningServer, dataset_uri: str) -> None:
+    slow = [f"--{name.replace('_', '-')}={value}" for name, value in SLOW_CONFIG.items()]
+    process = subprocess.Popen(
+        [str(O2U), "--target", server.address, "--json", "score", dataset_uri, *slow],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Named while the job still trains, not only in the document printed at the end.
+        submitted = SUBMITTED.fullmatch(_stderr_line(process, timeout=120).strip())
+        assert submitted is not None
+        time.sleep(0.5)  # into the watch
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    job_id = submitted.group(1)
+    assert process.returncode == 130, err
+    assert out == "", "no partial document on stdout"
+    assert f"interrupted: job {job_id} is on the server" in err
+    assert f"follow it with: o2u watch {job_id}" in err
+    with Client(server.address, timeout=20.0) as client:
+        job = client.get(job_id)
+        assert job.request_id == submitted.group(2)
+        assert job.state in (JobState.QUEUED, JobState.RUNNING), "the job runs on"
+        client.cancel(job_id)
+        assert client.wait(job_id, timeout=60).state == JobState.CANCELLED

@@ -1,5 +1,7 @@
 """Failed calls raise the O2UError subclass of their status code, with the server's google.rpc
-details parsed; UNAVAILABLE is retried only where repeating the call is safe."""
+details parsed; UNAVAILABLE is retried only where repeating the call is safe, and a submission
+whose answer came too late (DEADLINE_EXCEEDED) is repeated with its request_id, which the error
+carries when the retries run out."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 from o2u_client import (
     AlreadyExistsError,
     Client,
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     Job,
@@ -23,6 +26,7 @@ from o2u_client import (
     PermissionDeniedError,
     UnavailableError,
 )
+from o2u_client.cli import _print_error
 from tests.server_testing import SLOW_CONFIG, TINY_CONFIG, RunningServer
 
 # A well-formed job id that no server ever issued.
@@ -162,12 +166,28 @@ class _ResponseLost(grpc.RpcError, grpc.Call):  # type: ignore[misc]
         raise self
 
 
-class _LoseFirstResponse(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
-    """Lets the first call of `method` reach the server and complete there, then loses its answer."""
+class _ResponseLate(_ResponseLost):
+    """What a caller sees when the server acted on the call but answered after its timeout."""
 
-    def __init__(self, method: str) -> None:
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return "Deadline Exceeded"
+
+
+class _LoseFirstResponse(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Lets the first `times` calls of `method` (every one when None) reach the server and complete
+    there, then loses their answers as `lost`."""
+
+    def __init__(
+        self, method: str, *, lost: type[_ResponseLost] = _ResponseLost, times: int | None = 1
+    ) -> None:
         self.method = method
+        self.lost = lost
+        self.times = times
         self.calls = 0
+        self.requests: list[Any] = []
 
     def intercept_unary_unary(
         self, continuation: Callable[[Any, Any], Any], client_call_details: Any, request: Any
@@ -175,10 +195,43 @@ class _LoseFirstResponse(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type
         outcome = continuation(client_call_details, request)
         if str(client_call_details.method).endswith("/" + self.method):
             self.calls += 1
-            if self.calls == 1:
-                outcome.result()  # the server has answered: the export is written
-                return _ResponseLost()
+            self.requests.append(request)
+            if self.times is None or self.calls <= self.times:
+                outcome.result()  # the server has answered: the export is written, the job created
+                return self.lost()
         return outcome
+
+
+def _jobs_with_request_id(client: Client, request_id: str) -> list[str]:
+    return [job.job_id for job in client.list() if job.request_id == request_id]
+
+
+def test_a_submission_answered_too_late_is_retried_with_its_request_id(
+    server: RunningServer, dataset_uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    late = _LoseFirstResponse("CreateScoringJob", lost=_ResponseLate)
+    with Client(server.address, timeout=20.0, retries=2, interceptors=[late]) as client:
+        job = client.submit(dataset_uri, config=TINY_CONFIG)
+        assert late.calls == 2
+        assert [request.request_id for request in late.requests] == [job.request_id] * 2
+        assert _jobs_with_request_id(client, job.request_id) == [job.job_id], "no second job"
+
+    always_late = _LoseFirstResponse("CreateScoringJob", lost=_ResponseLate, times=None)
+    with (
+        Client(server.address, timeout=20.0, retries=1, interceptors=[always_late]) as client,
+        pytest.raises(DeadlineExceededError) as caught,
+    ):
+        client.submit(dataset_uri, config=TINY_CONFIG)
+    request_id = caught.value.request_id
+    assert request_id is not None
+    assert [request.request_id for request in always_late.requests] == [request_id] * 2
+    assert caught.value.to_dict()["request_id"] == request_id
+    _print_error(caught.value)
+    assert f"rerun with --request-id {request_id}" in capsys.readouterr().err
+    # The caller's own retry with that id finds the job the lost attempts created.
+    with Client(server.address, timeout=20.0) as client:
+        again = client.submit(dataset_uri, config=TINY_CONFIG, request_id=request_id)
+        assert _jobs_with_request_id(client, request_id) == [again.job_id]
 
 
 def test_a_retried_export_that_finds_its_own_file_says_so(

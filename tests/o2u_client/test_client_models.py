@@ -1,5 +1,6 @@
 """Conversions from protobuf to the client's dataclasses, config building and event lines: the
-pure parts of the client, checked without a server."""
+pure parts of the client, checked without a server. An enum number from a newer server, in any
+enum the client converts, reads as unspecified."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from o2u.v1 import scoring_pb2
 from o2u_client import DatasetSummary, Event, EventType, Job, JobState, Stage, build_config
 from o2u_client.models import to_json_dict
 from o2u_client.progress import describe_event, format_duration, progress_display
+from o2u_client.render import job_details
 
 
 def test_job_conversion_keeps_set_config_fields_and_times() -> None:
@@ -47,6 +49,45 @@ def test_unknown_enum_numbers_from_a_newer_server_do_not_fail() -> None:
     event = Event.from_proto(scoring_pb2.JobEvent(sequence=4, type=99, state=42))  # type: ignore[arg-type]
     assert event.type is EventType.UNSPECIFIED
     assert event.state is JobState.UNSPECIFIED
+
+
+NEWER = 97  # an enum number no version of the protocol this client knows defines
+
+
+def _newer_job(**fields: object) -> Job:
+    job = Job.from_proto(scoring_pb2.ScoringJob(job_id="job-1", **fields))  # type: ignore[arg-type]
+    to_json_dict(job)
+    job_details(job)  # what `o2u get` prints
+    return job
+
+
+def test_unknown_job_state_and_stage() -> None:
+    progress = scoring_pb2.JobProgress(stage=NEWER)  # type: ignore[arg-type]
+    job = _newer_job(state=NEWER, progress=progress)
+    assert job.state is JobState.UNSPECIFIED
+    assert job.progress is not None
+    assert job.progress.stage is Stage.UNSPECIFIED
+
+
+def test_unknown_dataset_format() -> None:
+    job = _newer_job(dataset=scoring_pb2.DatasetRef(uri="s3://b/k.arrow", format=NEWER))  # type: ignore[arg-type]
+    assert job.dataset_format == "UNSPECIFIED"
+    assert job.dataset_uri == "s3://b/k.arrow"
+
+
+def test_unknown_webhook_outcome() -> None:
+    delivery = scoring_pb2.WebhookDelivery(attempt=1, outcome=NEWER, final=True)  # type: ignore[arg-type]
+    job = _newer_job(webhook_deliveries=[delivery])
+    assert [(d.attempt, d.outcome, d.final) for d in job.webhook_deliveries] == [(1, "UNSPECIFIED", True)]
+
+
+def test_unknown_annotation_rule() -> None:
+    rule = scoring_pb2.LabelStudioOptions(annotation_rule=NEWER, image_field="img")  # type: ignore[arg-type]
+    dataset = scoring_pb2.DatasetRef(
+        uri="s3://b/tasks.json", options=scoring_pb2.DatasetOptions(label_studio=rule)
+    )
+    job = _newer_job(dataset=dataset)
+    assert job.dataset_options == {"annotation_rule": "unspecified", "image_field": "img"}
 
 
 def test_summary_transition_matrix_is_a_list_of_rows() -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 from rich.console import RenderableType
 
+from o2u_client.channel import check_token_transport
 from o2u_client.cli_options import (
     CONFIG_OPTIONS,
     add_config_options,
@@ -124,14 +125,38 @@ def cmd_score(args: argparse.Namespace, client: Client, out: Output) -> int:
         else:
             out.line(f"submitted {job.job_id} ({job.state.value}); follow it with: o2u watch {job.job_id}")
         return 0
-    outcome = score_dataset(
-        client,
-        args.uri,
-        console=None if out.json_mode else out.console,
-        config=_config(args),
-        top=args.top,
-        **options,
-    )
+    submitted: list[Job] = []
+
+    def note(job: Job) -> None:
+        submitted.append(job)
+        if out.json_mode:  # stdout holds one document at the end; say at once which job it is about
+            print(f"submitted {job.job_id} (request id {job.request_id})", file=sys.stderr, flush=True)
+
+    try:
+        outcome = score_dataset(
+            client,
+            args.uri,
+            console=None if out.json_mode else out.console,
+            config=_config(args),
+            top=args.top,
+            on_submitted=note,
+            **options,
+        )
+    except (O2UError, KeyboardInterrupt) as stopped:
+        if not submitted:
+            raise
+        status = EXIT_INTERRUPTED
+        if isinstance(stopped, O2UError):
+            _print_error(stopped)
+            status = stopped.exit_code
+        # The job does not end with this command: name it, so a rerun follows it, not a duplicate.
+        job_id = submitted[0].job_id
+        print(
+            f"{'interrupted: ' if status == EXIT_INTERRUPTED else ''}job {job_id} is on the server and "
+            f"goes on without this command; follow it with: o2u watch {job_id}",
+            file=sys.stderr,
+        )
+        return status
     if gated and outcome.summary is not None:
         return _gate(args, outcome.summary, out)
     if out.json_mode:
@@ -335,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Codes of a failed submission that may have created the job anyway (its answer was lost or late).
+_OUTCOME_UNKNOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
 def _print_error(error: O2UError) -> None:
     print(f"error: {error.code.name}: {safe_text(error.message)}", file=sys.stderr)
     for violation in error.field_violations:
@@ -342,6 +371,26 @@ def _print_error(error: O2UError) -> None:
         repeated = error.message.startswith(violation.description.removesuffix("..."))
         detail = "" if repeated else f": {safe_text(violation.description)}"
         print(f"  field {safe_text(violation.field)}{detail}", file=sys.stderr)
+    if error.request_id and error.code in _OUTCOME_UNKNOWN:
+        print(
+            f"  request id {error.request_id}: the job may exist; rerun with --request-id "
+            f"{error.request_id} to get it instead of a second one",
+            file=sys.stderr,
+        )
+
+
+def _check_transport(args: argparse.Namespace) -> None:
+    """Refuse connection options that would not do what they say, naming the CLI's flags."""
+    tls = bool(args.tls or args.ca_cert or args.client_cert)
+    if args.server_name and not tls:
+        raise ValueError("--server-name is the TLS server name to verify: it needs --tls or --ca-cert")
+    check_token_transport(
+        args.target,
+        tls=tls,
+        token_configured=bool(args.token_file),
+        allowed=args.allow_plaintext_token,
+        opt_in="--allow-plaintext-token",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -353,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     global_defaults(args)
     out = Output(args.json)
     try:
+        _check_transport(args)
         with Client(
             args.target,
             timeout=args.timeout,
@@ -362,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             client_key=args.client_key,
             server_name=args.server_name,
             token_file=args.token_file or None,
+            allow_plaintext_token=args.allow_plaintext_token,
             # A CLI should fail fast (UNAVAILABLE) when nothing listens, not wait for the timeout.
             wait_for_ready=False,
         ) as client:

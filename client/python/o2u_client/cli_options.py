@@ -46,13 +46,21 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--client-key", default=hidden, metavar="PEM", help="private key of --client-cert")
     group.add_argument(
-        "--server-name", default=hidden, help="expected TLS server name, if not the target's host"
+        "--server-name",
+        default=hidden,
+        help="expected TLS server name, if not the target's host (needs --tls or --ca-cert)",
     )
     group.add_argument(
         "--token-file",
         default=hidden,
         metavar="FILE",
         help="file holding the bearer token (env O2U_TOKEN_FILE)",
+    )
+    group.add_argument(
+        "--allow-plaintext-token",
+        action="store_true",
+        default=hidden,
+        help="send the token without TLS to a non-loopback target (a network that already encrypts)",
     )
     group.add_argument(
         "--timeout", type=float, default=hidden, metavar="SECONDS", help="per-call timeout (default 30)"
@@ -69,6 +77,7 @@ def global_defaults(args: argparse.Namespace) -> None:
         "client_key": None,
         "server_name": None,
         "token_file": os.environ.get("O2U_TOKEN_FILE") or None,
+        "allow_plaintext_token": False,
         "timeout": 30.0,
         "json": False,
     }

@@ -2,10 +2,11 @@
 
 `Client` wraps one gRPC channel and speaks only the protocol in `o2u.v1`: every method converts
 its arguments to a request, applies the unary timeout, retries UNAVAILABLE with backoff where the
-call is safe to repeat (reads, cancel, export, and create thanks to its request_id), and returns
-the frozen dataclasses of `o2u_client.models` and `o2u_client.results`. List methods follow
-next_page_token until the last page; `watch` resumes a dropped stream after the last sequence it
-delivered.
+call is safe to repeat (reads, cancel, export, and create thanks to its request_id, which also makes
+a create whose answer came too late, DEADLINE_EXCEEDED, safe to repeat), and returns the frozen
+dataclasses of `o2u_client.models` and `o2u_client.results`. List methods follow next_page_token
+until the last page; `watch` resumes a dropped stream after the last sequence it delivered, and
+it and `wait` bound every call they make by their own deadline.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from o2u.v1 import scoring_pb2, scoring_pb2_grpc
-from o2u_client.channel import Credential, TokenSource, create_channel
+from o2u_client.channel import (
+    KEEPALIVE_TIME,
+    KEEPALIVE_TIMEOUT,
+    Credential,
+    TokenSource,
+    check_token_transport,
+    create_channel,
+)
 from o2u_client.converters import (
     build_config,
     build_dataset_options,
@@ -30,10 +38,16 @@ from o2u_client.converters import (
     export_format,
     job_state,
 )
-from o2u_client.errors import AlreadyExistsError, O2UError, UnavailableError, error_from_rpc
+from o2u_client.errors import (
+    AlreadyExistsError,
+    DeadlineExceededError,
+    O2UError,
+    UnavailableError,
+    error_from_rpc,
+)
 from o2u_client.models import Event, Job, JobState
 from o2u_client.results import DatasetSummary, ExportResult, JobPage, NoiseScore, ScorePage
-from o2u_client.watching import WatchPolicy, watch_events
+from o2u_client.watching import WatchPolicy, time_left, watch_events
 
 __all__ = ["Client"]
 
@@ -56,9 +70,12 @@ class Client:
         server_name: str | None = None,
         token: str | None = None,
         token_file: str | os.PathLike[str] | None = None,
+        allow_plaintext_token: bool = False,
         wait_for_ready: bool = True,
         retries: int = 3,
         watch_reconnects: int = 5,
+        keepalive_time: float | None = KEEPALIVE_TIME,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         interceptors: Sequence[
             grpc.UnaryUnaryClientInterceptor[Any, Any] | grpc.UnaryStreamClientInterceptor[Any, Any]
         ] = (),
@@ -70,6 +87,9 @@ class Client:
         self.retries = retries  # extra attempts after UNAVAILABLE on calls safe to repeat
         self._tokens = TokenSource(token, token_file)
         self._tls = tls or root_certificates is not None or client_cert is not None
+        check_token_transport(
+            target, tls=self._tls, token_configured=self._tokens.configured, allowed=allow_plaintext_token
+        )
         self._channel = create_channel(
             target,
             tls=tls,
@@ -78,6 +98,8 @@ class Client:
             client_key=client_key,
             server_name=server_name,
             token_source=self._tokens,
+            keepalive_time=keepalive_time,
+            keepalive_timeout=keepalive_timeout,
             options=options,
         )
         channel = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
@@ -112,28 +134,42 @@ class Client:
         request: Request,
         *,
         idempotent: bool,
+        retry_timeouts: bool = False,
+        deadline: float | None = None,
         after_retry: Callable[[O2UError], None] | None = None,
     ) -> Response:
-        """One call, repeated after UNAVAILABLE when `idempotent`; `after_retry` sees (and may
-        amend) an error that ends a call that was retried."""
+        """One call, repeated after UNAVAILABLE when `idempotent` (and after DEADLINE_EXCEEDED too
+        when `retry_timeouts`); `deadline` (time.monotonic()) bounds every attempt and pause.
+        `after_retry` sees (and may amend) an error that ends a call that was retried."""
         attempt = 0
         while True:
             try:
                 response: Response = method(
                     request,
-                    timeout=self.timeout,
+                    timeout=self._attempt_timeout(deadline),
                     metadata=self._metadata(),
                     wait_for_ready=self.wait_for_ready,
                 )
                 return response
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc(rpc_error)
-                if not (idempotent and isinstance(error, UnavailableError) and attempt < self.retries):
+                retryable = isinstance(error, UnavailableError) or (
+                    retry_timeouts and isinstance(error, DeadlineExceededError)
+                )
+                pause = _backoff(attempt, error)
+                if not (idempotent and retryable and attempt < self.retries and _fits(pause, deadline)):
                     if attempt and after_retry is not None:
                         after_retry(error)
                     raise error from None
-            time.sleep(_backoff(attempt, error))
+            time.sleep(pause)
             attempt += 1
+
+    def _attempt_timeout(self, deadline: float | None) -> float:
+        if deadline is None:
+            return self.timeout
+        left = time_left(deadline)
+        assert left is not None
+        return min(self.timeout, left)
 
     # -- jobs --------------------------------------------------------------------------------
 
@@ -152,7 +188,9 @@ class Client:
         """Create a scoring job for the dataset at `uri` (`s3://...` or `file:///...`).
 
         `config` and keyword arguments set ScoringConfig fields (e.g. `model="mlp", seed=1`).
-        A fresh request_id (uuid4) is used unless given, so retries never create a second job.
+        A fresh request_id (uuid4) is used unless given, so retries never create a second job: an
+        attempt that fails UNAVAILABLE or DEADLINE_EXCEEDED is repeated with the same id, and an
+        error that ends the call carries it as `request_id`, for the caller's own retry.
         `webhook_url` (an https URL on the server's allow-list) gets a signed event when the job ends.
         `dataset_options` say how the dataset is read: Parquet column names (`label_column`,
         `key_column`, `embedding_column`, `image_key_column`) or the Label Studio `annotation_rule`
@@ -169,11 +207,21 @@ class Client:
             display_name=display_name,
             webhook=scoring_pb2.WebhookTarget(url=webhook_url) if webhook_url is not None else None,
         )
-        return Job.from_proto(self._unary(self._stub.CreateScoringJob, request, idempotent=True).job)
+        try:
+            response = self._unary(self._stub.CreateScoringJob, request, idempotent=True, retry_timeouts=True)
+        except O2UError as error:
+            # The job may exist (an answer lost or late): the same id finds it instead of a second one.
+            error.request_id = request.request_id
+            raise
+        return Job.from_proto(response.job)
 
     def get(self, job_id: str) -> Job:
+        return self._get(job_id)
+
+    def _get(self, job_id: str, deadline: float | None = None) -> Job:
         request = scoring_pb2.GetScoringJobRequest(job_id=job_id)
-        return Job.from_proto(self._unary(self._stub.GetScoringJob, request, idempotent=True).job)
+        response = self._unary(self._stub.GetScoringJob, request, idempotent=True, deadline=deadline)
+        return Job.from_proto(response.job)
 
     def job_page(
         self,
@@ -223,8 +271,8 @@ class Client:
         """The job's events in order after `after_sequence`, until the one making it final.
 
         A dropped stream is reopened after the last sequence delivered (a bounded number of
-        times, with backoff), so no event is lost or repeated. `timeout` bounds the whole watch.
-        Closing the iterator early never cancels the job.
+        times, with backoff), so no event is lost or repeated. `timeout` bounds the whole watch,
+        every call it makes included. Closing the iterator early never cancels the job.
         """
 
         def open_stream(after: int, remaining: float | None) -> Iterable[scoring_pb2.WatchScoringJobResponse]:
@@ -235,7 +283,7 @@ class Client:
 
         return watch_events(
             open_stream,
-            get_job=lambda: self.get(job_id),
+            get_job=lambda deadline: self._get(job_id, deadline),
             after_sequence=after_sequence,
             timeout=timeout,
             policy=self._watch_policy,
@@ -243,12 +291,13 @@ class Client:
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Block until the job is final and return it; DeadlineExceededError after `timeout` s."""
-        job = self.get(job_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = self._get(job_id, deadline)
         if job.done:
             return job
-        for _ in self.watch(job_id, timeout=timeout):
+        for _ in self.watch(job_id, timeout=time_left(deadline)):
             pass
-        return self.get(job_id)
+        return self._get(job_id, deadline)
 
     # -- results -----------------------------------------------------------------------------
 
@@ -344,6 +393,11 @@ def _backoff(attempt: int, error: O2UError) -> float:
     if error.retry_delay is not None:
         return min(error.retry_delay, 30.0)
     return min(5.0, 0.2 * 2.0**attempt) * random.uniform(0.5, 1.0)
+
+
+def _fits(pause: float, deadline: float | None) -> bool:
+    """Whether a pause of `pause` s still leaves time for another attempt before `deadline`."""
+    return deadline is None or time.monotonic() + pause < deadline
 
 
 def _note_export_retried(error: O2UError) -> None:

@@ -73,6 +73,8 @@ class O2UError(Exception):
         self.resource_type = resource_type
         self.resource_name = resource_name
         self.retry_delay = retry_delay  # seconds the server asked the caller to wait (RetryInfo)
+        # Set by Client.submit: the request_id it sent, so a retry finds the job instead of a second one.
+        self.request_id: str | None = None
 
     @property
     def code_name(self) -> str:
@@ -106,6 +108,7 @@ class O2UError(Exception):
             "resource_type": self.resource_type,
             "resource_name": self.resource_name,
             "retry_delay": self.retry_delay,
+            "request_id": self.request_id,
         }
 
 

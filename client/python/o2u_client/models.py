@@ -68,11 +68,20 @@ class EventType(enum.StrEnum):
     PROGRESS = "PROGRESS"
 
 
-def _enum_from(kind: type[enum.StrEnum], proto_enum: Any, prefix: str, value: int) -> Any:
-    # Unknown numbers (a newer server) fall back to UNSPECIFIED instead of failing the call.
+def _enum_name(proto_enum: Any, prefix: str, value: int) -> str:
+    """The value's name without `prefix`, e.g. `NPZ`; an unknown number (a newer server) is
+    `UNSPECIFIED` instead of failing the call."""
     try:
-        name = proto_enum.Name(value).removeprefix(prefix)
-        return kind(name)
+        name: str = proto_enum.Name(value)
+    except ValueError:
+        return "UNSPECIFIED"
+    return name.removeprefix(prefix)
+
+
+def _enum_from(kind: type[enum.StrEnum], proto_enum: Any, prefix: str, value: int) -> Any:
+    # Unknown numbers, or names this client has no member for, fall back to UNSPECIFIED.
+    try:
+        return kind(_enum_name(proto_enum, prefix, value))
     except ValueError:
         return kind("UNSPECIFIED")
 
@@ -185,14 +194,15 @@ class RunInfo:
 
 
 def dataset_options_to_dict(options: scoring_pb2.DatasetOptions) -> dict[str, str]:
-    """The options that were set, by field name (`annotation_rule` as `latest` or `majority`)."""
+    """The options that were set, by field name (`annotation_rule` as `latest` or `majority`, or
+    `unspecified` for a rule this client does not know)."""
     kind = options.WhichOneof("format_options")
     if kind is None:
         return {}
     values: dict[str, str] = {}
     for descriptor, value in getattr(options, kind).ListFields():
         if descriptor.name == "annotation_rule":
-            value = scoring_pb2.AnnotationRule.Name(value).removeprefix("ANNOTATION_RULE_").lower()
+            value = _enum_name(scoring_pb2.AnnotationRule, "ANNOTATION_RULE_", value).lower()
         values[descriptor.name] = str(value)
     return values
 
@@ -209,7 +219,7 @@ class WebhookDelivery:
     attempt: int
     time: datetime | None
     http_status: int  # 0 when the receiver never answered
-    outcome: str  # DELIVERED, HTTP_ERROR, TIMEOUT or NETWORK_ERROR
+    outcome: str  # DELIVERED, HTTP_ERROR, TIMEOUT, NETWORK_ERROR, NOT_ALLOWED (UNSPECIFIED: unknown)
     error: str
     final: bool
 
@@ -219,7 +229,7 @@ class WebhookDelivery:
             attempt=proto.attempt,
             time=_time(proto, "time"),
             http_status=proto.http_status,
-            outcome=scoring_pb2.WebhookOutcome.Name(proto.outcome).removeprefix("WEBHOOK_OUTCOME_"),
+            outcome=_enum_name(scoring_pb2.WebhookOutcome, "WEBHOOK_OUTCOME_", proto.outcome),
             error=proto.error,
             final=proto.final,
         )
@@ -263,9 +273,7 @@ class Job:
             display_name=proto.display_name,
             request_id=proto.request_id,
             dataset_uri=proto.dataset.uri,
-            dataset_format=scoring_pb2.DatasetFormat.Name(proto.dataset.format).removeprefix(
-                "DATASET_FORMAT_"
-            ),
+            dataset_format=_enum_name(scoring_pb2.DatasetFormat, "DATASET_FORMAT_", proto.dataset.format),
             config=config_to_dict(proto.config),
             progress=Progress.from_proto(proto.progress) if proto.HasField("progress") else None,
             error=JobError.from_proto(proto.error) if proto.HasField("error") else None,

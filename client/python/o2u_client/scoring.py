@@ -3,7 +3,7 @@ progress live, then fetch and print the top suspects and the dataset health line
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +44,11 @@ def score_dataset(
     top: int = 10,
     webhook_url: str | None = None,
     dataset_options: Mapping[str, str | None] | None = None,
+    on_submitted: Callable[[Job], None] | None = None,
 ) -> ScoreOutcome:
     """Submit, watch to the end and fetch results; prints progress and a report unless
-    `console` is None (then it runs silently, e.g. for `--json`)."""
+    `console` is None (then it runs silently, e.g. for `--json`). `on_submitted` sees the job as
+    soon as it exists, before the watch that may fail or be interrupted."""
     job = client.submit(
         uri,
         config=config,
@@ -56,6 +58,8 @@ def score_dataset(
         webhook_url=webhook_url,
         dataset_options=dataset_options,
     )
+    if on_submitted is not None:
+        on_submitted(job)
     if console is not None:
         console.print(safe_text(f"submitted {job.job_id} for {uri}"), markup=False, highlight=False)
         with progress_display(console) as show:

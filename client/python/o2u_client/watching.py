@@ -4,7 +4,9 @@ A watch can outlive the connection it started on (a server restart, a load balan
 stream out, a network blip). Events carry a per-job sequence number and the server replays
 from any `after_sequence`, so the loop reopens the stream after the last sequence it delivered,
 drops anything at or below it, and stops at the event that makes the job final. Reconnects are
-bounded: after `max_reconnects` attempts in a row without a new event it gives up.
+bounded: after `max_reconnects` attempts in a row without a new event it gives up. A refusal that
+says when to come back (RESOURCE_EXHAUSTED with RetryInfo: too many watch streams) is waited out
+like a broken stream. A watch's deadline bounds every call it makes.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from o2u.v1 import scoring_pb2
 from o2u_client.errors import DeadlineExceededError, O2UError, UnavailableError, error_from_rpc
 from o2u_client.models import Event, Job
 
-__all__ = ["WatchPolicy", "watch_events"]
+__all__ = ["WatchPolicy", "time_left", "watch_events"]
 
 # Codes that mean "the stream broke", not "the request is wrong": worth reopening.
 _RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED})
 
 StreamOpener = Callable[[int, float | None], Iterable[scoring_pb2.WatchScoringJobResponse]]
+# get_job(deadline): the job, by a call that ends by `deadline` (time.monotonic(); None: its own timeout).
+JobGetter = Callable[[float | None], Job]
 
 
 @dataclass(frozen=True)
@@ -33,12 +37,20 @@ class WatchPolicy:
     max_reconnects: int = 5  # consecutive reopen attempts without a new event
     initial_backoff: float = 0.25  # seconds before the first reopen, doubled each time
     max_backoff: float = 8.0
+    max_retry_delay: float = 30.0  # the longest RetryInfo delay honoured as given
+
+    def pause(self, attempt: int, last_error: O2UError) -> float:
+        """Seconds before reopen attempt `attempt`: the server's RetryInfo delay, else backoff."""
+        if last_error.retry_delay:
+            return min(last_error.retry_delay, self.max_retry_delay)
+        return self.backoff(attempt)
 
     def backoff(self, attempt: int) -> float:
         return min(self.max_backoff, self.initial_backoff * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
-def _remaining(deadline: float | None) -> float | None:
+def time_left(deadline: float | None) -> float | None:
+    """Seconds until `deadline` (time.monotonic()), None for none; DeadlineExceededError once past."""
     if deadline is None:
         return None
     left = deadline - time.monotonic()
@@ -47,12 +59,18 @@ def _remaining(deadline: float | None) -> float | None:
     return left
 
 
+def _resumable(error: O2UError) -> bool:
+    return error.code in _RESUMABLE or (
+        error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_delay is not None
+    )
+
+
 def _pause_and_probe(
     failures: int,
     last_error: O2UError,
     policy: WatchPolicy,
     deadline: float | None,
-    get_job: Callable[[], Job],
+    get_job: JobGetter,
 ) -> UnavailableError | None:
     """Wait before reopen attempt `failures`, then probe the server: None if it answers, else why not.
 
@@ -60,18 +78,17 @@ def _pause_and_probe(
     """
     if failures > policy.max_reconnects:
         raise last_error
-    # A draining server says when to come back (RetryInfo); otherwise exponential backoff.
-    pause = policy.backoff(failures)
-    if last_error.retry_delay:
-        pause = min(last_error.retry_delay, policy.max_backoff)
-    remaining = _remaining(deadline)
+    # A draining or busy server says when to come back (RetryInfo); otherwise exponential backoff.
+    pause = policy.pause(failures, last_error)
+    remaining = time_left(deadline)
     time.sleep(pause if remaining is None else min(pause, remaining))
-    _remaining(deadline)
+    time_left(deadline)
     try:
         # A stream opened with wait_for_ready and no deadline would wait forever for a server that
-        # never comes back; this unary call waits at most its own timeout.
-        get_job()
+        # never comes back; this unary call waits at most its own timeout, and never past `deadline`.
+        get_job(deadline)
     except (UnavailableError, DeadlineExceededError) as unreachable:
+        time_left(deadline)  # the watch's own deadline, not the server, ended the probe
         return UnavailableError(
             grpc.StatusCode.UNAVAILABLE,
             f"cannot reach the server to resume watching the job: {unreachable.message}",
@@ -83,17 +100,17 @@ def _pause_and_probe(
 def watch_events(
     open_stream: StreamOpener,
     *,
-    get_job: Callable[[], Job],
+    get_job: JobGetter,
     after_sequence: int = 0,
     timeout: float | None = None,
     policy: WatchPolicy = WatchPolicy(),
 ) -> Generator[Event, None, None]:
     """Yield events after `after_sequence` until the job is final, reopening broken streams.
 
-    `open_stream(after_sequence, timeout)` starts one WatchScoringJob call. `get_job` (a unary
-    call with its own timeout and retries) is the probe before each reopen: it waits, boundedly,
-    for the server to come back, and tells whether a stream that ended without a final event did
-    so because the job is already final.
+    `open_stream(after_sequence, timeout)` starts one WatchScoringJob call. `get_job(deadline)` (a
+    unary call with its own timeout and retries, ended by the watch's deadline) is the probe before
+    each reopen: it waits, boundedly, for the server to come back, and tells whether a stream that
+    ended without a final event did so because the job is already final.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     last = after_sequence
@@ -105,7 +122,7 @@ def watch_events(
             if unreachable is not None:
                 last_error, failures = unreachable, failures + 1
                 continue
-        stream = open_stream(last, _remaining(deadline))
+        stream = open_stream(last, time_left(deadline))
         received = False
         try:
             for response in stream:
@@ -120,13 +137,13 @@ def watch_events(
                     return
         except grpc.RpcError as rpc_error:
             broken = error_from_rpc(rpc_error)
-            if broken.code not in _RESUMABLE:
+            if not _resumable(broken):
                 raise broken from None
             last_error = broken
         else:
             # The server ended the stream without a final event: it is draining, or there was
             # nothing after `last` because the job was already final.
-            if not received and get_job().done:
+            if not received and get_job(deadline).done:
                 return
             last_error = UnavailableError(
                 grpc.StatusCode.UNAVAILABLE, "watch stream ended before the job finished"
