@@ -1,8 +1,9 @@
 """The Go client module (client/go): compiled offline in GOPATH mode against Debian's Go packages,
-gofmt- and vet-clean, its unit tests passing, and its example command run against a live server
-on loopback - a small digits job submitted, progress printed in order, the top-k suspects listed -
-plus typed errors, TLS, mutual TLS, bearer tokens and tenants (a tokens file: each principal sees
-only its own jobs, an admin every job) seen through the example's output.
+gofmt- and vet-clean, its unit tests passing (the client's and the example's), and its example
+command run against a live server on loopback - a small digits job submitted, progress printed in
+order, the top-k suspects listed, a finished job followed from its last event - plus typed errors,
+TLS, mutual TLS, bearer tokens and tenants (a tokens file: each principal sees only its own jobs,
+an admin every job) seen through the example's output.
 
 Without a Go toolchain the tests skip, except in CI (CI=true), where they fail.
 """
@@ -22,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from o2u_client import Client, JobState
 from tests.o2u_server.tls_material import Pki, make_pki
-from tests.server_testing import RunningServer, running_server, test_settings, write_noisy_digits
+from tests.server_testing import TINY_CONFIG, RunningServer, running_server, test_settings, write_noisy_digits
 from tests.webhook_receiver import SECRET, Receiver, verify
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,13 +107,23 @@ def test_module_is_gofmt_and_vet_clean(go_build: GoBuild) -> None:
 
 
 def test_go_unit_tests_pass(go_build: GoBuild) -> None:
-    result = _go(go_build, "test", "-count=1", "-v", "./o2u/")
+    result = _go(go_build, "test", "-count=1", "-v", "./o2u/", "./cmd/o2u-example/")
     passed = set(re.findall(r"^--- PASS: (\w+)", result.stdout, re.MULTILINE))
-    # The retry, reconnect, paging and balancing tests run against scripted servers on loopback.
+    # The retry, reconnect, keepalive, paging and balancing tests run against scripted servers on
+    # loopback (a late or lost answer, a connection gone silent behind a proxy).
     assert {
         "TestWatchReconnectsFromTheLastSequence",
         "TestFromStatusUnpacksEveryDetail",
         "TestCallsAreBalancedOverEveryResolvedAddress",
+        "TestSubmitRetriesALateAnswerWithTheSameRequestID",
+        "TestAFailedSubmitCarriesItsRequestID",
+        "TestCallsThatAreSafeToRepeatRetryUnavailable",
+        "TestWatchOfAFinishedJobPastItsLastEventEndsAtOnce",
+        "TestServerNameNeedsTLS",
+        "TestKeepaliveIsOnByDefault",
+        "TestWatchResumesAfterItsConnectionGoesSilent",
+        "TestSafeTextEscapesWhatWouldActAndKeepsTheRest",
+        "TestEventsAndErrorsPrintHostileTextEscaped",
     } <= passed
     assert "--- FAIL" not in result.stdout
 
@@ -225,6 +237,29 @@ def test_example_reports_typed_errors(go_build: GoBuild, server: RunningServer) 
     outside = _example(go_build, "-target", server.address, "-uri", "file:///etc/hostname")
     assert outside.returncode == 1
     assert "error: code=PermissionDenied reason=PATH_OUTSIDE_DATA_ROOTS" in outside.stderr
+
+    # A TLS server name without TLS would be ignored: refused before any call.
+    named = _example(go_build, "-target", server.address, "-job", MISSING_JOB, "-server-name", "o2u.internal")
+    assert named.returncode == 1
+    assert "the connection is not TLS" in named.stderr
+
+
+def test_example_follows_a_finished_job_from_its_last_event(
+    go_build: GoBuild, server: RunningServer, data_root: Path
+) -> None:
+    with Client(server.address, timeout=20.0) as client:
+        job = client.submit((data_root / "digits.npz").as_uri(), config=TINY_CONFIG)
+        events = list(client.watch(job.job_id))
+    assert events[-1].state == JobState.SUCCEEDED
+    final = events[-1].sequence
+    # The server ends the stream at once with OK: nothing follows the final event.
+    result = _example(
+        go_build, "-target", server.address, "-job", job.job_id, "-after", str(final), "-top", "2"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not any(PROGRESS.match(line) or STATE.match(line) for line in result.stdout.splitlines())
+    assert re.search(rf"^job {job.job_id} succeeded in [\d.]+s$", result.stdout, re.MULTILINE)
+    assert "top 2 suspects:" in result.stdout
 
 
 @pytest.fixture(scope="module")

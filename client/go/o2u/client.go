@@ -1,9 +1,10 @@
 // Package o2u is a thin client for the o2u noise-scoring service (o2u.v1.ScoringService),
 // which finds mislabeled training samples with O2U-Net. It wraps the generated stubs in
 // o2u.dev/o2u/gen/o2u/v1 with what every caller needs: TLS, mutual TLS and bearer tokens,
-// idempotent submission with a request id, a watch that reconnects from the last event it
-// saw, iteration over every page of scores, and errors with the server's google.rpc details
-// unpacked into *Error.
+// idempotent submission with a request id, retries of the calls that are safe to repeat, a
+// watch that reconnects from the last event it saw, keepalive pings that find a connection whose
+// peer vanished, iteration over every page of scores, and errors with the server's google.rpc
+// details unpacked into *Error.
 package o2u
 
 import (
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/proto"
 
 	o2uv1 "o2u.dev/o2u/gen/o2u/v1"
@@ -32,7 +34,7 @@ type Client struct {
 const MaxMessageBytes = 64 << 20
 
 func defaultOptions() options {
-	return options{callTimeout: DefaultCallTimeout, retry: DefaultRetryPolicy}
+	return options{callTimeout: DefaultCallTimeout, retry: DefaultRetryPolicy, keepalive: DefaultKeepalive}
 }
 
 // RoundRobin is the default service config of Dial: calls are balanced over every address the
@@ -50,6 +52,9 @@ func Dial(target string, opts ...Option) (*Client, error) {
 		if err := opt(&o); err != nil {
 			return nil, err
 		}
+	}
+	if o.serverName != "" && !o.tls {
+		return nil, fmt.Errorf("o2u: WithServerName(%q) names the server's TLS certificate, but the connection is not TLS: add WithTLS", o.serverName)
 	}
 	creds, err := o.transportCredentials()
 	if err != nil {
@@ -74,6 +79,9 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	}
 	if o.userAgent != "" {
 		dialOpts = append(dialOpts, grpc.WithUserAgent(o.userAgent))
+	}
+	if o.keepalive.Time > 0 {
+		dialOpts = append(dialOpts, grpc.WithKeepaliveParams(o.keepalive))
 	}
 	dialOpts = append(dialOpts, o.dialOptions...)
 	conn, err := grpc.Dial(target, dialOpts...)
@@ -128,8 +136,11 @@ func (c *Client) unary(ctx context.Context) (context.Context, context.CancelFunc
 // Submit creates a scoring job and returns it once the server has durably queued it. When
 // req.RequestId is empty a fresh UUID is used (req itself is not modified). The server
 // treats calls with the same request id as one, so within the retry policy Submit retries
-// what IsRetryable accepts (UNAVAILABLE, and a full queue that sent a retry delay) without
-// ever creating a second job.
+// what IsRetryable accepts (UNAVAILABLE, and a full queue that sent a retry delay), and an
+// attempt that ran out of its call timeout (DEADLINE_EXCEEDED: the answer may only be late),
+// without ever creating a second job. An attempt is bounded by ctx's deadline when it has one,
+// else by the call timeout; ctx's deadline bounds the whole call. A failed Submit returns a
+// *SubmitError carrying the request id, for a retry of the caller's own.
 func (c *Client) Submit(ctx context.Context, req *o2uv1.CreateScoringJobRequest) (*o2uv1.ScoringJob, error) {
 	req, ok := proto.Clone(req).(*o2uv1.CreateScoringJobRequest)
 	if !ok || req == nil {
@@ -142,8 +153,12 @@ func (c *Client) Submit(ctx context.Context, req *o2uv1.CreateScoringJobRequest)
 		}
 		req.RequestId = id
 	}
+	retryable := func(err error) bool {
+		// wrapError reports ctx's own deadline as context.DeadlineExceeded, so this is the call timeout.
+		return IsRetryable(err) || Code(err) == codes.DeadlineExceeded && ctx.Err() == nil
+	}
 	var job *o2uv1.ScoringJob
-	err := c.retry(ctx, func() error {
+	err := c.retry(ctx, retryable, func() error {
 		callCtx, cancel := c.unary(ctx)
 		defer cancel()
 		resp, err := c.rpc.CreateScoringJob(callCtx, req, c.callOpts...)
@@ -153,45 +168,71 @@ func (c *Client) Submit(ctx context.Context, req *o2uv1.CreateScoringJobRequest)
 		job = resp.GetJob()
 		return nil
 	})
-	return job, err
+	if err != nil {
+		return nil, &SubmitError{RequestID: req.RequestId, Err: err}
+	}
+	return job, nil
 }
 
-// retry runs call until it succeeds, fails with an error that is not retryable, or the
+// retry runs call until it succeeds, fails with an error that retryable rejects, or the
 // retry policy is spent.
-func (c *Client) retry(ctx context.Context, call func() error) error {
+func (c *Client) retry(ctx context.Context, retryable func(error) bool, call func() error) error {
+	_, err := c.retryCounted(ctx, retryable, call)
+	return err
+}
+
+// retryCounted is retry that also says whether call ran more than once.
+func (c *Client) retryCounted(ctx context.Context, retryable func(error) bool, call func() error) (retried bool, err error) {
 	b := newBackoff(c.opts.retry)
 	for {
 		err := call()
-		if err == nil || !IsRetryable(err) {
-			return err
+		if err == nil || !retryable(err) {
+			return retried, err
 		}
 		if !b.wait(ctx, err) {
 			if ctx.Err() != nil {
-				return ctx.Err()
+				return retried, ctx.Err()
 			}
-			return err
+			return retried, err
 		}
+		retried = true
 	}
 }
 
-// Get returns one job.
+// unaryRetried runs one call of a method that is safe to repeat, retrying UNAVAILABLE within the
+// retry policy, as the Python client does for its reads, cancel and export.
+func (c *Client) unaryRetried(ctx context.Context, call func(ctx context.Context) error) (retried bool, err error) {
+	return c.retryCounted(ctx, IsUnavailable, func() error {
+		callCtx, cancel := c.unary(ctx)
+		defer cancel()
+		return wrapError(ctx, call(callCtx))
+	})
+}
+
+// Get returns one job. Like Cancel, Summary, Export, ListJobs and ScoresAll it retries
+// UNAVAILABLE within the retry policy; Delete is not retried (a repeat after a lost answer
+// would report NOT_FOUND for the job it deleted).
 func (c *Client) Get(ctx context.Context, jobID string) (*o2uv1.ScoringJob, error) {
-	callCtx, cancel := c.unary(ctx)
-	defer cancel()
-	resp, err := c.rpc.GetScoringJob(callCtx, &o2uv1.GetScoringJobRequest{JobId: jobID}, c.callOpts...)
+	var resp *o2uv1.GetScoringJobResponse
+	_, err := c.unaryRetried(ctx, func(callCtx context.Context) (err error) {
+		resp, err = c.rpc.GetScoringJob(callCtx, &o2uv1.GetScoringJobRequest{JobId: jobID}, c.callOpts...)
+		return err
+	})
 	if err != nil {
-		return nil, wrapError(ctx, err)
+		return nil, err
 	}
 	return resp.GetJob(), nil
 }
 
 // Cancel stops a queued or running job; cancelling a finished job changes nothing.
 func (c *Client) Cancel(ctx context.Context, jobID string) (*o2uv1.ScoringJob, error) {
-	callCtx, cancel := c.unary(ctx)
-	defer cancel()
-	resp, err := c.rpc.CancelScoringJob(callCtx, &o2uv1.CancelScoringJobRequest{JobId: jobID}, c.callOpts...)
+	var resp *o2uv1.CancelScoringJobResponse
+	_, err := c.unaryRetried(ctx, func(callCtx context.Context) (err error) {
+		resp, err = c.rpc.CancelScoringJob(callCtx, &o2uv1.CancelScoringJobRequest{JobId: jobID}, c.callOpts...)
+		return err
+	})
 	if err != nil {
-		return nil, wrapError(ctx, err)
+		return nil, err
 	}
 	return resp.GetJob(), nil
 }
@@ -206,23 +247,33 @@ func (c *Client) Delete(ctx context.Context, jobID string) error {
 
 // Summary returns the dataset-level health report of a finished job.
 func (c *Client) Summary(ctx context.Context, jobID string) (*o2uv1.DatasetSummary, error) {
-	callCtx, cancel := c.unary(ctx)
-	defer cancel()
-	resp, err := c.rpc.GetDatasetSummary(callCtx, &o2uv1.GetDatasetSummaryRequest{JobId: jobID}, c.callOpts...)
+	var resp *o2uv1.GetDatasetSummaryResponse
+	_, err := c.unaryRetried(ctx, func(callCtx context.Context) (err error) {
+		resp, err = c.rpc.GetDatasetSummary(callCtx, &o2uv1.GetDatasetSummaryRequest{JobId: jobID}, c.callOpts...)
+		return err
+	})
 	if err != nil {
-		return nil, wrapError(ctx, err)
+		return nil, err
 	}
 	return resp.GetSummary(), nil
 }
 
 // Export writes a finished job's scores to a new destinationURI (s3:// or file:// under one of
 // the server's export locations) as JSONL, CSV or Parquet, or its suspects as Label Studio tasks.
+// An export never replaces an object, so a retry after an UNAVAILABLE that cut off the answer
+// of an attempt that wrote it fails ALREADY_EXISTS; the error's message then says so.
 func (c *Client) Export(ctx context.Context, req *o2uv1.ExportNoiseScoresRequest) (*o2uv1.ExportNoiseScoresResponse, error) {
-	callCtx, cancel := c.unary(ctx)
-	defer cancel()
-	resp, err := c.rpc.ExportNoiseScores(callCtx, req, c.callOpts...)
+	var resp *o2uv1.ExportNoiseScoresResponse
+	retried, err := c.unaryRetried(ctx, func(callCtx context.Context) (err error) {
+		resp, err = c.rpc.ExportNoiseScores(callCtx, req, c.callOpts...)
+		return err
+	})
 	if err != nil {
-		return nil, wrapError(ctx, err)
+		if e, ok := AsError(err); ok && retried && e.Code == codes.AlreadyExists {
+			e.Message += " (this export was retried after UNAVAILABLE, so an attempt whose response was lost may" +
+				" have written it: check the object, or export to a new name)"
+		}
+		return nil, err
 	}
 	return resp, nil
 }
@@ -245,11 +296,13 @@ func (c *Client) ListJobsMatching(ctx context.Context, req *o2uv1.ListScoringJob
 		return errors.New("o2u: cannot copy the ListScoringJobsRequest")
 	}
 	for {
-		callCtx, cancel := c.unary(ctx)
-		resp, err := c.rpc.ListScoringJobs(callCtx, req, c.callOpts...)
-		cancel()
+		var resp *o2uv1.ListScoringJobsResponse
+		_, err := c.unaryRetried(ctx, func(callCtx context.Context) (err error) {
+			resp, err = c.rpc.ListScoringJobs(callCtx, req, c.callOpts...)
+			return err
+		})
 		if err != nil {
-			return wrapError(ctx, err)
+			return err
 		}
 		for _, job := range resp.GetJobs() {
 			if err := fn(job); err != nil {
@@ -272,11 +325,13 @@ func (c *Client) ScoresAll(ctx context.Context, req *o2uv1.ListNoiseScoresReques
 		return errors.New("o2u: ScoresAll needs a request")
 	}
 	for {
-		callCtx, cancel := c.unary(ctx)
-		resp, err := c.rpc.ListNoiseScores(callCtx, req, c.callOpts...)
-		cancel()
+		var resp *o2uv1.ListNoiseScoresResponse
+		_, err := c.unaryRetried(ctx, func(callCtx context.Context) (err error) {
+			resp, err = c.rpc.ListNoiseScores(callCtx, req, c.callOpts...)
+			return err
+		})
 		if err != nil {
-			return wrapError(ctx, err)
+			return err
 		}
 		for _, score := range resp.GetNoiseScores() {
 			if err := fn(score); err != nil {

@@ -32,12 +32,80 @@ type fakeServer struct {
 	authorization []string
 	jobs          []*o2uv1.ScoringJob
 	listed        []string // "owner@page token" of every ListScoringJobs call
+	jobState      o2uv1.JobState
+	gets          int
+	createDelay   time.Duration  // how long the first CreateScoringJob takes (the job is created at once)
+	failFirst     map[string]int // method name: how many first calls fail UNAVAILABLE before reaching it
+	loseFirst     map[string]int // method name: how many first calls run, then lose their answer
+	calls         map[string]int // method name: calls received
+	exported      bool
+}
+
+// intercept counts calls per method and fails or loses the first ones as failFirst and loseFirst say.
+func (f *fakeServer) intercept(ctx context.Context, req interface{}, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (interface{}, error) {
+	method := info.FullMethod[strings.LastIndex(info.FullMethod, "/")+1:]
+	f.mu.Lock()
+	if f.calls == nil {
+		f.calls = map[string]int{}
+	}
+	f.calls[method]++
+	n := f.calls[method]
+	fail, lose := n <= f.failFirst[method], n <= f.loseFirst[method]
+	f.mu.Unlock()
+	if fail {
+		return nil, status.Error(codes.Unavailable, "restarting")
+	}
+	resp, err := handler(ctx, req)
+	if lose && err == nil {
+		return nil, status.Error(codes.Unavailable, "connection reset by peer")
+	}
+	return resp, err
+}
+
+func (f *fakeServer) CancelScoringJob(_ context.Context, req *o2uv1.CancelScoringJobRequest) (*o2uv1.CancelScoringJobResponse, error) {
+	return &o2uv1.CancelScoringJobResponse{Job: &o2uv1.ScoringJob{JobId: req.GetJobId(), State: o2uv1.JobState_JOB_STATE_CANCELLED}}, nil
+}
+
+func (f *fakeServer) DeleteScoringJob(context.Context, *o2uv1.DeleteScoringJobRequest) (*o2uv1.DeleteScoringJobResponse, error) {
+	return &o2uv1.DeleteScoringJobResponse{}, nil
+}
+
+func (f *fakeServer) GetDatasetSummary(_ context.Context, req *o2uv1.GetDatasetSummaryRequest) (*o2uv1.GetDatasetSummaryResponse, error) {
+	return &o2uv1.GetDatasetSummaryResponse{Summary: &o2uv1.DatasetSummary{JobId: req.GetJobId(), NumSamples: 7}}, nil
+}
+
+// ExportNoiseScores never replaces what it wrote, like the real server.
+func (f *fakeServer) ExportNoiseScores(_ context.Context, req *o2uv1.ExportNoiseScoresRequest) (*o2uv1.ExportNoiseScoresResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.exported {
+		return nil, status.Error(codes.AlreadyExists, "the destination exists")
+	}
+	f.exported = true
+	return &o2uv1.ExportNoiseScoresResponse{DestinationUri: req.GetDestinationUri(), RowsWritten: 7}, nil
+}
+
+func (f *fakeServer) GetScoringJob(_ context.Context, req *o2uv1.GetScoringJobRequest) (*o2uv1.GetScoringJobResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.gets++
+	state := f.jobState
+	if state == o2uv1.JobState_JOB_STATE_UNSPECIFIED {
+		state = o2uv1.JobState_JOB_STATE_RUNNING
+	}
+	return &o2uv1.GetScoringJobResponse{Job: &o2uv1.ScoringJob{JobId: req.GetJobId(), State: state}}, nil
 }
 
 func (f *fakeServer) CreateScoringJob(ctx context.Context, req *o2uv1.CreateScoringJobRequest) (*o2uv1.CreateScoringJobResponse, error) {
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	f.createIDs = append(f.createIDs, req.GetRequestId())
+	if len(f.createIDs) == 1 && f.createDelay > 0 {
+		// Durably created, answered late: the client's attempt times out first.
+		f.mu.Unlock()
+		time.Sleep(f.createDelay)
+		f.mu.Lock()
+	}
+	defer f.mu.Unlock()
 	if md, ok := metadata.FromIncomingContext(ctx); ok {
 		f.authorization = append(f.authorization, md.Get("authorization")...)
 	}
@@ -104,22 +172,33 @@ func (f *fakeServer) ListNoiseScores(_ context.Context, req *o2uv1.ListNoiseScor
 
 var fastRetries = RetryPolicy{MaxRetries: 3, InitialBackoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond}
 
-func startFake(t *testing.T, f *fakeServer, opts ...Option) *Client {
+// serveFake starts f on a loopback port and returns its address.
+func serveFake(t *testing.T, f *fakeServer, opts ...grpc.ServerOption) string {
 	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := grpc.NewServer(grpc.CustomCodec(protoCodec{}))
+	srv := grpc.NewServer(append([]grpc.ServerOption{grpc.CustomCodec(protoCodec{}), grpc.UnaryInterceptor(f.intercept)}, opts...)...)
 	o2uv1.RegisterScoringServiceServer(srv, f)
 	go func() { _ = srv.Serve(lis) }()
 	t.Cleanup(srv.Stop)
-	client, err := Dial(lis.Addr().String(), append([]Option{WithRetryPolicy(fastRetries), WithCallTimeout(10 * time.Second)}, opts...)...)
+	return lis.Addr().String()
+}
+
+func dialFake(t *testing.T, target string, opts ...Option) *Client {
+	t.Helper()
+	client, err := Dial(target, append([]Option{WithRetryPolicy(fastRetries), WithCallTimeout(10 * time.Second)}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = client.Close() })
 	return client
+}
+
+func startFake(t *testing.T, f *fakeServer, opts ...Option) *Client {
+	t.Helper()
+	return dialFake(t, serveFake(t, f), opts...)
 }
 
 func TestSubmitRetriesUnavailableWithTheSameRequestID(t *testing.T) {

@@ -136,6 +136,39 @@ func wrapError(ctx context.Context, err error) error {
 	return FromStatus(s)
 }
 
+// SubmitError is what Submit returns when it gives up: RequestID is the request id every attempt
+// carried. An attempt may have created the job although its answer was lost or came too late, so
+// a retry of the caller's own with req.RequestId = RequestID returns that job instead of creating
+// a second one. Err is the cause (an *Error, or the context's error), reachable with AsError,
+// errors.As and errors.Is; Code, status.Code and status.FromError see its code.
+type SubmitError struct {
+	RequestID string
+	Err       error
+}
+
+// Error implements error: the cause, then the request id.
+func (e *SubmitError) Error() string { return e.Err.Error() + " (request id " + e.RequestID + ")" }
+
+// Unwrap returns the cause.
+func (e *SubmitError) Unwrap() error { return e.Err }
+
+// GRPCStatus returns the cause's status (DEADLINE_EXCEEDED or CANCELLED for a context error).
+func (e *SubmitError) GRPCStatus() *status.Status {
+	if s, ok := status.FromError(e.Err); ok {
+		return s
+	}
+	return status.FromContextError(e.Err)
+}
+
+// SubmitRequestID returns the request id of a failed Submit, or "" when err is not one.
+func SubmitRequestID(err error) string {
+	var e *SubmitError
+	if errors.As(err, &e) {
+		return e.RequestID
+	}
+	return ""
+}
+
 // AsError returns the *Error inside err, if there is one.
 func AsError(err error) (*Error, bool) {
 	var e *Error
@@ -190,6 +223,8 @@ func IsUnavailable(err error) bool { return Code(err) == codes.Unavailable }
 
 // IsRetryable reports whether the same call may succeed later: UNAVAILABLE, or
 // RESOURCE_EXHAUSTED when the server sent a retry delay (a full queue, not an oversized dataset).
+// Submit also repeats an attempt that ran out of its call timeout (DEADLINE_EXCEEDED), which its
+// request id makes safe; see Submit.
 func IsRetryable(err error) bool {
 	switch Code(err) {
 	case codes.Unavailable:

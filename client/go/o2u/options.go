@@ -12,14 +12,17 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 )
 
 // Option configures Dial.
 type Option func(*options) error
 
-// RetryPolicy bounds the retries of Submit (safe because of the request id; see Submit)
-// and the reconnects of Watch. The delay doubles from InitialBackoff up to MaxBackoff, with
-// jitter; a server's RetryInfo delay is used when it is longer.
+// RetryPolicy bounds the retries of Submit (safe because of the request id; see Submit), of
+// the calls that are safe to repeat after UNAVAILABLE (Get, Cancel, Summary, Export, and each
+// page of ListJobs and ScoresAll), and the reconnects of Watch. The delay doubles from
+// InitialBackoff up to MaxBackoff, with jitter; a server's RetryInfo delay is used when it is
+// longer.
 type RetryPolicy struct {
 	// MaxRetries is the number of retries after the first attempt; for Watch it counts
 	// consecutive failed reconnects (a received event resets it). 0 disables retries.
@@ -34,6 +37,13 @@ var DefaultRetryPolicy = RetryPolicy{MaxRetries: 8, InitialBackoff: 250 * time.M
 // DefaultCallTimeout bounds each unary call whose context has no deadline.
 const DefaultCallTimeout = 30 * time.Second
 
+// DefaultKeepalive pings the server every 30 s while calls are in flight and closes the
+// connection when a ping goes unanswered for 20 s, so a watch whose server vanished without a
+// TCP reset (a crashed host, a middlebox that dropped the flow) fails UNAVAILABLE and reconnects
+// instead of waiting forever. The server accepts a client's pings every 20 s and closes
+// connections that ping more often (GOAWAY too_many_pings).
+var DefaultKeepalive = keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 20 * time.Second}
+
 type options struct {
 	tls            bool
 	caFile         string
@@ -45,6 +55,7 @@ type options struct {
 	plaintextToken bool
 	callTimeout    time.Duration
 	retry          RetryPolicy
+	keepalive      keepalive.ClientParameters
 	userAgent      string
 	dialOptions    []grpc.DialOption
 }
@@ -69,7 +80,8 @@ func WithClientCertificate(certFile, keyFile string) Option {
 	}
 }
 
-// WithServerName overrides the name the server certificate is verified against.
+// WithServerName overrides the name the server certificate is verified against; without TLS
+// Dial refuses it.
 func WithServerName(name string) Option {
 	return func(o *options) error {
 		o.serverName = name
@@ -155,6 +167,19 @@ func WithRetryPolicy(p RetryPolicy) Option {
 	}
 }
 
+// WithKeepalive replaces DefaultKeepalive: a ping every interval while calls are in flight (grpc-go
+// waits at least 10 s), and the connection closed when one goes unanswered for timeout. An
+// interval of 0 turns keepalive pings off.
+func WithKeepalive(interval, timeout time.Duration) Option {
+	return func(o *options) error {
+		if interval < 0 || timeout < 0 || (interval > 0 && timeout == 0) {
+			return fmt.Errorf("o2u: invalid keepalive interval %v and timeout %v", interval, timeout)
+		}
+		o.keepalive = keepalive.ClientParameters{Time: interval, Timeout: timeout}
+		return nil
+	}
+}
+
 // WithUserAgent prefixes the gRPC user agent.
 func WithUserAgent(ua string) Option {
 	return func(o *options) error {
@@ -163,7 +188,8 @@ func WithUserAgent(ua string) Option {
 	}
 }
 
-// WithDialOptions passes extra grpc.DialOptions (keepalive, interceptors, ...) to grpc.Dial.
+// WithDialOptions passes extra grpc.DialOptions (interceptors, ...) to grpc.Dial, after the
+// client's own, so they override them.
 func WithDialOptions(opts ...grpc.DialOption) Option {
 	return func(o *options) error {
 		o.dialOptions = append(o.dialOptions, opts...)

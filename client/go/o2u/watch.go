@@ -26,9 +26,10 @@ func (r retriesExhausted) Is(target error) bool { return target == ErrWatchRetri
 
 // Watch streams the events of a job with a sequence greater than afterSequence to fn, in
 // order and each once, and returns the last event delivered (nil if none) once an event moves
-// the job to a final state. When the stream breaks (server restart, network fault, a stream
-// that ended early) Watch reconnects from the last sequence it delivered, within the retry
-// policy; the counter resets whenever an event arrives. fn returning ErrStop ends Watch
+// the job to a final state, or once a stream that delivered nothing ended because the job was
+// already final (afterSequence at or past its final event). When the stream breaks (server
+// restart, network fault, a stream that ended early) Watch reconnects from the last sequence it
+// delivered, within the retry policy; the counter resets whenever an event arrives. fn returning ErrStop ends Watch
 // without an error, any other error from fn ends it with that error. Cancelling ctx ends the
 // watch, never the job.
 func (c *Client) Watch(ctx context.Context, jobID string, afterSequence int64, fn func(*o2uv1.JobEvent) error) (*o2uv1.JobEvent, error) {
@@ -44,6 +45,17 @@ func (c *Client) Watch(ctx context.Context, jobID string, afterSequence int64, f
 		}
 		if delivered {
 			b.reset()
+		}
+		if err == nil && !delivered {
+			// Nothing after afterSequence: the job is final and its last event already seen, or
+			// the server is draining. Only the job's state tells which.
+			job, getErr := c.Get(ctx, jobID)
+			if getErr == nil && Finished(job.GetState()) {
+				return last, nil
+			}
+			if getErr != nil && !watchRetryable(getErr) {
+				return last, getErr
+			}
 		}
 		if err == nil {
 			// The stream ended without a final event (e.g. the server is draining): resume.

@@ -3,9 +3,11 @@
 //
 //	o2u-example -target localhost:50051 -uri file:///data/train.npz -top 20
 //
-// With -job it follows an existing job instead of submitting one. Errors are printed with
-// their gRPC code and the server's reason, and the exit status is 1 for an error, 3 for a job
-// that failed or was cancelled, and 130 when interrupted (the job keeps running).
+// With -job it follows an existing job instead of submitting one (-after SEQUENCE: from after
+// that event). Errors are printed with their gRPC code and the server's reason, and the exit
+// status is 1 for an error, 3 for a job that failed or was cancelled, and 130 when interrupted
+// (the job keeps running). Text the server or a dataset controls (messages, keys, names) is
+// printed with control and bidirectional-override characters escaped, as the Python CLI does.
 package main
 
 import (
@@ -20,7 +22,9 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+	"unicode/utf8"
 
+	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/proto"
 
 	o2uv1 "o2u.dev/o2u/gen/o2u/v1"
@@ -30,6 +34,7 @@ import (
 type config struct {
 	target, uri, format, job, name, requestID, webhook string
 	top, pageSize, retries                             int
+	after                                              int64
 	tls                                                bool
 	ca, cert, key, serverName, tokenFile               string
 	plaintextToken                                     bool
@@ -52,6 +57,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.StringVar(&c.uri, "uri", "", "dataset URI: s3://bucket/key or file:///path under a server data root")
 	fs.StringVar(&c.format, "format", "", "dataset format: npz, image_folder, csv or jsonl (default: from the URI)")
 	fs.StringVar(&c.job, "job", "", "follow this existing job instead of submitting one")
+	fs.Int64Var(&c.after, "after", 0, "with -job: follow from after this event sequence")
 	fs.StringVar(&c.name, "name", "", "display name of the job")
 	fs.StringVar(&c.requestID, "request-id", "", "idempotency key (UUID); a fresh one when empty")
 	fs.StringVar(&c.webhook, "webhook", "", "https URL on the server's allow-list to notify when the job ends")
@@ -84,8 +90,11 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	if (c.uri == "") == (c.job == "") {
 		return nil, errors.New("give exactly one of -uri (submit a dataset) and -job (follow a job)")
 	}
-	if c.top < 0 || c.retries < 0 {
-		return nil, errors.New("-top and -retries must not be negative")
+	if c.top < 0 || c.retries < 0 || c.after < 0 {
+		return nil, errors.New("-top, -retries and -after must not be negative")
+	}
+	if c.after > 0 && c.job == "" {
+		return nil, errors.New("-after follows an existing job: it needs -job")
 	}
 	return c, nil
 }
@@ -198,28 +207,33 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return report(stderr, err)
 		}
 		jobID = job.GetJobId()
-		fmt.Fprintf(stdout, "submitted job %s (request id %s) for %s\n", jobID, job.GetRequestId(), job.GetDataset().GetUri())
+		fmt.Fprintf(stdout, "submitted job %s (request id %s) for %s\n", safeText(jobID), safeText(job.GetRequestId()), safeText(job.GetDataset().GetUri()))
 	}
 	start := time.Now()
-	last, err := client.Watch(ctx, jobID, 0, func(e *o2uv1.JobEvent) error {
+	last, err := client.Watch(ctx, jobID, c.after, func(e *o2uv1.JobEvent) error {
 		fmt.Fprintln(stdout, formatEvent(e))
 		return nil
 	})
 	if err != nil {
 		if ctx.Err() != nil && c.job == "" {
-			fmt.Fprintf(stderr, "stopped watching; job %s keeps running: follow it with -job %s\n", jobID, jobID)
+			fmt.Fprintf(stderr, "stopped watching; job %s keeps running: follow it with -job %s\n", safeText(jobID), safeText(jobID))
 		}
 		return report(stderr, err)
 	}
-	if last.GetState() != o2uv1.JobState_JOB_STATE_SUCCEEDED {
+	state := last.GetState()
+	if last == nil || state != o2uv1.JobState_JOB_STATE_SUCCEEDED {
+		// No event after -after (the job was already final), or the job did not succeed.
 		job, err := client.Get(ctx, jobID)
 		if err != nil {
 			return report(stderr, err)
 		}
-		fmt.Fprintf(stdout, "job %s %s: %s [%s]\n", jobID, stateName(job.GetState()), job.GetError().GetMessage(), job.GetError().GetReason())
-		return 3
+		state = job.GetState()
+		if state != o2uv1.JobState_JOB_STATE_SUCCEEDED {
+			fmt.Fprintf(stdout, "job %s %s: %s [%s]\n", safeText(jobID), stateName(state), safeText(job.GetError().GetMessage()), safeText(job.GetError().GetReason()))
+			return 3
+		}
 	}
-	fmt.Fprintf(stdout, "job %s succeeded in %.1fs\n", jobID, time.Since(start).Seconds())
+	fmt.Fprintf(stdout, "job %s succeeded in %.1fs\n", safeText(jobID), time.Since(start).Seconds())
 	if err := printResults(ctx, client, c, jobID, stdout); err != nil {
 		return report(stderr, err)
 	}
@@ -266,9 +280,9 @@ func printResults(ctx context.Context, client *o2u.Client, c *config, jobID stri
 		capped = " (capped: the share of labels the network confidently disagreed with)"
 	}
 	fmt.Fprintf(stdout, "%d samples, %d classes, model %s on %s; estimated noise rate %.1f%%%s, %d suspected\n",
-		summary.GetNumSamples(), summary.GetNumClasses(), run.GetModel(), run.GetDevice(),
+		summary.GetNumSamples(), summary.GetNumClasses(), safeText(run.GetModel()), safeText(run.GetDevice()),
 		100*summary.GetEstimatedNoiseRate(), capped, summary.GetNumSuspected())
-	fmt.Fprintf(stdout, "dataset digest %s\n", run.GetDatasetDigest())
+	fmt.Fprintf(stdout, "dataset digest %s\n", safeText(run.GetDatasetDigest()))
 	if c.top == 0 {
 		return nil
 	}
@@ -277,7 +291,7 @@ func printResults(ctx context.Context, client *o2u.Client, c *config, jobID stri
 	fmt.Fprintln(w, "rank\tsample\tkey\tgiven\tsuggested\tconfidence\tscore\tp(noise)\t")
 	req := &o2uv1.ListNoiseScoresRequest{JobId: jobID, TopK: int32(c.top), PageSize: int32(c.pageSize)}
 	err = client.ScoresAll(ctx, req, func(s *o2uv1.NoiseScore) error {
-		fmt.Fprintf(w, "%d\t%d\t%s\t%s\t%s\t%.2f\t%.4f\t%.3f\t\n", s.GetRank(), s.GetSampleId(), s.GetKey(),
+		fmt.Fprintf(w, "%d\t%d\t%s\t%s\t%s\t%.2f\t%.4f\t%.3f\t\n", s.GetRank(), s.GetSampleId(), safeText(s.GetKey()),
 			labelName(s.GetGivenLabel(), s.GetGivenLabelName()), labelName(s.GetSuggestedLabel(), s.GetSuggestedLabelName()),
 			s.GetSuggestedLabelConfidence(), s.GetScore(), s.GetNoiseProbability())
 		return nil
@@ -306,7 +320,7 @@ func formatEvent(e *o2uv1.JobEvent) string {
 	}
 	line := fmt.Sprintf("state seq=%d %s", e.GetSequence(), stateName(e.GetState()))
 	if e.GetMessage() != "" {
-		line += ": " + e.GetMessage()
+		line += ": " + safeText(e.GetMessage())
 	}
 	return line
 }
@@ -323,27 +337,81 @@ func labelName(label int32, name string) string {
 	if name == "" || name == fmt.Sprint(label) {
 		return fmt.Sprint(label)
 	}
-	return fmt.Sprintf("%d:%s", label, name)
+	return fmt.Sprintf("%d:%s", label, safeText(name))
+}
+
+// safeText shows each control, line-separator and bidirectional-override character (and each byte
+// that is not UTF-8) of text a server, a dataset or another user controls as its escape (\x1b,
+// \u202e), as the Python CLI's safe_text does: printed raw, an escape sequence in a sample key
+// recolours or retitles the terminal, and an override reorders what the reader sees.
+func safeText(text string) string {
+	var b strings.Builder
+	for i := 0; i < len(text); {
+		r, size := utf8.DecodeRuneInString(text[i:])
+		switch {
+		case r == utf8.RuneError && size == 1:
+			fmt.Fprintf(&b, `\x%02x`, text[i])
+		case unsafeRune(r):
+			b.WriteString(escapeRune(r))
+		default:
+			b.WriteString(text[i : i+size])
+		}
+		i += size
+	}
+	return b.String()
+}
+
+func unsafeRune(r rune) bool {
+	return r < 0x20 || (r >= 0x7f && r <= 0x9f) || r == 0x061c || r == 0x200e || r == 0x200f ||
+		(r >= 0x2028 && r <= 0x202e) || (r >= 0x2066 && r <= 0x2069)
+}
+
+func escapeRune(r rune) string {
+	switch r {
+	case '\t':
+		return `\t`
+	case '\n':
+		return `\n`
+	case '\r':
+		return `\r`
+	}
+	if r < 0x100 {
+		return fmt.Sprintf(`\x%02x`, r)
+	}
+	return fmt.Sprintf(`\u%04x`, r)
 }
 
 // report prints err with its gRPC code and reason, in a form scripts can grep.
 func report(stderr io.Writer, err error) int {
 	if e, ok := o2u.AsError(err); ok {
-		fmt.Fprintf(stderr, "error: code=%s reason=%s message=%q\n", e.Code, e.Reason, e.Message)
+		fmt.Fprintf(stderr, "error: code=%s reason=%s message=%q\n", e.Code, safeText(e.Reason), e.Message)
 		for _, v := range e.FieldViolations {
-			fmt.Fprintf(stderr, "  field %s: %s\n", v.Field, v.Description)
+			fmt.Fprintf(stderr, "  field %s: %s\n", safeText(v.Field), safeText(v.Description))
 		}
 		if e.ResourceType != "" {
-			fmt.Fprintf(stderr, "  resource %s %s\n", e.ResourceType, e.ResourceName)
+			fmt.Fprintf(stderr, "  resource %s %s\n", safeText(e.ResourceType), safeText(e.ResourceName))
 		}
 		if e.RetryDelay > 0 {
 			fmt.Fprintf(stderr, "  retry after %s\n", e.RetryDelay)
 		}
 	} else {
-		fmt.Fprintln(stderr, "error:", err)
+		fmt.Fprintln(stderr, "error:", safeText(err.Error()))
+	}
+	// A submission whose answer was lost or late may have created the job: its id finds it.
+	if id := o2u.SubmitRequestID(err); id != "" && outcomeUnknown(err) {
+		fmt.Fprintf(stderr, "  request id %s: the job may exist; rerun with -request-id %s to get it instead of a second one\n", id, id)
 	}
 	if errors.Is(err, context.Canceled) {
 		return 130
 	}
 	return 1
+}
+
+func outcomeUnknown(err error) bool {
+	switch o2u.Code(err) {
+	case codes.Unavailable, codes.DeadlineExceeded, codes.Canceled:
+		return true
+	default:
+		return false
+	}
 }
