@@ -3,10 +3,17 @@ shorthand for claiming the oldest queued job."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Connection
+from sqlalchemy.exc import OperationalError
+
 from o2u_server.domain import ClassNoise, DatasetSummary, Job, JobEvent, JobSpec, RunInfo, ScoreTuple
 from o2u_server.jobs.store import JobStore, Lease
 
-__all__ = ["INFO", "SPEC", "claim", "job_id", "score_rows", "summary"]
+__all__ = ["INFO", "SPEC", "claim", "job_id", "lose_one_commit_reply", "score_rows", "summary"]
 
 SPEC = JobSpec(dataset_uri="file:///data/x.npz", dataset_format=None, config={"seed": 1}, request_id="r-1")
 INFO = RunInfo(1, "0.1.0", "2", "cpu", 4, 2, "{}", "0.1.0", "mlp")
@@ -38,3 +45,23 @@ def claim(
     claimed = store.claims.claim_job(owner, now, lease_seconds=lease_seconds)
     assert claimed is not None, "no job was queued"
     return claimed
+
+
+def lose_one_commit_reply(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Make the store's next durable write commit, then fail as a connection that broke before the
+    COMMIT's reply does (PostgreSQL retries it). The list returned gets True once that happened."""
+    if not store.db.postgresql:
+        pytest.skip("SQLite writes are not retried: its connection cannot break at COMMIT")
+    real_write = store.db.write
+    broken: list[bool] = []
+
+    @contextlib.contextmanager
+    def write_losing_one_reply(*, durable: bool = False) -> Iterator[Connection]:
+        with real_write(durable=durable) as conn:
+            yield conn
+        if durable and not broken:  # committed; the reply is lost
+            broken.append(True)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(store.db, "write", write_losing_one_reply)
+    return broken

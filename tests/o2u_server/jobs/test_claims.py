@@ -7,18 +7,22 @@ these tests make a replica "pause past its lease" without waiting for one."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Connection, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import select
 
 from o2u_server.domain import JobError, JobSpec, JobState, Progress, RunInfo, ScoreFilter, Stage
 from o2u_server.jobs.store import JobStore, Lease, LeaseLost
 from o2u_server.jobs.tables import jobs
-from tests.o2u_server.jobs.store_testing import INFO, claim, job_id, score_rows, summary
+from tests.o2u_server.jobs.store_testing import (
+    INFO,
+    claim,
+    job_id,
+    lose_one_commit_reply,
+    score_rows,
+    summary,
+)
 
 EXPIRED = -1.0  # lease_seconds of a lease that is over as soon as it is granted
 
@@ -185,22 +189,9 @@ def test_a_final_write_whose_reply_was_lost_is_the_attempt_s_own(
     """The connection breaks after the COMMIT of a job's final state, before its reply: the store
     retries the transaction, whose fence now finds the job ended. That is this attempt's own write,
     not a lost lease (only PostgreSQL connections break and are retried)."""
-    if not store.db.postgresql:
-        pytest.skip("SQLite writes are not retried: its connection cannot break at COMMIT")
     _queue(store, 1)
     lease, _, _ = claim(store, "replica-a", lease_seconds=60.0)
-    real_write = store.db.write
-    broken: list[bool] = []
-
-    @contextlib.contextmanager
-    def write_losing_one_reply(*, durable: bool = False) -> Iterator[Connection]:
-        with real_write(durable=durable) as conn:
-            yield conn
-        if durable and not broken:  # committed; the reply is lost
-            broken.append(True)
-            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
-
-    monkeypatch.setattr(store.db, "write", write_losing_one_reply)
+    broken = lose_one_commit_reply(store, monkeypatch)
     if final is JobState.SUCCEEDED:
         event = store.claims.save_results(lease, score_rows(4), ["a", "b"], summary(job_id(1)), INFO, 13.0)
     else:

@@ -3,22 +3,27 @@ idempotency, recovery and locking (claims, leases and fencing: test_claims.py)."
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import select
 
 from o2u_server.domain import EventType, JobSpec, JobState, Progress, ScoreFilter, Stage
 from o2u_server.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from o2u_server.jobs.database import StateDirLockedError
 from o2u_server.jobs.store import JobStore, LeaseLost, Recovery
 from o2u_server.jobs.tables import jobs
-from tests.o2u_server.jobs.store_testing import INFO, SPEC, claim, job_id, score_rows, summary
+from tests.o2u_server.jobs.store_testing import (
+    INFO,
+    SPEC,
+    claim,
+    job_id,
+    lose_one_commit_reply,
+    score_rows,
+    summary,
+)
 from tests.server_testing import sqlite_integrity
 
 
@@ -284,20 +289,7 @@ def test_a_create_whose_reply_was_lost_returns_the_job_it_made(
 ) -> None:
     """The connection breaks after the COMMIT of a new job, before its reply: the retried insert
     meets its own job_id. The call returns that job, created, even without a request id."""
-    if not store.db.postgresql:
-        pytest.skip("SQLite writes are not retried: its connection cannot break at COMMIT")
-    real_write = store.db.write
-    broken: list[bool] = []
-
-    @contextlib.contextmanager
-    def write_losing_one_reply(*, durable: bool = False) -> Iterator[Connection]:
-        with real_write(durable=durable) as conn:
-            yield conn
-        if durable and not broken:
-            broken.append(True)
-            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
-
-    monkeypatch.setattr(store.db, "write", write_losing_one_reply)
+    broken = lose_one_commit_reply(store, monkeypatch)
     spec = dataclasses.replace(SPEC, request_id=None)
     job, created = store.create_job(job_id(1), spec, 5.0, max_queued=10)
     assert broken == [True]
