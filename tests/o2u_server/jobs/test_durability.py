@@ -207,13 +207,16 @@ def test_jobs_survive_repeated_kills_during_training(tmp_path: Path, signum: int
 
 
 def test_a_checkpoint_half_written_by_a_crash_is_removed_at_start(tmp_path: Path) -> None:
+    """A half-written checkpoint goes at start, and so does a complete one of a job the store does
+    not hold (deleted, or ended before its checkpoint was removed); an unfinished job's complete
+    checkpoint stays, for it to resume from (test_restart, test_checkpoints)."""
     settings = test_settings(state_dir=tmp_path / "state", data_roots=[tmp_path])
     settings.checkpoint_dir.mkdir(parents=True)
     leftover = settings.checkpoint_dir / f"job-{'ab' * 16}.pt.k3x9q1.tmp"  # as the engine names them
     leftover.write_bytes(b"\0" * 4096)
-    checkpoint = settings.checkpoint_dir / f"job-{'cd' * 16}.pt"
-    checkpoint.write_bytes(b"a complete checkpoint")
+    orphan = settings.checkpoint_dir / f"job-{'cd' * 16}.pt"
+    orphan.write_bytes(b"a complete checkpoint of a job the store does not hold")
     with running_server(settings):
         pass
     assert not leftover.exists()
-    assert checkpoint.exists(), "complete checkpoints are what jobs resume from"
+    assert not orphan.exists()
