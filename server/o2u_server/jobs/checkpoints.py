@@ -86,17 +86,16 @@ class LocalCheckpoints:
             path.unlink(missing_ok=True)
 
     def sweep(self, is_open: Callable[[str], bool]) -> int:
-        """At start, before any worker runs: delete the checkpoints of every job in the folder that
+        """At start, before any worker runs: delete the checkpoints of every job holding some that
         `is_open(job_id)` says has ended or is gone - a crash between a job's final state and its
-        `delete` leaves them. Returns how many jobs' files went."""
-        ended = {
-            name.removesuffix(".pt").removesuffix(".init")
-            for name in (path.name for path in self.directory.glob("*.pt"))
-        }
-        ended = {job_id for job_id in ended if not is_open(job_id)}
+        `delete` leaves them. Returns how many jobs' checkpoints went."""
+        ended = {job_id for job_id in self._jobs_with_checkpoints() if not is_open(job_id)}
         for job_id in ended:
             self.delete(job_id)
         return len(ended)
+
+    def _jobs_with_checkpoints(self) -> set[str]:
+        return {path.name.removesuffix(".pt").removesuffix(".init") for path in self.directory.glob("*.pt")}
 
 
 class ObjectCheckpoints(LocalCheckpoints):
@@ -192,22 +191,18 @@ class ObjectCheckpoints(LocalCheckpoints):
 
         self._quietly(remove_all, job_id)
 
-    def sweep(self, is_open: Callable[[str], bool]) -> int:
-        """As LocalCheckpoints.sweep, over the jobs with objects under the prefix (the staged
-        files went at `open`); an object store that does not answer leaves them to a later start."""
+    def _jobs_with_checkpoints(self) -> set[str]:
+        """The jobs with objects under the prefix (the staged files went at `open`); none when the
+        object store does not answer, which leaves them to a later start's sweep."""
         try:
-            named = {
+            return {
                 name[len(self.prefix) :].split("/", 1)[0]
                 for name, _, _ in self._objects.iter_objects(self.bucket, self.prefix)
                 if _ATTEMPT.search(name)
             }
         except ServiceError as error:
             logger.warning("could not list the checkpoints to sweep: %s", error.message)
-            return 0
-        ended = {job_id for job_id in named if not is_open(job_id)}
-        for job_id in ended:
-            self.delete(job_id)
-        return len(ended)
+            return set()
 
     @staticmethod
     def _quietly(operation: Callable[[], None], job_id: str) -> None:

@@ -251,10 +251,11 @@ class WebhookDeliverer:
             except Exception:
                 logger.exception("webhook delivery failed to record; its claim expires and it is retried")
             finally:
+                origin = destination(due.url)
                 with self._under_way_lock:
-                    self._under_way[destination(due.url)] -= 1
-                    if not self._under_way[destination(due.url)]:
-                        del self._under_way[destination(due.url)]
+                    self._under_way[origin] -= 1
+                    if not self._under_way[origin]:
+                        del self._under_way[origin]
                 self._free.release()
 
     def attempt(self, due: Due) -> None:
