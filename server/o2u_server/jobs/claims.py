@@ -17,6 +17,7 @@ resumes it from its last checkpoint under the next attempt number.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -38,7 +39,7 @@ from o2u_server.jobs import records
 from o2u_server.jobs.crashes import requeue_crashed
 from o2u_server.jobs.database import Database
 from o2u_server.jobs.event_log import EventLog
-from o2u_server.jobs.results import ResultsStore
+from o2u_server.jobs.results import STAGE_ROWS, ResultsStore
 from o2u_server.jobs.tables import jobs
 from o2u_server.jobs.transitions import job_row, transition
 
@@ -279,15 +280,22 @@ class ClaimStore:
         run_info: RunInfo,
         now: float,
     ) -> JobEvent:
-        """Store scores and summary and mark the job SUCCEEDED, all in one transaction (`scores` is
-        iterated once per try: a retried transaction loads them again)."""
+        """Store scores and summary and mark the job SUCCEEDED (`scores` is iterated once per try:
+        a retried save loads them again). On PostgreSQL all in one transaction; on SQLite the scores
+        go first, in fenced transactions of `STAGE_ROWS` (see `_stage_scores`), and the last
+        transaction stores the summary and the final state."""
 
         def save() -> JobEvent:
+            if not self._db.postgresql:
+                self._stage_scores(lease, scores, now)
             with self._db.write(durable=True) as conn:
                 self._fenced(
                     conn, lease, run_info_json=records.encode(run_info)
                 )  # checked before the bulk load
-                self._results.insert(conn, lease.job_id, scores, class_names, summary)
+                if self._db.postgresql:
+                    self._results.insert(conn, lease.job_id, scores, class_names, summary)
+                else:
+                    self._results.insert_summary(conn, lease.job_id, class_names, summary)
                 event = transition(
                     conn, self._log, lease.job_id, JobState.SUCCEEDED, now, message="scores are ready"
                 )
@@ -295,6 +303,25 @@ class ClaimStore:
                 return event
 
         return self._final(lease, JobState.SUCCEEDED, save)
+
+    def _stage_scores(self, lease: Lease, scores: Iterable[ScoreTuple], now: float) -> None:
+        """SQLite: write the scores in transactions of `STAGE_ROWS` rows, each fenced by the lease,
+        building each batch while no write is held, so that the lease keeper's renewals and the other
+        jobs' progress get the write lock between them. The rows a previous try or attempt left
+        (a crash or a full disk in the middle) are deleted first, in the same steps. Until the job
+        is SUCCEEDED no read sees them."""
+        with self._db.write() as conn:
+            self._fenced(conn, lease, update_time=now)
+            stale = self._results.highest_rank(conn, lease.job_id)
+        for low in range(0, stale, STAGE_ROWS):
+            with self._db.write() as conn:
+                self._fenced(conn, lease, update_time=now)
+                self._results.clear(conn, lease.job_id, ranks=(low, low + STAGE_ROWS))
+        rows = iter(scores)
+        while batch := list(itertools.islice(rows, STAGE_ROWS)):
+            with self._db.write() as conn:
+                self._fenced(conn, lease, update_time=now)
+                self._results.insert_scores(conn, lease.job_id, batch)
 
     def _final(self, lease: Lease, state: JobState, write: Callable[[], JobEvent]) -> JobEvent:
         """Run `write`, the transaction that gives `lease`'s attempt the final `state`, again while

@@ -1,19 +1,21 @@
 """The two steps every job write shares: reading the job's row, and changing its state together with
 the event that reports it (one UPDATE and one appended event, in the caller's transaction), and for
-a final state the job's completion webhook delivery."""
+a final state the job's completion webhook delivery. A job that ends without success keeps no score
+rows: the ones an attempt wrote before it stopped (SQLite writes them ahead of the final state, see
+`results`) are deleted with the change."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, bindparam, select
+from sqlalchemy import ColumnElement, Connection, bindparam, delete, select
 
 from o2u_server.domain import TERMINAL_STATES, EventType, JobError, JobEvent, JobState
 from o2u_server.errors import NotFound
 from o2u_server.jobs import records
 from o2u_server.jobs.event_log import EventLog
-from o2u_server.jobs.tables import jobs
+from o2u_server.jobs.tables import jobs, scores
 from o2u_server.jobs.webhook_store import enqueue
 
 __all__ = ["job_row", "not_found", "transition"]
@@ -75,4 +77,6 @@ def transition(
     )
     if event is not None and state in TERMINAL_STATES:
         enqueue(conn, job_id, state, now)  # the completion webhook, in the same transaction
+        if state is not JobState.SUCCEEDED:
+            conn.execute(delete(scores).where(scores.c.job_id == job_id))
     return event

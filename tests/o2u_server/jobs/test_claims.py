@@ -8,11 +8,13 @@ these tests make a replica "pause past its lease" without waiting for one."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import select
 
-from o2u_server.domain import JobError, JobSpec, JobState, Progress, RunInfo, ScoreFilter, Stage
+from o2u_server.domain import JobError, JobSpec, JobState, Progress, RunInfo, ScoreFilter, ScoreTuple, Stage
+from o2u_server.jobs import claims
 from o2u_server.jobs.store import JobStore, Lease, LeaseLost
 from o2u_server.jobs.tables import jobs
 from tests.o2u_server.jobs.store_testing import (
@@ -237,3 +239,83 @@ def test_a_renewal_does_not_wait_for_a_job_row_another_write_holds(store: JobSto
         release.set()
         holder.join(10)
     assert store.claims.renew_lease(busy, 60) is False
+
+
+def _lease_expiry(store: JobStore, lease: Lease) -> float:
+    with store.db.read() as conn:
+        return float(
+            conn.execute(select(jobs.c.lease_expires_at).where(jobs.c.job_id == lease.job_id)).scalar_one()
+        )
+
+
+def test_leases_are_renewed_while_a_job_s_scores_are_written(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Storing millions of scores takes seconds. Halfway through, the keeper renews both the saving
+    job's lease and another running job's: neither renewal may wait for the save to commit (SQLite,
+    one writer: the scores go in steps with the write lock free between them; PostgreSQL: the held
+    row is skipped), and on SQLite the other job's lease is really extended."""
+    monkeypatch.setattr(claims, "STAGE_ROWS", 1_000)
+    _queue(store, 2)
+    saving, _, _ = claim(store, "replica-a", lease_seconds=60.0)
+    other, _, _ = claim(store, "replica-a", lease_seconds=60.0)
+    before = _lease_expiry(store, other)
+    renewed: list[bool | None] = []
+
+    def rows_renewing_halfway() -> Iterator[ScoreTuple]:
+        for row in score_rows(3_000):
+            if row[0] == 1_500:
+                renewal = threading.Thread(
+                    target=lambda: renewed.extend(
+                        store.claims.renew_lease(held, 120) for held in (saving, other)
+                    )
+                )
+                renewal.start()
+                renewal.join(10)
+                assert not renewal.is_alive(), "the renewal waited for the scores to be stored"
+            yield row
+
+    event = store.claims.save_results(
+        saving, rows_renewing_halfway(), ["a", "b"], summary(job_id(1)), INFO, 13.0
+    )
+    assert event.state is JobState.SUCCEEDED
+    assert renewed == [False, False]
+    assert store.results.count(job_id(1), ScoreFilter()) == 3_000
+    if not store.db.postgresql:
+        assert _lease_expiry(store, other) > before + 30
+
+
+def test_a_save_that_stops_midway_is_retried_cleanly_and_a_failed_job_keeps_no_scores(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save interrupted after some of its scores (the disk filled, the process died) leaves the job
+    RUNNING; the next save stores exactly its own rows, even when the dataset changed size between
+    attempts, and a job that ends without success afterwards holds no score rows."""
+    monkeypatch.setattr(claims, "STAGE_ROWS", 1_000)
+    _queue(store, 2)
+    lease, _, _ = claim(store, "replica-a", lease_seconds=60.0)
+
+    def rows_failing_at(n: int, total: int) -> Iterator[ScoreTuple]:
+        for row in score_rows(total):
+            if row[0] == n:
+                raise OSError("no space left on device")
+            yield row
+
+    with pytest.raises(OSError, match="no space left"):
+        store.claims.save_results(
+            lease, rows_failing_at(2_500, 3_000), ["a", "b"], summary(job_id(1)), INFO, 3.0
+        )
+    assert store.get_job(job_id(1)).state is JobState.RUNNING
+    store.claims.save_results(lease, score_rows(1_200), ["a", "b"], summary(job_id(1)), INFO, 4.0)
+    assert [row.rank for row in store.results.iterate(job_id(1), ScoreFilter())] == list(range(1, 1_201))
+
+    failing, _, _ = claim(store, "replica-a", lease_seconds=60.0)
+    with pytest.raises(OSError, match="no space left"):
+        store.claims.save_results(
+            failing, rows_failing_at(2_500, 3_000), ["a", "b"], summary(job_id(2)), INFO, 5.0
+        )
+    store.claims.finish_job(
+        failing, JobState.FAILED, 6.0, error=JobError(13, "x", "INTERNAL"), message="failed"
+    )
+    assert store.results.count(job_id(2), ScoreFilter()) == 0
+    assert store.results.count(job_id(1), ScoreFilter()) == 1_200
