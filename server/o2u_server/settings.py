@@ -9,6 +9,7 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -132,8 +133,9 @@ class Settings(BaseSettings):
     checkpoint folder, whichever is fullest): below it CreateScoringJob answers RESOURCE_EXHAUSTED
     and this server claims no queued job, until space is freed; in bytes."""
     webhook_allowed_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """Where completion webhooks may go: URL prefixes (`https://hooks.example.com/o2u/`) or host names
-    (`hooks.example.com`); empty disables webhooks. Needs webhook_secret_file."""
+    """Where completion webhooks may go: URL prefixes (`https://hooks.example.com/o2u/`), host names
+    (`hooks.example.com`: port 443 only) or host:port (`hooks.example.com:8443`); empty disables
+    webhooks. Needs webhook_secret_file."""
     webhook_secret_file: Path | None = None
     """File holding the secret that signs webhook events (HMAC-SHA256; a mounted Secret)."""
     webhook_allow_http_loopback: bool = False
@@ -199,6 +201,28 @@ class Settings(BaseSettings):
                 raise ValueError(f"export_uris: {uri!r} is not a file:///folder or s3://bucket[/prefix] URI")
             if scheme == "file" and not rest.startswith("/"):
                 raise ValueError(f"export_uris: {uri!r} must name an absolute folder: file:///folder")
+        return value
+
+    @field_validator("webhook_allowed_urls")
+    @classmethod
+    def _check_webhook_allowed_urls(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parts = urlsplit(entry if "://" in entry else f"//{entry}")
+            try:
+                parts.port  # noqa: B018  (raises for a port that is not a number)
+            except ValueError:
+                parts = urlsplit("")
+            prefix = "://" in entry
+            if (
+                not parts.hostname
+                or (prefix and parts.scheme not in ("https", "http"))
+                or (not prefix and (parts.path or parts.query or parts.fragment))
+                or parts.username is not None
+            ):
+                raise ValueError(
+                    f"webhook_allowed_urls: {entry!r} is neither an https:// URL prefix nor a host name "
+                    "with an optional port (hooks.example.com or hooks.example.com:8443)"
+                )
         return value
 
     @model_validator(mode="after")

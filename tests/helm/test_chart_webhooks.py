@@ -1,6 +1,7 @@
 """The chart's completion webhook values: the allow-list and the signing key's Secret reach the
 server as O2U_WEBHOOK_ALLOWED_URLS and a mounted O2U_WEBHOOK_SECRET_FILE, and the schema refuses an
-allow-list without a signing key and entries that are neither https prefixes nor host names."""
+allow-list without a signing key and entries that are neither https prefixes nor host names
+(with an optional port)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from chart_rendering import container_env, deployment, loaded_chart, render, ser
 
 VALUES: dict[str, Any] = {
     "webhooks": {
-        "allowedUrls": ["https://hooks.example.com/o2u/", "pipelines.example.com"],
+        "allowedUrls": ["https://hooks.example.com/o2u/", "pipelines.example.com", "ci.example.com:8443"],
         "secret": {"existingSecret": "o2u-webhook-secret", "key": "hmac"},
     }
 }
@@ -21,7 +22,9 @@ VALUES: dict[str, Any] = {
 def test_webhook_values_reach_the_server() -> None:
     objects = render(VALUES)
     env = container_env(server_container(objects))
-    assert env["O2U_WEBHOOK_ALLOWED_URLS"]["value"] == "https://hooks.example.com/o2u/,pipelines.example.com"
+    assert env["O2U_WEBHOOK_ALLOWED_URLS"]["value"] == (
+        "https://hooks.example.com/o2u/,pipelines.example.com,ci.example.com:8443"
+    )
     assert env["O2U_WEBHOOK_SECRET_FILE"]["value"] == "/etc/o2u/webhooks/hmac"
     mounts = {m["name"]: m for m in server_container(objects)["volumeMounts"]}
     assert mounts["webhooks"]["mountPath"] == "/etc/o2u/webhooks"
@@ -44,6 +47,8 @@ def test_webhooks_are_off_by_default() -> None:
         {"allowedUrls": ["http://hooks.example.com/"], "secret": {"existingSecret": "s"}},
         {"allowedUrls": ["https://user@hooks.example.com/"], "secret": {"existingSecret": "s"}},
         {"allowedUrls": ["hooks example"], "secret": {"existingSecret": "s"}},
+        {"allowedUrls": ["hooks.example.com:https"], "secret": {"existingSecret": "s"}},
+        {"allowedUrls": ["hooks.example.com:8443/o2u"], "secret": {"existingSecret": "s"}},
         {"allowed": []},
     ],
 )

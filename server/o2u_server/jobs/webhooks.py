@@ -2,7 +2,8 @@
 finished job sends, and the deliverer thread that sends the queued events (`webhook_store`).
 
 A webhook URL must be https (plain http only to a loopback address, when the operator allows it for
-tests) and must match the server's allow-list (`webhook_allowed_urls`: URL prefixes or host names);
+tests) and must match the server's allow-list (`webhook_allowed_urls`: URL prefixes, or host names with an
+optional port);
 an empty list disables webhooks. The server so never posts to an address a caller picked alone.
 
 Each event is a CloudEvents 1.0 structured-mode JSON document, POSTed with
@@ -79,14 +80,30 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+def _host_entry(entry: str) -> tuple[str, int | None]:
+    """A host-name entry's host and port: `hooks.example.com` (the URL scheme's default port) or
+    `hooks.example.com:8443`; an IPv6 address in brackets (`[::1]:8443`). Port None: not a number."""
+    parts = urlsplit(f"//{entry}")
+    try:
+        return (parts.hostname or "").lower(), parts.port
+    except ValueError:
+        return "", None
+
+
 def _allowed(url: str, host: str, allow_list: list[str]) -> bool:
     """Whether `url` matches an entry: the same scheme, host and port and a path under the entry's
     path for a URL prefix (so `https://a.example` never matches `https://a.example.evil/`), or the
-    same host for a host name."""
+    same host and port for a host name (`hooks.example.com` admits only the scheme's default port,
+    so a receiver's host never opens its other ports; `hooks.example.com:8443` admits that one)."""
     parts = urlsplit(url)
+    port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
     for entry in allow_list:
         if "://" not in entry:
-            if host == entry.lower():
+            entry_host, entry_port = _host_entry(entry)
+            if host == entry_host and port == (entry_port or _DEFAULT_PORTS.get(parts.scheme)):
                 return True
             continue
         allowed = urlsplit(entry)

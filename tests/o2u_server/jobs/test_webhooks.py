@@ -9,14 +9,17 @@ import ssl
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
 
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
+from o2u_server.jobs import webhooks
 from o2u_server.jobs.webhooks import PER_DESTINATION, destination
 from o2u_server.main import main
+from o2u_server.settings import Settings
 from tests.o2u_server.tls_material import make_pki
 from tests.server_testing import (
     SLOW_CONFIG,
@@ -292,6 +295,57 @@ def test_a_webhook_outside_the_allow_list_is_refused_at_submit(
         error = call_error(lambda: create_job(Stub(channel), digits_uri, webhook=_webhook(receiver)))
         assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "WEBHOOKS_DISABLED")
     assert not receiver.received
+
+
+def test_a_host_name_entry_admits_its_default_port_or_the_one_it_names(
+    tmp_path: Path, data_root: Path, digits_uri: str, receiver: Receiver
+) -> None:
+    """`localhost` admits only http's port 80 (no other port of the host), `127.0.0.1:<port>` any
+    path on that one port: the server refuses the others at submit and delivers to that one."""
+    allowed = ["localhost", f"127.0.0.1:{receiver.port}"]
+    settings = _settings(tmp_path, data_root, receiver, webhook_allowed_urls=allowed)
+    with running_server(settings) as server, server.channel() as channel:
+        stub = Stub(channel)
+        for url in (f"http://localhost:{receiver.port}/hooks/", f"http://127.0.0.1:{receiver.port + 1}/"):
+            target = pb.WebhookTarget(url=url)
+            error = call_error(lambda target=target: create_job(stub, digits_uri, webhook=target))
+            assert (error.code, error.reason) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "WEBHOOK_URL_NOT_ALLOWED",
+            ), url
+        job = create_job(
+            stub, digits_uri, webhook=pb.WebhookTarget(url=f"http://127.0.0.1:{receiver.port}/any/path")
+        )
+        delivered = _wait_attempts(stub, job.job_id, 1)
+        assert delivered.webhook_deliveries[-1].outcome == pb.WEBHOOK_OUTCOME_DELIVERED
+    for url, port, admitted in [
+        ("https://hooks.example/o2u", None, True),
+        ("https://hooks.example:443/o2u", None, True),
+        ("https://hooks.example:8443/o2u", None, False),
+        ("https://hooks.example:8443/o2u", 8443, True),
+        ("https://hooks.example/o2u", 8443, False),
+        ("https://HOOKS.example:8443/", 8443, True),
+        ("https://hooks.example.evil/", None, False),
+    ]:
+        entry = "Hooks.Example" if port is None else f"hooks.example:{port}"
+        assert webhooks._allowed(url, urlsplit(url).hostname or "", [entry]) is admitted, (url, entry)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "hooks.example.com/o2u",
+        "hooks.example.com:x",
+        "ftp://hooks.example.com/",
+        "user@hooks.example.com",
+        "",
+    ],
+)
+def test_an_allow_list_entry_that_is_no_prefix_or_host_is_refused_at_start(
+    tmp_path: Path, entry: str
+) -> None:
+    with pytest.raises(ValueError, match="neither an https:// URL prefix nor a host name"):
+        Settings(state_dir=tmp_path, webhook_allowed_urls=[entry, "hooks.example.com:8443"])
 
 
 def test_o2u_server_refuses_to_start_without_a_usable_signing_key(
