@@ -14,12 +14,12 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, select
 
 from o2u_server.domain import DatasetOptions, JobState, LabelStudioOptions, SkippedRecords
 from o2u_server.jobs.migrate import SCRIPT_LOCATION, NewerSchemaError, head_revision
 from o2u_server.jobs.store import JobStore
-from o2u_server.jobs.tables import metadata
+from o2u_server.jobs.tables import jobs, metadata
 from tests.o2u_server.jobs.store_testing import INFO, SPEC, claim, job_id
 from tests.postgres_server import PostgresServer
 from tests.server_testing import sqlite_integrity
@@ -147,6 +147,41 @@ def test_revision_0006_adds_the_dataset_options_to_jobs_of_0005(tmp_path: Path) 
         assert columns["dataset_options_json"]["nullable"]
         store.create_job(job_id(1), SPEC, 1.0, max_queued=10)
         assert store.get_job(job_id(1)).spec.dataset_options is None, "no options: the defaults"
+    finally:
+        store.close()
+    assert sqlite_integrity(path) == "ok"
+
+
+def test_revision_0007_keeps_the_jobs_of_0006_and_never_reuses_a_deleted_job_s_seq(tmp_path: Path) -> None:
+    """The table rebuilds before 0007 had dropped AUTOINCREMENT: the next job took the seq of a
+    deleted newest one. After 0007 the jobs of 0006 keep their numbers and no number comes back."""
+    path = tmp_path / "jobs.sqlite3"
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as conn:
+            config = Config()
+            config.set_main_option("script_location", str(SCRIPT_LOCATION))
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0006")
+            conn.exec_driver_sql(
+                "INSERT INTO jobs (seq, job_id, request_hash, display_name, dataset_uri, config_json, state, "
+                f"create_time, update_time) VALUES (7, '{job_id(7)}', 'h', 'old', 'file:///d/7.npz', '{{}}', "
+                "'succeeded', 1.0, 2.0)"
+            )
+            conn.commit()
+    finally:
+        engine.dispose()
+    store = JobStore(path)
+    store.open()  # migrates 0006 -> head
+    try:
+        assert store.get_job(job_id(7)).state is JobState.SUCCEEDED
+        store.create_job(job_id(8), SPEC, 3.0, max_queued=10)
+        store.request_cancel(job_id(8), 4.0)
+        store.delete_job(job_id(8))
+        store.create_job(job_id(9), SPEC, 5.0, max_queued=10)
+        with store.db.read() as conn:
+            numbers = dict(conn.execute(select(jobs.c.job_id, jobs.c.seq)).all())
+        assert numbers == {job_id(7): 7, job_id(9): 9}, "the deleted job's seq 8 was not reused"
     finally:
         store.close()
     assert sqlite_integrity(path) == "ok"
