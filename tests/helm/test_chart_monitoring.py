@@ -52,7 +52,10 @@ def test_services_and_monitors_select_the_right_objects() -> None:
             {"action": "replace", "targetLabel": "job", "replacement": fullname}
         ]
         for rule in one(objects, "PrometheusRule")["spec"]["groups"][0]["rules"]:
-            assert f'job="{fullname}"' in rule["expr"]
+            if "kube_deployment_" in rule["expr"]:  # kube-state-metrics names the Deployment
+                assert f'deployment="{fullname}"' in rule["expr"]
+            else:
+                assert f'job="{fullname}"' in rule["expr"]
             assert f'namespace="{NAMESPACE}"' in rule["expr"]
 
 

@@ -30,6 +30,12 @@ def second_replica(metric: str, values: str) -> dict[str, str]:
 
 
 SECOND = {**SCOPE, "instance": "10.0.0.8:9464"}
+# kube-state-metrics' series name the Deployment, and its own scrape job.
+_UNAVAILABLE = (
+    f'kube_deployment_status_replicas_unavailable{{{{namespace="{NAMESPACE}", deployment="{{deployment}}", '
+    'job="kube-state-metrics"}}'
+)
+DEPLOYMENT = {"namespace": NAMESPACE, "deployment": JOB}
 
 
 def firing(severity: str = "warning", **labels: str) -> list[dict[str, Any]]:
@@ -163,6 +169,34 @@ CASES: dict[str, tuple[list[dict[str, str]], list[tuple[str, str, list[dict[str,
     "every replica goes down": (
         [series("up", "1x5 0x25"), second_replica("up", "1x5 0x25")],
         [("15m", "O2UReplicaDown", []), ("15m", "O2UServerDown", firing("critical"))],
+    ),
+    "a replica stays pending": (
+        [
+            {"series": _UNAVAILABLE.format(deployment=JOB), "values": "0x5 1x30"},
+            {"series": _UNAVAILABLE.format(deployment="other"), "values": "2x35"},
+        ],
+        [
+            ("15m", "O2UReplicasUnavailable", []),
+            ("25m", "O2UReplicasUnavailable", [{"exp_labels": {"severity": "warning", **DEPLOYMENT}}]),
+        ],
+    ),
+    "a rollout's surge pod waits for a GPU past the progress deadline": (
+        [
+            {"series": _UNAVAILABLE.format(deployment=JOB), "values": "0x40"},
+            {
+                "series": f'kube_deployment_status_condition{{namespace="{NAMESPACE}", deployment="{JOB}", '
+                'job="kube-state-metrics", condition="Progressing", status="false"}',
+                "values": "0x10 1x30",
+            },
+        ],
+        [
+            ("20m", "O2UReplicasUnavailable", []),
+            ("30m", "O2UReplicasUnavailable", [{"exp_labels": {"severity": "warning", **DEPLOYMENT}}]),
+        ],
+    ),
+    "a rollout waits a few minutes for its new pod": (
+        [{"series": _UNAVAILABLE.format(deployment=JOB), "values": "0x5 1x10 0x20"}],
+        [("30m", "O2UReplicasUnavailable", []), ("14m", "O2UReplicasUnavailable", [])],
     ),
     "a backlog on two replicas is one alert": (
         [series("o2u_jobs_queued", "1+1x60"), second_replica("o2u_jobs_queued", "1+1x60")],
