@@ -3,11 +3,12 @@
 
 Rows are dictionaries of plain values (NumPy scalars are accepted). JSONL writes one compact JSON
 object per row; CSV writes a header of the first row's keys (or the given columns) and one line per
-row, with booleans as `true`/`false` and missing values empty. A JSONL or CSV file is written as the
-rows come into a temporary file beside the destination, then linked into place; an object (and a
-Parquet or Label Studio file) is built in memory and sent in one PUT. Either way it appears complete
-or not at all; an existing file or object is never replaced (ALREADY_EXISTS), so an export cannot
-overwrite a dataset or anyone's earlier export.
+row, with booleans as `true`/`false` and missing values empty. JSONL and CSV are encoded as the
+rows come: into a temporary file beside the destination, then linked into place, or into an object's
+multipart upload one part at a time. A Parquet or Label Studio export is built in memory and then
+written or sent in one PUT. Either way it appears complete or not at all; an existing file or
+object is never replaced (ALREADY_EXISTS), so an export cannot overwrite a dataset or anyone's
+earlier export.
 """
 
 from __future__ import annotations
@@ -162,9 +163,9 @@ def write_export(
     elif export_format == ExportFormat.PARQUET:
         count, data = parquet_export(rows, columns or EXPORT_COLUMNS)
     else:
-        # Encoded as the rows come, into the file being written (a file:// destination holds
-        # nothing in memory) or the bytes that are sent: a text buffer and its encoded copy held
-        # the file two to three times over.
+        # Encoded as the rows come, into the file being written or the part of the object being
+        # filled (nothing more is held in memory): a text buffer and its encoded copy held the
+        # file two to three times over.
         counted: list[int] = []
         writer = _WRITERS[export_format]
 

@@ -13,7 +13,6 @@ chunk read and stops the read (`Stopped`) once the job is cancelled or the serve
 from __future__ import annotations
 
 import copy
-import io
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -275,17 +274,14 @@ class Storage:
         (nothing is ever replaced). The result appears complete or not at all. Returns its size.
 
         `data` is the bytes, or a function that writes them: into the new file's temporary twin
-        for a `file://` destination (nothing is held in memory), into memory for an object, which
-        goes in one PUT."""
+        for a `file://` destination, into an upload of one part at a time for an object (see
+        `ObjectStore.create_streamed`); either way no more than a part is held in memory."""
         reference = self.parse_export(uri, field=field)
         if reference.scheme == "file":
             return localfiles.create_file(reference.key, data, uri=uri, roots=self.export_roots, field=field)
-        if callable(data):
-            buffer = io.BytesIO()
-            data(buffer)
-            data = buffer.getvalue()
-            del buffer
         store, bucket = self._s3(reference)
+        if callable(data):
+            return store.create_streamed(bucket, reference.key, data, content_type=content_type)
         store.create(bucket, reference.key, data, content_type=content_type)
         return len(data)
 

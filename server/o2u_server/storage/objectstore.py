@@ -9,17 +9,20 @@ credential errors -> PermissionDenied. The endpoint, credentials and region are 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import BinaryIO, TypeVar, cast
+from xml.etree import ElementTree
 
 import certifi
 import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
+from minio.helpers import md5sum_hash
 
 from o2u_server.errors import (
     AlreadyExists,
@@ -37,6 +40,10 @@ __all__ = ["ObjectStore", "RetryPolicy"]
 T = TypeVar("T")
 MIB = 1024 * 1024
 MAX_SINGLE_PUT_BYTES = 5 * 1024**3  # S3's limit for one PUT
+# One part of a streamed upload: what `create_streamed` holds in memory. S3 takes parts of 5 MiB to
+# 5 GiB (the last may be smaller) and 10,000 of them: up to 160 GiB at this size.
+PART_BYTES = 16 * MIB
+_MAX_PARTS = 10_000
 _RETRYABLE_CODES = {
     "SlowDown",
     "ServiceUnavailable",
@@ -186,6 +193,23 @@ class ObjectStore:
         }
         self._call(lambda: self._client._put_object(bucket, key, data, headers), uri=uri)
 
+    def create_streamed(
+        self, bucket: str, key: str, write: Callable[[BinaryIO], None], *, content_type: str
+    ) -> int:
+        """Store a new object that `write` writes, holding at most one part (PART_BYTES) in memory;
+        returns its size. A body that fits one part goes in `create`'s one conditional PUT. A larger
+        one goes in a multipart upload, whose CompleteMultipartUpload carries `If-None-Match: *`
+        (S3, MinIO): the object appears complete or not at all, and never replaces one. A name that
+        is taken when the first part is ready is AlreadyExists before any part is sent; an upload
+        that fails is aborted, so its parts are not left behind to be billed."""
+        sink = _PartSink(self, bucket, key, content_type)
+        try:
+            write(cast(BinaryIO, sink))
+            return sink.finish()
+        except BaseException:
+            sink.abort()
+            raise
+
     def _call(self, operation: Callable[[], T], *, uri: str) -> T:
         failures = 0
         while True:
@@ -218,12 +242,7 @@ class ObjectStore:
     def _s3_error(error: S3Error, uri: str) -> ServiceError:
         uri = shown(uri)
         if error.code in ("PreconditionFailed", "ConditionalRequestConflict"):  # If-None-Match: *
-            return AlreadyExists(
-                f"{uri} already exists; exports never replace an object: choose a new name",
-                reason="DESTINATION_EXISTS",
-                resource_type="object",
-                resource_name=uri,
-            )
+            return _taken(uri)
         if error.code in ("NoSuchKey", "NoSuchObject"):
             return NotFound(
                 f"object {uri} does not exist",
@@ -252,3 +271,116 @@ class ObjectStore:
             resource_type="object",
             resource_name=uri,
         )
+
+
+def _taken(uri: str) -> AlreadyExists:
+    """A conditional write found the name taken (`uri` as shown in messages)."""
+    return AlreadyExists(
+        f"{uri} already exists; exports never replace an object: choose a new name",
+        reason="DESTINATION_EXISTS",
+        resource_type="object",
+        resource_name=uri,
+    )
+
+
+class _PartSink(io.BufferedIOBase):
+    """The writable end of `ObjectStore.create_streamed`: buffers one part, uploads each full one."""
+
+    def __init__(self, store: ObjectStore, bucket: str, key: str, content_type: str) -> None:
+        super().__init__()
+        self._store, self._bucket, self._key, self._content_type = store, bucket, key, content_type
+        self._uri = s3_uri(bucket, key)
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._etags: list[str] = []
+        self._size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        self._buffer += data
+        while len(self._buffer) >= PART_BYTES:
+            if self._upload_id is None:
+                self._start()
+            part, self._buffer = self._buffer, bytearray(self._buffer[PART_BYTES:])
+            del part[PART_BYTES:]
+            self._send(part)
+        return len(data)
+
+    def _start(self) -> None:
+        """Begin the multipart upload, unless the name is already taken."""
+        if self._exists():
+            raise _taken(shown(self._uri))
+        client = self._store._client
+        headers: dict[str, str | list[str] | tuple[str]] = {"Content-Type": self._content_type}
+        self._upload_id = self._store._call(
+            lambda: client._create_multipart_upload(self._bucket, self._key, headers), uri=self._uri
+        )
+
+    def _send(self, part: bytearray) -> None:
+        """Upload `part` as the next part, then empty it: the HTTP stack keeps reference cycles to
+        a request's body until the garbage collector runs, and an emptied buffer holds no memory."""
+        client = self._store._client
+        if len(self._etags) >= _MAX_PARTS:
+            raise ResourceExhausted(
+                f"the export for {shown(self._uri)} is larger than one upload may be "
+                f"({_MAX_PARTS} parts of {PART_BYTES} bytes); export only the suspected samples",
+                reason="EXPORT_TOO_LARGE",
+            )
+        number, upload_id = len(self._etags) + 1, self._upload_id
+        assert upload_id is not None, "_start comes before the first part"
+        body = cast(bytes, part)  # sent as it is: the SDK needs only len() and the buffer protocol
+        etag = self._store._call(
+            lambda: client._upload_part(self._bucket, self._key, body, None, upload_id, number), uri=self._uri
+        )
+        self._etags.append(etag)
+        self._size += len(part)
+        part.clear()
+
+    def _exists(self) -> bool:
+        try:
+            self._store.stat(self._bucket, self._key)
+        except NotFound:
+            return False
+        return True
+
+    def finish(self) -> int:
+        """Send what is left: one PUT if no part went yet, else the last part and the completion."""
+        if self._upload_id is None:
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            self._store.create(self._bucket, self._key, data, content_type=self._content_type)
+            return len(data)
+        if self._buffer or not self._etags:
+            last, self._buffer = self._buffer, bytearray()
+            self._send(last)
+        element = ElementTree.Element("CompleteMultipartUpload")
+        for number, etag in enumerate(self._etags, start=1):
+            part = ElementTree.SubElement(element, "Part")
+            ElementTree.SubElement(part, "PartNumber").text = str(number)
+            ElementTree.SubElement(part, "ETag").text = f'"{etag}"'
+        body = ElementTree.tostring(element)
+        headers: dict[str, str | list[str] | tuple[str]] = {
+            "Content-Type": "application/xml",
+            "Content-MD5": md5sum_hash(body) or "",
+            "If-None-Match": "*",  # the multipart twin of create's conditional PUT
+        }
+        query: dict[str, str | list[str] | tuple[str]] = {"uploadId": self._upload_id}
+        client = self._store._client
+        self._store._call(
+            lambda: client._execute(
+                "POST", self._bucket, self._key, body=body, headers=headers, query_params=query
+            ),
+            uri=self._uri,
+        )
+        self._upload_id = None  # complete: nothing to abort
+        return self._size
+
+    def abort(self) -> None:
+        """Drop the parts sent so far (best effort: the upload has already failed)."""
+        if self._upload_id is None:
+            return
+        upload_id, self._upload_id = self._upload_id, None
+        with contextlib.suppress(ServiceError, S3Error, *_TRANSIENT):
+            self._store._client._abort_multipart_upload(self._bucket, self._key, upload_id)

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,10 @@ import pytest
 
 from o2u_server.datasets.exports import EXPORT_COLUMNS, infer_export_format, write_export
 from o2u_server.domain import ExportFormat, NoiseScoreRow
-from o2u_server.errors import AlreadyExists, InvalidArgument, PermissionDenied, ResourceExhausted
+from o2u_server.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from o2u_server.settings import Settings
-from o2u_server.storage import Storage
-from tests.o2u_server.dataset_files import Store, make_storage
+from o2u_server.storage import Storage, objectstore
+from tests.o2u_server.dataset_files import BUCKET, Store, make_storage
 from tests.o2u_server.jobs.full_volumes import mounted_tmpfs
 from tests.s3_server import S3Server
 
@@ -134,3 +135,91 @@ def test_a_file_export_that_does_not_fit_leaves_nothing_behind(tmp_path: Path, s
             write_export(rows, f"file://{volume}/exports/scores.jsonl", ExportFormat.JSONL, storage)
         assert caught.value.reason == "NO_SPACE_LEFT"
         assert list((volume / "exports").iterdir()) == []
+
+
+def _many_rows(count: int) -> Iterator[dict[str, object]]:
+    return (
+        {
+            "rank": i,
+            "key": f"images/é-{i % 10}/{i:08d}.png",
+            "score": 0.123456789 * i,
+            "suspected": i % 3 == 0,
+        }
+        for i in range(count)
+    )
+
+
+def _uploads_in_progress(s3: S3Server) -> list[str]:
+    """The multipart uploads the bucket still holds (parts that were neither completed nor aborted)."""
+    return [upload.upload_id for upload in s3.client()._list_multipart_uploads(BUCKET).uploads]
+
+
+@pytest.fixture
+def small_parts(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Parts of 5 MiB, the least S3 takes, so that an export of a few parts stays quick."""
+    monkeypatch.setattr(objectstore, "PART_BYTES", 5 * objectstore.MIB)
+    return objectstore.PART_BYTES
+
+
+@pytest.mark.parametrize("export_format", [ExportFormat.JSONL, ExportFormat.CSV])
+def test_an_object_export_is_uploaded_a_part_at_a_time(
+    storage: Storage, root: Path, s3: S3Server, small_parts: int, export_format: ExportFormat
+) -> None:
+    """An s3:// export is sent in parts as the rows come (a multipart upload completed with
+    If-None-Match), holding about one part in memory, not the file: the same bytes as a file export."""
+    name = f"exports/parts.{export_format.name.lower()}"
+    tracemalloc.start()
+    try:
+        _, size = write_export(_many_rows(250_000), f"s3://{BUCKET}/{name}", export_format, storage)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert size > 2.5 * small_parts
+    assert peak < 1.5 * small_parts, "about the part being filled or sent, no more"
+    etag = storage.stat(f"s3://{BUCKET}/{name}").etag
+    assert etag.endswith(f"-{-(-size // small_parts)}"), "a multipart object's ETag counts its parts"
+    write_export(_many_rows(250_000), f"file://{root}/{name}", export_format, storage)
+    assert s3.get(BUCKET, name) == (root / name).read_bytes()
+    assert _uploads_in_progress(s3) == []
+
+
+def test_a_large_object_export_never_replaces_an_object(
+    storage: Storage, s3: S3Server, small_parts: int
+) -> None:
+    """A name taken before the export starts is refused before any part is sent; one taken while
+    the parts go up is refused at completion (If-None-Match). Either way the object is untouched
+    and no parts are left behind."""
+    s3.put(BUCKET, "exports/taken.csv", b"someone's object")
+    uri = f"s3://{BUCKET}/exports/taken.csv"
+    with pytest.raises(AlreadyExists) as caught:
+        write_export(_many_rows(250_000), uri, ExportFormat.CSV, storage)
+    assert caught.value.reason == "DESTINATION_EXISTS"
+    assert storage.read_bytes(uri) == b"someone's object"
+
+    def rows_while_another_writer_takes_the_name() -> Iterator[dict[str, object]]:
+        for row in _many_rows(250_000):
+            if row["rank"] == 200_000:  # several parts are up by now
+                s3.put(BUCKET, "exports/raced.csv", b"the other writer's object")
+            yield row
+
+    raced = f"s3://{BUCKET}/exports/raced.csv"
+    with pytest.raises(AlreadyExists):
+        write_export(rows_while_another_writer_takes_the_name(), raced, ExportFormat.CSV, storage)
+    assert storage.read_bytes(raced) == b"the other writer's object"
+    assert _uploads_in_progress(s3) == []
+
+
+def test_an_object_export_that_fails_midway_leaves_no_object_and_no_parts(
+    storage: Storage, s3: S3Server, small_parts: int
+) -> None:
+    def rows_failing_late() -> Iterator[dict[str, object]]:
+        for row in _many_rows(250_000):
+            if row["rank"] == 200_000:
+                raise RuntimeError("the job store went away")
+            yield row
+
+    with pytest.raises(RuntimeError, match="went away"):
+        write_export(rows_failing_late(), f"s3://{BUCKET}/exports/failed.csv", ExportFormat.CSV, storage)
+    with pytest.raises(NotFound):
+        storage.stat(f"s3://{BUCKET}/exports/failed.csv")
+    assert _uploads_in_progress(s3) == []
