@@ -1,7 +1,8 @@
 """The `o2u` CLI, run in-process through `main([...])` against a real server: JSON output that
-parses, exit statuses a shell can branch on, and `score` end to end with plain progress lines
-when stdout is not a terminal; `--json score`, run as a process and interrupted, has named its
-job on stderr as soon as it existed."""
+parses, exit statuses a shell can branch on, `score` end to end with plain progress lines when
+stdout is not a terminal, and `--config` in either protobuf JSON naming; `--json score`, run as a
+process and interrupted, has named its job on stderr as soon as it existed, and `watch`, run as a
+process, rides out a server that refuses connections for a while, saying so on stderr."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import pytest
 from o2u.v1 import scoring_pb2 as pb
 from o2u_client import Client, Job, JobState
 from o2u_client.cli import main
+from tests.o2u_client.loopback_proxy import LoopbackProxy
 from tests.server_testing import DIGITS_SAMPLES as NUM_SAMPLES
 from tests.server_testing import SLOW_CONFIG, TINY_CONFIG, RunningServer
 
@@ -276,10 +278,16 @@ def test_help_prints_the_exit_status_table_of_the_api_reference(capsys: pytest.C
 def _stderr_line(process: subprocess.Popen[str], timeout: float) -> str:
     """The first line the process writes to stderr, within `timeout` seconds."""
     assert process.stderr is not None
+    return _next_line(process.stderr, timeout)
+
+
+def _next_line(stream: Any, timeout: float) -> str:
+    """The next line of a process's pipe, within `timeout` seconds."""
     with selectors.DefaultSelector() as selector:
-        selector.register(process.stderr, selectors.EVENT_READ)
-        assert selector.select(timeout), f"nothing on stderr within {timeout} s"
-    return process.stderr.readline()
+        selector.register(stream, selectors.EVENT_READ)
+        assert selector.select(timeout), f"no line from the process within {timeout} s"
+    line: str = stream.readline()
+    return line
 
 
 def test_interrupted_json_score_has_named_its_job(server: RunningServer, dataset_uri: str) -> None:
@@ -311,3 +319,101 @@ def test_interrupted_json_score_has_named_its_job(server: RunningServer, dataset
         assert job.state in (JobState.QUEUED, JobState.RUNNING), "the job runs on"
         client.cancel(job_id)
         assert client.wait(job_id, timeout=60).state == JobState.CANCELLED
+
+
+def test_watch_rides_out_a_server_that_refuses_connections(server: RunningServer, dataset_uri: str) -> None:
+    with Client(server.address, timeout=20.0) as client, LoopbackProxy(server.port) as proxy:
+        job = client.submit(dataset_uri, config=SLOW_CONFIG)
+        process = subprocess.Popen(
+            [str(O2U), "--target", proxy.address, "--json", "watch", job.job_id, "--reconnect-window=60"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert process.stdout is not None
+            assert process.stderr is not None
+            first = json.loads(_next_line(process.stdout, timeout=60))
+            proxy.refuse()  # the stream breaks, and every reconnect is turned away
+            lost = _next_line(process.stderr, timeout=30)
+            time.sleep(1.0)  # a few failed reconnects
+            proxy.restore()
+            back = _next_line(process.stderr, timeout=30)
+            client.cancel(job.job_id)  # the watch then ends with the job's final event
+            out, err = process.communicate(timeout=60)
+        finally:
+            process.kill()
+            process.wait()
+    assert lost.startswith("notice: lost the connection to the server (UNAVAILABLE"), lost
+    assert "reconnecting for up to 60 s" in lost
+    assert back.startswith("notice: reconnected to the server; the watch goes on after event "), back
+    assert err == ""
+    assert process.returncode == 1, "a cancelled job exits 1"
+    events = [first, *json_lines(out)]
+    assert [event["sequence"] for event in events] == list(range(1, len(events) + 1)), "none lost or repeated"
+    assert events[-1]["state"] == "CANCELLED"
+
+
+def test_config_file_in_either_protobuf_json_naming(
+    capsys: pytest.CaptureFixture[str], server: RunningServer, dataset_uri: str, tmp_path: Path
+) -> None:
+    canonical = {  # protobuf's canonical JSON: lowerCamelCase, int64 quoted, enums by name
+        "model": "mlp",
+        "seed": "7",
+        "pretrainEpochs": 2,
+        "cycleLengthEpochs": 2,
+        "numCycles": 1,
+        "augmentation": "AUGMENTATION_NONE",
+        "score": "NOISE_SCORE_KIND_O2U_LOSS",
+    }
+    proto_names = {
+        "model": "mlp",
+        "seed": 7,
+        "pretrain_epochs": 2,
+        "cycle_length_epochs": 2,
+        "num_cycles": 1,
+        "augmentation": "AUGMENTATION_NONE",
+        "score": pb.NOISE_SCORE_KIND_O2U_LOSS,
+    }
+    expected = {
+        "model": "mlp",
+        "seed": 7,
+        "pretrain_epochs": 2,
+        "cycle_length_epochs": 2,
+        "num_cycles": 1,
+        "augmentation": pb.AUGMENTATION_NONE,
+        "score": pb.NOISE_SCORE_KIND_O2U_LOSS,
+        "pretrain_batch_size": 64,  # from the flag, on top of the file
+    }
+    config = tmp_path / "config.json"
+    flags = ["--target", server.address, "--json", "score", dataset_uri, "--no-wait", "--config", str(config)]
+    for document in (canonical, proto_names):
+        config.write_text(json.dumps(document))
+        status, out, err = run(capsys, *flags, "--pretrain-batch-size=64")
+        assert status == 0, err
+        job = json.loads(out)
+        assert job["config"] == expected, document
+        assert run(capsys, "--target", server.address, "cancel", job["job_id"])[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"model": "mlp", "learningRate": 0.1}, "unknown ScoringConfig field 'learningRate'"),
+        ({"pretrainEpochs": "two"}, "Failed to parse pretrainEpochs field"),
+        ({"seed": 1.5}, "ScoringConfig.seed"),
+        ({"augmentation": "CROP"}, "augmentation"),
+        ({"num_cycles": 2, "numCycles": 3}, "num_cycles is given twice"),
+    ],
+)
+def test_config_file_errors_name_the_field(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, document: dict[str, Any], message: str
+) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(document))
+    # Refused before any call: the target is never dialled.
+    status, out, err = run(capsys, "score", "file:///data/batch.npz", "--config", str(config))
+    assert status == 2
+    assert out == ""
+    assert err.startswith(f"error: --config {config}: ")
+    assert message in err

@@ -1,7 +1,8 @@
 """Failed calls raise the O2UError subclass of their status code, with the server's google.rpc
 details parsed; UNAVAILABLE is retried only where repeating the call is safe, and a submission
-whose answer came too late (DEADLINE_EXCEEDED) is repeated with its request_id, which the error
-carries when the retries run out."""
+whose answer came too late (DEADLINE_EXCEEDED), or that a full queue turned away with a retry delay,
+is repeated with its request_id, which the error carries when the retries run out; a quota's
+refusal, which has no retry delay, is not."""
 
 from __future__ import annotations
 
@@ -18,12 +19,15 @@ from o2u_client import (
     AlreadyExistsError,
     Client,
     DeadlineExceededError,
+    EventType,
     FailedPreconditionError,
     InvalidArgumentError,
     Job,
+    JobState,
     NotFoundError,
     O2UError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     UnavailableError,
 )
 from o2u_client.cli import _print_error
@@ -232,6 +236,67 @@ def test_a_submission_answered_too_late_is_retried_with_its_request_id(
     with Client(server.address, timeout=20.0) as client:
         again = client.submit(dataset_uri, config=TINY_CONFIG, request_id=request_id)
         assert _jobs_with_request_id(client, request_id) == [again.job_id]
+
+
+class _FreeTheQueueWhenFull(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Records the CreateScoringJob requests, and calls `free()` once the first is refused
+    RESOURCE_EXHAUSTED: the queue has room by the time the client tries again."""
+
+    def __init__(self, free: Callable[[], object]) -> None:
+        self.free = free
+        self.requests: list[Any] = []
+
+    def intercept_unary_unary(
+        self, continuation: Callable[[Any, Any], Any], client_call_details: Any, request: Any
+    ) -> Any:
+        outcome = continuation(client_call_details, request)
+        if str(client_call_details.method).endswith("/CreateScoringJob"):
+            self.requests.append(request)
+            if len(self.requests) == 1 and outcome.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self.free()
+        return outcome
+
+
+def _started(client: Client, job: Job) -> None:
+    """Return once the job is RUNNING: it no longer counts as queued."""
+    for event in client.watch(job.job_id, timeout=60):
+        if event.type == EventType.STATE_CHANGED and event.state == JobState.RUNNING:
+            return
+    raise AssertionError(f"job {job.job_id} ended without running")
+
+
+def test_a_full_queue_is_waited_out_and_a_quota_is_not(
+    start_server: Callable[..., RunningServer], dataset_uri: str
+) -> None:
+    server = start_server(max_queued_jobs=1, shutdown_grace_seconds=0.5)  # one job runs at a time
+    with Client(server.address, timeout=20.0) as owner:
+        running = owner.submit(dataset_uri, config=SLOW_CONFIG)
+        _started(owner, running)
+        queued = owner.submit(dataset_uri, config=SLOW_CONFIG)  # the queue is full now
+        freeing = _FreeTheQueueWhenFull(lambda: owner.cancel(queued.job_id))
+        # The server asks for 30 s (QUEUE_FULL); a shorter cap keeps the test quick.
+        with Client(server.address, timeout=20.0, max_retry_delay=0.5, interceptors=[freeing]) as client:
+            job = client.submit(dataset_uri, config=TINY_CONFIG)
+        assert len(freeing.requests) == 2, "refused once, then let in"
+        assert [request.request_id for request in freeing.requests] == [job.request_id] * 2
+        assert _jobs_with_request_id(owner, job.request_id) == [job.job_id], "one job"
+        for job_id in (running.job_id, job.job_id):
+            owner.cancel(job_id)
+
+    # RESOURCE_EXHAUSTED without a retry delay (the principal's quota) fails the first time.
+    server = start_server(max_jobs_per_principal=1, shutdown_grace_seconds=0.5)
+    counter = _CountingInterceptor()
+    with Client(server.address, timeout=20.0, interceptors=[counter]) as client:
+        first = client.submit(dataset_uri, config=SLOW_CONFIG)
+        try:
+            with pytest.raises(ResourceExhaustedError) as caught:
+                client.submit(dataset_uri, config=SLOW_CONFIG)
+        finally:
+            client.cancel(first.job_id)
+    assert caught.value.reason == "PRINCIPAL_QUOTA_EXCEEDED"
+    assert caught.value.retry_delay is None, "nothing says when to come back: no retry"
+    assert caught.value.request_id is not None
+    assert counter.calls["CreateScoringJob"] == 2, "one attempt each"
 
 
 def test_a_retried_export_that_finds_its_own_file_says_so(

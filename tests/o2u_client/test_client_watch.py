@@ -1,19 +1,19 @@
 """`Client.watch` survives a dropped stream: the server is stopped mid-job and started again on
-the same port and state folder, and the watch resumes after the last event it delivered; it gives
-up, boundedly, when the server stays away, and never past its own timeout (nor does `wait`). A
-server with no watch slot free says when to come back, and the watch waits that long. A connection
-that goes silent without a reset (a TCP proxy that stops forwarding) is found dead by keepalive
-pings, and the watch resumes on a new one."""
+the same port and state folder, and the watch resumes after the last event it delivered. Once the
+server has answered, a reconnect window, not a count of attempts, bounds how long it keeps trying
+(and it says when it lost the server and when it is back); a target never reached fails after the
+count. It gives up, boundedly, when the server stays away, and never past its own timeout (nor does
+`wait`). A server with no watch slot free says when to come back, and the watch waits that long. A
+connection that goes silent without a reset (a TCP proxy that stops forwarding) is found dead by
+keepalive pings, and the watch resumes on a new one."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -22,10 +22,13 @@ import pytest
 from o2u_client import Client, DeadlineExceededError, EventType, JobState, UnavailableError
 from o2u_client.channel import KEEPALIVE_TIME, KEEPALIVE_TIMEOUT
 from o2u_server.app import KEEPALIVE_TIMEOUT_MS, MIN_CLIENT_PING_INTERVAL_MS
+from tests.o2u_client.loopback_proxy import LoopbackProxy
 from tests.server_testing import SLOW_CONFIG, TINY_CONFIG, RunningServer, running_server, test_settings
 
 # Long enough that the restart happens while the job is still training.
 RESTART_CONFIG = {**TINY_CONFIG, "pretrain_epochs": 30, "cycle_length_epochs": 3, "num_cycles": 3}
+# A well-formed job id that no server ever issued.
+MISSING_JOB_ID = "job-" + "0" * 32
 
 
 def test_watch_resumes_across_a_server_restart(
@@ -64,7 +67,10 @@ def test_watch_gives_up_when_the_server_stays_down(
 ) -> None:
     with ExitStack() as stack:
         server = start_server(shutdown_grace_seconds=0.5)
-        client = stack.enter_context(Client(server.address, timeout=1.0, watch_reconnects=2))
+        # A window past the drained server's RetryInfo delay (5 s), so probes find nothing there.
+        client = stack.enter_context(
+            Client(server.address, timeout=1.0, watch_reconnects=2, watch_reconnect_window=8.0)
+        )
         job = client.submit(dataset_uri, config=SLOW_CONFIG)
         events = client.watch(job.job_id)
         next(events)
@@ -74,6 +80,71 @@ def test_watch_gives_up_when_the_server_stays_down(
             for _ in events:
                 pass
         assert time.monotonic() - started < 30
+
+
+def test_watch_rides_out_an_outage_longer_than_its_reconnect_count(
+    data_root: Path, dataset_uri: str, tmp_path: Path, free_port: int
+) -> None:
+    settings = test_settings(
+        state_dir=tmp_path / "state",
+        data_roots=[data_root],
+        listen_address=f"127.0.0.1:{free_port}",
+        shutdown_grace_seconds=1.0,
+    )
+    notices: list[str] = []
+    outage = 3.0  # seconds: one reopen attempt of fail-fast probes gives up well within it
+    with (
+        ExitStack() as servers,
+        # Between client and server, so the watch sees connections refused (a pod rescheduled),
+        # not the drain's "come back in 5 s", for as long as the server is away.
+        LoopbackProxy(free_port) as proxy,
+        Client(
+            proxy.address,
+            timeout=5.0,
+            wait_for_ready=False,  # as the CLI: a probe fails at once while nothing listens
+            watch_reconnects=1,
+            watch_reconnect_window=60.0,
+        ) as client,
+    ):
+        servers.enter_context(running_server(settings))
+        job = client.submit(dataset_uri, config=RESTART_CONFIG)
+
+        def restart_later() -> None:
+            time.sleep(outage)
+            servers.enter_context(running_server(settings))
+            proxy.restore()
+
+        restart = threading.Thread(target=restart_later)
+        events = []
+        for event in client.watch(job.job_id, timeout=120, on_connection=notices.append):
+            events.append(event)
+            if restart.ident is None and event.type == EventType.PROGRESS:
+                proxy.refuse()
+                servers.close()  # the job is requeued, to resume when the server is back
+                restart.start()
+        restart.join(timeout=60)
+        final = client.get(job.job_id)
+    assert [event.sequence for event in events] == list(range(1, len(events) + 1)), "none lost or repeated"
+    assert final.state == JobState.SUCCEEDED, final.error
+    assert final.attempts == 2, "the job went on on the server, across the restart"
+    assert len(notices) == 2, notices
+    assert notices[0].startswith("lost the connection to the server (UNAVAILABLE")
+    assert "reconnecting for up to 60 s" in notices[0]
+    assert notices[1].startswith("reconnected to the server; the watch goes on after event ")
+
+
+def test_watch_of_a_target_never_reached_fails_after_its_reconnect_count(free_port: int) -> None:
+    notices: list[str] = []
+    target = f"127.0.0.1:{free_port}"  # nothing listens here: a mistyped address
+    with Client(
+        target, timeout=5.0, wait_for_ready=False, watch_reconnects=1, watch_reconnect_window=60.0
+    ) as client:
+        started = time.monotonic()
+        with pytest.raises(UnavailableError, match="cannot reach the server"):
+            list(client.watch(MISSING_JOB_ID, on_connection=notices.append))
+        # The window is for a server that was there: this one never was, so the count decides.
+        assert time.monotonic() - started < 20
+    assert notices == [], "nothing was lost: it was never reached"
 
 
 def test_watch_timeout_and_early_close(client: Client, dataset_uri: str) -> None:
@@ -170,69 +241,6 @@ def test_watch_waits_out_a_server_without_a_free_watch_slot(
         assert [event.state for event in events][-1] == JobState.CANCELLED
 
 
-class _FreezingProxy:
-    """A TCP proxy on loopback to `port` whose open connections `freeze()` makes silent both ways
-    while their sockets stay open, as when a peer vanishes without a reset; new ones pass."""
-
-    def __init__(self, port: int) -> None:
-        self._upstream = port
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.1)
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self.connections = 0
-        self._frozen: set[int] = set()
-        self._sockets: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._accept)]
-        self._threads[0].start()
-
-    def freeze(self) -> None:
-        self._frozen.update(range(self.connections))
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                downstream, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self._upstream))
-            self._sockets += [downstream, upstream]
-            number, self.connections = self.connections, self.connections + 1
-            for source, sink in ((downstream, upstream), (upstream, downstream)):
-                thread = threading.Thread(target=self._pump, args=(source, sink, number))
-                self._threads.append(thread)
-                thread.start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, number: int) -> None:
-        source.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                data = source.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            if number not in self._frozen:  # a frozen connection swallows what it gets
-                try:
-                    sink.sendall(data)
-                except OSError:
-                    return
-
-    def __enter__(self) -> _FreezingProxy:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=10)
-        for sock in [self._listener, *self._sockets]:
-            sock.close()
-
-
 def test_keepalive_defaults_fit_what_the_server_allows() -> None:
     # Pinging more often than the server permits gets the connection closed (too_many_pings).
     assert KEEPALIVE_TIME * 1000 >= MIN_CLIENT_PING_INTERVAL_MS
@@ -242,7 +250,7 @@ def test_keepalive_defaults_fit_what_the_server_allows() -> None:
 def test_watch_resumes_after_its_connection_goes_silent(server: RunningServer, dataset_uri: str) -> None:
     # Pings every second here (the default is KEEPALIVE_TIME) so the dead connection shows quickly.
     with (
-        _FreezingProxy(server.port) as proxy,
+        LoopbackProxy(server.port) as proxy,
         Client(proxy.address, timeout=20.0, keepalive_time=1.0, keepalive_timeout=1.0) as client,
     ):
         job = client.submit(dataset_uri, config=TINY_CONFIG)

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 from rich.console import RenderableType
 
+from o2u.v1 import scoring_pb2
 from o2u_client.channel import check_token_transport
 from o2u_client.cli_options import (
     CONFIG_OPTIONS,
@@ -30,7 +31,7 @@ from o2u_client.cli_options import (
     global_defaults,
 )
 from o2u_client.client import Client
-from o2u_client.converters import DATASET_FORMATS, EXPORT_FORMATS
+from o2u_client.converters import DATASET_FORMATS, EXPORT_FORMATS, build_config, config_from_json
 from o2u_client.errors import EXIT_CODES, EXIT_GENERIC_ERROR, O2UError
 from o2u_client.gate import EXIT_GATE_FAILED, gate_verdict
 from o2u_client.models import Job, JobState, to_json_dict
@@ -88,21 +89,21 @@ def _exit_for(job: Job) -> int:
     return 0 if job.state in (JobState.SUCCEEDED, JobState.QUEUED, JobState.RUNNING) else EXIT_FAILED_JOB
 
 
-def _config(args: argparse.Namespace) -> dict[str, Any]:
-    config: dict[str, Any] = {}
+def _config(args: argparse.Namespace) -> scoring_pb2.ScoringConfig:
+    """The --config file's ScoringConfig (protobuf JSON, either field naming), with the flags on top."""
+    config = scoring_pb2.ScoringConfig()
     if args.config_file is not None:
         try:
             loaded = json.loads(Path(args.config_file).read_text())
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read --config {args.config_file}: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ValueError(f"--config {args.config_file} must hold a JSON object of ScoringConfig fields")
-        config.update(loaded)
-    for option in CONFIG_OPTIONS:
-        value = getattr(args, option.field)
-        if value is not None:
-            config[option.field] = option.value(value)
-    return config
+        try:
+            config = config_from_json(loaded)
+        except ValueError as exc:
+            raise ValueError(f"--config {args.config_file}: {exc}") from None
+    given = {option: getattr(args, option.field) for option in CONFIG_OPTIONS}
+    flags = {option.field: option.value(value) for option, value in given.items() if value is not None}
+    return build_config(config, **flags)
 
 
 def cmd_score(args: argparse.Namespace, client: Client, out: Output) -> int:
@@ -140,6 +141,7 @@ def cmd_score(args: argparse.Namespace, client: Client, out: Output) -> int:
             config=_config(args),
             top=args.top,
             on_submitted=note,
+            on_connection=_print_notice,
             **options,
         )
     except (O2UError, KeyboardInterrupt) as stopped:
@@ -196,7 +198,7 @@ def cmd_get(args: argparse.Namespace, client: Client, out: Output) -> int:
 
 
 def cmd_watch(args: argparse.Namespace, client: Client, out: Output) -> int:
-    events = client.watch(args.job_id, after_sequence=args.after)
+    events = client.watch(args.job_id, after_sequence=args.after, on_connection=_print_notice)
     if out.json_mode:
         for event in events:
             out.document(event)
@@ -305,7 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--top", type=int, default=10, metavar="N", help="suspects to print (default 10)")
     score.add_argument("--no-wait", action="store_true", help="submit and print the job id without waiting")
     score.add_argument(
-        "--config", dest="config_file", metavar="FILE", help="JSON object of ScoringConfig fields"
+        "--config",
+        dest="config_file",
+        metavar="FILE",
+        help="JSON object of ScoringConfig fields in protobuf's JSON form (pretrain_epochs or "
+        'pretrainEpochs, "seed": "7", enums by name); flags override it',
     )
     score.add_argument(
         "--max-noise-rate",
@@ -334,7 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jobs.add_argument("--page-size", type=int, default=0)
     command("get", cmd_get, "show one job").add_argument("job_id")
-    watch = command("watch", cmd_watch, "follow a job's events until it finishes")
+    watch = command(
+        "watch",
+        cmd_watch,
+        "follow a job's events until it finishes, reconnecting through server restarts "
+        "(see --reconnect-window)",
+    )
     watch.add_argument("job_id")
     watch.add_argument(
         "--after", type=int, default=0, metavar="SEQUENCE", help="replay events after SEQUENCE"
@@ -362,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Codes of a failed submission that may have created the job anyway (its answer was lost or late).
 _OUTCOME_UNKNOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def _print_notice(line: str) -> None:
+    """A watch's word that it lost the server or has it back: stderr, so stdout stays the output."""
+    print(f"notice: {safe_text(line)}", file=sys.stderr, flush=True)
 
 
 def _print_error(error: O2UError) -> None:
@@ -413,8 +429,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             server_name=args.server_name,
             token_file=args.token_file or None,
             allow_plaintext_token=args.allow_plaintext_token,
-            # A CLI should fail fast (UNAVAILABLE) when nothing listens, not wait for the timeout.
+            # A CLI should fail fast (UNAVAILABLE) when nothing listens, not wait for the timeout;
+            # a watch that has reached the server rides out its restarts (the job goes on there).
             wait_for_ready=False,
+            watch_reconnect_window=args.reconnect_window,
         ) as client:
             handler: Command = args.handler
             return handler(args, client, out)

@@ -26,6 +26,9 @@ __all__ = [
 ]
 
 DEFAULT_TARGET = "localhost:50051"
+# Seconds: longer than a rolling restart or a rescheduled pod takes, short enough that a server
+# gone for good ends the watch.
+DEFAULT_RECONNECT_WINDOW = 120.0
 
 
 def add_global_options(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +68,14 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--timeout", type=float, default=hidden, metavar="SECONDS", help="per-call timeout (default 30)"
     )
+    group.add_argument(
+        "--reconnect-window",
+        type=float,
+        default=hidden,
+        metavar="SECONDS",
+        help="how long a watch (watch, score) keeps reconnecting to a server it had reached, from the "
+        f"loss on, e.g. through a restart (default {DEFAULT_RECONNECT_WINDOW:g})",
+    )
     group.add_argument("--json", action="store_true", default=hidden, help="machine-readable JSON output")
 
 
@@ -79,6 +90,7 @@ def global_defaults(args: argparse.Namespace) -> None:
         "token_file": os.environ.get("O2U_TOKEN_FILE") or None,
         "allow_plaintext_token": False,
         "timeout": 30.0,
+        "reconnect_window": DEFAULT_RECONNECT_WINDOW,
         "json": False,
     }
     for name, value in defaults.items():

@@ -3,7 +3,8 @@
 `Client` wraps one gRPC channel and speaks only the protocol in `o2u.v1`: every method converts
 its arguments to a request, applies the unary timeout, retries UNAVAILABLE with backoff where the
 call is safe to repeat (reads, cancel, export, and create thanks to its request_id, which also makes
-a create whose answer came too late, DEADLINE_EXCEEDED, safe to repeat), and returns the frozen
+a create whose answer came too late, DEADLINE_EXCEEDED, safe to repeat, and one refused by a full
+queue that said when to come back, RESOURCE_EXHAUSTED with RetryInfo), and returns the frozen
 dataclasses of `o2u_client.models` and `o2u_client.results`. List methods follow next_page_token
 until the last page; `watch` resumes a dropped stream after the last sequence it delivered, and
 it and `wait` bound every call they make by their own deadline.
@@ -42,12 +43,13 @@ from o2u_client.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
     O2UError,
+    ResourceExhaustedError,
     UnavailableError,
     error_from_rpc,
 )
 from o2u_client.models import Event, Job, JobState
 from o2u_client.results import DatasetSummary, ExportResult, JobPage, NoiseScore, ScorePage
-from o2u_client.watching import WatchPolicy, time_left, watch_events
+from o2u_client.watching import ConnectionNotice, WatchPolicy, time_left, watch_events
 
 __all__ = ["Client"]
 
@@ -73,7 +75,9 @@ class Client:
         allow_plaintext_token: bool = False,
         wait_for_ready: bool = True,
         retries: int = 3,
+        max_retry_delay: float = 30.0,
         watch_reconnects: int = 5,
+        watch_reconnect_window: float = 120.0,
         keepalive_time: float | None = KEEPALIVE_TIME,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         interceptors: Sequence[
@@ -85,6 +89,12 @@ class Client:
         self.timeout = timeout  # seconds per unary call attempt
         self.wait_for_ready = wait_for_ready
         self.retries = retries  # extra attempts after UNAVAILABLE on calls safe to repeat
+        if max_retry_delay < 0 or watch_reconnect_window < 0:
+            raise ValueError(
+                "max_retry_delay and watch_reconnect_window must be >= 0 seconds, got "
+                f"{max_retry_delay} and {watch_reconnect_window}"
+            )
+        self.max_retry_delay = max_retry_delay  # the longest RetryInfo delay waited as the server asked
         self._tokens = TokenSource(token, token_file)
         self._tls = tls or root_certificates is not None or client_cert is not None
         check_token_transport(
@@ -105,7 +115,11 @@ class Client:
         channel = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
         self._stub = scoring_pb2_grpc.ScoringServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
-        self._watch_policy = WatchPolicy(max_reconnects=watch_reconnects)
+        self._watch_policy = WatchPolicy(
+            max_reconnects=watch_reconnects,
+            reconnect_window=watch_reconnect_window,
+            max_retry_delay=max_retry_delay,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -134,12 +148,12 @@ class Client:
         request: Request,
         *,
         idempotent: bool,
-        retry_timeouts: bool = False,
+        retryable: Callable[[O2UError], bool] | None = None,
         deadline: float | None = None,
         after_retry: Callable[[O2UError], None] | None = None,
     ) -> Response:
-        """One call, repeated after UNAVAILABLE when `idempotent` (and after DEADLINE_EXCEEDED too
-        when `retry_timeouts`); `deadline` (time.monotonic()) bounds every attempt and pause.
+        """One call, repeated when `idempotent` after the errors `retryable` accepts (by default
+        UNAVAILABLE); `deadline` (time.monotonic()) bounds every attempt and pause.
         `after_retry` sees (and may amend) an error that ends a call that was retried."""
         attempt = 0
         while True:
@@ -153,11 +167,11 @@ class Client:
                 return response
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc(rpc_error)
-                retryable = isinstance(error, UnavailableError) or (
-                    retry_timeouts and isinstance(error, DeadlineExceededError)
+                repeatable = (
+                    retryable(error) if retryable is not None else isinstance(error, UnavailableError)
                 )
-                pause = _backoff(attempt, error)
-                if not (idempotent and retryable and attempt < self.retries and _fits(pause, deadline)):
+                pause = _backoff(attempt, error, self.max_retry_delay)
+                if not (idempotent and repeatable and attempt < self.retries and _fits(pause, deadline)):
                     if attempt and after_retry is not None:
                         after_retry(error)
                     raise error from None
@@ -189,8 +203,10 @@ class Client:
 
         `config` and keyword arguments set ScoringConfig fields (e.g. `model="mlp", seed=1`).
         A fresh request_id (uuid4) is used unless given, so retries never create a second job: an
-        attempt that fails UNAVAILABLE or DEADLINE_EXCEEDED is repeated with the same id, and an
-        error that ends the call carries it as `request_id`, for the caller's own retry.
+        attempt that fails UNAVAILABLE or DEADLINE_EXCEEDED is repeated with the same id, and so is
+        one refused by a full queue (RESOURCE_EXHAUSTED with a retry delay: after that delay, at most
+        `max_retry_delay`); RESOURCE_EXHAUSTED without one (a quota) fails at once. An error that
+        ends the call carries the id as `request_id`, for the caller's own retry.
         `webhook_url` (an https URL on the server's allow-list) gets a signed event when the job ends.
         `dataset_options` say how the dataset is read: Parquet column names (`label_column`,
         `key_column`, `embedding_column`, `image_key_column`) or the Label Studio `annotation_rule`
@@ -208,7 +224,9 @@ class Client:
             webhook=scoring_pb2.WebhookTarget(url=webhook_url) if webhook_url is not None else None,
         )
         try:
-            response = self._unary(self._stub.CreateScoringJob, request, idempotent=True, retry_timeouts=True)
+            response = self._unary(
+                self._stub.CreateScoringJob, request, idempotent=True, retryable=_worth_resubmitting
+            )
         except O2UError as error:
             # The job may exist (an answer lost or late): the same id finds it instead of a second one.
             error.request_id = request.request_id
@@ -266,13 +284,21 @@ class Client:
     # -- progress ----------------------------------------------------------------------------
 
     def watch(
-        self, job_id: str, after_sequence: int = 0, *, timeout: float | None = None
+        self,
+        job_id: str,
+        after_sequence: int = 0,
+        *,
+        timeout: float | None = None,
+        on_connection: ConnectionNotice | None = None,
     ) -> Generator[Event, None, None]:
         """The job's events in order after `after_sequence`, until the one making it final.
 
-        A dropped stream is reopened after the last sequence delivered (a bounded number of
-        times, with backoff), so no event is lost or repeated. `timeout` bounds the whole watch,
-        every call it makes included. Closing the iterator early never cancels the job.
+        A dropped stream is reopened after the last sequence delivered, with capped exponential
+        backoff, so no event is lost or repeated: until the server first answers, `watch_reconnects`
+        times in a row; once it has, for `watch_reconnect_window` seconds from the loss on (a
+        restart or a rescheduled pod), and `on_connection` gets a line when the server is lost and
+        when it is back. `timeout` bounds the whole watch, every call it makes included. Closing
+        the iterator early never cancels the job.
         """
 
         def open_stream(after: int, remaining: float | None) -> Iterable[scoring_pb2.WatchScoringJobResponse]:
@@ -287,6 +313,7 @@ class Client:
             after_sequence=after_sequence,
             timeout=timeout,
             policy=self._watch_policy,
+            on_connection=on_connection,
         )
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
@@ -388,11 +415,21 @@ class Client:
         return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def _backoff(attempt: int, error: O2UError) -> float:
-    """Seconds to wait before retry `attempt` (0-based): the server's RetryInfo, else jittered 2^n."""
+def _backoff(attempt: int, error: O2UError, max_retry_delay: float) -> float:
+    """Seconds to wait before retry `attempt` (0-based): the server's RetryInfo (at most
+    `max_retry_delay`), else jittered 2^n."""
     if error.retry_delay is not None:
-        return min(error.retry_delay, 30.0)
+        return min(error.retry_delay, max_retry_delay)
     return min(5.0, 0.2 * 2.0**attempt) * random.uniform(0.5, 1.0)
+
+
+def _worth_resubmitting(error: O2UError) -> bool:
+    """Whether a create is repeated with its request_id: after UNAVAILABLE, after DEADLINE_EXCEEDED
+    (the job may exist, its answer came too late), and after RESOURCE_EXHAUSTED that says when to
+    come back (a full queue); without a retry delay (a quota) the same request fails again."""
+    if isinstance(error, ResourceExhaustedError):
+        return error.retry_delay is not None
+    return isinstance(error, UnavailableError | DeadlineExceededError)
 
 
 def _fits(pause: float, deadline: float | None) -> bool:

@@ -1,4 +1,5 @@
-"""Request building: ScoringConfig messages from dicts or keyword arguments, and the protocol's
+"""Request building: ScoringConfig messages from dicts or keyword arguments (or from a JSON
+document, in protobuf's canonical JSON form or with the proto field names), and the protocol's
 enum values from the plain names callers use (`"npz"`, `"csv"`, `"running"`), validated before any
 call so a typo fails with the list of accepted names. The format names are the protocol's enum
 value names, lower-cased and without their prefix (DATASET_FORMAT_IMAGE_FOLDER: `image_folder`),
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from google.protobuf import json_format
 from google.protobuf.descriptor import EnumDescriptor
 
 from o2u.v1 import scoring_pb2
@@ -22,6 +24,7 @@ __all__ = [
     "PARQUET_OPTIONS",
     "build_config",
     "build_dataset_options",
+    "config_from_json",
     "dataset_format",
     "export_format",
     "job_state",
@@ -52,6 +55,35 @@ def build_config(
         if value is not None:
             setattr(message, name, value)
     return message
+
+
+def config_from_json(document: object) -> scoring_pb2.ScoringConfig:
+    """A ScoringConfig from a parsed JSON object in protobuf's JSON form: field names as in the
+    proto (`pretrain_epochs`) or lowerCamelCase (`pretrainEpochs`), int64 values as numbers or
+    quoted strings (`"seed": "7"`), enums by name or number (`"AUGMENTATION_CROP"`); null leaves a
+    field unset. ValueError naming the field for an unknown name or a value of the wrong type."""
+    if not isinstance(document, Mapping):
+        raise ValueError(
+            f"a ScoringConfig must be a JSON object of its fields, not {type(document).__name__}"
+        )
+    fields = scoring_pb2.ScoringConfig.DESCRIPTOR.fields
+    field_of = {f.name: f.name for f in fields} | {f.json_name: f.name for f in fields}
+    given: dict[str, str] = {}
+    for name in document:
+        if name not in field_of:
+            raise ValueError(
+                f"unknown ScoringConfig field {name!r}; known fields: "
+                f"{', '.join(f.name for f in fields)} (or their lowerCamelCase JSON names)"
+            )
+        earlier = given.setdefault(field_of[name], name)
+        if earlier != name:
+            raise ValueError(
+                f"ScoringConfig field {field_of[name]} is given twice, as {earlier!r} and {name!r}"
+            )
+    try:
+        return json_format.ParseDict(dict(document), scoring_pb2.ScoringConfig())
+    except json_format.ParseError as exc:
+        raise ValueError(f"invalid ScoringConfig: {exc}") from None
 
 
 PARQUET_OPTIONS = tuple(f.name for f in scoring_pb2.ParquetOptions.DESCRIPTOR.fields)

@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
+from o2u.v1 import scoring_pb2
 from o2u_client.client import Client
 from o2u_client.models import Job, JobState
 from o2u_client.progress import progress_display
@@ -37,7 +38,7 @@ def score_dataset(
     uri: str,
     *,
     console: Console | None,
-    config: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | scoring_pb2.ScoringConfig | None = None,
     format: str | None = None,
     display_name: str = "",
     request_id: str | None = None,
@@ -45,10 +46,12 @@ def score_dataset(
     webhook_url: str | None = None,
     dataset_options: Mapping[str, str | None] | None = None,
     on_submitted: Callable[[Job], None] | None = None,
+    on_connection: Callable[[str], None] | None = None,
 ) -> ScoreOutcome:
     """Submit, watch to the end and fetch results; prints progress and a report unless
     `console` is None (then it runs silently, e.g. for `--json`). `on_submitted` sees the job as
-    soon as it exists, before the watch that may fail or be interrupted."""
+    soon as it exists, before the watch that may fail or be interrupted; `on_connection` gets the
+    watch's line when it loses the server and when it is back (see `Client.watch`)."""
     job = client.submit(
         uri,
         config=config,
@@ -63,10 +66,10 @@ def score_dataset(
     if console is not None:
         console.print(safe_text(f"submitted {job.job_id} for {uri}"), markup=False, highlight=False)
         with progress_display(console) as show:
-            for event in client.watch(job.job_id):
+            for event in client.watch(job.job_id, on_connection=on_connection):
                 show(event)
     else:
-        for _ in client.watch(job.job_id):
+        for _ in client.watch(job.job_id, on_connection=on_connection):
             pass
     job = client.get(job.job_id)
     if job.state != JobState.SUCCEEDED:
