@@ -4,9 +4,11 @@ place with its jobs."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, select
+from sqlalchemy import Connection, create_engine, inspect, select
 
 from o2u_server.domain import DatasetOptions, JobState, LabelStudioOptions, SkippedRecords
 from o2u_server.jobs.migrate import SCRIPT_LOCATION, NewerSchemaError, head_revision
@@ -126,20 +128,27 @@ def test_a_store_from_before_migrations_is_upgraded_in_place(tmp_path: Path) -> 
     assert sqlite_integrity(path) == "ok"
 
 
-def test_revision_0006_adds_the_dataset_options_to_jobs_of_0005(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.sqlite3"
+@contextlib.contextmanager
+def _sqlite_at_revision(path: Path, revision: str) -> Iterator[Connection]:
+    """A connection to a new SQLite store at `path`, migrated up to `revision` only (committed)."""
     engine = create_engine(f"sqlite:///{path}")
     try:
         with engine.connect() as conn:
             config = Config()
             config.set_main_option("script_location", str(SCRIPT_LOCATION))
             config.attributes["connection"] = conn
-            command.upgrade(config, "0005")
+            command.upgrade(config, revision)
             conn.commit()
-            columns = {column["name"] for column in inspect(conn).get_columns("jobs")}
-            assert "dataset_options_json" not in columns
+            yield conn
     finally:
         engine.dispose()
+
+
+def test_revision_0006_adds_the_dataset_options_to_jobs_of_0005(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    with _sqlite_at_revision(path, "0005") as conn:
+        before = {column["name"] for column in inspect(conn).get_columns("jobs")}
+        assert "dataset_options_json" not in before
     store = JobStore(path)
     store.open()  # migrates 0005 -> head
     try:
@@ -156,21 +165,13 @@ def test_revision_0007_keeps_the_jobs_of_0006_and_never_reuses_a_deleted_job_s_s
     """The table rebuilds before 0007 had dropped AUTOINCREMENT: the next job took the seq of a
     deleted newest one. After 0007 the jobs of 0006 keep their numbers and no number comes back."""
     path = tmp_path / "jobs.sqlite3"
-    engine = create_engine(f"sqlite:///{path}")
-    try:
-        with engine.connect() as conn:
-            config = Config()
-            config.set_main_option("script_location", str(SCRIPT_LOCATION))
-            config.attributes["connection"] = conn
-            command.upgrade(config, "0006")
-            conn.exec_driver_sql(
-                "INSERT INTO jobs (seq, job_id, request_hash, display_name, dataset_uri, config_json, state, "
-                f"create_time, update_time) VALUES (7, '{job_id(7)}', 'h', 'old', 'file:///d/7.npz', '{{}}', "
-                "'succeeded', 1.0, 2.0)"
-            )
-            conn.commit()
-    finally:
-        engine.dispose()
+    with _sqlite_at_revision(path, "0006") as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO jobs (seq, job_id, request_hash, display_name, dataset_uri, config_json, state, "
+            f"create_time, update_time) VALUES (7, '{job_id(7)}', 'h', 'old', 'file:///d/7.npz', '{{}}', "
+            "'succeeded', 1.0, 2.0)"
+        )
+        conn.commit()
     store = JobStore(path)
     store.open()  # migrates 0006 -> head
     try:
