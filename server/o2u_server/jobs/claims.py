@@ -17,8 +17,9 @@ resumes it from its last checkpoint under the next attempt number.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from sqlalchemy import ColumnElement, Connection, and_, or_, select, update
@@ -310,17 +311,21 @@ class ClaimStore:
         jobs' progress get the write lock between them. The rows a previous try or attempt left
         (a crash or a full disk in the middle) are deleted first, in the same steps. Until the job
         is SUCCEEDED no read sees them."""
-        with self._db.write() as conn:
-            self._fenced(conn, lease, update_time=now)
-            stale = self._results.highest_rank(conn, lease.job_id)
-        for low in range(0, stale, STAGE_ROWS):
+
+        @contextlib.contextmanager
+        def step() -> Iterator[Connection]:
             with self._db.write() as conn:
                 self._fenced(conn, lease, update_time=now)
+                yield conn
+
+        with step() as conn:
+            stale = self._results.highest_rank(conn, lease.job_id)
+        for low in range(0, stale, STAGE_ROWS):
+            with step() as conn:
                 self._results.clear(conn, lease.job_id, ranks=(low, low + STAGE_ROWS))
         rows = iter(scores)
         while batch := list(itertools.islice(rows, STAGE_ROWS)):
-            with self._db.write() as conn:
-                self._fenced(conn, lease, update_time=now)
+            with step() as conn:
                 self._results.insert_scores(conn, lease.job_id, batch)
 
     def _final(self, lease: Lease, state: JobState, write: Callable[[], JobEvent]) -> JobEvent:
