@@ -352,7 +352,7 @@ class _PartSink(io.BufferedIOBase):
             self._buffer.clear()
             self._store.create(self._bucket, self._key, data, content_type=self._content_type)
             return len(data)
-        if self._buffer or not self._etags:
+        if self._buffer:  # the upload began with a full part: any rest is the last
             last, self._buffer = self._buffer, bytearray()
             self._send(last)
         element = ElementTree.Element("CompleteMultipartUpload")
