@@ -5,6 +5,7 @@ prediction named by the job; image URIs resolved against a folder's or manifest'
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import jsonschema
 
 from o2u_client import Client, Job
-from o2u_server.datasets.label_studio_export import label_studio_tasks
+from o2u_server.datasets.label_studio_export import write_label_studio_tasks
 from o2u_server.domain import DatasetFormat, JobSpec
 from tests.server_testing import TINY_CONFIG
 
@@ -59,8 +60,9 @@ def test_image_uris_resolve_against_the_dataset() -> None:
     folder = JobSpec("s3://b/batch/", DatasetFormat.IMAGE_FOLDER, {})
     manifest = JobSpec("s3://b/batch/manifest.csv", None, {})
     for spec in (folder, manifest):
-        count, data = label_studio_tasks([row, {**row, "rank": 2, "suspected": False}], "job-x", spec)
-        tasks = json.loads(data)
+        out = io.StringIO()
+        count = write_label_studio_tasks([row], "job-x", spec, out)
+        tasks = json.loads(out.getvalue())
         jsonschema.validate(tasks, SCHEMA)
         assert count == 1
         assert tasks[0]["data"]["image"] == "s3://b/batch/cat/01.png"

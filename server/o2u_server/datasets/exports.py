@@ -1,14 +1,15 @@
-"""Writing score rows as JSON Lines, CSV or Parquet (`parquet_export`) to a new `s3://` object or
-`file://` file under one of the server's export locations (`export_uris`).
+"""Writing score rows as JSON Lines, CSV, Parquet (`parquet_export`) or Label Studio tasks
+(`label_studio_export`) to a new `s3://` object or `file://` file under one of the server's export
+locations (`export_uris`).
 
 Rows are dictionaries of plain values (NumPy scalars are accepted). JSONL writes one compact JSON
 object per row; CSV writes a header of the first row's keys (or the given columns) and one line per
-row, with booleans as `true`/`false` and missing values empty. JSONL and CSV are encoded as the
-rows come: into a temporary file beside the destination, then linked into place, or into an object's
-multipart upload one part at a time. A Parquet or Label Studio export is built in memory and then
-written or sent in one PUT. Either way it appears complete or not at all; an existing file or
-object is never replaced (ALREADY_EXISTS), so an export cannot overwrite a dataset or anyone's
-earlier export.
+row, with booleans as `true`/`false` and missing values empty; Parquet goes a row group at a time.
+Every format is encoded as the rows come: into a temporary file beside the destination, then linked
+into place, or into an object's multipart upload one part at a time (a Label Studio export first
+gathers its suspects, by rank, to read their tasks' original data). Either way it appears complete
+or not at all; an existing file or object is never replaced (ALREADY_EXISTS), so an export cannot
+overwrite a dataset or anyone's earlier export.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from functools import partial
 from typing import BinaryIO, TextIO
 
 import numpy as np
 
-from o2u_server.datasets.label_studio_export import label_studio_tasks, original_data, suspected_rows
-from o2u_server.datasets.parquet_export import parquet_export
+from o2u_server.datasets.label_studio_export import original_data, suspected_rows, write_label_studio_tasks
+from o2u_server.datasets.parquet_export import write_parquet
 from o2u_server.domain import DatasetFormat, ExportFormat, Job
 from o2u_server.errors import InvalidArgument
 from o2u_server.storage import Storage
@@ -142,6 +144,19 @@ def _originals(job: Job, storage: Storage, keys: Collection[str]) -> dict[str, d
         return None  # the dataset changed since it was scored; tasks keep only o2u's fields
 
 
+def _text(encode: Callable[[TextIO], int]) -> Callable[[BinaryIO], int]:
+    """`encode`, a writer of text, as a writer of its UTF-8 bytes."""
+
+    def write(out: BinaryIO) -> int:
+        text = io.TextIOWrapper(out, encoding="utf-8", newline="")
+        count = encode(text)
+        text.flush()
+        text.detach()
+        return count
+
+    return write
+
+
 def write_export(
     rows: Iterable[dict[str, object]],
     uri: str,
@@ -154,28 +169,23 @@ def write_export(
 ) -> tuple[int, int]:
     """Write `rows` to `uri` as `export_format`; returns (rows written, bytes written)."""
     storage.parse_export(uri, field=field)  # refuse a bad destination before building the file
+    encode: Callable[[BinaryIO], int]
     if export_format == ExportFormat.LABEL_STUDIO:
         if job is None:
             raise ValueError("a Label Studio export needs the job")
         suspects = suspected_rows(rows)
         originals = _originals(job, storage, {str(row["key"]) for row in suspects})
-        count, data = label_studio_tasks(suspects, job.job_id, job.spec, originals)
+        encode = _text(lambda out: write_label_studio_tasks(suspects, job.job_id, job.spec, out, originals))
     elif export_format == ExportFormat.PARQUET:
-        count, data = parquet_export(rows, columns or EXPORT_COLUMNS)
+        encode = partial(write_parquet, rows, columns or EXPORT_COLUMNS)
     else:
-        # Encoded as the rows come, into the file being written or the part of the object being
-        # filled (nothing more is held in memory): a text buffer and its encoded copy held the
-        # file two to three times over.
-        counted: list[int] = []
         writer = _WRITERS[export_format]
-
-        def write(out: BinaryIO) -> None:
-            text = io.TextIOWrapper(out, encoding="utf-8", newline="")
-            counted.append(writer(rows, text, columns))
-            text.flush()
-            text.detach()
-
-        written = storage.create_export(uri, write, field=field, content_type=_CONTENT_TYPES[export_format])
-        return counted[0], written
-    written = storage.create_export(uri, data, field=field, content_type=_CONTENT_TYPES[export_format])
-    return count, written
+        encode = _text(lambda out: writer(rows, out, columns))
+    # Encoded as the rows come, into the file being written or the part of the object being filled
+    # (nothing more is held in memory): a whole file in memory, and its encoded copy, held it two to
+    # three times over.
+    counted: list[int] = []
+    written = storage.create_export(
+        uri, lambda out: counted.append(encode(out)), field=field, content_type=_CONTENT_TYPES[export_format]
+    )
+    return counted[0], written

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Iterable, Mapping
+from typing import TextIO
 
 from o2u_server.datasets.label_studio import export_tasks, task_key
 from o2u_server.domain import DatasetFormat, JobSpec
 
-__all__ = ["FROM_NAME", "TO_NAME", "label_studio_tasks", "original_data", "suspected_rows"]
+__all__ = ["FROM_NAME", "TO_NAME", "original_data", "suspected_rows", "write_label_studio_tasks"]
 
 FROM_NAME = "label"
 TO_NAME = "image"
@@ -89,14 +90,22 @@ def suspected_rows(rows: Iterable[dict[str, object]]) -> list[dict[str, object]]
     return sorted((row for row in rows if row.get("suspected")), key=lambda row: int(str(row["rank"])))
 
 
-def label_studio_tasks(
-    rows: Iterable[dict[str, object]],
+def write_label_studio_tasks(
+    suspects: Iterable[dict[str, object]],
     job_id: str,
     spec: JobSpec,
+    out: TextIO,
     originals: Mapping[str, dict[str, object]] | None = None,
-) -> tuple[int, bytes]:
-    """(tasks written, the JSON array's bytes) of the suspected `rows`, by rank; `originals` (a
-    Label Studio dataset's tasks' data by id) gives each task its original data."""
-    suspects = suspected_rows(rows)
-    tasks = [_task(row, job_id, spec, originals or {}) for row in suspects]
-    return len(tasks), json.dumps(tasks, indent=None, separators=(",", ":")).encode("utf-8")
+) -> int:
+    """Write the `suspects` (suspected rows, by rank: `suspected_rows`) to `out` as one JSON array of
+    tasks, a task at a time; returns the tasks written. `originals` (a Label Studio dataset's tasks'
+    data by id) gives each task its original data."""
+    count = 0
+    out.write("[")
+    for row in suspects:
+        if count:
+            out.write(",")
+        out.write(json.dumps(_task(row, job_id, spec, originals or {}), separators=(",", ":")))
+        count += 1
+    out.write("]")
+    return count

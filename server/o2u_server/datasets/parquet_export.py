@@ -1,16 +1,22 @@
 """Score rows as a Parquet file: one typed column per field (int64, float64, bool, string), in
-the export's column order, written with zstd compression into memory (the caller stores it in one
-call, as the other exports)."""
+the export's column order, zstd-compressed, written as the rows come: one row group of
+`ROW_GROUP_ROWS` rows at a time, so only that group is held in memory."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import islice
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["parquet_export"]
+__all__ = ["ROW_GROUP_ROWS", "write_parquet"]
+
+# Rows per row group: enough for good compression and a small footer (153 groups at 5M rows), few
+# enough that a group's columns, as Python values, take about an upload part (14 MB of scores).
+ROW_GROUP_ROWS = 32_768
 
 _TYPES = {
     "rank": pa.int64(),
@@ -32,16 +38,21 @@ def _plain(value: object) -> object:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def parquet_export(rows: Iterable[dict[str, object]], columns: Sequence[str]) -> tuple[int, bytes]:
-    """(rows written, the Parquet file's bytes) of `rows` restricted to `columns`."""
-    values: dict[str, list[object]] = {name: [] for name in columns}
-    count = 0
-    for row in rows:
-        for name in columns:
-            values[name].append(_plain(row.get(name)))
-        count += 1
+def write_parquet(rows: Iterable[dict[str, object]], columns: Sequence[str], out: BinaryIO) -> int:
+    """Write `rows`, restricted to `columns`, to `out` as a Parquet file; returns the rows written.
+    `out` needs only `write` (an upload's parts, a new file); it is left open."""
     schema = pa.schema([(name, _TYPES.get(name, pa.string())) for name in columns])
-    table = pa.Table.from_pydict(values, schema=schema)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    return count, sink.getvalue().to_pybytes()
+    count = 0
+    remaining = iter(rows)
+    with pq.ParquetWriter(out, schema, compression="zstd") as writer:
+        while True:
+            values: dict[str, list[object]] = {name: [] for name in columns}
+            taken = 0
+            for row in islice(remaining, ROW_GROUP_ROWS):  # a group's columns, not its rows, are held
+                for name in columns:
+                    values[name].append(_plain(row.get(name)))
+                taken += 1
+            if not taken:
+                return count
+            writer.write_table(pa.Table.from_pydict(values, schema=schema))
+            count += taken

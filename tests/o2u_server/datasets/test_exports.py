@@ -1,4 +1,5 @@
-"""write_export (JSONL, CSV) to real files and a real S3 server, and the format a destination implies."""
+"""write_export (JSONL, CSV, Parquet, Label Studio tasks) to real files and a real S3 server, and
+the format a destination implies."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
+from o2u_server.datasets import parquet_export
 from o2u_server.datasets.exports import EXPORT_COLUMNS, infer_export_format, write_export
-from o2u_server.domain import ExportFormat, NoiseScoreRow
+from o2u_server.domain import DatasetFormat, ExportFormat, Job, JobSpec, JobState, NoiseScoreRow
 from o2u_server.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from o2u_server.settings import Settings
 from o2u_server.storage import Storage, objectstore
@@ -222,4 +225,82 @@ def test_an_object_export_that_fails_midway_leaves_no_object_and_no_parts(
         write_export(rows_failing_late(), f"s3://{BUCKET}/exports/failed.csv", ExportFormat.CSV, storage)
     with pytest.raises(NotFound):
         storage.stat(f"s3://{BUCKET}/exports/failed.csv")
+    assert _uploads_in_progress(s3) == []
+
+
+def test_a_parquet_object_export_is_sent_a_row_group_at_a_time(
+    storage: Storage, root: Path, s3: S3Server, small_parts: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Parquet export is encoded a row group at a time into the object's parts, holding a part and
+    a group in memory, not the table and the file (over 50 MB here): the same bytes as a file export."""
+    monkeypatch.setattr(parquet_export, "ROW_GROUP_ROWS", 4_096)
+    count, name, columns = 120_000, "exports/groups.parquet", ("rank", "key", "score", "suspected")
+
+    def rows() -> Iterator[dict[str, object]]:
+        random = np.random.default_rng(0)  # random keys and scores: the file barely compresses
+        for i in range(count):
+            yield {
+                "rank": i + 1,
+                "key": random.bytes(96).hex(),
+                "score": random.random(),
+                "suspected": i % 3 == 0,
+            }
+
+    parquet_export.write_parquet(
+        [{"rank": 1}], columns, io.BytesIO()
+    )  # pyarrow imports pandas at its first write
+    tracemalloc.start()
+    try:
+        written, size = write_export(
+            rows(), f"s3://{BUCKET}/{name}", ExportFormat.PARQUET, storage, columns=columns
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert written == count
+    assert size > 2.5 * small_parts
+    assert peak < 2 * small_parts, "the part being filled and the group being encoded (1.7 MB), not the file"
+    assert storage.stat(f"s3://{BUCKET}/{name}").etag.endswith(f"-{-(-size // small_parts)}")
+    data = s3.get(BUCKET, name)
+    parquet = pq.ParquetFile(io.BytesIO(data))
+    assert parquet.metadata.num_row_groups == -(-count // 4_096)
+    assert parquet.read(columns=["rank"]).column("rank").to_pylist() == list(range(1, count + 1))
+    write_export(rows(), f"file://{root}/{name}", ExportFormat.PARQUET, storage, columns=columns)
+    assert data == (root / name).read_bytes()
+    assert _uploads_in_progress(s3) == []
+
+
+def test_a_label_studio_object_export_is_sent_a_task_at_a_time(
+    storage: Storage, root: Path, s3: S3Server, small_parts: int
+) -> None:
+    """Label Studio tasks are encoded one at a time into the object's parts (the suspects, by rank,
+    are gathered first): one JSON array of the suspects only, the same bytes as a file export."""
+    spec = JobSpec(f"s3://{BUCKET}/batch/", DatasetFormat.IMAGE_FOLDER, {})
+    job = Job("job-ls", spec, JobState.SUCCEEDED, create_time=0.0, update_time=0.0)
+    count, name = 40_000, "exports/tasks.json"
+
+    def rows() -> Iterator[dict[str, object]]:
+        for rank in range(count, 0, -1):  # out of order: the export sorts its suspects by rank
+            yield {
+                "rank": rank,
+                "sample_id": rank - 1,
+                "key": f"images/cat/{rank:08d}.png",
+                "score": 1.0 / rank,
+                "noise_probability": 0.5,
+                "suspected": rank % 4 != 0,
+                "given_label_name": "cat",
+                "suggested_label_name": "dog",
+                "suggested_label_confidence": 0.75,
+            }
+
+    written, size = write_export(rows(), f"s3://{BUCKET}/{name}", ExportFormat.LABEL_STUDIO, storage, job=job)
+    assert written == count * 3 // 4
+    assert size > 2.5 * small_parts
+    assert storage.stat(f"s3://{BUCKET}/{name}").etag.endswith(f"-{-(-size // small_parts)}")
+    data = s3.get(BUCKET, name)
+    tasks = json.loads(data)
+    assert [task["data"]["o2u_rank"] for task in tasks] == [rank for rank in range(1, count + 1) if rank % 4]
+    assert tasks[0]["data"]["image"] == f"s3://{BUCKET}/batch/images/cat/00000001.png"
+    write_export(rows(), f"file://{root}/{name}", ExportFormat.LABEL_STUDIO, storage, job=job)
+    assert data == (root / name).read_bytes()
     assert _uploads_in_progress(s3) == []
