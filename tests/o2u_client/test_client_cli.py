@@ -2,28 +2,36 @@
 parses, exit statuses a shell can branch on, `score` end to end with plain progress lines when
 stdout is not a terminal, and `--config` in either protobuf JSON naming; `--json score`, run as a
 process and interrupted, has named its job on stderr as soon as it existed, and `watch`, run as a
-process, rides out a server that refuses connections for a while, saying so on stderr."""
+process, rides out a server that refuses connections for a while, saying so on stderr. `score`
+says on stderr when it waits out a full queue, and its watch, right after a submit that reached the
+server, rides out an outage before the first event that fails a `watch` of a target never reached.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
 from o2u.v1 import scoring_pb2 as pb
-from o2u_client import Client, Job, JobState
+from o2u_client import Client, Job, JobState, cli
 from o2u_client.cli import main
 from tests.o2u_client.loopback_proxy import LoopbackProxy
+from tests.o2u_client.test_client_errors import _FreeTheQueueWhenFull, _started
 from tests.server_testing import DIGITS_SAMPLES as NUM_SAMPLES
 from tests.server_testing import SLOW_CONFIG, TINY_CONFIG, RunningServer
 
@@ -352,6 +360,81 @@ def test_watch_rides_out_a_server_that_refuses_connections(server: RunningServer
     events = [first, *json_lines(out)]
     assert [event["sequence"] for event in events] == list(range(1, len(events) + 1)), "none lost or repeated"
     assert events[-1]["state"] == "CANCELLED"
+
+
+def test_score_says_when_it_waits_out_a_full_queue(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    start_server: Callable[..., RunningServer],
+    dataset_uri: str,
+) -> None:
+    server = start_server(max_queued_jobs=1, shutdown_grace_seconds=0.5)  # one job runs at a time
+    with Client(server.address, timeout=20.0) as owner:
+        running = owner.submit(dataset_uri, config=SLOW_CONFIG)
+        _started(owner, running)
+        queued = owner.submit(dataset_uri, config=SLOW_CONFIG)  # the queue is full now
+
+        def free() -> None:  # once the first try is refused: room in the queue, and a free worker
+            for job in (queued, running):
+                owner.cancel(job.job_id)
+
+        freeing = _FreeTheQueueWhenFull(free)
+        # The server asks for 30 s (QUEUE_FULL); a shorter cap keeps the test quick.
+        monkeypatch.setattr(
+            cli, "Client", functools.partial(Client, max_retry_delay=0.5, interceptors=[freeing])
+        )
+        status, out, err = run(capsys, "--target", server.address, "score", dataset_uri, *TINY_FLAGS)
+    assert len(freeing.requests) == 2, "refused once, then let in"
+    assert status == 0, err
+    assert err == "notice: the server's queue is full; retrying in 0.5 s (try 2 of 4)\n"
+    assert "state SUCCEEDED" in out
+
+
+class _CutAfterSubmit(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Once a CreateScoringJob is answered, makes the proxy refuse connections for `outage` s: the
+    server goes away between the submit and the watch's first event."""
+
+    def __init__(self, proxy: LoopbackProxy, outage: float) -> None:
+        self.proxy = proxy
+        self.restore = threading.Timer(outage, proxy.restore)
+
+    def intercept_unary_unary(
+        self, continuation: Callable[[Any, Any], Any], client_call_details: Any, request: Any
+    ) -> Any:
+        outcome = continuation(client_call_details, request)
+        created = str(client_call_details.method).endswith("/CreateScoringJob")
+        if created and outcome.code() == grpc.StatusCode.OK and self.restore.ident is None:
+            self.proxy.refuse()
+            self.restore.start()
+        return outcome
+
+
+def test_score_rides_out_an_outage_between_its_submit_and_its_watch(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    server: RunningServer,
+    dataset_uri: str,
+) -> None:
+    with LoopbackProxy(server.port) as proxy:
+        cut = _CutAfterSubmit(proxy, outage=3.0)
+        # A watch that never reached the server gives up after one reopen attempt, well within 3 s.
+        monkeypatch.setattr(cli, "Client", functools.partial(Client, watch_reconnects=1, interceptors=[cut]))
+        flags = ["--target", proxy.address, "--reconnect-window=60"]
+        status, out, err = run(capsys, *flags, "score", dataset_uri, *TINY_FLAGS)
+        cut.restore.join()
+        assert status == 0, err
+        lost, back = err.splitlines()
+        assert lost.startswith("notice: lost the connection to the server (UNAVAILABLE"), lost
+        assert "reconnecting for up to 60 s" in lost
+        assert back == "notice: reconnected to the server; the watch goes on after event 0"
+        assert "state SUCCEEDED" in out
+        # `watch` on its own has not reached the server: the same outage fails it fast.
+        job_id = re.findall(r"^submitted (job-\S+) for ", out, re.MULTILINE)[0]
+        proxy.refuse()
+        status, out, err = run(capsys, *flags, "watch", job_id)
+    assert status == 6, err
+    assert err.startswith("error: UNAVAILABLE: cannot reach the server to resume watching the job"), err
+    assert "notice:" not in err
 
 
 def test_config_file_in_either_protobuf_json_naming(

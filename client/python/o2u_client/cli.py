@@ -120,7 +120,7 @@ def cmd_score(args: argparse.Namespace, client: Client, out: Output) -> int:
             "the gate (--max-noise-rate / --min-label-accuracy) waits for the job: drop --no-wait"
         )
     if args.no_wait:
-        job = client.submit(args.uri, config=_config(args), **options)
+        job = client.submit(args.uri, config=_config(args), on_retry=_print_notice, **options)
         if out.json_mode:
             out.document(job)
         else:
@@ -141,7 +141,7 @@ def cmd_score(args: argparse.Namespace, client: Client, out: Output) -> int:
             config=_config(args),
             top=args.top,
             on_submitted=note,
-            on_connection=_print_notice,
+            on_notice=_print_notice,
             **options,
         )
     except (O2UError, KeyboardInterrupt) as stopped:
@@ -376,7 +376,8 @@ _OUTCOME_UNKNOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADL
 
 
 def _print_notice(line: str) -> None:
-    """A watch's word that it lost the server or has it back: stderr, so stdout stays the output."""
+    """A watch's word that it lost the server or has it back, or a submit's that it waits out a full
+    queue: stderr, so stdout stays the output."""
     print(f"notice: {safe_text(line)}", file=sys.stderr, flush=True)
 
 

@@ -151,10 +151,13 @@ class Client:
         retryable: Callable[[O2UError], bool] | None = None,
         deadline: float | None = None,
         after_retry: Callable[[O2UError], None] | None = None,
+        before_retry: Callable[[O2UError, float, int], None] | None = None,
     ) -> Response:
         """One call, repeated when `idempotent` after the errors `retryable` accepts (by default
         UNAVAILABLE); `deadline` (time.monotonic()) bounds every attempt and pause.
-        `after_retry` sees (and may amend) an error that ends a call that was retried."""
+        `after_retry` sees (and may amend) an error that ends a call that was retried;
+        `before_retry(error, pause, attempt)` sees each error that is retried, before the pause,
+        with the 1-based number of the attempt that failed."""
         attempt = 0
         while True:
             try:
@@ -175,6 +178,8 @@ class Client:
                     if attempt and after_retry is not None:
                         after_retry(error)
                     raise error from None
+                if before_retry is not None:
+                    before_retry(error, pause, attempt + 1)
             time.sleep(pause)
             attempt += 1
 
@@ -197,6 +202,7 @@ class Client:
         display_name: str = "",
         webhook_url: str | None = None,
         dataset_options: Mapping[str, str | None] | scoring_pb2.DatasetOptions | None = None,
+        on_retry: ConnectionNotice | None = None,
         **config_fields: Any,
     ) -> Job:
         """Create a scoring job for the dataset at `uri` (`s3://...` or `file:///...`).
@@ -205,8 +211,10 @@ class Client:
         A fresh request_id (uuid4) is used unless given, so retries never create a second job: an
         attempt that fails UNAVAILABLE or DEADLINE_EXCEEDED is repeated with the same id, and so is
         one refused by a full queue (RESOURCE_EXHAUSTED with a retry delay: after that delay, at most
-        `max_retry_delay`); RESOURCE_EXHAUSTED without one (a quota) fails at once. An error that
-        ends the call carries the id as `request_id`, for the caller's own retry.
+        `max_retry_delay`); RESOURCE_EXHAUSTED without one (a quota) fails at once. `on_retry` gets a
+        line each time such a refusal is waited out (`the server's queue is full; retrying in 30 s
+        (try 2 of 4)`); nothing is said otherwise. An error that ends the call carries the id as
+        `request_id`, for the caller's own retry.
         `webhook_url` (an https URL on the server's allow-list) gets a signed event when the job ends.
         `dataset_options` say how the dataset is read: Parquet column names (`label_column`,
         `key_column`, `embedding_column`, `image_key_column`) or the Label Studio `annotation_rule`
@@ -225,7 +233,11 @@ class Client:
         )
         try:
             response = self._unary(
-                self._stub.CreateScoringJob, request, idempotent=True, retryable=_worth_resubmitting
+                self._stub.CreateScoringJob,
+                request,
+                idempotent=True,
+                retryable=_worth_resubmitting,
+                before_retry=None if on_retry is None else _busy_notice(on_retry, self.retries + 1),
             )
         except O2UError as error:
             # The job may exist (an answer lost or late): the same id finds it instead of a second one.
@@ -290,6 +302,7 @@ class Client:
         *,
         timeout: float | None = None,
         on_connection: ConnectionNotice | None = None,
+        server_reached: bool = False,
     ) -> Generator[Event, None, None]:
         """The job's events in order after `after_sequence`, until the one making it final.
 
@@ -297,8 +310,10 @@ class Client:
         backoff, so no event is lost or repeated: until the server first answers, `watch_reconnects`
         times in a row; once it has, for `watch_reconnect_window` seconds from the loss on (a
         restart or a rescheduled pod), and `on_connection` gets a line when the server is lost and
-        when it is back. `timeout` bounds the whole watch, every call it makes included. Closing
-        the iterator early never cancels the job.
+        when it is back. `server_reached=True` says the caller has had an answer from this server
+        already (the submit that created the job): the window then applies from the start, to an
+        outage before the first event too. `timeout` bounds the whole watch, every call it makes
+        included. Closing the iterator early never cancels the job.
         """
 
         def open_stream(after: int, remaining: float | None) -> Iterable[scoring_pb2.WatchScoringJobResponse]:
@@ -314,6 +329,7 @@ class Client:
             timeout=timeout,
             policy=self._watch_policy,
             on_connection=on_connection,
+            server_reached=server_reached,
         )
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
@@ -430,6 +446,21 @@ def _worth_resubmitting(error: O2UError) -> bool:
     if isinstance(error, ResourceExhaustedError):
         return error.retry_delay is not None
     return isinstance(error, UnavailableError | DeadlineExceededError)
+
+
+def _busy_notice(notify: ConnectionNotice, tries: int) -> Callable[[O2UError, float, int], None]:
+    """A `before_retry` that tells `notify` when a create waits out a server that asked it to come
+    back later (RESOURCE_EXHAUSTED with RetryInfo: a full queue); other retries are quick and quiet."""
+
+    def before_retry(error: O2UError, pause: float, failed: int) -> None:
+        if not isinstance(error, ResourceExhaustedError) or error.retry_delay is None:
+            return
+        why = (
+            "the server's queue is full" if error.reason == "QUEUE_FULL" else f"the server is busy ({error})"
+        )
+        notify(f"{why}; retrying in {round(pause, 1):g} s (try {failed + 1} of {tries})")
+
+    return before_retry
 
 
 def _fits(pause: float, deadline: float | None) -> bool:

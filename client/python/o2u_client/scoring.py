@@ -46,12 +46,14 @@ def score_dataset(
     webhook_url: str | None = None,
     dataset_options: Mapping[str, str | None] | None = None,
     on_submitted: Callable[[Job], None] | None = None,
-    on_connection: Callable[[str], None] | None = None,
+    on_notice: Callable[[str], None] | None = None,
 ) -> ScoreOutcome:
     """Submit, watch to the end and fetch results; prints progress and a report unless
     `console` is None (then it runs silently, e.g. for `--json`). `on_submitted` sees the job as
-    soon as it exists, before the watch that may fail or be interrupted; `on_connection` gets the
-    watch's line when it loses the server and when it is back (see `Client.watch`)."""
+    soon as it exists, before the watch that may fail or be interrupted; `on_notice` gets the
+    submit's line each time it waits out a full queue, and the watch's when it loses the server and
+    when it is back (see `Client.submit` and `Client.watch`). The submit's answer shows the server
+    was reached, so the watch gets the reconnect window from the start."""
     job = client.submit(
         uri,
         config=config,
@@ -60,16 +62,17 @@ def score_dataset(
         request_id=request_id,
         webhook_url=webhook_url,
         dataset_options=dataset_options,
+        on_retry=on_notice,
     )
     if on_submitted is not None:
         on_submitted(job)
     if console is not None:
         console.print(safe_text(f"submitted {job.job_id} for {uri}"), markup=False, highlight=False)
         with progress_display(console) as show:
-            for event in client.watch(job.job_id, on_connection=on_connection):
+            for event in client.watch(job.job_id, on_connection=on_notice, server_reached=True):
                 show(event)
     else:
-        for _ in client.watch(job.job_id, on_connection=on_connection):
+        for _ in client.watch(job.job_id, on_connection=on_notice, server_reached=True):
             pass
     job = client.get(job.job_id)
     if job.state != JobState.SUCCEEDED:

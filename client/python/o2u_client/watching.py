@@ -7,7 +7,8 @@ delivered, drops anything at or below it, and stops at the event that makes the 
 
 Reopening is bounded two ways. Until the server has answered the watch once, `max_reconnects`
 attempts in a row without a new event are allowed, so a target that was never there (a mistyped
-address) fails fast. Once it has answered, the job goes on server-side (it is durable and resumes
+address) fails fast. Once it has answered (or the caller says it already did, e.g. a watch right
+after the submit that created the job), the job goes on server-side (it is durable and resumes
 after a restart), so the watch keeps trying with capped exponential backoff for `reconnect_window`
 seconds from the moment it lost the server, and says so through `on_connection` when it loses the
 server and when it has it back. A refusal that says when to come back (RESOURCE_EXHAUSTED with
@@ -86,10 +87,10 @@ class _Outage:
     """What the watch knows of its connection: whether the server has answered it yet, and the
     outage in progress (reopen attempts in a row without a new event, and since when)."""
 
-    def __init__(self, policy: WatchPolicy, notify: ConnectionNotice | None) -> None:
+    def __init__(self, policy: WatchPolicy, notify: ConnectionNotice | None, *, reached: bool) -> None:
         self._policy = policy
         self._notify = notify
-        self.reached = False  # the server has answered this watch at least once
+        self.reached = reached  # the server has answered this watch (or the caller) at least once
         self.failures = 0  # reopen attempts in a row without a new event
         self._since: float | None = None  # time.monotonic() of the first of those failures
         self._told_lost = False
@@ -181,6 +182,7 @@ def watch_events(
     timeout: float | None = None,
     policy: WatchPolicy = WatchPolicy(),
     on_connection: ConnectionNotice | None = None,
+    server_reached: bool = False,
 ) -> Generator[Event, None, None]:
     """Yield events after `after_sequence` until the job is final, reopening broken streams.
 
@@ -188,11 +190,13 @@ def watch_events(
     unary call with its own timeout and retries, ended by the watch's deadline) is the probe before
     each reopen: it waits, boundedly, for the server to come back, and tells whether a stream that
     ended without a final event did so because the job is already final. `on_connection` gets a
-    line when the watch loses the server it had reached and when it has it back.
+    line when the watch loses the server it had reached and when it has it back. `server_reached`:
+    the caller has had an answer from this server already (it just created the job), so the
+    reconnect window, not the count, applies from the start.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     last = after_sequence
-    outage = _Outage(policy, on_connection)
+    outage = _Outage(policy, on_connection, reached=server_reached)
     last_error: O2UError = UnavailableError(grpc.StatusCode.UNAVAILABLE, "watch stream closed")
     while True:
         if outage.failures:
