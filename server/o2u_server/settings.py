@@ -4,8 +4,10 @@ here: they travel with each job (o2u_engine.O2UConfig)."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,6 +20,16 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 GIB = 1024**3
 MIB = 1024**2
 
+
+# O2U_ variables that name no server setting but may stand beside the server's: the config file's
+# name, and the CLI's target and token (one shell may run both).
+OTHER_VARIABLES = frozenset({"O2U_CONFIG_FILE", "O2U_TARGET", "O2U_TOKEN_FILE"})
+# What Kubernetes' service links (and Docker's container links) set for a Service named `o2u` or
+# `o2u-*` in the pod's namespace: O2U_SERVICE_HOST, O2U_METRICS_SERVICE_PORT_METRICS,
+# O2U_PORT_50051_TCP_ADDR... The chart turns the links off; other manifests may not.
+_LINK_VARIABLE = re.compile(
+    r"O2U_(?:[A-Z0-9_]+_)?(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_[A-Z]+)?)?)"
+)
 
 # Class names and sample keys are at most this long (characters); datasets with longer ones are refused.
 MAX_CLASS_NAME_CHARS = 256
@@ -260,7 +272,37 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Precedence: explicit arguments, then environment, then the config file.
-        return (init_settings, env_settings, _ConfigFileSource(settings_cls))
+        return (init_settings, _UnknownVariables(settings_cls), env_settings, _ConfigFileSource(settings_cls))
+
+
+class _UnknownVariables(PydanticBaseSettingsSource):
+    """Refuses an O2U_ environment variable that names no setting (a misspelt
+    O2U_MAX_QUEUED_JOB would otherwise be ignored, and its default used); contributes no value."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        known = {f"O2U_{name.upper()}" for name in self.settings_cls.model_fields}
+        unknown = sorted(
+            name
+            for name in (variable.upper() for variable in os.environ)
+            if name.startswith("O2U_")
+            and name not in known
+            and name not in OTHER_VARIABLES
+            and not _LINK_VARIABLE.fullmatch(name)
+        )
+        if not unknown:
+            return {}
+        named = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            named.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        raise ValueError(
+            f"environment variable{'s' if len(named) > 1 else ''} {', '.join(named)} "
+            f"name{'' if len(named) > 1 else 's'} no setting; the settings are listed in docs/operations.md "
+            "(Configuration reference)"
+        )
 
 
 class _ConfigFileSource(PydanticBaseSettingsSource):
