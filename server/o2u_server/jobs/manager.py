@@ -285,6 +285,8 @@ class JobManager:
         if export_format is None:
             export_format = infer_export_format(destination_uri)
         job = await self._succeeded(job_id)
+        # Label Studio tasks are the suspects only: the other rows need not be read at all.
+        only_suspected = only_suspected or export_format is ExportFormat.LABEL_STUDIO
         return await self._blocking(
             self._export, job, destination_uri, export_format, ScoreFilter(only_suspected=only_suspected)
         )
