@@ -9,6 +9,7 @@ stay open, nothing more arrives) once part of the object has gone through.
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
+from o2u_server import storage
+from o2u_server.storage import RetryPolicy
 from tests.o2u_server.tcp_proxy import ThrottledProxy
 from tests.s3_server import S3Server, running_s3_server
 from tests.server_testing import RunningServer, call_error, create_job, wait_for_job
@@ -74,8 +77,10 @@ def test_store_down_before_submit_is_unavailable_on_create(
 
 @pytest.mark.parametrize("fault", ["cut", "silent"])
 def test_store_lost_mid_download_fails_the_job(
-    start_server: Callable[..., RunningServer], s3: S3Server, fault: str
+    start_server: Callable[..., RunningServer], s3: S3Server, fault: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A read timeout of 3 s instead of 10: the silent store costs each attempt that long.
+    monkeypatch.setattr(storage, "RetryPolicy", functools.partial(RetryPolicy, read_timeout_seconds=3.0))
     proxy = ThrottledProxy(s3.endpoint, bytes_per_second=2 * 1024 * 1024)
     try:
         settings = s3.settings_kwargs() | {"s3_endpoint": proxy.endpoint}
@@ -93,13 +98,13 @@ def test_store_lost_mid_download_fails_the_job(
             else:
                 proxy.silent.set()
             lost = time.monotonic()
-            # Silence costs the read timeout on each attempt (3 x 10 s) plus backoff; a cut only the backoff.
+            # Silence costs the read timeout on each attempt (3 x 3 s) plus backoff; a cut only the backoff.
             finished = wait_for_job(stub, job.job_id, timeout=60)
             elapsed = time.monotonic() - lost
         assert finished.state == pb.JOB_STATE_FAILED
         assert finished.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
         assert f"s3://{BUCKET}/big.npz" in finished.error.message
-        assert elapsed < (10 if fault == "cut" else 45), f"the job took {elapsed:.1f} s to fail"
+        assert elapsed < (10 if fault == "cut" else 25), f"the job took {elapsed:.1f} s to fail"
         assert _serving(server)
     finally:
         proxy.cut()
