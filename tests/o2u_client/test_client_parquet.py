@@ -1,9 +1,10 @@
 """Parquet end to end against a real server: a job on a Parquet file of embeddings (the digits as
 64-d rows with string keys, several row groups) scores like its .npz twin, and its scores export
-as a typed Parquet file."""
+as a typed Parquet file whose metadata records the job that produced them."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -44,3 +45,16 @@ def test_a_parquet_dataset_scores_and_exports(client: Client, data_root: Path, f
     assert exported.column("rank").to_pylist() == list(range(1, n + 1))
     assert exported.schema.field("noise_probability").type == pa.float64()
     assert set(exported.column("key").to_pylist()) == set(keys)
+    # The file says what produced its scores: the job, its dataset, and the job's run info.
+    metadata = {key.decode(): value.decode() for key, value in exported.schema.metadata.items()}
+    assert metadata["o2u.job_id"] == job.job_id
+    assert metadata["o2u.dataset_uri"] == path.as_uri()
+    run_info = json.loads(metadata["o2u.run_info"])
+    assert job.run_info is not None
+    assert (run_info["seed"], run_info["device"], run_info["engine_version"], run_info["dataset_digest"]) == (
+        job.run_info.seed,
+        job.run_info.device,
+        job.run_info.engine_version,
+        job.run_info.dataset_digest,
+    )
+    assert json.loads(run_info["resolved_config_json"]) == dict(job.run_info.resolved_config)

@@ -15,6 +15,7 @@ overwrite a dataset or anyone's earlier export.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -30,7 +31,7 @@ from o2u_server.errors import InvalidArgument
 from o2u_server.storage import Storage
 from o2u_server.text import shown
 
-__all__ = ["EXPORT_COLUMNS", "infer_export_format", "write_export"]
+__all__ = ["EXPORT_COLUMNS", "infer_export_format", "provenance", "write_export"]
 
 # The columns of an exported score, in file order (fields of domain.NoiseScoreRow).
 EXPORT_COLUMNS = (
@@ -144,6 +145,16 @@ def _originals(job: Job, storage: Storage, keys: Collection[str]) -> dict[str, d
         return None  # the dataset changed since it was scored; tasks keep only o2u's fields
 
 
+def provenance(job: Job) -> dict[str, str]:
+    """What produced a job's scores, as a Parquet export's schema metadata records it: `o2u.job_id`,
+    `o2u.dataset_uri` and `o2u.run_info` (the job's RunInfo as JSON: seed, versions, device, the
+    resolved config, the dataset's digest)."""
+    metadata = {"o2u.job_id": job.job_id, "o2u.dataset_uri": job.spec.dataset_uri}
+    if job.run_info is not None:
+        metadata["o2u.run_info"] = json.dumps(dataclasses.asdict(job.run_info), sort_keys=True)
+    return metadata
+
+
 def _text(encode: Callable[[TextIO], int]) -> Callable[[BinaryIO], int]:
     """`encode`, a writer of text, as a writer of its UTF-8 bytes."""
 
@@ -177,7 +188,8 @@ def write_export(
         originals = _originals(job, storage, {str(row["key"]) for row in suspects})
         encode = _text(lambda out: write_label_studio_tasks(suspects, job.job_id, job.spec, out, originals))
     elif export_format == ExportFormat.PARQUET:
-        encode = partial(write_parquet, rows, columns or EXPORT_COLUMNS)
+        metadata = None if job is None else provenance(job)
+        encode = partial(write_parquet, rows, columns or EXPORT_COLUMNS, metadata=metadata)
     else:
         writer = _WRITERS[export_format]
         encode = _text(lambda out: writer(rows, out, columns))

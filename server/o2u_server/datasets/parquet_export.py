@@ -1,10 +1,11 @@
 """Score rows as a Parquet file: one typed column per field (int64, float64, bool, string), in
 the export's column order, zstd-compressed, written as the rows come: one row group of
-`ROW_GROUP_ROWS` rows at a time, so only that group is held in memory."""
+`ROW_GROUP_ROWS` rows at a time, so only that group is held in memory. The schema's key-value
+metadata can say what produced the scores (`exports.provenance`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import islice
 from typing import BinaryIO
 
@@ -38,10 +39,17 @@ def _plain(value: object) -> object:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def write_parquet(rows: Iterable[dict[str, object]], columns: Sequence[str], out: BinaryIO) -> int:
-    """Write `rows`, restricted to `columns`, to `out` as a Parquet file; returns the rows written.
-    `out` needs only `write` (an upload's parts, a new file); it is left open."""
-    schema = pa.schema([(name, _TYPES.get(name, pa.string())) for name in columns])
+def write_parquet(
+    rows: Iterable[dict[str, object]],
+    columns: Sequence[str],
+    out: BinaryIO,
+    metadata: Mapping[str, str] | None = None,
+) -> int:
+    """Write `rows`, restricted to `columns`, to `out` as a Parquet file whose schema carries
+    `metadata` (key-value pairs: what produced the scores); returns the rows written. `out` needs
+    only `write` (an upload's parts, a new file); it is left open."""
+    fields = [(name, _TYPES.get(name, pa.string())) for name in columns]
+    schema = pa.schema(fields, metadata=dict(metadata) if metadata else None)
     count = 0
     remaining = iter(rows)
     with pq.ParquetWriter(out, schema, compression="zstd") as writer:
