@@ -30,8 +30,8 @@ import pytest
 from o2u.v1 import scoring_pb2 as pb
 from o2u_client import Client, Job, JobState, cli
 from o2u_client.cli import main
+from tests.o2u_client.full_queue import FreeTheQueueWhenFull, full_queue
 from tests.o2u_client.loopback_proxy import LoopbackProxy
-from tests.o2u_client.test_client_errors import _FreeTheQueueWhenFull, _started
 from tests.server_testing import DIGITS_SAMPLES as NUM_SAMPLES
 from tests.server_testing import SLOW_CONFIG, TINY_CONFIG, RunningServer
 
@@ -368,17 +368,13 @@ def test_score_says_when_it_waits_out_a_full_queue(
     start_server: Callable[..., RunningServer],
     dataset_uri: str,
 ) -> None:
-    server = start_server(max_queued_jobs=1, shutdown_grace_seconds=0.5)  # one job runs at a time
-    with Client(server.address, timeout=20.0) as owner:
-        running = owner.submit(dataset_uri, config=SLOW_CONFIG)
-        _started(owner, running)
-        queued = owner.submit(dataset_uri, config=SLOW_CONFIG)  # the queue is full now
+    with full_queue(start_server, dataset_uri) as (server, owner, running, queued):
 
         def free() -> None:  # once the first try is refused: room in the queue, and a free worker
             for job in (queued, running):
                 owner.cancel(job.job_id)
 
-        freeing = _FreeTheQueueWhenFull(free)
+        freeing = FreeTheQueueWhenFull(free)
         # The server asks for 30 s (QUEUE_FULL); a shorter cap keeps the test quick.
         monkeypatch.setattr(
             cli, "Client", functools.partial(Client, max_retry_delay=0.5, interceptors=[freeing])

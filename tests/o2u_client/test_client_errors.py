@@ -19,11 +19,9 @@ from o2u_client import (
     AlreadyExistsError,
     Client,
     DeadlineExceededError,
-    EventType,
     FailedPreconditionError,
     InvalidArgumentError,
     Job,
-    JobState,
     NotFoundError,
     O2UError,
     PermissionDeniedError,
@@ -31,6 +29,7 @@ from o2u_client import (
     UnavailableError,
 )
 from o2u_client.cli import _print_error
+from tests.o2u_client.full_queue import FreeTheQueueWhenFull, full_queue
 from tests.server_testing import SLOW_CONFIG, TINY_CONFIG, RunningServer
 
 # A well-formed job id that no server ever issued.
@@ -238,42 +237,11 @@ def test_a_submission_answered_too_late_is_retried_with_its_request_id(
         assert _jobs_with_request_id(client, request_id) == [again.job_id]
 
 
-class _FreeTheQueueWhenFull(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
-    """Records the CreateScoringJob requests, and calls `free()` once the first is refused
-    RESOURCE_EXHAUSTED: the queue has room by the time the client tries again."""
-
-    def __init__(self, free: Callable[[], object]) -> None:
-        self.free = free
-        self.requests: list[Any] = []
-
-    def intercept_unary_unary(
-        self, continuation: Callable[[Any, Any], Any], client_call_details: Any, request: Any
-    ) -> Any:
-        outcome = continuation(client_call_details, request)
-        if str(client_call_details.method).endswith("/CreateScoringJob"):
-            self.requests.append(request)
-            if len(self.requests) == 1 and outcome.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                self.free()
-        return outcome
-
-
-def _started(client: Client, job: Job) -> None:
-    """Return once the job is RUNNING: it no longer counts as queued."""
-    for event in client.watch(job.job_id, timeout=60):
-        if event.type == EventType.STATE_CHANGED and event.state == JobState.RUNNING:
-            return
-    raise AssertionError(f"job {job.job_id} ended without running")
-
-
 def test_a_full_queue_is_waited_out_and_a_quota_is_not(
     start_server: Callable[..., RunningServer], dataset_uri: str
 ) -> None:
-    server = start_server(max_queued_jobs=1, shutdown_grace_seconds=0.5)  # one job runs at a time
-    with Client(server.address, timeout=20.0) as owner:
-        running = owner.submit(dataset_uri, config=SLOW_CONFIG)
-        _started(owner, running)
-        queued = owner.submit(dataset_uri, config=SLOW_CONFIG)  # the queue is full now
-        freeing = _FreeTheQueueWhenFull(lambda: owner.cancel(queued.job_id))
+    with full_queue(start_server, dataset_uri) as (server, owner, running, queued):
+        freeing = FreeTheQueueWhenFull(lambda: owner.cancel(queued.job_id))
         # The server asks for 30 s (QUEUE_FULL); a shorter cap keeps the test quick.
         with Client(server.address, timeout=20.0, max_retry_delay=0.5, interceptors=[freeing]) as client:
             job = client.submit(dataset_uri, config=TINY_CONFIG)
