@@ -26,7 +26,7 @@ demo: venv
 	$(PY) -m o2u_client.demo
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15  # the slowest tests, for keeping the suite within its budget
 
 check: venv
 	$(VENV)/bin/ruff format --check .
