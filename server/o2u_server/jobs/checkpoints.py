@@ -8,8 +8,9 @@ uploaded, and `sync`, called after every epoch the engine reported (it writes it
 it reports), uploads the file when it changed. Each attempt uploads under its own key
 (`<prefix>/<job_id>/attempt-<n>.pt`; an S3 PUT replaces an object whole, never half), so a replica
 that lost its lease can never overwrite the checkpoint of the attempt that took the job over; the
-newest attempt's copy is what the next attempt resumes from. `delete` removes every copy when the
-job ends. An object store that does not answer never fails a job: a checkpoint is a shortcut (a
+newest attempt's copy is what the next attempt resumes from. An attempt that lost its lease leaves
+its copy while the job is open, as a crashed one does (`discard`). `delete` removes every copy when
+the job ends. An object store that does not answer never fails a job: a checkpoint is a shortcut (a
 resumed run and a fresh one score alike), so a failed upload is logged and tried again after the
 next epoch, and a failed download (or one with no room to stage it) starts the attempt from the
 beginning. Without a checkpoint URI (or with a local path) the engine writes straight into the
@@ -49,7 +50,7 @@ class CheckpointStore(Protocol):
     def open(self) -> None: ...
     def prepare(self, lease: Lease) -> Path: ...
     def sync(self, lease: Lease) -> None: ...
-    def discard(self, lease: Lease) -> None: ...
+    def discard(self, lease: Lease, *, resumes: bool) -> None: ...
     def delete(self, job_id: str) -> None: ...
     def sweep(self, is_open: Callable[[str], bool]) -> int: ...
 
@@ -77,8 +78,11 @@ class LocalCheckpoints:
     def sync(self, lease: Lease) -> None:
         """Make the checkpoint the engine last wrote readable by the job's next attempt."""
 
-    def discard(self, lease: Lease) -> None:
-        """Drop what this attempt wrote, after it lost its lease (here: the next attempt's file too)."""
+    def discard(self, lease: Lease, *, resumes: bool) -> None:
+        """The attempt lost its lease. While the job `resumes` (it is still queued or running), what
+        the attempt saved stays for the next attempt, as a crashed attempt's does: any checkpoint
+        of the job is a valid place to go on from. Otherwise (it ended meanwhile) it goes. Here the
+        file is the next attempt's too, and the job's end removes it."""
 
     def delete(self, job_id: str) -> None:
         """The job ended: remove its checkpoint and staged initial weights."""
@@ -152,7 +156,7 @@ class ObjectCheckpoints(LocalCheckpoints):
         for _, name in earlier:
             try:
                 data = self._objects.read(self.bucket, name, max_bytes=None)
-            except NotFound:  # removed by the attempt that wrote it, once it lost its lease
+            except NotFound:  # removed since it was listed: the job ended
                 continue
             handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=self.directory)
             try:
@@ -176,9 +180,10 @@ class ObjectCheckpoints(LocalCheckpoints):
             return
         self._uploaded[lease] = signature
 
-    def discard(self, lease: Lease) -> None:
+    def discard(self, lease: Lease, *, resumes: bool) -> None:
         self._uploaded.pop(lease, None)
-        self._quietly(lambda: self._objects.remove(self.bucket, self._key(lease)), lease.job_id)
+        if not resumes:  # the job ended while this attempt went on; its delete may have run already
+            self._quietly(lambda: self._objects.remove(self.bucket, self._key(lease)), lease.job_id)
 
     def delete(self, job_id: str) -> None:
         super().delete(job_id)

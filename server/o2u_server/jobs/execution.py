@@ -28,7 +28,7 @@ from typing import TypeVar
 
 from o2u_server.datasets import DatasetLimits, LoadedDataset, load_dataset
 from o2u_server.domain import Job, JobError, JobEvent, JobState, Progress, Stage
-from o2u_server.errors import Internal, StateStoreFull
+from o2u_server.errors import Internal, ServiceError, StateStoreFull
 from o2u_server.jobs.checkpoints import CheckpointStore
 from o2u_server.jobs.engine import (
     Cancelled,
@@ -127,7 +127,11 @@ class Execution:
                 extra={"job_id": lease.job_id, "attempt": lease.attempt},
             )
             self._metrics.leases_lost.inc()
-            self._checkpoints.discard(lease)
+            try:
+                resumes = self._store.is_open(lease.job_id)
+            except ServiceError:  # the database is away: keep it (a start's sweep removes an ended job's)
+                resumes = True
+            self._checkpoints.discard(lease, resumes=resumes)
 
     def _failed(self, job: Job, control: Attempt, exc: Exception) -> None:
         lease = control.lease

@@ -50,10 +50,12 @@ def test_each_attempt_uploads_its_own_object_and_the_next_resumes_from_the_newes
         f"team/o2u/{JOB}/attempt-000002.pt",
     ]
 
-    stale = first  # attempt 1 lost its lease: it removes only what it wrote
-    store.discard(stale)
-    assert _keys(s3, "checkpoints", "team/o2u/") == [f"team/o2u/{JOB}/attempt-000002.pt"]
+    # Attempt 2 lost its lease while the job goes on: its checkpoint is the one to resume from.
+    store.discard(second, resumes=True)
     assert store.prepare(Lease(JOB, 3, "replica-c")).read_bytes() == b"epoch 7"
+    # Attempt 1 learns it lost its lease after the job ended: it removes only what it wrote.
+    store.discard(first, resumes=False)
+    assert _keys(s3, "checkpoints", "team/o2u/") == [f"team/o2u/{JOB}/attempt-000002.pt"]
 
     store.delete(JOB)  # the job ended
     assert _keys(s3, "checkpoints", "team/o2u/") == []
@@ -156,6 +158,6 @@ def test_an_object_store_that_does_not_answer_never_fails_the_job(tmp_path: Path
         assert not path.exists()
         path.write_bytes(b"epoch 1")
         store.sync(lease)  # logged; tried again after the next epoch
-        store.discard(lease)
+        store.discard(lease, resumes=False)
         store.delete(JOB)
         assert not path.exists()

@@ -116,6 +116,7 @@ def test_a_replica_paused_past_its_lease_is_fenced_out(cluster: Cluster, digits_
         time.sleep(0.2)
     assert "its lease is gone and another replica owns the job" in paused.log_tail(200_000)
     assert cluster.sql("SELECT count(*) FROM scores WHERE job_id = %s", target) == [(1797,)]
+    assert cluster.checkpoints(target) == [], "the fenced-out attempt's checkpoint went with the job"
 
 
 def _leases_lost(metrics: str) -> float:
