@@ -24,7 +24,8 @@ from o2u_server.domain import DatasetSummary, NoiseScoreRow, ScoreFilter, ScoreT
 from o2u_server.errors import NotFound
 from o2u_server.jobs import records
 from o2u_server.jobs.database import Database
-from o2u_server.jobs.tables import class_names, scores, summaries
+from o2u_server.jobs.tables import class_names, jobs, scores, summaries
+from o2u_server.jobs.transitions import not_found
 
 __all__ = ["STAGE_ROWS", "ResultsStore"]
 
@@ -191,14 +192,25 @@ class ResultsStore:
         return self._db.retry(read)
 
     def iterate(self, job_id: str, score_filter: ScoreFilter, batch: int = 5_000) -> Iterator[NoiseScoreRow]:
-        """Every matching score in rank order, read in pages so memory stays flat."""
+        """Every matching score in rank order, read in pages so memory stays flat (each page is
+        one read). NotFound when the job was deleted between two pages: its scores seem to end
+        there, and an export of them would be cut short without a word."""
         after = 0
         while True:
             rows = self.page(job_id, score_filter, after, batch)
             yield from rows
             if len(rows) < batch:
+                if not self._exists(job_id):
+                    raise not_found(job_id)
                 return
             after = rows[-1].rank
+
+    def _exists(self, job_id: str) -> bool:
+        def read() -> bool:
+            with self._db.read() as conn:
+                return conn.execute(select(jobs.c.job_id).where(jobs.c.job_id == job_id)).first() is not None
+
+        return self._db.retry(read)
 
     def summary(self, job_id: str) -> DatasetSummary:
         def read() -> str | None:

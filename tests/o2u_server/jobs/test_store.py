@@ -146,6 +146,19 @@ def test_score_pages_filters_and_counts(store: JobStore) -> None:
     )
 
 
+def test_scores_read_while_their_job_is_deleted_end_in_not_found(store: JobStore) -> None:
+    """An export reads the scores a page at a time; a delete between two pages leaves the next one
+    empty, which must not read as the end of the scores (a short file, reported as complete)."""
+    store.create_job(job_id(1), SPEC, 1.0, max_queued=10)
+    lease, _, _ = claim(store)
+    store.claims.save_results(lease, score_rows(30), ["a", "b"], summary(job_id(1)), INFO, 3.0)
+    rows = store.results.iterate(job_id(1), ScoreFilter(), batch=10)
+    assert [next(rows).rank for _ in range(10)] == list(range(1, 11))
+    store.delete_job(job_id(1))
+    with pytest.raises(NotFound, match="does not exist"):
+        list(rows)
+
+
 def test_score_reads_bind_each_calls_values_and_jobs(store: JobStore) -> None:
     """The reads are built once per filter shape: each call's values and job must still be its own."""
     for n in (1, 2):
