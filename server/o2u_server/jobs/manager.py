@@ -226,7 +226,12 @@ class JobManager:
             visible(job, caller)
 
             async def fetch(after: int, until: int | None) -> list[JobEvent]:
-                return await self._blocking(self._store.events.after, job_id, after, until)
+                missed = await self._blocking(self._store.events.after, job_id, after, until)
+                if not missed and until is None:
+                    # A poll that found nothing: the job may have been deleted before this watch saw
+                    # its final event (a notice from another replica lost), and would wait forever.
+                    await self._owned(job_id)  # NotFound then
+                return missed
 
             events = follow(
                 subscription, replay, after_sequence=after_sequence, finished=job.finished, fetch=fetch

@@ -6,9 +6,11 @@ import time
 from collections.abc import Callable
 
 import grpc
+import pytest
 
 from o2u.v1 import scoring_pb2 as pb
 from o2u.v1 import scoring_pb2_grpc
+from o2u_server.jobs.events import EventHub
 from tests.server_testing import SLOW_CONFIG, RunningServer, call_error, create_job, wait_for_job
 
 Stub = scoring_pb2_grpc.ScoringServiceStub
@@ -95,3 +97,27 @@ def test_too_many_watch_streams(start_server: Callable[..., RunningServer], digi
         events = _watch(stub, job.job_id)
         assert events[-1].state == pb.JOB_STATE_CANCELLED
         assert "o2u_watch_streams 0.0" in running.scrape()
+
+
+def test_a_watch_of_a_job_deleted_before_it_saw_the_end_ends_in_not_found(
+    start_server: Callable[..., RunningServer], digits_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch that gets no live events (another replica ran the job and its notices were lost)
+    finds the job's events by polling the store; if the job was deleted first, the poll finds
+    nothing, and the watch must end instead of holding its stream slot for good."""
+    monkeypatch.setattr(EventHub, "publish", lambda self, event: None)
+    monkeypatch.setattr(EventHub, "_notice", lambda self, job_id, sequence: None)
+    running = start_server()
+    with running.channel() as channel:
+        stub = Stub(channel)
+        job = create_job(stub, digits_uri)
+        stream = stub.WatchScoringJob(pb.WatchScoringJobRequest(job_id=job.job_id), timeout=30)
+        assert next(stream).event.sequence == 1  # replayed: the watch now waits on its polls
+        wait_for_job(stub, job.job_id)
+        stub.DeleteScoringJob(pb.DeleteScoringJobRequest(job_id=job.job_id))
+        try:
+            ending: object = [response.event for response in stream][-1].state
+        except grpc.RpcError as error:
+            ending = error.code()
+        # NOT_FOUND; or, when a poll landed between the end and the delete, the final event.
+        assert ending in (grpc.StatusCode.NOT_FOUND, pb.JOB_STATE_SUCCEEDED), ending
