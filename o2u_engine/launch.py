@@ -224,21 +224,26 @@ def _launch(
         )
         for rank in range(job.world_size)
     ]
-    for process, (_, writer) in zip(processes, pipes, strict=True):
-        process.start()
-        writer.close()
     readers = [reader for reader, _ in pipes]
+    started: list[Any] = []
     try:
+        for process, (_, writer) in zip(processes, pipes, strict=True):
+            process.start()  # may fail (no memory or processes left): the ones started stop below
+            started.append(process)
+            writer.close()
         return _supervise(processes, readers, cancel, progress, should_cancel)
     finally:
         cancel.set()  # a caller that stopped listening (its progress callback raised) stops them too
-        for process in processes:
-            process.join(EXIT_GRACE_SECONDS)
+        # Workers left waiting for one that never started have nothing to save: stopped at once.
+        grace = EXIT_GRACE_SECONDS if len(started) == len(processes) else 0.0
+        for process in started:
+            process.join(grace)
             if process.is_alive():
                 process.kill()
                 process.join()
-        for reader in readers:
+        for reader, writer in pipes:
             reader.close()
+            writer.close()  # a worker that never started leaves its writing end here
 
 
 def _supervise(

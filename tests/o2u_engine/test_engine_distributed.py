@@ -136,6 +136,27 @@ def test_a_killed_worker_fails_the_run(
     assert list(tmp_path.glob("o2u-rendezvous-*")) == [], "the rendezvous store outlived the run"
 
 
+def test_a_worker_that_cannot_be_started_stops_the_ones_already_started(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starting worker 1 fails (no memory or processes left): worker 0, already started and waiting
+    for it, must not be left running on its own."""
+    images, labels, _ = digits
+    start = multiprocessing.get_context("spawn").Process.start
+    starts: list[int] = []
+
+    def start_all_but_the_second(process: Any) -> None:
+        starts.append(1)
+        if len(starts) == 2:
+            raise OSError(12, "Cannot allocate memory")
+        start(process)
+
+    monkeypatch.setattr(multiprocessing.get_context("spawn").Process, "start", start_all_but_the_second)
+    with pytest.raises(OSError, match="Cannot allocate memory"):
+        score_noise_workers(images, labels, world_size=2, config=CONFIG, num_classes=10)
+    assert multiprocessing.active_children() == [], "worker 0 was stopped"
+
+
 def _die_in_the_middle_of_a_message(writer: Any) -> None:
     """A worker killed while it sends: the length of a 1 MB message, 10 bytes of it, then SIGKILL."""
     os.write(writer.fileno(), struct.pack("!i", 1_000_000) + b"0123456789")
