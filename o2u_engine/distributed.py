@@ -40,6 +40,7 @@ from torch import nn
 from o2u_engine import checkpoint
 from o2u_engine.augment import augment_batch
 from o2u_engine.data import Batch
+from o2u_engine.errors import DeviceOutOfMemory
 from o2u_engine.network import Network
 from o2u_engine.phases import Phase
 from o2u_engine.syncnorm import WorkerBatchNorm, convert_batch_norm
@@ -110,38 +111,55 @@ class DistributedTrainer(Trainer):
         size = batch.indices.shape[0]
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
-        stored = batch.stored
-        # the whole batch, so every worker's generator stays in step
-        stored = augment_batch(stored, self.config.augment, self.padding, self.generator)
         start, stop = shard_bounds(size, self.rank, self.world_size)
-        # [out of memory flag, losses (B,), logits (B, K)], each worker filling its own rows
-        outputs = torch.zeros(1 + size * (1 + self.num_classes), dtype=torch.float32, device=self.device)
         network.optimizer.zero_grad(set_to_none=True)
         norms = [m for m in network.model.modules() if isinstance(m, WorkerBatchNorm)]
-        running = [
-            {k: v.clone() for k, v in m.state_dict().items() if k.startswith(("running", "num_batches"))}
-            for m in norms
-        ]
+        generator = self.generator.get_state()
+        running: list[dict[str, torch.Tensor]] = []
+        outputs: torch.Tensor | None = None
         self.step_collectives = 0
+        # Everything that allocates before the step's one agreement runs here, so that a worker out
+        # of memory anywhere in it says so in that collective, as every other worker does.
         try:  # an empty shard runs too: the layers' collectives must match on every worker
             if self.fault_hook is not None:
                 self.fault_hook(phase.stage, size)
+            # the whole batch, so every worker's generator stays in step
+            stored = augment_batch(batch.stored, self.config.augment, self.padding, self.generator)
+            # [out of memory flag, losses (B,), logits (B, K)], each worker filling its own rows
+            outputs = torch.zeros(1 + size * (1 + self.num_classes), dtype=torch.float32, device=self.device)
+            running = [
+                {k: v.clone() for k, v in m.state_dict().items() if k.startswith(("running", "num_batches"))}
+                for m in norms
+            ]
             self._shard_pass(network, batch.indices[start:stop], stored[start:stop], outputs, size)
         except torch.OutOfMemoryError:
-            outputs.zero_()
-            outputs[0] = 1.0
+            outputs = None
             self._finish_norm_collectives(norms)
+        if outputs is None:  # freed by the failure, so there is room for the flag again
+            outputs = torch.zeros(1 + size * (1 + self.num_classes), dtype=torch.float32, device=self.device)
+            outputs[0] = 1.0
         self._all_reduce(outputs)
-        if outputs[0].item() > 0:  # every worker retries the batch at half the size
+        if outputs[0].item() > 0:  # every worker retries the batch at half the size, from the same state
             network.optimizer.zero_grad(set_to_none=True)
-            for module, state in zip(norms, running, strict=True):
+            for module, state in zip(norms, running, strict=False):  # none, if it failed before the pass
                 module.load_state_dict(state, strict=False)
+            self.generator.set_state(generator)  # a worker may have failed partway through augmenting
             raise torch.OutOfMemoryError("a worker ran out of memory")
-        self._all_reduce_gradients(network.model)
-        network.optimizer.step()
-        losses = outputs[1 : 1 + size]
-        if phase.records_losses:
-            self.statistics.record(batch.indices, losses, outputs[1 + size :].view(size, self.num_classes))
+        try:
+            self._all_reduce_gradients(network.model)
+            network.optimizer.step()
+            losses = outputs[1 : 1 + size]
+            if phase.records_losses:
+                self.statistics.record(
+                    batch.indices, losses, outputs[1 + size :].view(size, self.num_classes)
+                )
+        except torch.OutOfMemoryError as error:
+            # Past the agreement the workers can no longer retry the batch together: the run stops.
+            raise DeviceOutOfMemory(
+                f"device {self.device} ran out of memory on worker {self.rank} of {self.world_size} while "
+                f"exchanging gradients or updating the model at batch size {size} ({error}); use a "
+                "smaller model, image_size or batch size"
+            ) from error
         return losses.sum(dtype=torch.float64)
 
     def _finish_norm_collectives(self, norms: list[WorkerBatchNorm]) -> None:

@@ -299,6 +299,13 @@ def _check_alive(processes: list[Any]) -> None:
 
 
 def _error(name: str, message: str, field: str | None) -> Exception:
+    """The exception a worker raised, as the caller of one worker would get it: the engine's own,
+    memory as memory (the job fails as out of memory, not as a crash to retry), the rest as
+    WorkerFailed (a peer that died or hung shows in a collective's error)."""
+    if name == "MemoryError":
+        return MemoryError(message)
+    if name == "OutOfMemoryError":  # torch's, where the workers could not retry together
+        return DeviceOutOfMemory(f"a training worker ran out of device memory: {message}")
     cls = _ERRORS.get(name)
     if cls is None:
         return WorkerFailed(f"a training worker failed: {name}: {message}")

@@ -190,9 +190,16 @@ def test_an_unusable_temporary_directory_fails_the_run_clearly(
 
 
 def _oom_on_worker_1(stage: str, batch_size: int) -> None:
-    """A fault hook (run in the workers): worker 1 alone runs out of memory at stage 2's batch size."""
+    """A fault hook (run in the workers): worker 1 alone runs out of memory at stage 2's batch size,
+    before it augments the batch (the other worker has augmented it by the time they agree)."""
     if dist.get_rank() == 1 and stage == "cyclic" and batch_size > CONFIG_OOM_BATCH // 2:
         raise torch.OutOfMemoryError("injected on worker 1")
+
+
+def _oom_on_every_worker(stage: str, batch_size: int) -> None:
+    """The same, on every worker."""
+    if stage == "cyclic" and batch_size > CONFIG_OOM_BATCH // 2:
+        raise torch.OutOfMemoryError("injected on every worker")
 
 
 CONFIG_OOM_BATCH = 32
@@ -207,8 +214,29 @@ def test_out_of_memory_on_one_worker_halves_the_batch_on_all(
         images, labels, world_size=2, config=config, num_classes=10, _fault_hook=_oom_on_worker_1
     )
     assert roc_auc_score(labels != true_labels, report.noise_scores) > 0.9
-    plain = score_noise_workers(images, labels, world_size=2, config=config, num_classes=10)
-    assert not np.array_equal(report.noise_scores, plain.noise_scores)  # stage 2 ran at half the batch
+    # Stage 2 can only have finished at half the batch; and which worker ran out does not matter:
+    # every worker goes on from the state before the step (worker 0 had augmented the batch).
+    everywhere = score_noise_workers(
+        images, labels, world_size=2, config=config, num_classes=10, _fault_hook=_oom_on_every_worker
+    )
+    np.testing.assert_array_equal(report.noise_scores, everywhere.noise_scores)
+
+
+def _host_memory_runs_out(stage: str, batch_size: int) -> None:
+    """A fault hook (run in the workers): an allocation on the host fails on every worker."""
+    raise MemoryError("injected host allocation failure")
+
+
+def test_host_memory_running_out_in_the_workers_is_memory_not_a_crash(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """As with one worker: the job fails as out of memory, not as a worker crash to retry."""
+    images, labels, _ = digits
+    with pytest.raises(MemoryError, match="injected host allocation failure"):
+        score_noise_workers(
+            images, labels, world_size=2, config=CONFIG, num_classes=10, _fault_hook=_host_memory_runs_out
+        )
+    assert multiprocessing.active_children() == []
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
