@@ -138,9 +138,9 @@ class ClaimStore:
         """Extend the lease by `lease_seconds`; returns whether a cancel is pending, None if lost.
 
         On PostgreSQL a job row another transaction holds locked - the attempt's own write, such as
-        the one transaction that stores a million scores and the final state - is not waited for:
-        that lease is left as it is this round (it is not lost while the row is held: requeues skip
-        locked rows), so the keeper goes on to renew every other job's in time."""
+        a step of its scores - is not waited for: that lease is left as it is this round (it is not
+        lost while the row is held: requeues skip locked rows), so the keeper goes on to renew every
+        other job's in time."""
 
         def renew() -> bool | None:
             with self._db.write() as conn:
@@ -282,21 +282,15 @@ class ClaimStore:
         now: float,
     ) -> JobEvent:
         """Store scores and summary and mark the job SUCCEEDED (`scores` is iterated once per try:
-        a retried save loads them again). On PostgreSQL all in one transaction; on SQLite the scores
-        go first, in fenced transactions of `STAGE_ROWS` (see `_stage_scores`), and the last
-        transaction stores the summary and the final state."""
+        a retried save loads them again). The scores go first, in fenced transactions of
+        `STAGE_ROWS` (see `_stage_scores`), and the last transaction stores the summary and the final
+        state."""
 
         def save() -> JobEvent:
-            if not self._db.postgresql:
-                self._stage_scores(lease, scores, now)
+            self._stage_scores(lease, scores, now)
             with self._db.write(durable=True) as conn:
-                self._fenced(
-                    conn, lease, run_info_json=records.encode(run_info)
-                )  # checked before the bulk load
-                if self._db.postgresql:
-                    self._results.insert(conn, lease.job_id, scores, class_names, summary)
-                else:
-                    self._results.insert_summary(conn, lease.job_id, class_names, summary)
+                self._fenced(conn, lease, run_info_json=records.encode(run_info))
+                self._results.insert_summary(conn, lease.job_id, class_names, summary)
                 event = transition(
                     conn, self._log, lease.job_id, JobState.SUCCEEDED, now, message="scores are ready"
                 )
@@ -306,11 +300,15 @@ class ClaimStore:
         return self._final(lease, JobState.SUCCEEDED, save)
 
     def _stage_scores(self, lease: Lease, scores: Iterable[ScoreTuple], now: float) -> None:
-        """SQLite: write the scores in transactions of `STAGE_ROWS` rows, each fenced by the lease,
-        building each batch while no write is held, so that the lease keeper's renewals and the other
-        jobs' progress get the write lock between them. The rows a previous try or attempt left
-        (a crash or a full disk in the middle) are deleted first, in the same steps. Until the job
-        is SUCCEEDED no read sees them."""
+        """Write the scores in transactions of `STAGE_ROWS` rows, each fenced by the lease, building
+        each batch while no write is held. Between them the lease keeper renews this job's lease
+        and every other job's: on SQLite, one writer, they get the write lock; on PostgreSQL the
+        job's row is free again, so a save longer than the lease keeps it (one transaction of
+        millions of rows held the row, renewals skipped it, and a save that then failed and was
+        retried found its lease expired; and a replica frozen during it held the row, and every
+        cancel or delete of the job, while frozen: now only one frozen inside a step's COPY does).
+        The rows a previous try or attempt left (a crash or a full disk in the middle) are deleted
+        first, in the same steps. Until the job is SUCCEEDED no read sees them."""
 
         @contextlib.contextmanager
         def step() -> Iterator[Connection]:

@@ -2,14 +2,13 @@
 
 Scores are keyed by (job_id, rank), so a page is an index range scan that starts after the last rank
 the caller saw (keyset pagination): page 1,000 of a million-sample job costs the same as page 1.
-On PostgreSQL they are bulk-loaded with COPY inside the caller's transaction (a million rows in
-seconds, where row-by-row INSERTs would take minutes across a network). SQLite has one writer for
-the whole process, so one transaction of millions of rows would hold back every other job's lease
-renewals and progress until it commits; there the caller writes them in transactions of
-`STAGE_ROWS` rows (`insert_scores`) before the one that makes the job SUCCEEDED, and the rows are
-built between those transactions, when the write lock is free. Scores are only ever read for a
-SUCCEEDED job, so staged rows are invisible until then; a job that ends otherwise loses them
-(`clear`).
+The caller writes them in transactions of `STAGE_ROWS` rows (`insert_scores`: COPY on PostgreSQL, a
+million rows in seconds where row-by-row INSERTs would take minutes across a network; batched
+INSERTs on SQLite) before the one that makes the job SUCCEEDED, and builds each batch between those
+transactions: one transaction of millions of rows would hold back the job's lease renewals (and,
+on SQLite, which has one writer for the whole process, every other job's) until it commits. Scores
+are only ever read for a SUCCEEDED job, so staged rows are invisible until then; a job that ends
+otherwise loses them (`clear`).
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ _COLUMNS = (
     "suggested_label_confidence",
 )
 _INSERT_BATCH = 10_000
-# Rows per staging transaction on SQLite: about 0.2 s of the write lock on a 2-core machine (1M rows
+# Rows per staging transaction: on SQLite about 0.2 s of the write lock on a 2-core machine (1M rows
 # take 3.8 s), where a lease allows `lease_seconds` (30 s) between renewals.
 STAGE_ROWS = 50_000
 
@@ -95,19 +94,6 @@ class ResultsStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def insert(
-        self,
-        conn: Connection,
-        job_id: str,
-        rows: Iterable[ScoreTuple],
-        names: list[str],
-        summary: DatasetSummary,
-    ) -> None:
-        """Store everything of a finished job in one transaction (PostgreSQL's COPY; see the module
-        docstring for SQLite, which writes the scores beforehand with `insert_scores`)."""
-        self._copy(conn, job_id, rows)
-        self.insert_summary(conn, job_id, names, summary)
-
     @staticmethod
     def insert_summary(conn: Connection, job_id: str, names: list[str], summary: DatasetSummary) -> None:
         if names:
@@ -115,9 +101,12 @@ class ResultsStore:
             conn.execute(class_names.insert().values(labelled))  # one statement, not one per class
         conn.execute(summaries.insert().values(job_id=job_id, summary_json=records.encode(summary)))
 
-    @staticmethod
-    def insert_scores(conn: Connection, job_id: str, rows: Sequence[ScoreTuple]) -> None:
-        """Batched INSERTs of score rows (SQLite, in-process: no network round trips to save)."""
+    def insert_scores(self, conn: Connection, job_id: str, rows: Sequence[ScoreTuple]) -> None:
+        """Score rows: by COPY on PostgreSQL, in batched INSERTs on SQLite (in-process: no network
+        round trips to save)."""
+        if self._db.postgresql:
+            self._copy(conn, job_id, rows)
+            return
         statement = f"INSERT INTO scores (job_id, {', '.join(_COLUMNS)}) VALUES ({'?, ' * 10}?)"
         for start in range(0, len(rows), _INSERT_BATCH):
             conn.exec_driver_sql(statement, [(job_id, *row) for row in rows[start : start + _INSERT_BATCH]])

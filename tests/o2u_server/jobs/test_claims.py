@@ -8,6 +8,7 @@ these tests make a replica "pause past its lease" without waiting for one."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -252,15 +253,16 @@ def test_leases_are_renewed_while_a_job_s_scores_are_written(
     store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Storing millions of scores takes seconds. Halfway through, the keeper renews both the saving
-    job's lease and another running job's: neither renewal may wait for the save to commit (SQLite,
-    one writer: the scores go in steps with the write lock free between them; PostgreSQL: the held
-    row is skipped), and on SQLite the other job's lease is really extended."""
+    job's lease and another running job's: neither renewal may wait for the save to commit, and
+    both leases are really extended (the scores go in steps; between them SQLite's one write lock,
+    and on PostgreSQL the job's row, are free)."""
     monkeypatch.setattr(claims, "STAGE_ROWS", 1_000)
     _queue(store, 2)
     saving, _, _ = claim(store, "replica-a", lease_seconds=60.0)
     other, _, _ = claim(store, "replica-a", lease_seconds=60.0)
     before = _lease_expiry(store, other)
     renewed: list[bool | None] = []
+    extended: list[float] = []  # the saving job's lease, as the renewal left it
 
     def rows_renewing_halfway() -> Iterator[ScoreTuple]:
         for row in score_rows(3_000):
@@ -273,6 +275,7 @@ def test_leases_are_renewed_while_a_job_s_scores_are_written(
                 renewal.start()
                 renewal.join(10)
                 assert not renewal.is_alive(), "the renewal waited for the scores to be stored"
+                extended.append(_lease_expiry(store, saving))
             yield row
 
     event = store.claims.save_results(
@@ -281,8 +284,40 @@ def test_leases_are_renewed_while_a_job_s_scores_are_written(
     assert event.state is JobState.SUCCEEDED
     assert renewed == [False, False]
     assert store.results.count(job_id(1), ScoreFilter()) == 3_000
-    if not store.db.postgresql:
-        assert _lease_expiry(store, other) > before + 30
+    assert _lease_expiry(store, other) > before + 30
+    assert extended[0] > before + 30
+
+
+def test_a_save_longer_than_the_lease_that_fails_midway_keeps_its_lease_for_the_retry(
+    store: JobStore, second: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scores of a big job take longer to store than the lease lasts, while the keeper renews
+    it; then the save fails (the disk filled) and is tried again. The job must still be this
+    attempt's: another replica finds no expired lease to requeue, and the retry stores the scores.
+    (In one transaction on PostgreSQL, the renewals skipped the row it held, the lease expired
+    underneath, and the retry found it lost: hours of training done again.)"""
+    monkeypatch.setattr(claims, "STAGE_ROWS", 1_000)
+    _queue(store, 1)
+    lease, _, _ = claim(store, "replica-a", lease_seconds=1.0)
+
+    def rows_outlasting_the_lease_then_failing() -> Iterator[ScoreTuple]:
+        for row in score_rows(3_000):
+            if row[0] == 1_500:
+                for _ in range(8):  # 2 s of storing, the keeper renewing as it does, a third of a lease apart
+                    assert store.claims.renew_lease(lease, 1.0) is False
+                    time.sleep(0.25)
+                assert second.claims.requeue_expired(time.time(), max_attempts=3).queued == []
+            if row[0] == 2_500:
+                raise OSError("no space left on device")
+            yield row
+
+    with pytest.raises(OSError, match="no space left"):
+        store.claims.save_results(
+            lease, rows_outlasting_the_lease_then_failing(), ["a", "b"], summary(job_id(1)), INFO, 3.0
+        )
+    event = store.claims.save_results(lease, score_rows(3_000), ["a", "b"], summary(job_id(1)), INFO, 4.0)
+    assert event.state is JobState.SUCCEEDED
+    assert store.results.count(job_id(1), ScoreFilter()) == 3_000
 
 
 def test_a_save_that_stops_midway_is_retried_cleanly_and_a_failed_job_keeps_no_scores(
