@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from sqlalchemy import ColumnElement, Connection, and_, or_, select, update
@@ -210,7 +210,7 @@ class ClaimStore:
                     raise LeaseLost(lease)
                 return event
 
-        return self._final(lease, state, finish)
+        return self._ending(lease, (state,), finish)
 
     def release_job(self, lease: Lease, now: float, *, message: str) -> JobEvent:
         """Give a stopped attempt's job back to the queue (or CANCELLED, if a cancel was pending)."""
@@ -236,7 +236,7 @@ class ClaimStore:
                 self._db.notify(conn, f"queued {lease.job_id}")  # another replica may resume it now
                 return event
 
-        return self._db.retry(release)
+        return self._ending(lease, (JobState.QUEUED, JobState.CANCELLED), release)
 
     def retry_job(self, lease: Lease, now: float, *, cause: str, max_attempts: int) -> JobEvent:
         """Requeue a job whose attempt ended because a training worker failed (`cause`), counted as a
@@ -270,7 +270,7 @@ class ClaimStore:
                     self._db.notify(conn, f"queued {lease.job_id}")
                 return event
 
-        return self._db.retry(retry)
+        return self._ending(lease, (JobState.QUEUED, JobState.CANCELLED, JobState.FAILED), retry)
 
     def save_results(
         self,
@@ -297,7 +297,7 @@ class ClaimStore:
                 assert event is not None
                 return event
 
-        return self._final(lease, JobState.SUCCEEDED, save)
+        return self._ending(lease, (JobState.SUCCEEDED,), save)
 
     def _stage_scores(self, lease: Lease, scores: Iterable[ScoreTuple], now: float) -> None:
         """Write the scores in transactions of `STAGE_ROWS` rows, each fenced by the lease, building
@@ -326,11 +326,13 @@ class ClaimStore:
             with step() as conn:
                 self._results.insert_scores(conn, lease.job_id, batch)
 
-    def _final(self, lease: Lease, state: JobState, write: Callable[[], JobEvent]) -> JobEvent:
-        """Run `write`, the transaction that gives `lease`'s attempt the final `state`, again while
-        the database is unreachable. When a retry finds the lease gone, the try before it may have
-        committed and only lost its reply (the connection broke at COMMIT): then the store holds
-        `state` from this very attempt, and its event is the result, not LeaseLost."""
+    def _ending(self, lease: Lease, states: Collection[JobState], write: Callable[[], JobEvent]) -> JobEvent:
+        """Run `write`, the transaction that ends `lease`'s attempt in one of `states` (a final state,
+        or back in the queue), again while the database is unreachable. When a retry finds the lease
+        gone, the try before it may have committed and only lost its reply (the connection broke at
+        COMMIT): then the store holds one of `states` from this very attempt, and its event is the
+        result, not LeaseLost (which would have the attempt log a lost lease and skip what follows
+        the write)."""
         tries = 0
 
         def once() -> JobEvent:
@@ -339,24 +341,27 @@ class ClaimStore:
             try:
                 return write()
             except LeaseLost:
-                if tries > 1 and (event := self._committed(lease, state)) is not None:
+                if tries > 1 and (event := self._committed(lease, states)) is not None:
                     return event
                 raise
 
         return self._db.retry(once)
 
-    def _committed(self, lease: Lease, state: JobState) -> JobEvent | None:
-        """The job's last event, if that is `lease`'s attempt reaching `state` (None otherwise)."""
+    def _committed(self, lease: Lease, states: Collection[JobState]) -> JobEvent | None:
+        """The job's last event, if that is `lease`'s attempt entering one of `states` (None
+        otherwise)."""
         with self._db.read() as conn:
             row = conn.execute(
                 select(jobs.c.state, jobs.c.attempts, jobs.c.last_sequence).where(
                     jobs.c.job_id == lease.job_id
                 )
             ).first()
-            if row is None or row.state != state.value or row.attempts != lease.attempt:
+            if row is None or JobState(row.state) not in states or row.attempts != lease.attempt:
                 return None
             last = self._log.read(conn, lease.job_id, row.last_sequence - 1, row.last_sequence)
-        return last[0] if last and last[0].terminal else None
+        if not last or last[0].type is not EventType.STATE_CHANGED or last[0].state.value != row.state:
+            return None
+        return last[0]
 
     # -- orphans ----------------------------------------------------------------------------------
 

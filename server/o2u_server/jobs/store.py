@@ -167,9 +167,22 @@ class JobStore:
         return self.db.retry(cancel)
 
     def delete_job(self, job_id: str) -> None:
+        """Delete a finished job and everything stored for it. A retry that finds the job gone
+        after a try whose reply was lost (the connection broke at COMMIT) has deleted it: done,
+        not NOT_FOUND."""
+        tries = 0
+
         def remove() -> None:
+            nonlocal tries
+            tries += 1
             with self.db.write(durable=True) as conn:
-                state = JobState(job_row(conn, job_id, lock=True)["state"])
+                try:
+                    row = job_row(conn, job_id, lock=True)
+                except NotFound:
+                    if tries > 1:
+                        return
+                    raise
+                state = JobState(row["state"])
                 if state not in TERMINAL_STATES:
                     raise FailedPrecondition(
                         f"scoring job {job_id!r} is {state.value.upper()}; cancel it and wait for it to "

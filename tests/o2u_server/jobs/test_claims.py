@@ -185,23 +185,29 @@ def test_a_worker_failure_with_a_pending_cancel_cancels_the_job(store: JobStore,
     assert event.state is JobState.CANCELLED
 
 
-@pytest.mark.parametrize("final", [JobState.SUCCEEDED, JobState.CANCELLED])
-def test_a_final_write_whose_reply_was_lost_is_the_attempt_s_own(
-    store: JobStore, monkeypatch: pytest.MonkeyPatch, final: JobState
+@pytest.mark.parametrize("ending", ["succeeded", "cancelled", "released", "retried"])
+def test_a_write_ending_an_attempt_whose_reply_was_lost_is_the_attempt_s_own(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch, ending: str
 ) -> None:
-    """The connection breaks after the COMMIT of a job's final state, before its reply: the store
-    retries the transaction, whose fence now finds the job ended. That is this attempt's own write,
-    not a lost lease (only PostgreSQL connections break and are retried)."""
+    """The connection breaks after the COMMIT that ends an attempt (a final state, or the job back
+    in the queue after a drain or a worker's failure), before its reply: the store retries the
+    transaction, whose fence now finds the lease gone. That is this attempt's own write, not a lost
+    lease (only PostgreSQL connections break and are retried)."""
     _queue(store, 1)
     lease, _, _ = claim(store, "replica-a", lease_seconds=60.0)
     broken = lose_one_commit_reply(store, monkeypatch)
-    if final is JobState.SUCCEEDED:
+    if ending == "succeeded":
         event = store.claims.save_results(lease, score_rows(4), ["a", "b"], summary(job_id(1)), INFO, 13.0)
-    else:
+    elif ending == "cancelled":
         event = store.claims.finish_job(lease, JobState.CANCELLED, 13.0, message="cancelled")
+    elif ending == "released":
+        event = store.claims.release_job(lease, 13.0, message="the server is stopping")
+    else:
+        event = store.claims.retry_job(lease, 13.0, cause="worker 1 was killed", max_attempts=3)
     assert broken == [True]
-    assert (event.state, event.terminal) == (final, True)
-    assert store.get_job(job_id(1)).state is final
+    expected = {"succeeded": JobState.SUCCEEDED, "cancelled": JobState.CANCELLED}.get(ending, JobState.QUEUED)
+    assert event.state is expected
+    assert store.get_job(job_id(1)).state is expected
     assert event == store.events.after(job_id(1), 0)[-1]
     with pytest.raises(LeaseLost):  # a later try of the same write is still refused
         store.claims.finish_job(lease, JobState.FAILED, 14.0, message="again")

@@ -297,6 +297,22 @@ def test_replicas_of_one_database_share_its_secret(store: JobStore, second: JobS
     assert store.page_token_secret == second.page_token_secret
 
 
+def test_a_delete_whose_reply_was_lost_is_done(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection breaks after the COMMIT of a delete, before its reply: the retry finds no job.
+    It deleted it itself, so the call succeeds (the caller would otherwise get NOT_FOUND, and the
+    server would skip removing the job's checkpoints)."""
+    store.create_job(job_id(1), SPEC, 1.0, max_queued=10)
+    lease, _, _ = claim(store)
+    store.claims.finish_job(lease, JobState.CANCELLED, 2.0, message="cancelled")
+    broken = lose_one_commit_reply(store, monkeypatch)
+    store.delete_job(job_id(1))
+    assert broken == [True]
+    with pytest.raises(NotFound):
+        store.get_job(job_id(1))
+    with pytest.raises(NotFound):  # a delete of a job that is gone is still NOT_FOUND
+        store.delete_job(job_id(1))
+
+
 def test_a_create_whose_reply_was_lost_returns_the_job_it_made(
     store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
