@@ -164,7 +164,15 @@ class ClaimStore:
     # -- fenced writes ----------------------------------------------------------------------------
 
     def record_progress(self, lease: Lease, progress: Progress, now: float) -> JobEvent:
+        """Append a progress event. A retry after a try whose COMMIT reply was lost finds that try's
+        event last in the log and returns it, instead of appending the same progress twice."""
+        tries = 0
+
         def record() -> JobEvent:
+            nonlocal tries
+            tries += 1
+            if tries > 1 and (event := self._last_progress(lease, progress)) is not None:
+                return event
             with self._db.write() as conn:
                 event = self._log.append(
                     conn,
@@ -181,6 +189,19 @@ class ClaimStore:
                 return event
 
         return self._db.retry(record)
+
+    def _last_progress(self, lease: Lease, progress: Progress) -> JobEvent | None:
+        """The job's last event, if it is `progress` recorded by `lease`'s attempt (still running)."""
+        with self._db.read() as conn:
+            row = conn.execute(
+                select(jobs.c.attempts, jobs.c.last_sequence).where(jobs.c.job_id == lease.job_id)
+            ).first()
+            if row is None or row.attempts != lease.attempt:
+                return None
+            last = self._log.read(conn, lease.job_id, row.last_sequence - 1, row.last_sequence)
+        if last and last[0].type is EventType.PROGRESS and last[0].progress == progress:
+            return last[0]
+        return None
 
     def set_run_info(self, lease: Lease, run_info: RunInfo, now: float) -> None:
         def store() -> None:

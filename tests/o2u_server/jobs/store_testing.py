@@ -47,9 +47,12 @@ def claim(
     return claimed
 
 
-def lose_one_commit_reply(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Make the store's next durable write commit, then fail as a connection that broke before the
-    COMMIT's reply does (PostgreSQL retries it). The list returned gets True once that happened."""
+def lose_one_commit_reply(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch, *, durable_only: bool = True
+) -> list[bool]:
+    """Make the store's next durable write (any write, with `durable_only=False`) commit, then fail
+    as a connection that broke before the COMMIT's reply does (PostgreSQL retries it). The list
+    returned gets True once that happened."""
     if not store.db.postgresql:
         pytest.skip("SQLite writes are not retried: its connection cannot break at COMMIT")
     real_write = store.db.write
@@ -59,7 +62,7 @@ def lose_one_commit_reply(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> l
     def write_losing_one_reply(*, durable: bool = False) -> Iterator[Connection]:
         with real_write(durable=durable) as conn:
             yield conn
-        if durable and not broken:  # committed; the reply is lost
+        if (durable or not durable_only) and not broken:  # committed; the reply is lost
             broken.append(True)
             raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
 

@@ -14,7 +14,17 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import select
 
-from o2u_server.domain import JobError, JobSpec, JobState, Progress, RunInfo, ScoreFilter, ScoreTuple, Stage
+from o2u_server.domain import (
+    EventType,
+    JobError,
+    JobSpec,
+    JobState,
+    Progress,
+    RunInfo,
+    ScoreFilter,
+    ScoreTuple,
+    Stage,
+)
 from o2u_server.jobs import claims
 from o2u_server.jobs.store import JobStore, Lease, LeaseLost
 from o2u_server.jobs.tables import jobs
@@ -211,6 +221,20 @@ def test_a_write_ending_an_attempt_whose_reply_was_lost_is_the_attempt_s_own(
     assert event == store.events.after(job_id(1), 0)[-1]
     with pytest.raises(LeaseLost):  # a later try of the same write is still refused
         store.claims.finish_job(lease, JobState.FAILED, 14.0, message="again")
+
+
+def test_a_progress_event_whose_reply_was_lost_is_recorded_once(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _queue(store, 1)
+    lease, _, _ = claim(store, "replica-a", lease_seconds=60.0)
+    broken = lose_one_commit_reply(store, monkeypatch, durable_only=False)
+    progress = Progress(stage=Stage.PRETRAINING, epoch=1, epochs_total=4, mean_loss=2.25, fraction_done=0.25)
+    event = store.claims.record_progress(lease, progress, 12.0)
+    assert broken == [True]
+    stored = store.events.after(job_id(1), 0)
+    assert [e.progress for e in stored if e.type is EventType.PROGRESS] == [progress], "once, not twice"
+    assert event == stored[-1]
 
 
 def test_a_renewal_does_not_wait_for_a_job_row_another_write_holds(store: JobStore) -> None:
