@@ -187,8 +187,9 @@ class ObjectCheckpoints(LocalCheckpoints):
 
     def delete(self, job_id: str) -> None:
         super().delete(job_id)
-        for lease in [lease for lease in self._uploaded if lease.job_id == job_id]:
-            self._uploaded.pop(lease, None)
+        for lease in list(self._uploaded):  # a copy taken at once: other workers' threads add to it
+            if lease.job_id == job_id:
+                self._uploaded.pop(lease, None)
 
         def remove_all() -> None:
             for name, _, _ in list(self._objects.iter_objects(self.bucket, f"{self.prefix}{job_id}/")):
