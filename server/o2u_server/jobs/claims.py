@@ -56,6 +56,13 @@ class Lease:
     owner: str
 
 
+def _is_claim_at(event: JobEvent, now: float) -> bool:
+    """Whether `event` is a claim's: the job became RUNNING at `now`."""
+    return (
+        event.type is EventType.STATE_CHANGED and event.state is JobState.RUNNING and event.event_time == now
+    )
+
+
 class LeaseLost(RuntimeError):
     """A fenced write was refused: the job is no longer this lease's (it expired, was taken over,
     or the job finished meanwhile). The attempt must stop without writing anything more."""
@@ -100,10 +107,17 @@ class ClaimStore:
     def claim_job(
         self, owner: str, now: float, *, lease_seconds: float
     ) -> tuple[Lease, Job, JobEvent] | None:
-        """QUEUED -> RUNNING for the oldest queued job, counting the attempt; None if none waits."""
+        """QUEUED -> RUNNING for the oldest queued job, counting the attempt; None if none waits.
+        A retry after a try whose COMMIT reply was lost returns the job that try claimed, instead of
+        claiming a second one and leaving the first RUNNING under a lease nobody renews."""
+        tries = 0
 
         def claim() -> tuple[Lease, Job, JobEvent] | None:
+            nonlocal tries
+            tries += 1
             with self._db.write(durable=True) as conn:
+                if tries > 1 and (earlier := self._claimed(conn, owner, now)) is not None:
+                    return earlier
                 oldest = (
                     select(jobs.c.job_id)
                     .where(jobs.c.state == JobState.QUEUED.value)
@@ -133,6 +147,19 @@ class ClaimStore:
                 return Lease(job_id, attempt, owner), records.job_from_row(job_row(conn, job_id)), event
 
         return self._db.retry(claim)
+
+    def _claimed(self, conn: Connection, owner: str, now: float) -> tuple[Lease, Job, JobEvent] | None:
+        """The job a claim by `owner` at `now` made: RUNNING under `owner`, its last event the claim's
+        (no one else writes to it: its claimer never heard of it)."""
+        running = select(jobs.c.job_id, jobs.c.attempts, jobs.c.last_sequence).where(
+            jobs.c.state == JobState.RUNNING.value, jobs.c.lease_owner == owner
+        )
+        for row in conn.execute(running).all():
+            last = self._log.read(conn, row.job_id, row.last_sequence - 1, row.last_sequence)
+            if last and _is_claim_at(last[0], now):
+                job = records.job_from_row(job_row(conn, row.job_id))
+                return Lease(row.job_id, row.attempts, owner), job, last[0]
+        return None
 
     def renew_lease(self, lease: Lease, lease_seconds: float) -> bool | None:
         """Extend the lease by `lease_seconds`; returns whether a cancel is pending, None if lost.

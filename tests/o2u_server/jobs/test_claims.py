@@ -223,6 +223,27 @@ def test_a_write_ending_an_attempt_whose_reply_was_lost_is_the_attempt_s_own(
         store.claims.finish_job(lease, JobState.FAILED, 14.0, message="again")
 
 
+def test_a_claim_whose_reply_was_lost_returns_the_job_it_claimed(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection breaks after the COMMIT of a claim, before its reply: the retry must return
+    that job, not claim the next one and leave the first RUNNING under a lease nobody renews."""
+    _queue(store, 2)
+    broken = lose_one_commit_reply(store, monkeypatch)
+    claimed = store.claims.claim_job("replica-a", 12.0, lease_seconds=60.0)
+    assert broken == [True]
+    assert claimed is not None
+    lease, job, event = claimed
+    assert (lease.job_id, lease.attempt, job.state, event.state) == (
+        job_id(1),
+        1,
+        JobState.RUNNING,
+        JobState.RUNNING,
+    )
+    assert store.get_job(job_id(2)).state is JobState.QUEUED, "one claim, one job"
+    assert event == store.events.after(job_id(1), 0)[-1]
+
+
 def test_a_progress_event_whose_reply_was_lost_is_recorded_once(
     store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
