@@ -202,7 +202,7 @@ def _oom_on_every_worker(stage: str, batch_size: int) -> None:
         raise torch.OutOfMemoryError("injected on every worker")
 
 
-CONFIG_OOM_BATCH = 32
+CONFIG_OOM_BATCH = 128
 
 
 def test_out_of_memory_on_one_worker_halves_the_batch_on_all(
