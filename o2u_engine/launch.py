@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ from o2u_engine.score import score_noise
 
 POLL_SECONDS = 0.1  # how often the caller checks cancellation and the workers' health
 EXIT_GRACE_SECONDS = 10.0  # workers are given this long to exit after a result or an error
+# After a cancel, the longest worker 0 is waited for while it writes its checkpoint (the others stop
+# at once, as it does after the write).
+CHECKPOINT_FLUSH_SECONDS = 120.0
 _PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent exits
 _ERRORS: dict[str, type[Exception]] = {
     cls.__name__: cls
@@ -253,9 +257,17 @@ def _supervise(
     progress: Callable[[ProgressEvent], None] | None,
     should_cancel: Callable[[], bool] | None,
 ) -> NoiseReport:
-    """Relay events until worker 0's report or the first error; raise for a worker that died."""
+    """Relay events until worker 0's report or the first error; raise for a worker that died. A
+    cancel reaches every worker at the same batch, and worker 0 writes its checkpoint before it
+    stops, so another worker's Cancelled waits for worker 0's (up to CHECKPOINT_FLUSH_SECONDS):
+    acting on the first one killed worker 0 in the middle of the write."""
     open_readers = list(readers)
+    cancelled: tuple[str, str, str | None] | None = None  # a worker's Cancelled, held for worker 0's
+    flushed_by = 0.0
     while True:
+        if cancelled is not None and (readers[0] not in open_readers or time.monotonic() > flushed_by):
+            _check_alive(processes)  # worker 0 closed its pipe without a word: how did it end?
+            raise _error(*cancelled)
         if should_cancel is not None and should_cancel():
             cancel.set()
         ready: list[Any] = mp_connection.wait(open_readers, timeout=POLL_SECONDS) if open_readers else []
@@ -278,6 +290,10 @@ def _supervise(
             elif kind == "report":
                 return payload  # type: ignore[no-any-return]
             elif kind == "error":
+                if payload[0] == "Cancelled" and reader is not readers[0]:
+                    if cancelled is None:
+                        cancelled, flushed_by = payload, time.monotonic() + CHECKPOINT_FLUSH_SECONDS
+                    continue
                 for process in processes:  # a worker that died is the cause, not the others' timeouts
                     process.join(EXIT_GRACE_SECONDS)
                 _check_alive(processes)

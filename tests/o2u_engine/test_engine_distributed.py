@@ -12,6 +12,7 @@ import os
 import signal
 import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
-from o2u_engine import Cancelled, ConfigError, O2UConfig
+from o2u_engine import Cancelled, ConfigError, O2UConfig, launch
 from o2u_engine.distributed import shard_bounds
 from o2u_engine.launch import WorkerFailed, _supervise, score_noise_workers
 from tests.o2u_engine.engine_testing import flip_labels
@@ -175,6 +176,47 @@ def test_a_worker_killed_in_the_middle_of_a_message_fails_the_run_instead_of_han
     finally:
         worker.join()
         reader.close()
+
+
+def _cancelled_at_once(writer: Any) -> None:
+    """A worker (not worker 0) that stops at a cancel: it has nothing to save."""
+    writer.send(("error", ("Cancelled", "cancelled during cyclic epoch 1", None)))
+
+
+def _cancelled_after_its_checkpoint(writer: Any, checkpoint: str) -> None:
+    """Worker 0 at a cancel: it writes its checkpoint first (slowly), then stops."""
+    time.sleep(2.0)
+    Path(checkpoint).write_text("epoch 3")
+    writer.send(("error", ("Cancelled", "cancelled during cyclic epoch 1", None)))
+
+
+def test_a_cancel_waits_for_worker_0_to_write_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every worker stops at the same batch; worker 0 saves the epoch boundary before it says so.
+    The others' word must not end the run (and kill worker 0 in the middle of its write)."""
+    monkeypatch.setattr(launch, "EXIT_GRACE_SECONDS", 0.5)
+    context = multiprocessing.get_context("spawn")
+    checkpoint = tmp_path / "checkpoint"
+    pipes = [context.Pipe(duplex=False) for _ in range(2)]
+    workers = [
+        context.Process(
+            target=_cancelled_after_its_checkpoint, args=(pipes[0][1], str(checkpoint)), daemon=True
+        ),
+        context.Process(target=_cancelled_at_once, args=(pipes[1][1],), daemon=True),
+    ]
+    for worker, (_, writer) in zip(workers, pipes, strict=True):
+        worker.start()
+        writer.close()
+    try:
+        with pytest.raises(Cancelled, match="cancelled during cyclic epoch 1"):
+            _supervise(workers, [reader for reader, _ in pipes], context.Event(), None, None)
+        assert checkpoint.read_text() == "epoch 3", "worker 0 finished writing before the run ended"
+    finally:
+        for worker in workers:
+            worker.join()
+        for reader, _ in pipes:
+            reader.close()
 
 
 def test_an_unusable_temporary_directory_fails_the_run_clearly(
