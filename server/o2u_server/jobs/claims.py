@@ -63,6 +63,10 @@ def _is_claim_at(event: JobEvent, now: float) -> bool:
     )
 
 
+def _is_progress(event: JobEvent, progress: Progress) -> bool:
+    return event.type is EventType.PROGRESS and event.progress == progress
+
+
 class LeaseLost(RuntimeError):
     """A fenced write was refused: the job is no longer this lease's (it expired, was taken over,
     or the job finished meanwhile). The attempt must stop without writing anything more."""
@@ -198,7 +202,10 @@ class ClaimStore:
         def record() -> JobEvent:
             nonlocal tries
             tries += 1
-            if tries > 1 and (event := self._last_progress(lease, progress)) is not None:
+            if (
+                tries > 1
+                and (event := self._last_event(lease, lambda e: _is_progress(e, progress))) is not None
+            ):
                 return event
             with self._db.write() as conn:
                 event = self._log.append(
@@ -216,19 +223,6 @@ class ClaimStore:
                 return event
 
         return self._db.retry(record)
-
-    def _last_progress(self, lease: Lease, progress: Progress) -> JobEvent | None:
-        """The job's last event, if it is `progress` recorded by `lease`'s attempt (still running)."""
-        with self._db.read() as conn:
-            row = conn.execute(
-                select(jobs.c.attempts, jobs.c.last_sequence).where(jobs.c.job_id == lease.job_id)
-            ).first()
-            if row is None or row.attempts != lease.attempt:
-                return None
-            last = self._log.read(conn, lease.job_id, row.last_sequence - 1, row.last_sequence)
-        if last and last[0].type is EventType.PROGRESS and last[0].progress == progress:
-            return last[0]
-        return None
 
     def set_run_info(self, lease: Lease, run_info: RunInfo, now: float) -> None:
         def store() -> None:
@@ -396,20 +390,20 @@ class ClaimStore:
         return self._db.retry(once)
 
     def _committed(self, lease: Lease, states: Collection[JobState]) -> JobEvent | None:
-        """The job's last event, if that is `lease`'s attempt entering one of `states` (None
-        otherwise)."""
+        """The job's last event, if that is `lease`'s attempt entering one of `states`."""
+        return self._last_event(lease, lambda e: e.type is EventType.STATE_CHANGED and e.state in states)
+
+    def _last_event(self, lease: Lease, accept: Callable[[JobEvent], bool]) -> JobEvent | None:
+        """The job's last event, if `lease`'s attempt is the job's latest and `accept` takes the event
+        (None otherwise): what a retry after a lost COMMIT reply finds of the try before it."""
         with self._db.read() as conn:
             row = conn.execute(
-                select(jobs.c.state, jobs.c.attempts, jobs.c.last_sequence).where(
-                    jobs.c.job_id == lease.job_id
-                )
+                select(jobs.c.attempts, jobs.c.last_sequence).where(jobs.c.job_id == lease.job_id)
             ).first()
-            if row is None or JobState(row.state) not in states or row.attempts != lease.attempt:
+            if row is None or row.attempts != lease.attempt:
                 return None
             last = self._log.read(conn, lease.job_id, row.last_sequence - 1, row.last_sequence)
-        if not last or last[0].type is not EventType.STATE_CHANGED or last[0].state.value != row.state:
-            return None
-        return last[0]
+        return last[0] if last and accept(last[0]) else None
 
     # -- orphans ----------------------------------------------------------------------------------
 
