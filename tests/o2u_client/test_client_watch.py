@@ -220,13 +220,15 @@ def test_watch_waits_out_a_server_without_a_free_watch_slot(
 ) -> None:
     server = start_server(max_watch_streams=1)
     streams = _CountingStreams()
-    with Client(server.address) as holder, Client(server.address, interceptors=[streams]) as waiter:
+    # The server's delay (10 s) capped at 3 s, so that the test waits less.
+    waiting = Client(server.address, interceptors=[streams], max_retry_delay=3.0)
+    with Client(server.address) as holder, waiting as waiter:
         job = holder.submit(dataset_uri, config=SLOW_CONFIG)
         try:
             held = holder.watch(job.job_id)
             next(held)  # the server's only watch slot is taken
-            # Refused with TOO_MANY_WATCH_STREAMS and a 10 s RetryInfo: waited out (until its
-            # timeout here), not raised.
+            # Refused with TOO_MANY_WATCH_STREAMS and a RetryInfo: waited out (until its timeout
+            # here), not raised.
             with pytest.raises(DeadlineExceededError):
                 list(waiter.watch(job.job_id, timeout=2.0))
             assert streams.opened == 1
