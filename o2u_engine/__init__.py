@@ -24,7 +24,8 @@ Public API:
 - Data-parallel training: `o2u_engine.launch.score_noise_workers(features, labels, world_size=,
   device=, ...)` runs `score_noise` on `world_size` torch.distributed workers (gloo on the CPU,
   NCCL on GPUs; `o2u_engine.distributed` states the rule) and raises `WorkerFailed` when one dies
-  (its subclass `SharedMemoryFull` when /dev/shm cannot hold the samples, before any starts).
+  or hangs (its subclass `SharedMemoryFull` when /dev/shm cannot hold the samples, before any
+  starts), the engine's errors as themselves, and `TrainingError` for an exception not the engine's.
 - Training in child processes: `o2u_engine.process.TrainingProcesses().score_noise(features,
   labels, device=, ...)` runs the same call in a long-lived child process kept per device (the same
   report; `WorkerFailed` when the child dies, `TrainingError` for an exception not the engine's).

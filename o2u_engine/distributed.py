@@ -23,7 +23,9 @@ forward and backward pass on its contiguous shard (`shard_bounds`) of that batch
 Parameters stay identical on every worker (same start, same summed gradient), so a run is
 deterministic for a given world size and seed. Worker 0 alone reports progress and writes
 checkpoints; every worker resumes from the same file, whose fingerprint includes the world size.
-Every collective has the process group's timeout, so a worker that dies stops the others.
+Every collective has the process group's timeout, so a worker that dies stops the others; a
+collective that fails raises `CollectiveFailed`, which the caller tells apart from a worker's own
+fault (`launch.rebuilt_error`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ from o2u_engine.network import Network
 from o2u_engine.phases import Phase
 from o2u_engine.syncnorm import WorkerBatchNorm, convert_batch_norm
 from o2u_engine.train import Trainer
+
+
+class CollectiveFailed(RuntimeError):
+    """A collective between the workers failed: a peer died, hung past the timeout, or left the group."""
 
 
 def shard_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -96,7 +102,15 @@ class DistributedTrainer(Trainer):
         collectives, waiting for the slowest worker included) and "communication_bytes"."""
         started = time.perf_counter()
         self.step_collectives += 1
-        dist.all_reduce(tensor, op=op)
+        try:
+            dist.all_reduce(tensor, op=op)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:  # gloo and NCCL raise plain RuntimeErrors (DistBackendError)
+            raise CollectiveFailed(
+                f"worker {self.rank} of {self.world_size}: a collective between the training workers "
+                f"failed ({error}); another worker died or stopped answering"
+            ) from error
         timings = self.state.timings
         timings["communication"] = timings.get("communication", 0.0) + time.perf_counter() - started
         size = float(tensor.numel() * tensor.element_size())

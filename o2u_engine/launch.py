@@ -7,10 +7,13 @@ in advance, which another process could take first (gloo on the CPU, NCCL with o
 through shared memory, not a copy each. The caller's thread stays in charge: it relays worker 0's
 progress events to `progress`, polls `should_cancel` every `POLL_SECONDS` and tells the workers
 (they agree to stop at the next batch), and watches the processes: a worker that exits without a
-result stops the others and raises `WorkerFailed`, whatever the others were waiting for. Engine
-errors raised in the workers (Cancelled, ConfigError, TrainingDiverged, DeviceOutOfMemory,
-DataValidationError) are raised again in the caller with their message and field. With `world_size`
-1 it is `score_noise` in the calling process.
+result stops the others and raises `WorkerFailed`, whatever the others were waiting for. An
+exception raised in a worker is raised again in the caller as `rebuilt_error` has it, the rule
+`o2u_engine.process` follows too: the engine's own (Cancelled, ConfigError, TrainingDiverged,
+DeviceOutOfMemory, DataValidationError) with their message, field and index; memory as memory;
+a failed collective (a peer that died or hung) as `WorkerFailed`; anything else as `TrainingError`
+naming its type, since running it again fails the same way. With `world_size` 1 it is
+`score_noise` in the calling process.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import signal
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from o2u_engine.config import O2UConfig
+from o2u_engine.distributed import CollectiveFailed
 from o2u_engine.errors import Cancelled, ConfigError, DataValidationError, DeviceOutOfMemory, TrainingDiverged
 from o2u_engine.report import NoiseReport, ProgressEvent
 from o2u_engine.runtime import available_cpu_count
@@ -53,6 +58,41 @@ _ERRORS: dict[str, type[Exception]] = {
 
 class WorkerFailed(RuntimeError):
     """A training worker exited without a result (killed, crashed, or a collective timed out)."""
+
+
+class TrainingError(RuntimeError):
+    """An exception other than the engine's own ended the run in a training process; the message
+    starts with its type name (its traceback is in the process's standard error)."""
+
+
+# What a training process sends for an exception: its type's name, message, field and index.
+ErrorPayload = tuple[str, str, "str | None", "int | None"]
+
+
+def error_payload(error: BaseException) -> ErrorPayload:
+    """`error` as it crosses a pipe to the caller (an exception object may not survive pickling)."""
+    return (type(error).__name__, str(error), getattr(error, "field", None), getattr(error, "index", None))
+
+
+def rebuilt_error(name: str, message: str, field: str | None, index: int | None) -> Exception:
+    """The exception a training process raised, as the caller of `score_noise` in its own thread
+    would get it: the engine's own as itself; memory as memory (the job fails as out of memory, not
+    as a crash to retry); a collective that failed, because a peer died or hung, as WorkerFailed (a
+    retry may succeed); anything else as TrainingError, a fault that running again repeats."""
+    if name == "MemoryError":
+        return MemoryError(message)
+    if name == "OutOfMemoryError":  # torch's, where the engine could not halve the batch
+        return DeviceOutOfMemory(f"training ran out of device memory: {message}")
+    if name == CollectiveFailed.__name__:
+        return WorkerFailed(message)
+    cls = _ERRORS.get(name)
+    if cls is None:
+        return TrainingError(f"{name}: {message}")
+    if cls is DataValidationError:
+        return DataValidationError(message, field=field or "features", index=index)
+    if issubclass(cls, ConfigError):
+        return cls(message, field=field or "config")
+    return cls(message)
 
 
 class SharedMemoryFull(WorkerFailed):
@@ -262,12 +302,12 @@ def _supervise(
     stops, so another worker's Cancelled waits for worker 0's (up to CHECKPOINT_FLUSH_SECONDS):
     acting on the first one killed worker 0 in the middle of the write."""
     open_readers = list(readers)
-    cancelled: tuple[str, str, str | None] | None = None  # a worker's Cancelled, held for worker 0's
+    cancelled: ErrorPayload | None = None  # a worker's Cancelled, held for worker 0's
     flushed_by = 0.0
     while True:
         if cancelled is not None and (readers[0] not in open_readers or time.monotonic() > flushed_by):
             _check_alive(processes)  # worker 0 closed its pipe without a word: how did it end?
-            raise _error(*cancelled)
+            raise rebuilt_error(*cancelled)
         if should_cancel is not None and should_cancel():
             cancel.set()
         ready: list[Any] = mp_connection.wait(open_readers, timeout=POLL_SECONDS) if open_readers else []
@@ -297,7 +337,24 @@ def _supervise(
                 for process in processes:  # a worker that died is the cause, not the others' timeouts
                     process.join(EXIT_GRACE_SECONDS)
                 _check_alive(processes)
-                raise _error(*payload)
+                others = [other for other in open_readers if other is not reader]
+                raise rebuilt_error(*_cause(payload, others))
+
+
+def _cause(first: ErrorPayload, others: list[Any]) -> ErrorPayload:
+    """Of the errors the workers reported, the one that ended the run: a worker's own over the
+    failed collectives its fault left the others in (whose word arrives first is a race)."""
+    if first[0] != CollectiveFailed.__name__:
+        return first
+    for reader in others:
+        try:
+            while reader.poll():
+                kind, payload = reader.recv()
+                if kind == "error" and payload[0] != CollectiveFailed.__name__:
+                    return payload  # type: ignore[no-any-return]
+        except (EOFError, OSError):  # this worker's pipe is closed and read to the end
+            continue
+    return first
 
 
 def _check_alive(processes: list[Any]) -> None:
@@ -312,22 +369,6 @@ def _check_alive(processes: list[Any]) -> None:
                 f"training worker {rank} of {len(processes)} {how} before the run ended; the other "
                 "workers were stopped (see the server log for the worker's output)"
             )
-
-
-def _error(name: str, message: str, field: str | None) -> Exception:
-    """The exception a worker raised, as the caller of one worker would get it: the engine's own,
-    memory as memory (the job fails as out of memory, not as a crash to retry), the rest as
-    WorkerFailed (a peer that died or hung shows in a collective's error)."""
-    if name == "MemoryError":
-        return MemoryError(message)
-    if name == "OutOfMemoryError":  # torch's, where the workers could not retry together
-        return DeviceOutOfMemory(f"a training worker ran out of device memory: {message}")
-    cls = _ERRORS.get(name)
-    if cls is None:
-        return WorkerFailed(f"a training worker failed: {name}: {message}")
-    if issubclass(cls, (ConfigError, DataValidationError)):
-        return cls(message, field=field or "config")
-    return cls(message)
 
 
 def _worker(rank: int, job: _WorkerJob, events: Any, cancel: Any) -> None:
@@ -360,6 +401,8 @@ def _worker(rank: int, job: _WorkerJob, events: Any, cancel: Any) -> None:
         if rank == 0:
             events.send(("report", report))
     except Exception as error:
-        events.send(("error", (type(error).__name__, str(error), getattr(error, "field", None))))
+        if not isinstance(error, (*_ERRORS.values(), CollectiveFailed, MemoryError)):
+            traceback.print_exc()  # a fault of its own: the caller gets its type and message only
+        events.send(("error", error_payload(error)))
     finally:
         dist.destroy_process_group()

@@ -6,10 +6,11 @@ kernel's out-of-memory killer) takes the whole process down. A `TrainingProcess`
 child that imports torch once and then runs the calls it is given one at a time: the caller's
 thread sends the samples through shared memory, relays the child's progress events to `progress`,
 polls `should_cancel` every `launch.POLL_SECONDS` and tells the child (it stops within one batch,
-as `score_noise` does), and watches it. Engine errors raised in the child (Cancelled, ConfigError,
-TrainingDiverged, DeviceOutOfMemory, DataValidationError) are raised again in the caller with
-their message, field and index, and the child stays for the next call; any other exception comes
-back as `TrainingError` naming its type. A child that exits mid-call raises `WorkerFailed` (the
+as `score_noise` does), and watches it. An exception raised in the child is raised again in the
+caller as the data-parallel workers' are (`launch.rebuilt_error`): the engine's own (Cancelled,
+ConfigError, TrainingDiverged, DeviceOutOfMemory, DataValidationError) with their message, field
+and index, memory as memory, and any other as `TrainingError` naming its type; the child stays for
+the next call. A child that exits mid-call raises `WorkerFailed` (the
 next call starts a fresh one), and so does one whose caller stopped listening (its `progress`
 raised), which is stopped. The children die with their parent (`launch._die_with_parent`).
 
@@ -35,19 +36,22 @@ import torch.multiprocessing as mp
 
 from o2u_engine.config import O2UConfig
 from o2u_engine.errors import Cancelled, ConfigError, DataValidationError, DeviceOutOfMemory, TrainingDiverged
-from o2u_engine.launch import EXIT_GRACE_SECONDS, POLL_SECONDS, WorkerFailed, _die_with_parent, shared_tensor
+from o2u_engine.launch import (
+    EXIT_GRACE_SECONDS,
+    POLL_SECONDS,
+    TrainingError,
+    WorkerFailed,
+    _die_with_parent,
+    error_payload,
+    rebuilt_error,
+    shared_tensor,
+)
 from o2u_engine.report import NoiseReport, ProgressEvent
 from o2u_engine.score import score_noise
 
-_ENGINE_ERRORS: dict[str, type[Exception]] = {
-    cls.__name__: cls
-    for cls in (Cancelled, ConfigError, TrainingDiverged, DeviceOutOfMemory, DataValidationError)
-}
-
-
-class TrainingError(RuntimeError):
-    """An exception other than the engine's own ended the call in the training process; the
-    message starts with its type name (its traceback is in the process's standard error)."""
+__all__ = ["TrainingError", "TrainingProcesses"]
+# Raised again in the caller as themselves, no traceback needed.
+_EXPECTED = (Cancelled, ConfigError, TrainingDiverged, DeviceOutOfMemory, DataValidationError, MemoryError)
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ class TrainingProcess:
                 self.close()
         if kind == "report":
             return payload  # type: ignore[no-any-return]
-        raise _rebuilt(kind, payload)
+        raise rebuilt_error(*payload)
 
     def _send(self, call: _Call) -> None:
         try:
@@ -127,8 +131,8 @@ class TrainingProcess:
     def _relay(
         self, progress: Callable[[ProgressEvent], None] | None, should_cancel: Callable[[], bool] | None
     ) -> tuple[str, Any]:
-        """Relay progress events to `progress` until the call's answer: ("report", NoiseReport),
-        ("error", engine error) or ("failure", other exception)."""
+        """Relay progress events to `progress` until the call's answer: ("report", NoiseReport)
+        or ("error", `launch.error_payload`)."""
         while True:
             if should_cancel is not None and should_cancel():
                 self._cancel.set()
@@ -162,20 +166,6 @@ class TrainingProcess:
         self._answers.close()
 
 
-def _rebuilt(kind: str, payload: tuple[Any, ...]) -> Exception:
-    """The exception the child reported: an engine error as itself, anything else as TrainingError."""
-    if kind == "failure":
-        name, message = payload
-        return TrainingError(f"{name}: {message}")
-    name, message, field, index = payload
-    cls = _ENGINE_ERRORS[name]
-    if cls is DataValidationError:
-        return DataValidationError(message, field=field or "features", index=index)
-    if issubclass(cls, ConfigError):
-        return cls(message, field=field or "config")
-    return cls(message)
-
-
 def _serve(calls: Any, answers: Any, cancel: Any, threads: int, parent: int) -> None:
     """The child: run each call to its answer, then wait for the next; end when the parent does."""
     _die_with_parent(parent)
@@ -197,12 +187,10 @@ def _serve(calls: Any, answers: Any, cancel: Any, threads: int, parent: int) -> 
                 **call.options,
             )
             answer: tuple[str, Any] = ("report", report)
-        except tuple(_ENGINE_ERRORS.values()) as error:
-            fields = (getattr(error, "field", None), getattr(error, "index", None))
-            answer = ("error", (type(error).__name__, str(error), *fields))
         except Exception as error:
-            traceback.print_exc()
-            answer = ("failure", (type(error).__name__, str(error)))
+            if not isinstance(error, _EXPECTED):
+                traceback.print_exc()  # a fault of its own: the caller gets its type and message only
+            answer = ("error", error_payload(error))
         answers.send(answer)
         del call, answer
         gc.collect()  # the samples' shared memory and the run's tensors go before the next call

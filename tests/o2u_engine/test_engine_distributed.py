@@ -10,9 +10,7 @@ import itertools
 import multiprocessing
 import os
 import signal
-import struct
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +21,17 @@ import torch.distributed as dist
 from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
-from o2u_engine import Cancelled, ConfigError, O2UConfig, launch
-from o2u_engine.distributed import shard_bounds
-from o2u_engine.launch import WorkerFailed, _supervise, score_noise_workers
+from o2u_engine import Cancelled, ConfigError, DataValidationError, O2UConfig, launch
+from o2u_engine.distributed import CollectiveFailed, shard_bounds
+from o2u_engine.launch import (
+    TrainingError,
+    WorkerFailed,
+    _supervise,
+    error_payload,
+    rebuilt_error,
+    score_noise_workers,
+)
+from tests.o2u_engine import fake_workers
 from tests.o2u_engine.engine_testing import flip_labels
 
 CONFIG = O2UConfig(seed=0, model="small_cnn", pretrain_epochs=2, cycle_length_epochs=2, num_cycles=1)
@@ -158,16 +164,10 @@ def test_a_worker_that_cannot_be_started_stops_the_ones_already_started(
     assert multiprocessing.active_children() == [], "worker 0 was stopped"
 
 
-def _die_in_the_middle_of_a_message(writer: Any) -> None:
-    """A worker killed while it sends: the length of a 1 MB message, 10 bytes of it, then SIGKILL."""
-    os.write(writer.fileno(), struct.pack("!i", 1_000_000) + b"0123456789")
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def test_a_worker_killed_in_the_middle_of_a_message_fails_the_run_instead_of_hanging_it() -> None:
     context = multiprocessing.get_context("spawn")
     reader, writer = context.Pipe(duplex=False)
-    worker = context.Process(target=_die_in_the_middle_of_a_message, args=(writer,), daemon=True)
+    worker = context.Process(target=fake_workers.die_in_the_middle_of_a_message, args=(writer,), daemon=True)
     worker.start()
     writer.close()
     try:
@@ -178,16 +178,70 @@ def test_a_worker_killed_in_the_middle_of_a_message_fails_the_run_instead_of_han
         reader.close()
 
 
-def _cancelled_at_once(writer: Any) -> None:
-    """A worker (not worker 0) that stops at a cancel: it has nothing to save."""
-    writer.send(("error", ("Cancelled", "cancelled during cyclic epoch 1", None)))
+@pytest.mark.parametrize(
+    ("peer", "expected", "message"),
+    [
+        (fake_workers.fault_of_its_own_after_a_while, TrainingError, r"^KeyError: 'weights'$"),
+        (fake_workers.hung, WorkerFailed, r"^worker 0 of 2: a collective failed \(peer closed\)$"),
+    ],
+    ids=["a peer's own fault", "a hung peer"],
+)
+def test_a_failed_collective_is_blamed_on_its_cause(
+    monkeypatch: pytest.MonkeyPatch, peer: Any, expected: type[Exception], message: str
+) -> None:
+    """Worker 0's failed collective arrives first; the run ends with the peer's own exception (a
+    fault another attempt repeats: the job fails), or as a worker failure (retried) when the peer
+    has nothing to say, having hung."""
+    monkeypatch.setattr(launch, "EXIT_GRACE_SECONDS", 2.0)
+    context = multiprocessing.get_context("spawn")
+    pipes = [context.Pipe(duplex=False) for _ in range(2)]
+    workers = [
+        context.Process(target=target, args=(writer,), daemon=True)
+        for target, (_, writer) in zip([fake_workers.collective_failed, peer], pipes, strict=True)
+    ]
+    for worker, (_, writer) in zip(workers, pipes, strict=True):
+        worker.start()
+        writer.close()
+    try:
+        with pytest.raises(expected, match=message):
+            _supervise(workers, [reader for reader, _ in pipes], context.Event(), None, None)
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.join()
+        for reader, _ in pipes:
+            reader.close()
 
 
-def _cancelled_after_its_checkpoint(writer: Any, checkpoint: str) -> None:
-    """Worker 0 at a cancel: it writes its checkpoint first (slowly), then stops."""
-    time.sleep(2.0)
-    Path(checkpoint).write_text("epoch 3")
-    writer.send(("error", ("Cancelled", "cancelled during cyclic epoch 1", None)))
+def _bug_on_worker_1(stage: str, batch_size: int) -> None:
+    """A fault hook (run in the workers): worker 1 alone meets a bug of its own at its first step."""
+    if dist.get_rank() == 1:
+        raise ValueError("injected fault on worker 1")
+
+
+def test_a_fault_of_one_worker_fails_the_run_as_itself(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """Not as a worker failure to retry: with one worker the same fault is a TrainingError too,
+    and worker 0's collective that it broke is not the cause."""
+    images, labels, _ = digits
+    with pytest.raises(TrainingError, match=r"^ValueError: injected fault on worker 1$"):
+        score_noise_workers(
+            images, labels, world_size=2, config=CONFIG, num_classes=10, _fault_hook=_bug_on_worker_1
+        )
+    assert multiprocessing.active_children() == []
+
+
+def test_an_engine_error_crosses_the_pipe_with_its_field_and_index() -> None:
+    """What a worker sends for an exception (`error_payload`) is raised in the caller as it was."""
+    invalid = rebuilt_error(*error_payload(DataValidationError("labels: bad", field="labels", index=41)))
+    assert isinstance(invalid, DataValidationError)
+    assert (str(invalid), invalid.field, invalid.index) == ("labels: bad", "labels", 41)
+    config = rebuilt_error(*error_payload(ConfigError("lr: too high", field="lr")))
+    assert (type(config), config.field) == (ConfigError, "lr")  # type: ignore[attr-defined]
+    assert type(rebuilt_error(*error_payload(MemoryError("no room")))) is MemoryError
+    assert type(rebuilt_error(*error_payload(CollectiveFailed("peer gone")))) is WorkerFailed
+    assert str(rebuilt_error(*error_payload(KeyError("weights")))) == "KeyError: 'weights'"
 
 
 def test_a_cancel_waits_for_worker_0_to_write_its_checkpoint(
@@ -201,9 +255,11 @@ def test_a_cancel_waits_for_worker_0_to_write_its_checkpoint(
     pipes = [context.Pipe(duplex=False) for _ in range(2)]
     workers = [
         context.Process(
-            target=_cancelled_after_its_checkpoint, args=(pipes[0][1], str(checkpoint)), daemon=True
+            target=fake_workers.cancelled_after_its_checkpoint,
+            args=(pipes[0][1], str(checkpoint)),
+            daemon=True,
         ),
-        context.Process(target=_cancelled_at_once, args=(pipes[1][1],), daemon=True),
+        context.Process(target=fake_workers.cancelled_at_once, args=(pipes[1][1],), daemon=True),
     ]
     for worker, (_, writer) in zip(workers, pipes, strict=True):
         worker.start()

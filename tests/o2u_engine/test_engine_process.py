@@ -63,6 +63,11 @@ def test_a_call_returns_the_report_of_the_calling_process(
         assert processes.pids() == [started]  # the same process serves every call
 
 
+def _host_memory_runs_out(stage: str, batch_size: int) -> None:
+    """A fault hook (run in the training process): an allocation on the host fails."""
+    raise MemoryError("injected host allocation failure")
+
+
 def test_engine_errors_come_back_as_themselves_and_keep_the_process(
     processes: TrainingProcesses, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
@@ -77,6 +82,9 @@ def test_engine_errors_come_back_as_themselves_and_keep_the_process(
     assert (invalid.value.field, invalid.value.index) == ("labels", 7)
     with pytest.raises(TrainingError, match=r"^TypeError: .*unexpected keyword argument 'bogus'"):
         processes.score_noise(features, labels, config=SHORT, bogus=1)
+    # as in the calling process: the job fails as out of memory, not as an internal error
+    with pytest.raises(MemoryError, match=r"^injected host allocation failure$"):
+        processes.score_noise(features, labels, config=SHORT, _fault_hook=_host_memory_runs_out)
     assert processes.pids() == [started]
     processes.score_noise(features, labels, config=SHORT)
     assert processes.pids() == [started]
