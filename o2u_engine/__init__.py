@@ -12,7 +12,7 @@ Public API:
   checkpoint_path, initial_weights) -> NoiseReport`: validates the inputs (DataValidationError,
   ConfigError), resolves the configuration, trains, ranks.
 - `O2UConfig`: frozen hyperparameters; `resolve_config(config, num_samples=, sample_shape=,
-  num_classes=, device=)` fills its `auto` fields (rules in its docstring) and returns a
+  num_classes=, device=, workers=1)` fills its `auto` fields (rules in its docstring) and returns a
   `ResolvedConfig`, an O2UConfig with no optional field left.
 - `NoiseReport`: per-sample `noise_scores`, `ranks`, `noise_probability`, `suspected`,
   `suggested_labels` (+ confidence); per-class noise rates, the noise transition matrix,

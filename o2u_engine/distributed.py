@@ -80,6 +80,10 @@ class _WorkerCheckpoints(checkpoint.Checkpoints):
 class DistributedTrainer(Trainer):
     """A Trainer that is one of `world_size` workers of a run (the process group is initialized)."""
 
+    @staticmethod
+    def workers() -> int:
+        return dist.get_world_size()
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()

@@ -54,8 +54,10 @@ def resolve_config(
     sample_shape: tuple[int, ...],
     num_classes: int,
     device: str | torch.device,
+    workers: int = 1,
 ) -> ResolvedConfig:
-    """Fill every `auto`/`None` field from the data and the device; idempotent.
+    """Fill every `auto`/`None` field from the data and the device; idempotent. `workers` is the
+    data-parallel world size the run trains on (one device each, or sharing the host's memory).
 
     Rules (N samples, B1/B2 the stage 1/2 batch sizes, one step = one batch):
     - model: `mlp` for `(N, D)` features. Images: `small_cnn` on CPU; on CUDA `cnn9` up to 64 px
@@ -82,8 +84,9 @@ def resolve_config(
     - precision: bf16 autocast on CUDA (when supported) and on CPUs with native bf16 for the
       convolutional models (measured about 2x faster); fp32 otherwise.
     - data_placement: the whole prepared dataset stays on the device when it takes at most half
-      of the free device memory (host memory for CPU), else it is streamed in chunks of
-      `stream_chunk_samples` (about 256 MiB of samples by default).
+      of the free device memory, else it is streamed in chunks of `stream_chunk_samples` (about
+      256 MiB of samples by default). On the CPU the free memory is the host's, within the
+      container's limit, and `workers` CPU workers each hold a copy: each may take 1/workers of it.
     """
     validate_config(config)
     if num_samples < 1:
@@ -123,7 +126,7 @@ def resolve_config(
         precision=_auto_precision(config, model, torch_device),
         compile_model=config.compile_model,
         compile_mode=config.compile_mode,
-        data_placement=_auto_placement(config, num_samples, sample_bytes, torch_device),
+        data_placement=_auto_placement(config, num_samples, sample_bytes, torch_device, workers),
         stream_chunk_samples=_auto_stream_chunk(config, sample_shape, sample_bytes, pretrain_batch),
     )
 
@@ -251,10 +254,14 @@ def _stored_sample_bytes(layout: SampleLayout, image_size: int) -> int:
     return 4 * layout.feature_dim
 
 
-def _auto_placement(config: O2UConfig, num_samples: int, sample_bytes: int, device: torch.device) -> str:
+def _auto_placement(
+    config: O2UConfig, num_samples: int, sample_bytes: int, device: torch.device, workers: int
+) -> str:
     if config.data_placement != "auto":
         return config.data_placement
     budget = RESIDENT_MEMORY_FRACTION * free_memory_bytes(device)
+    if device.type == "cpu":  # every worker keeps its resident copy in the same host memory
+        budget /= max(1, workers)
     return "resident" if num_samples * sample_bytes <= budget else "streamed"
 
 

@@ -20,6 +20,13 @@ import torch
 from o2u_engine.errors import ConfigError
 
 _CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2 quota, e.g. "200000 100000" = 2 CPUs
+_MEMINFO = "/proc/meminfo"
+# The container's memory limit, usage and statistics: cgroup v2, then v1 (file names of each).
+_CGROUP_MEMORY = (
+    ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+    ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+)
+_NO_CGROUP_V1_LIMIT = 2**62  # cgroup v1 writes "no limit" as a number near 2**63
 
 
 def available_cpu_count() -> int:
@@ -78,11 +85,51 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def free_memory_bytes(device: torch.device) -> int:
-    """Free memory of `device` in bytes (host memory for the CPU)."""
+    """Free memory of `device` in bytes. For the CPU: the host's available memory (free plus the
+    page cache the kernel can reclaim), capped by what the container's memory limit (cgroup v2
+    or v1) leaves, since a container that passes its limit is killed whatever the host has free."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
+    host = _host_available_bytes()
+    container = _cgroup_available_bytes()
+    return host if container is None else min(host, container)
+
+
+def _host_available_bytes() -> int:
+    """The kernel's estimate of memory available without swapping (MemAvailable), else free pages."""
+    try:
+        with open(_MEMINFO, encoding="ascii") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # in kB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError):  # not Linux: no figure, so the resident tensor is assumed to fit
         return 2**62
+
+
+def _cgroup_available_bytes() -> int | None:
+    """What this process's cgroup may still allocate: its memory limit less its usage, counting
+    the inactive file cache as free (the kernel reclaims it before the limit is hit; the kubelet's
+    working set is computed so). None when no limit is set or the files cannot be read."""
+    for root, limit_name, usage_name, inactive_name in _CGROUP_MEMORY:
+        try:
+            with open(os.path.join(root, limit_name), encoding="ascii") as stream:
+                limit_text = stream.read().strip()
+            if limit_text == "max" or int(limit_text) >= _NO_CGROUP_V1_LIMIT:
+                return None
+            with open(os.path.join(root, usage_name), encoding="ascii") as stream:
+                usage = int(stream.read())
+            inactive = 0
+            with open(os.path.join(root, "memory.stat"), encoding="ascii") as stream:
+                for line in stream:
+                    name, _, value = line.partition(" ")
+                    if name == inactive_name:
+                        inactive = int(value)
+            return max(0, int(limit_text) - usage + inactive)
+        except (OSError, ValueError):
+            continue
+    return None

@@ -75,6 +75,7 @@ def score_noise(
         sample_shape=sample_shape,
         num_classes=inputs.num_classes,
         device=torch_device,
+        workers=_trainer.workers(),
     )
     _check_stage3_keeps_samples(resolved, inputs.samples.shape[0])
     initial_state = None if initial_weights is None else _initial_state(initial_weights, resolved, inputs)

@@ -62,6 +62,11 @@ class Trainer:
     """Runs the phases of one O2U-Net job over prepared data; `run()` returns the statistics of
     stage 2 and the result of stage 3."""
 
+    @staticmethod
+    def workers() -> int:
+        """How many workers train the run together, each with a trainer of this class."""
+        return 1
+
     def __init__(
         self,
         data: PreparedData,

@@ -197,6 +197,7 @@ class Engine:
             sample_shape=tuple(dataset.features.shape[1:]),
             num_classes=len(dataset.class_names),
             device=device,
+            workers=self.world_size,
         )
 
     def score(
