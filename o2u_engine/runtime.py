@@ -20,6 +20,8 @@ import torch
 from o2u_engine.errors import ConfigError
 
 _CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2 quota, e.g. "200000 100000" = 2 CPUs
+# cgroup v1: the quota and period in microseconds, in two files (a quota of -1 is none)
+_CGROUP_V1_CPU = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
 _MEMINFO = "/proc/meminfo"
 # The container's memory limit, usage and statistics: cgroup v2, then v1 (file names of each).
 _CGROUP_MEMORY = (
@@ -30,19 +32,35 @@ _NO_CGROUP_V1_LIMIT = 2**62  # cgroup v1 writes "no limit" as a number near 2**6
 
 
 def available_cpu_count() -> int:
-    """CPUs this process may run on: its affinity mask, further capped by a cgroup v2 CPU quota."""
+    """CPUs this process may run on: its affinity mask, further capped by the container's CPU
+    quota (cgroup v2, or v1), rounded up."""
     try:
         count = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         count = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota)))
+    return max(1, count)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """The container's CPU limit in CPUs (quota / period), or None without one."""
     try:
         with open(_CGROUP_CPU_MAX, encoding="ascii") as stream:
             quota, period = stream.read().split()[:2]
-        if quota != "max":
-            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+        return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
-    return max(1, count)
+    try:
+        values = []
+        for path in _CGROUP_V1_CPU:
+            with open(path, encoding="ascii") as stream:
+                values.append(int(stream.read()))
+        quota_us, period_us = values
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
 
 
 def configure_cpu_threads(max_threads: int | None = None) -> int:

@@ -89,3 +89,36 @@ def test_cpu_workers_sharing_the_host_split_the_resident_budget(monkeypatch: pyt
         return resolved.data_placement
 
     assert [placement(1), placement(2)] == ["resident", "streamed"]
+
+
+@pytest.fixture
+def eight_cpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A process allowed on 8 CPUs, with no CPU quota until a test writes one."""
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(runtime, "_CGROUP_CPU_MAX", str(tmp_path / "cpu.max"))
+    monkeypatch.setattr(runtime, "_CGROUP_V1_CPU", (str(tmp_path / "quota_us"), str(tmp_path / "period_us")))
+    return tmp_path
+
+
+def test_the_cpu_count_is_the_affinity_without_a_quota(eight_cpus: Path) -> None:
+    assert runtime.available_cpu_count() == 8
+    (eight_cpus / "quota_us").write_text("-1\n")  # cgroup v1: no quota
+    (eight_cpus / "period_us").write_text("100000\n")
+    assert runtime.available_cpu_count() == 8
+    (eight_cpus / "cpu.max").write_text("max 100000\n")
+    assert runtime.available_cpu_count() == 8
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2: 1.5 CPUs, rounded up
+        ({"quota_us": "300000\n", "period_us": "100000\n"}, 3),  # cgroup v1
+        ({"quota_us": "5000\n", "period_us": "100000\n"}, 1),  # at least one
+        ({"cpu.max": "1600000 100000\n"}, 8),  # never more than the affinity
+    ],
+    ids=["v2", "v1", "a fraction of one", "above the affinity"],
+)
+def test_a_container_cpu_quota_caps_the_count(eight_cpus: Path, files: dict[str, str], expected: int) -> None:
+    _files(eight_cpus, files)
+    assert runtime.available_cpu_count() == expected
