@@ -19,7 +19,6 @@ import pickle
 import warnings
 
 import torch
-import torchvision
 from torch import nn
 
 from o2u_engine.errors import ConfigError
@@ -82,6 +81,10 @@ def _cnn9(in_channels: int, num_classes: int) -> nn.Module:
 
 
 def _resnet(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    # Imported here: torchvision's package import pulls in torch._dynamo (about 2 s), which every
+    # server start and every spawned training process would pay for networks it does not build.
+    import torchvision
+
     network: nn.Module = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
     # The ImageNet stem (7x7 stride 2 + max-pool) would shrink a 32 px image to 8 px before the
     # first block; the CIFAR-style stem keeps the resolution.

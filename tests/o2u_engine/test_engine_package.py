@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import doctest
+import subprocess
+import sys
 
 import torch
 
@@ -37,3 +39,12 @@ def test_cpu_threads_follow_the_available_cores() -> None:
         assert 1 <= configure_cpu_threads() == available_cpu_count() == torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
+
+
+def test_importing_the_engine_leaves_torchvision_out() -> None:
+    # torchvision's package import costs seconds (it pulls in torch._dynamo); every server start and
+    # every spawned training process pays for it unless a ResNet is actually built.
+    probe = "import sys, o2u_engine, o2u_engine.process; print('torchvision' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
