@@ -316,8 +316,10 @@ def test_noise_ranking_summaries() -> None:
 
 
 def test_the_separated_estimator_falls_back_to_the_disagreeing_labels_when_scores_overlap() -> None:
-    scores = np.linspace(0.0, 1.0, 100)  # one flat group: no two modes
-    disagrees = scores > 0.6  # the top 40 samples: a 40% rate, which no cap may cut
+    # One normal group: no two modes. (Evenly spread scores would not do: a uniform's two halves
+    # are D = 3 apart, and its symmetric fit sits exactly on the 0.5 weight limit.)
+    scores = np.random.default_rng(3).normal(0.0, 1.0, 100)
+    disagrees = scores > np.sort(scores)[59]  # the top 40 samples: a 40% rate, which no cap may cut
     suspects = suspected_set(scores, 0.0, disagrees, estimator="separated")
     assert suspects.estimated_noise_rate == pytest.approx(0.4)
     assert not suspects.noise_rate_capped
