@@ -140,11 +140,16 @@ def test_a_file_export_that_does_not_fit_leaves_nothing_behind(tmp_path: Path, s
         assert list((volume / "exports").iterdir()) == []
 
 
+MANY = 80_000  # of 200-250 bytes (deep object keys): 16-19 MB, four 5 MiB parts
+LATE = 64_000  # a row by which two parts are up
+
+
 def _many_rows(count: int) -> Iterator[dict[str, object]]:
+    folders = "catalogue/2026/winter-collection/product-photos/front-view/high-resolution/" * 2
     return (
         {
             "rank": i,
-            "key": f"images/é-{i % 10}/{i:08d}.png",
+            "key": f"{folders}é-{i % 10}/{i:08d}.png",
             "score": 0.123456789 * i,
             "suspected": i % 3 == 0,
         }
@@ -173,7 +178,7 @@ def test_an_object_export_is_uploaded_a_part_at_a_time(
     name = f"exports/parts.{export_format.name.lower()}"
     tracemalloc.start()
     try:
-        _, size = write_export(_many_rows(250_000), f"s3://{BUCKET}/{name}", export_format, storage)
+        _, size = write_export(_many_rows(MANY), f"s3://{BUCKET}/{name}", export_format, storage)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -181,7 +186,7 @@ def test_an_object_export_is_uploaded_a_part_at_a_time(
     assert peak < 1.5 * small_parts, "about the part being filled or sent, no more"
     etag = storage.stat(f"s3://{BUCKET}/{name}").etag
     assert etag.endswith(f"-{-(-size // small_parts)}"), "a multipart object's ETag counts its parts"
-    write_export(_many_rows(250_000), f"file://{root}/{name}", export_format, storage)
+    write_export(_many_rows(MANY), f"file://{root}/{name}", export_format, storage)
     assert s3.get(BUCKET, name) == (root / name).read_bytes()
     assert _uploads_in_progress(s3) == []
 
@@ -195,13 +200,13 @@ def test_a_large_object_export_never_replaces_an_object(
     s3.put(BUCKET, "exports/taken.csv", b"someone's object")
     uri = f"s3://{BUCKET}/exports/taken.csv"
     with pytest.raises(AlreadyExists) as caught:
-        write_export(_many_rows(250_000), uri, ExportFormat.CSV, storage)
+        write_export(_many_rows(MANY), uri, ExportFormat.CSV, storage)
     assert caught.value.reason == "DESTINATION_EXISTS"
     assert storage.read_bytes(uri) == b"someone's object"
 
     def rows_while_another_writer_takes_the_name() -> Iterator[dict[str, object]]:
-        for row in _many_rows(250_000):
-            if row["rank"] == 200_000:  # several parts are up by now
+        for row in _many_rows(MANY):
+            if row["rank"] == LATE:  # several parts are up by now
                 s3.put(BUCKET, "exports/raced.csv", b"the other writer's object")
             yield row
 
@@ -216,8 +221,8 @@ def test_an_object_export_that_fails_midway_leaves_no_object_and_no_parts(
     storage: Storage, s3: S3Server, small_parts: int
 ) -> None:
     def rows_failing_late() -> Iterator[dict[str, object]]:
-        for row in _many_rows(250_000):
-            if row["rank"] == 200_000:
+        for row in _many_rows(MANY):
+            if row["rank"] == LATE:
                 raise RuntimeError("the job store went away")
             yield row
 
@@ -232,16 +237,16 @@ def test_a_parquet_object_export_is_sent_a_row_group_at_a_time(
     storage: Storage, root: Path, s3: S3Server, small_parts: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A Parquet export is encoded a row group at a time into the object's parts, holding a part and
-    a group in memory, not the table and the file (over 50 MB here): the same bytes as a file export."""
-    monkeypatch.setattr(parquet_export, "ROW_GROUP_ROWS", 4_096)
-    count, name, columns = 120_000, "exports/groups.parquet", ("rank", "key", "score", "suspected")
+    a group in memory, not the table and the file (15 MB here): the same bytes as a file export."""
+    monkeypatch.setattr(parquet_export, "ROW_GROUP_ROWS", 1_024)
+    count, name, columns = 40_000, "exports/groups.parquet", ("rank", "key", "score", "suspected")
 
     def rows() -> Iterator[dict[str, object]]:
         random = np.random.default_rng(0)  # random keys and scores: the file barely compresses
         for i in range(count):
             yield {
                 "rank": i + 1,
-                "key": random.bytes(96).hex(),
+                "key": random.bytes(360).hex(),
                 "score": random.random(),
                 "suspected": i % 3 == 0,
             }
@@ -259,11 +264,13 @@ def test_a_parquet_object_export_is_sent_a_row_group_at_a_time(
         tracemalloc.stop()
     assert written == count
     assert size > 2.5 * small_parts
-    assert peak < 2 * small_parts, "the part being filled and the group being encoded (1.7 MB), not the file"
+    assert peak < 2 * small_parts, (
+        "the part being filled and the group being encoded (under 1 MB), not the file"
+    )
     assert storage.stat(f"s3://{BUCKET}/{name}").etag.endswith(f"-{-(-size // small_parts)}")
     data = s3.get(BUCKET, name)
     parquet = pq.ParquetFile(io.BytesIO(data))
-    assert parquet.metadata.num_row_groups == -(-count // 4_096)
+    assert parquet.metadata.num_row_groups == -(-count // 1_024)
     assert parquet.read(columns=["rank"]).column("rank").to_pylist() == list(range(1, count + 1))
     write_export(rows(), f"file://{root}/{name}", ExportFormat.PARQUET, storage, columns=columns)
     assert data == (root / name).read_bytes()
