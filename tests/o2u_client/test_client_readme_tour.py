@@ -211,11 +211,13 @@ def test_the_python_snippet_runs_as_written(tour: Tour) -> None:
     assert [int(line.split()[0]) for line in ranked] == list(range(1, 21))
 
 
-def test_the_go_block_builds_and_runs_the_example(tour: Tour) -> None:
-    from tests.go.test_go_client import _require_go
+def test_the_go_block_builds_and_runs_the_example(
+    tour: Tour, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from tests.go.test_go_client import _require_go, go_build_cache
 
     _require_go()
-    go_env = {"GOCACHE": str(tour.home / "tmp" / "go-cache"), "GOPROXY": "off"}
+    go_env = {"GOCACHE": str(go_build_cache(tmp_path_factory)), "GOPROXY": "off"}
     lines = tour.bash(tour.blocks[3][1], timeout=300, env=go_env).stdout.splitlines()
     assert any(line.startswith(f"{DEMO_SAMPLES} samples, 10 classes, model mlp") for line in lines), lines
     assert "top 10 suspects:" in lines
