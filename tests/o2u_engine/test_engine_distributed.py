@@ -21,7 +21,7 @@ import torch.distributed as dist
 from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
-from o2u_engine import Cancelled, ConfigError, DataValidationError, O2UConfig, launch
+from o2u_engine import Cancelled, ConfigError, DataValidationError, NoiseReport, O2UConfig, launch
 from o2u_engine.distributed import CollectiveFailed, shard_bounds
 from o2u_engine.launch import (
     TrainingError,
@@ -44,6 +44,13 @@ def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return images, flip_labels(true_labels, 10, 0.2, seed=0), true_labels
 
 
+@pytest.fixture(scope="module")
+def two_workers(digits: tuple[np.ndarray, np.ndarray, np.ndarray]) -> NoiseReport:
+    """An uninterrupted 2-worker run of CONFIG, which several tests compare against."""
+    images, labels, _ = digits
+    return score_noise_workers(images, labels, world_size=2, config=CONFIG, num_classes=10)
+
+
 def test_shards_cover_the_batch_once() -> None:
     for size in (1, 2, 7, 64):
         bounds = [shard_bounds(size, rank, 3) for rank in range(3)]
@@ -52,10 +59,12 @@ def test_shards_cover_the_batch_once() -> None:
         assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
 
 
-def test_two_workers_match_one_and_repeat(digits: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+def test_two_workers_match_one_and_repeat(
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray], two_workers: NoiseReport
+) -> None:
     images, labels, true_labels = digits
     one = score_noise_workers(images, labels, world_size=1, config=CONFIG, num_classes=10)
-    two = score_noise_workers(images, labels, world_size=2, config=CONFIG, num_classes=10)
+    two = two_workers
     again = score_noise_workers(images, labels, world_size=2, config=CONFIG, num_classes=10)
     noisy = labels != true_labels
     auroc_one = roc_auc_score(noisy, one.noise_scores)
@@ -67,10 +76,9 @@ def test_two_workers_match_one_and_repeat(digits: tuple[np.ndarray, np.ndarray, 
 
 
 def test_resume_gives_the_uninterrupted_scores(
-    digits: tuple[np.ndarray, np.ndarray, np.ndarray], tmp_path: Path
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray], two_workers: NoiseReport, tmp_path: Path
 ) -> None:
     images, labels, _ = digits
-    whole = score_noise_workers(images, labels, world_size=2, config=CONFIG, num_classes=10)
     path = tmp_path / "run.pt"
     seen: list[int] = []
 
@@ -104,7 +112,7 @@ def test_resume_gives_the_uninterrupted_scores(
         progress=lambda event: resumed_events.append(event.stage),
     )
     assert resumed_events == ["cyclic"]  # only the last cyclic epoch ran again
-    np.testing.assert_array_equal(resumed.noise_scores, whole.noise_scores)
+    np.testing.assert_array_equal(resumed.noise_scores, two_workers.noise_scores)
 
 
 def test_a_killed_worker_fails_the_run(
