@@ -162,7 +162,8 @@ def test_o2u_server_drains_a_training_process_job_on_sigterm_and_resumes_it(tmp_
         server.start()
         with grpc.insecure_channel(server.address) as channel:
             stub = Stub(channel)
-            job_id = create_job(stub, uri, LONG_CONFIG).job_id
+            # 30 cyclic epochs: stopped after the first, then trained to the end after the restart
+            job_id = create_job(stub, uri, {**CONFIG, "num_cycles": 15}).job_id
             _wait_cyclic(stub, job_id)
         (training,) = server.spawned_children()
         os.kill(training, signal.SIGINT)
