@@ -70,7 +70,12 @@ ErrorPayload = tuple[str, str, "str | None", "int | None"]
 
 
 def error_payload(error: BaseException) -> ErrorPayload:
-    """`error` as it crosses a pipe to the caller (an exception object may not survive pickling)."""
+    """`error` as it crosses a pipe to the caller (an exception object may not survive pickling).
+    An error that `rebuilt_error` does not raise as itself (the engine's own, memory, a failed
+    collective) is a fault of the process's own: its traceback goes to the process's standard
+    error first, since the caller gets only its type and message."""
+    if not isinstance(error, (*_ERRORS.values(), CollectiveFailed, MemoryError)):
+        traceback.print_exception(error)
     return (type(error).__name__, str(error), getattr(error, "field", None), getattr(error, "index", None))
 
 
@@ -401,8 +406,6 @@ def _worker(rank: int, job: _WorkerJob, events: Any, cancel: Any) -> None:
         if rank == 0:
             events.send(("report", report))
     except Exception as error:
-        if not isinstance(error, (*_ERRORS.values(), CollectiveFailed, MemoryError)):
-            traceback.print_exc()  # a fault of its own: the caller gets its type and message only
         events.send(("error", error_payload(error)))
     finally:
         dist.destroy_process_group()

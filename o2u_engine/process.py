@@ -25,7 +25,6 @@ from __future__ import annotations
 import gc
 import os
 import threading
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +34,6 @@ import torch
 import torch.multiprocessing as mp
 
 from o2u_engine.config import O2UConfig
-from o2u_engine.errors import Cancelled, ConfigError, DataValidationError, DeviceOutOfMemory, TrainingDiverged
 from o2u_engine.launch import (
     EXIT_GRACE_SECONDS,
     POLL_SECONDS,
@@ -50,8 +48,6 @@ from o2u_engine.report import NoiseReport, ProgressEvent
 from o2u_engine.score import score_noise
 
 __all__ = ["TrainingError", "TrainingProcesses"]
-# Raised again in the caller as themselves, no traceback needed.
-_EXPECTED = (Cancelled, ConfigError, TrainingDiverged, DeviceOutOfMemory, DataValidationError, MemoryError)
 
 
 @dataclass(frozen=True)
@@ -188,8 +184,6 @@ def _serve(calls: Any, answers: Any, cancel: Any, threads: int, parent: int) -> 
             )
             answer: tuple[str, Any] = ("report", report)
         except Exception as error:
-            if not isinstance(error, _EXPECTED):
-                traceback.print_exc()  # a fault of its own: the caller gets its type and message only
             answer = ("error", error_payload(error))
         answers.send(answer)
         del call, answer

@@ -240,8 +240,11 @@ def test_a_fault_of_one_worker_fails_the_run_as_itself(
     assert multiprocessing.active_children() == []
 
 
-def test_an_engine_error_crosses_the_pipe_with_its_field_and_index() -> None:
-    """What a worker sends for an exception (`error_payload`) is raised in the caller as it was."""
+def test_an_engine_error_crosses_the_pipe_with_its_field_and_index(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What a worker sends for an exception (`error_payload`) is raised in the caller as it was;
+    only a fault of the process's own leaves its traceback behind, in its standard error."""
     invalid = rebuilt_error(*error_payload(DataValidationError("labels: bad", field="labels", index=41)))
     assert isinstance(invalid, DataValidationError)
     assert (str(invalid), invalid.field, invalid.index) == ("labels: bad", "labels", 41)
@@ -249,7 +252,13 @@ def test_an_engine_error_crosses_the_pipe_with_its_field_and_index() -> None:
     assert (type(config), config.field) == (ConfigError, "lr")  # type: ignore[attr-defined]
     assert type(rebuilt_error(*error_payload(MemoryError("no room")))) is MemoryError
     assert type(rebuilt_error(*error_payload(CollectiveFailed("peer gone")))) is WorkerFailed
-    assert str(rebuilt_error(*error_payload(KeyError("weights")))) == "KeyError: 'weights'"
+    assert capsys.readouterr().err == ""
+    with pytest.raises(KeyError) as raised:
+        {}["weights"]
+    assert str(rebuilt_error(*error_payload(raised.value))) == "KeyError: 'weights'"
+    printed = capsys.readouterr().err
+    assert printed.startswith("Traceback (most recent call last):")
+    assert printed.rstrip().endswith("KeyError: 'weights'")
 
 
 def test_a_cancel_waits_for_worker_0_to_write_its_checkpoint(
